@@ -1,0 +1,59 @@
+"""params.yaml: every pipeline knob, validated into typed sections."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from siamese_core.config import Config, Section, apply_overrides, load_config
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class DataConfig(Section):
+    """Where the dataset lives, and how the embedded demo dataset is prepared."""
+
+    train_dir: str = "data/digits/train"
+    test_dir: str = "data/digits/test"
+    prepare_source: str = Field("digits", description="Embedded dataset written by the prepare stage.")
+    prepare_test_fraction: float = Field(0.3, gt=0, lt=1)
+    prepare_image_size: int = Field(32, ge=8)
+    prepare_seed: int = 0
+
+
+class RegisterConfig(Section):
+    """MLflow experiment, registered model name and the champion gate."""
+
+    experiment: str = "siamese"
+    model_name: str = "siamese-recognizer"
+    metric: str = Field("top1", description="Evaluation metric the champion gate compares.")
+    greater_is_better: bool = True
+
+
+class ScheduleConfig(Section):
+    """When the retraining deployment runs."""
+
+    cron: str = "0 3 * * 1"
+    timezone: str = "UTC"
+
+
+class PipelineParams(Config):
+    """The whole params.yaml: the library's sections plus data, register and schedule."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    register: RegisterConfig = Field(default_factory=RegisterConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    def core(self) -> Config:
+        """The library part of the params."""
+        return Config.model_validate(self.model_dump(include=set(Config.model_fields)))
+
+
+def load_params(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> PipelineParams:
+    """Read params.yaml (or ``$SIAMESE_PARAMS``) and apply ``--set`` style overrides."""
+    path = Path(path or os.environ.get("SIAMESE_PARAMS", DEFAULT_PARAMS))
+    params = load_config(path, PipelineParams)
+    return apply_overrides(params, overrides) if overrides else params

@@ -1,0 +1,156 @@
+"""One typed configuration for the library, validated by pydantic.
+
+The pipeline's ``params.yaml`` holds the same sections; ``apply_overrides``
+accepts either dotted keys (``train.epochs``) or bare keys (``epochs``) when the
+bare name belongs to exactly one section.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Backbone = Literal["resnet50", "mobilenet_v3_small", "small_cnn"]
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """The embedding network and its loss."""
+
+    backbone: Backbone = "resnet50"
+    weights: str | None = Field(
+        "imagenet",
+        description="'imagenet' (Keras cache), a path to a local weights file, or null.",
+    )
+    input_size: int = Field(200, ge=16, le=1024, description="Square input side in pixels.")
+    head_units: list[int] = Field(default_factory=lambda: [512, 256])
+    embedding_dim: int = Field(256, ge=2)
+    trainable_from: str | None = Field(
+        "auto",
+        description="First backbone layer left trainable; earlier layers are frozen. "
+        "'auto': conv5_block1_out for resnet50 (the seed's choice), the whole network "
+        "for small_cnn. null trains the whole backbone.",
+    )
+    l2_normalize: bool = False
+    margin: float = Field(0.5, gt=0)
+
+    @field_validator("weights")
+    @classmethod
+    def _check_weights(cls, value: str | None) -> str | None:
+        if value in (None, "null", "none", "None", ""):
+            return None
+        return value
+
+
+class TripletConfig(Section):
+    """How (anchor, positive, negative) triplets are drawn."""
+
+    strategy: Literal["random", "hard", "semihard"] = "random"
+    max_pairs_per_class: int | None = Field(
+        200, ge=1, description="Cap on anchor-positive pairs per class; null keeps all."
+    )
+
+
+class TrainConfig(Section):
+    """Optimisation settings."""
+
+    optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
+    learning_rate: float = Field(1e-4, gt=0)
+    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(10, ge=1)
+    seed: int = 42
+
+
+class EvaluateConfig(Section):
+    """Evaluation and prediction settings."""
+
+    top_k: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+
+class Config(Section):
+    """Everything the library needs to build, train and query a model."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    triplets: TripletConfig = Field(default_factory=TripletConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used."""
+
+
+def _resolve_key(config: BaseModel, key: str) -> list[str]:
+    """Turn a dotted or bare key into a path of field names, or raise ConfigError."""
+    if "." in key:
+        return key.split(".")
+    owners = [
+        name
+        for name, field in type(config).model_fields.items()
+        if isinstance(getattr(config, name), BaseModel)
+        and key in type(getattr(config, name)).model_fields
+    ]
+    if key in type(config).model_fields and not isinstance(getattr(config, key), BaseModel):
+        owners.append("")
+    if len(owners) == 1:
+        return [owners[0], key] if owners[0] else [key]
+    if not owners:
+        raise ConfigError(f"unknown config key '{key}'")
+    raise ConfigError(f"ambiguous config key '{key}': use one of {[f'{o}.{key}' for o in owners]}")
+
+
+def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    """Return a copy of ``config`` with ``{key: value}`` overrides applied and validated."""
+    data = config.model_dump()
+    for key, value in overrides.items():
+        path = _resolve_key(config, key)
+        node: Any = data
+        for part in path[:-1]:
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"unknown config key '{key}'")
+            node = node[part]
+        if not isinstance(node, dict) or path[-1] not in node:
+            raise ConfigError(f"unknown config key '{key}'")
+        node[path[-1]] = value
+    return validate_config(type(config), data)
+
+
+def validate_config(cls: type[Config], data: dict[str, Any], source: str = "config") -> Config:
+    """Validate a nested dict into ``cls``; errors name every bad key in one message."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid {source}: {problems}") from None
+
+
+def parse_set_options(items: list[str]) -> dict[str, Any]:
+    """Parse CLI ``--set key=value`` strings; values are read as YAML."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        overrides[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return overrides
+
+
+def load_config(path: str | Path, cls: type[Config] = Config) -> Config:
+    """Load a YAML file (e.g. params.yaml) into ``cls``."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return validate_config(cls, data, source=str(path))

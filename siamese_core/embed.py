@@ -1,0 +1,84 @@
+"""Decoding images in parallel and embedding them in batches, with bounded memory."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import numpy as np
+
+from .data import decode_image
+
+ImageSource = str | os.PathLike | bytes | np.ndarray
+
+
+def _decode(source: ImageSource, size: int) -> np.ndarray:
+    if isinstance(source, np.ndarray):
+        from PIL import Image
+
+        array = source if source.ndim == 3 else np.repeat(source[..., None], 3, axis=-1)
+        if array.shape[:2] != (size, size):
+            array = np.asarray(Image.fromarray(array.astype(np.uint8)).resize((size, size)))
+        return array.astype(np.uint8)[..., :3]
+    return decode_image(source, size)
+
+
+def decoded_batches(
+    sources: Sequence[ImageSource], size: int, batch_size: int, workers: int | None = None
+) -> Iterator[np.ndarray]:
+    """Yield ``(n, size, size, 3)`` uint8 batches; decoding runs ahead on a thread pool.
+
+    At most two batches are decoded ahead of the consumer, so memory does not grow
+    with the number of images.
+    """
+    workers = workers or min(8, os.cpu_count() or 1)
+    decode = partial(_decode, size=size)
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        starts = iter(range(0, len(sources), batch_size))
+
+        def submit_next() -> None:
+            start = next(starts, None)
+            if start is not None:
+                pending.append([pool.submit(decode, s) for s in sources[start : start + batch_size]])
+
+        submit_next()
+        submit_next()
+        while pending:
+            futures = pending.popleft()
+            submit_next()
+            yield np.stack([f.result() for f in futures])
+
+
+def decode_all(sources: Sequence[ImageSource], size: int, batch_size: int = 64) -> np.ndarray:
+    """Decode every image into one ``(n, size, size, 3)`` uint8 array."""
+    out = np.empty((len(sources), size, size, 3), dtype=np.uint8)
+    start = 0
+    for batch in decoded_batches(sources, size, batch_size):
+        out[start : start + len(batch)] = batch
+        start += len(batch)
+    return out
+
+
+def embed_images(model, sources: Sequence[ImageSource], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """Embed images with ``model`` in batches; returns ``(n, dim)`` float32."""
+    size = int(model.input_shape[1])
+    dim = int(model.output_shape[-1])
+    out = np.empty((len(sources), dim), dtype=np.float32)
+    batches = decoded_batches(sources, size, batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, total=-(-len(sources) // batch_size), desc="embedding", unit="batch")
+    start = 0
+    for batch in batches:
+        n = len(batch)
+        if n < batch_size:  # pad the last batch: one traced shape for every call
+            batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
+        out[start : start + n] = np.asarray(model.predict_on_batch(batch.astype(np.float32)))[:n]
+        start += n
+    return out
+

@@ -1,0 +1,191 @@
+"""The embedding network, the distance layer and the Siamese triplet model.
+
+Every embedding model takes RGB images with values in [0, 255]; the first
+layer applies the preprocessing its backbone was trained with, so callers
+never scale images themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+from keras import layers, ops
+
+from .config import ModelConfig
+
+IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
+# First trainable layer when ``trainable_from`` is "auto": the seed's choice for
+# ResNet50, the last inverted-residual blocks for MobileNetV3, everything for small_cnn.
+AUTO_TRAINABLE_FROM = {"resnet50": "conv5_block1_out", "mobilenet_v3_small": "expanded_conv_9_expand", "small_cnn": None}
+IMAGENET_WEIGHT_FILES = {
+    "resnet50": "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "mobilenet_v3_small": "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
+}
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were asked for but cannot be loaded on this machine."""
+
+
+@keras.saving.register_keras_serializable(package="siamese_core")
+class CaffePreprocess(layers.Layer):
+    """ResNet50's ImageNet preprocessing: RGB [0, 255] -> BGR minus the channel means."""
+
+    def call(self, inputs):
+        bgr = ops.flip(ops.cast(inputs, "float32"), axis=-1)
+        return bgr - ops.convert_to_tensor(IMAGENET_BGR_MEAN, dtype="float32")
+
+
+@keras.saving.register_keras_serializable(package="siamese_core")
+class DistanceLayer(layers.Layer):
+    """Squared Euclidean distances (d(A, P), d(A, N)) between embedding batches."""
+
+    def call(self, anchor, positive, negative):
+        ap_distance = ops.sum(ops.square(anchor - positive), axis=-1)
+        an_distance = ops.sum(ops.square(anchor - negative), axis=-1)
+        return ap_distance, an_distance
+
+
+def triplet_loss(ap_distance, an_distance, margin: float):
+    """Per-triplet loss max(d(A,P) - d(A,N) + margin, 0) (Schroff et al., FaceNet, 2015)."""
+    return ops.maximum(ap_distance - an_distance + margin, 0.0)
+
+
+def _small_cnn(input_size: int) -> keras.Model:
+    """A four-block CNN (conv-BN-ReLU-pool) for small or greyscale images on CPU."""
+    inputs = keras.Input((input_size, input_size, 3), name="image")
+    x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    for i, filters in enumerate((32, 64, 128, 256)):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{i + 1}_conv")(x)
+        x = layers.BatchNormalization(name=f"block{i + 1}_bn")(x)
+        x = layers.Activation("relu", name=f"block{i + 1}_relu")(x)
+        x = layers.MaxPooling2D(2, name=f"block{i + 1}_pool")(x) if i < 3 else x
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, x, name="small_cnn")
+
+
+def _keras_home() -> Path:
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+
+
+def _pretrained(config: ModelConfig) -> keras.Model:
+    shape = (config.input_size, config.input_size, 3)
+    weights = config.weights
+    if weights == "imagenet":
+        cached = _keras_home() / "models" / IMAGENET_WEIGHT_FILES[config.backbone]
+        if not cached.exists():
+            weights = _download_imagenet_weights(config.backbone, cached)
+    elif weights is not None and not Path(weights).is_file():
+        raise WeightsUnavailableError(f"{weights}: weights file not found")
+    if config.backbone == "resnet50":
+        return keras.applications.ResNet50(include_top=False, weights=weights, input_shape=shape)
+    return keras.applications.MobileNetV3Small(
+        include_top=False, weights=weights, input_shape=shape, include_preprocessing=True
+    )
+
+
+def _download_imagenet_weights(backbone: str, cached: Path) -> str:
+    """Let Keras fetch the ImageNet file into its cache, or fail with a one-line error."""
+    try:
+        if backbone == "resnet50":
+            keras.applications.ResNet50(include_top=False, weights="imagenet", input_shape=(32, 32, 3))
+        else:
+            keras.applications.MobileNetV3Small(include_top=False, weights="imagenet", input_shape=(32, 32, 3))
+    except Exception as exc:  # the download failed: no network or a blocked host
+        raise WeightsUnavailableError(
+            f"{backbone} ImageNet weights are not in the Keras cache ({cached}) and could not be "
+            f"downloaded ({type(exc).__name__}); use weights=<path to a local .h5/.weights.h5 file> "
+            "or weights=null to train from scratch"
+        ) from None
+    return "imagenet"
+
+
+def _freeze_before(backbone: keras.Model, first_trainable: str | None) -> None:
+    if first_trainable is None:
+        backbone.trainable = True
+        return
+    names = [layer.name for layer in backbone.layers]
+    if first_trainable not in names:
+        raise ValueError(f"trainable_from: no layer '{first_trainable}' in {backbone.name}")
+    trainable = False
+    for layer in backbone.layers:
+        trainable = trainable or layer.name == first_trainable
+        layer.trainable = trainable
+
+
+def build_backbone(config: ModelConfig) -> keras.Model:
+    """The convolutional trunk, with its preprocessing, frozen up to ``trainable_from``."""
+    if config.backbone == "small_cnn":
+        if config.weights == "imagenet":
+            raise WeightsUnavailableError("small_cnn has no ImageNet weights; use weights=null or a local file")
+        backbone = _small_cnn(config.input_size)
+        if config.weights is not None:
+            backbone.load_weights(config.weights)
+    else:
+        backbone = _pretrained(config)
+    first = AUTO_TRAINABLE_FROM[config.backbone] if config.trainable_from == "auto" else config.trainable_from
+    _freeze_before(backbone, first)
+    return backbone
+
+
+def build_embedding_model(config: ModelConfig) -> keras.Model:
+    """The embedding model f: image in [0, 255] -> ``embedding_dim`` vector."""
+    backbone = build_backbone(config)
+    inputs = keras.Input((config.input_size, config.input_size, 3), name="image")
+    x = CaffePreprocess(name="caffe_preprocess")(inputs) if config.backbone == "resnet50" else inputs
+    x = backbone(x)
+    x = layers.Flatten(name="flatten")(x)
+    for i, units in enumerate(config.head_units):
+        x = layers.Dense(units, activation="relu", name=f"dense{i + 1}")(x)
+        x = layers.BatchNormalization(name=f"bn{i + 1}")(x)
+    x = layers.Dense(config.embedding_dim, name="embedding")(x)
+    if config.l2_normalize:
+        x = layers.UnitNormalization(name="l2_normalize")(x)
+    return keras.Model(inputs, x, name="embedding")
+
+
+class SiameseModel(keras.Model):
+    """Triplet network around an embedding model, with custom train and test steps.
+
+    Each batch is ``(anchor, positive, negative)`` images; the three are embedded
+    in one forward pass and the loss is the mean of max(d(A,P) - d(A,N) + margin, 0).
+    """
+
+    def __init__(self, embedding: keras.Model, margin: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        if margin <= 0:
+            raise ValueError(f"margin must be positive, got {margin}")
+        self.embedding = embedding
+        self.margin = margin
+        self.distance = DistanceLayer(name="distance")
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+
+    def call(self, inputs, training=False):
+        anchor, positive, negative = inputs
+        batch = ops.shape(anchor)[0]
+        embedded = self.embedding(ops.concatenate([anchor, positive, negative], axis=0), training=training)
+        return self.distance(embedded[:batch], embedded[batch : 2 * batch], embedded[2 * batch :])
+
+    def _loss(self, data, training: bool):
+        ap_distance, an_distance = self(data, training=training)
+        return ops.mean(triplet_loss(ap_distance, an_distance, self.margin))
+
+    def train_step(self, data):
+        with tf.GradientTape() as tape:
+            loss = self._loss(data, training=True)
+        variables = self.embedding.trainable_variables
+        gradients = tape.gradient(loss, variables)
+        self.optimizer.apply_gradients(zip(gradients, variables))
+        self.loss_tracker.update_state(loss)
+        return {"loss": self.loss_tracker.result()}
+
+    def test_step(self, data):
+        self.loss_tracker.update_state(self._loss(data, training=False))
+        return {"loss": self.loss_tracker.result()}
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker]

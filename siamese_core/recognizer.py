@@ -1,0 +1,129 @@
+"""The model bundle on disk and the recogniser that loads it."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from .config import Config
+from .data import ImageFolder, scan_folder
+from .embed import ImageSource, embed_images
+from .gallery import Gallery, Match
+from .io import atomic_dir
+
+BUNDLE_FORMAT = 1
+MODEL_FILE, GALLERY_FILE, CONFIG_FILE, METADATA_FILE = "model.keras", "gallery.npz", "config.json", "metadata.json"
+
+
+class BundleError(ValueError):
+    """A path that is not a usable model bundle."""
+
+
+def _versions() -> dict[str, str]:
+    import tensorflow as tf
+
+    from . import __version__
+
+    return {
+        "siamese_core": __version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def build_gallery(embedding: keras.Model, folder: ImageFolder, batch_size: int = 64, progress: bool = False) -> Gallery:
+    """Embed every image of a class folder once, in batches, into a gallery."""
+    embeddings = embed_images(embedding, folder.paths, batch_size, progress=progress)
+    return Gallery(embeddings, folder.labels, list(folder.class_names), list(folder.paths))
+
+
+class SiameseRecognizer:
+    """A trained embedding model plus its gallery: recognises images by nearest class."""
+
+    def __init__(self, embedding: keras.Model, gallery: Gallery, config: Config, metadata: dict | None = None):
+        self.embedding = embedding
+        self.gallery = gallery
+        self.config = config
+        self.metadata = metadata or {}
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square images the network takes."""
+        return int(self.embedding.input_shape[1])
+
+    def embed(self, images: Sequence[ImageSource]) -> np.ndarray:
+        """Embed image paths, encoded bytes or uint8 arrays, in batches."""
+        return embed_images(self.embedding, list(images), self.config.evaluate.batch_size)
+
+    def predict(self, images: Sequence[ImageSource], top_k: int | None = None) -> list[Match]:
+        """The nearest gallery class of each image, with its squared distance and the top-k classes."""
+        return self.gallery.search(self.embed(images), top_k or self.config.evaluate.top_k)
+
+    def predict_one(self, image: ImageSource, top_k: int | None = None) -> Match:
+        """Recognise a single image."""
+        return self.predict([image], top_k)[0]
+
+    def enroll(self, folder: str | os.PathLike | ImageFolder) -> "SiameseRecognizer":
+        """Add a class folder's images to the gallery (new classes or more images), without retraining."""
+        folder = folder if isinstance(folder, ImageFolder) else scan_folder(folder)
+        embeddings = self.embed(folder.paths)
+        self.gallery = self.gallery.extend(embeddings, folder.label_names, folder.paths)
+        return self
+
+    def with_gallery(self, folder: str | os.PathLike | ImageFolder, progress: bool = False) -> "SiameseRecognizer":
+        """A recogniser with the same network and a gallery built from ``folder``."""
+        folder = folder if isinstance(folder, ImageFolder) else scan_folder(folder)
+        gallery = build_gallery(self.embedding, folder, self.config.evaluate.batch_size, progress)
+        return SiameseRecognizer(self.embedding, gallery, self.config, dict(self.metadata))
+
+    def save(self, path: str | os.PathLike, extra_metadata: dict | None = None) -> Path:
+        """Write the bundle folder atomically: model, gallery, config and metadata."""
+        metadata = {
+            **self.metadata,
+            **(extra_metadata or {}),
+            "format": BUNDLE_FORMAT,
+            "class_names": self.gallery.class_names,
+            "gallery_size": len(self.gallery),
+            "input_size": self.input_size,
+            "backbone": self.config.model.backbone,
+            "embedding_dim": int(self.embedding.output_shape[-1]),
+            "versions": _versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        with atomic_dir(path) as tmp:
+            self.embedding.save(tmp / MODEL_FILE)
+            self.gallery.save(tmp / GALLERY_FILE)
+            (tmp / CONFIG_FILE).write_text(self.config.model_dump_json(indent=2), encoding="utf-8")
+            (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False), encoding="utf-8")
+        self.metadata = metadata
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SiameseRecognizer":
+        """Restore a bundle written by :meth:`save`."""
+        path = Path(path)
+        if not path.is_dir():
+            raise BundleError(f"{path}: no model bundle here (expected a folder written by 'siamese train')")
+        missing = [name for name in (MODEL_FILE, GALLERY_FILE, CONFIG_FILE, METADATA_FILE) if not (path / name).is_file()]
+        if missing:
+            raise BundleError(f"{path}: not a model bundle (missing {', '.join(missing)})")
+        metadata = json.loads((path / METADATA_FILE).read_text(encoding="utf-8"))
+        if metadata.get("format") != BUNDLE_FORMAT:
+            raise BundleError(
+                f"{path}: bundle format {metadata.get('format')} is not supported by this version "
+                f"(format {BUNDLE_FORMAT}); retrain it with 'siamese train'"
+            )
+        config = Config.model_validate_json((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        from . import model as _registers_custom_layers  # noqa: F401
+
+        embedding = keras.saving.load_model(path / MODEL_FILE, compile=False, safe_mode=True)
+        return cls(embedding, Gallery.load(path / GALLERY_FILE), config, metadata)

@@ -1,0 +1,157 @@
+"""Training the Siamese network on a triplet table, through tf.data."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from .config import Config, TrainConfig
+from .data import ImageFolder, scan_folder
+from .embed import decode_all, embed_images
+from .model import SiameseModel, build_embedding_model
+from .triplets import generate_triplets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What training returns: the trained embedding model and the per-epoch history."""
+
+    embedding: keras.Model
+    history: dict[str, list[float]]
+    triplets: pd.DataFrame
+    best_epoch: int
+    train_folder: ImageFolder
+    extra: dict = field(default_factory=dict)
+
+
+class KeepBestWeights(keras.callbacks.Callback):
+    """Remember the embedding weights of the epoch with the lowest monitored loss and restore them."""
+
+    def __init__(self, embedding: keras.Model, monitor: str = "val_loss"):
+        super().__init__()
+        self.embedding, self.monitor = embedding, monitor
+        self.best, self.best_epoch, self.best_weights = np.inf, 0, None
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        value = logs.get(self.monitor, logs.get("loss"))
+        if value is not None and value < self.best:
+            self.best, self.best_epoch = float(value), epoch + 1
+            self.best_weights = self.embedding.get_weights()
+
+    def on_train_end(self, logs=None):
+        if self.best_weights is not None:
+            self.embedding.set_weights(self.best_weights)
+
+
+def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
+    """The optimizer named in the config, at its learning rate."""
+    optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
+    return optimizers[config.optimizer](learning_rate=config.learning_rate)
+
+
+def mine_triplets(config: Config, folder: ImageFolder, embedding: keras.Model | None = None) -> pd.DataFrame:
+    """Generate the training triplet table; hard and semi-hard mining embed each image once."""
+    embeddings = None
+    if config.triplets.strategy != "random":
+        embedding = embedding or build_embedding_model(config.model)
+        embeddings = embed_images(embedding, folder.paths, config.evaluate.batch_size)
+    return generate_triplets(
+        folder,
+        config.triplets.strategy,
+        embeddings=embeddings,
+        margin=config.model.margin,
+        max_pairs_per_class=config.triplets.max_pairs_per_class,
+        seed=config.train.seed,
+    )
+
+
+def triplet_dataset(
+    images: np.ndarray, index: np.ndarray, batch_size: int, shuffle_seed: int | None
+) -> tf.data.Dataset:
+    """A tf.data pipeline of (anchor, positive, negative) float32 batches.
+
+    ``images`` is the decoded-once cache of every image; batches gather from it by
+    index, so no image is decoded twice, and batches are prefetched while the model trains.
+    """
+
+    def gather(batch_index: np.ndarray):
+        return tuple(images[batch_index[:, i]].astype(np.float32) for i in range(3))
+
+    shape = (None, *images.shape[1:])
+    dataset = tf.data.Dataset.from_tensor_slices(index.astype(np.int64))
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(len(index), seed=shuffle_seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size).map(
+        lambda i: tf.numpy_function(gather, [i], (tf.float32,) * 3), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    dataset = dataset.map(lambda a, p, n: tuple(tf.ensure_shape(t, shape) for t in (a, p, n)))
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _index_triplets(table: pd.DataFrame, positions: dict[str, int]) -> np.ndarray:
+    try:
+        return np.array(
+            [[positions[p] for p in row] for row in table[["anchor", "positive", "negative"]].itertuples(index=False)],
+            dtype=np.int64,
+        )
+    except KeyError as exc:
+        raise ValueError(f"triplet table names an image that is not in the dataset: {exc.args[0]}") from None
+
+
+def train(
+    config: Config,
+    train_dir,
+    test_dir=None,
+    triplets: pd.DataFrame | None = None,
+    callbacks: list[keras.callbacks.Callback] | None = None,
+    verbose: int | str = "auto",
+) -> TrainResult:
+    """Train an embedding model with triplet loss; returns it with its loss history.
+
+    Validation triplets (random, seeded) come from ``test_dir`` when it has a class
+    with two images. The weights of the epoch with the lowest validation loss are kept.
+    """
+    keras.utils.set_random_seed(config.train.seed)
+    folder = scan_folder(train_dir)
+    embedding = build_embedding_model(config.model)
+    if triplets is None:
+        triplets = mine_triplets(config, folder, embedding)
+    size, batch = config.model.input_size, config.train.batch_size
+    images = decode_all(folder.paths, size)
+    train_index = _index_triplets(triplets, {p: i for i, p in enumerate(folder.paths)})
+    train_data = triplet_dataset(images, train_index, batch, shuffle_seed=config.train.seed)
+
+    validation = None
+    if test_dir is not None:
+        test_folder = scan_folder(test_dir)
+        try:
+            val_table = generate_triplets(test_folder, "random", seed=config.train.seed)
+        except ValueError as exc:
+            log.warning("no validation triplets: %s", exc)
+        else:
+            val_images = decode_all(test_folder.paths, size)
+            val_index = _index_triplets(val_table, {p: i for i, p in enumerate(test_folder.paths)})
+            validation = triplet_dataset(val_images, val_index, batch, shuffle_seed=None)
+
+    model = SiameseModel(embedding, margin=config.model.margin)
+    model.compile(optimizer=make_optimizer(config.train))
+    keep_best = KeepBestWeights(embedding, "val_loss" if validation is not None else "loss")
+    fitted = model.fit(
+        train_data,
+        validation_data=validation,
+        epochs=config.train.epochs,
+        callbacks=[keep_best, *(callbacks or [])],
+        verbose=verbose,
+        shuffle=False,  # the tf.data pipeline shuffles, seeded
+    )
+    history = {key: [float(v) for v in values] for key, values in fitted.history.items()}
+    return TrainResult(embedding, history, triplets, keep_best.best_epoch, folder)
+
