@@ -1,0 +1,1 @@
+"""Orchestration around siamese_core: stages, Prefect flows, MLflow tracking and registry, CLI."""
