@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .errors import ConfigError
+
 Backbone = Literal["resnet50", "mobilenet_v3_small", "small_cnn"]
 
 
@@ -83,10 +85,6 @@ class Config(Section):
     triplets: TripletConfig = Field(default_factory=TripletConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-
-
-class ConfigError(ValueError):
-    """A config key or value that cannot be used."""
 
 
 def _resolve_key(config: BaseModel, key: str) -> list[str]:

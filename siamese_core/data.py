@@ -10,17 +10,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import DatasetError, ImageError
+
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pbm", ".pnm"}
 )
-
-
-class DatasetError(ValueError):
-    """A dataset folder that cannot be used, with the path and the problem."""
-
-
-class ImageError(ValueError):
-    """An image that cannot be decoded, with the path and the problem."""
 
 
 @dataclass
@@ -111,8 +105,7 @@ def decode_image(source: str | os.PathLike | bytes, size: int) -> np.ndarray:
     """
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     try:
-        stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
-        with stream, Image.open(stream) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as image:
             image = ImageOps.exif_transpose(image)
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 array = np.asarray(image, dtype=np.float64)

@@ -82,7 +82,7 @@ class Gallery:
                 matches.append(Match(ranked[0][0], ranked[0][1], ranked, self.paths[near]))
         return matches
 
-    def extend(self, embeddings: np.ndarray, label_names: list[str], paths: list[str]) -> "Gallery":
+    def extend(self, embeddings: np.ndarray, label_names: list[str], paths: list[str]) -> Gallery:
         """A new gallery with more images; unseen label names become new classes."""
         names = list(self.class_names)
         index = {name: i for i, name in enumerate(names)}
@@ -110,7 +110,7 @@ class Gallery:
             )
 
     @classmethod
-    def load(cls, path: str | Path) -> "Gallery":
+    def load(cls, path: str | Path) -> Gallery:
         """Read a gallery written by :meth:`save`."""
         with np.load(path, allow_pickle=False) as data:
             return cls(data["embeddings"], data["labels"], data["class_names"].tolist(), data["paths"].tolist())

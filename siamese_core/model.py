@@ -15,6 +15,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from .config import ModelConfig
+from .errors import WeightsUnavailableError
 
 IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
 # First trainable layer when ``trainable_from`` is "auto": the seed's choice for
@@ -24,10 +25,6 @@ IMAGENET_WEIGHT_FILES = {
     "resnet50": "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
     "mobilenet_v3_small": "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
 }
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights were asked for but cannot be loaded on this machine."""
 
 
 @keras.saving.register_keras_serializable(package="siamese_core")

@@ -6,7 +6,7 @@ import json
 import os
 import platform
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import keras
@@ -15,15 +15,12 @@ import numpy as np
 from .config import Config
 from .data import ImageFolder, scan_folder
 from .embed import ImageSource, embed_images
+from .errors import BundleError
 from .gallery import Gallery, Match
 from .io import atomic_dir
 
 BUNDLE_FORMAT = 1
 MODEL_FILE, GALLERY_FILE, CONFIG_FILE, METADATA_FILE = "model.keras", "gallery.npz", "config.json", "metadata.json"
-
-
-class BundleError(ValueError):
-    """A path that is not a usable model bundle."""
 
 
 def _versions() -> dict[str, str]:
@@ -72,14 +69,14 @@ class SiameseRecognizer:
         """Recognise a single image."""
         return self.predict([image], top_k)[0]
 
-    def enroll(self, folder: str | os.PathLike | ImageFolder) -> "SiameseRecognizer":
+    def enroll(self, folder: str | os.PathLike | ImageFolder) -> SiameseRecognizer:
         """Add a class folder's images to the gallery (new classes or more images), without retraining."""
         folder = folder if isinstance(folder, ImageFolder) else scan_folder(folder)
         embeddings = self.embed(folder.paths)
         self.gallery = self.gallery.extend(embeddings, folder.label_names, folder.paths)
         return self
 
-    def with_gallery(self, folder: str | os.PathLike | ImageFolder, progress: bool = False) -> "SiameseRecognizer":
+    def with_gallery(self, folder: str | os.PathLike | ImageFolder, progress: bool = False) -> SiameseRecognizer:
         """A recogniser with the same network and a gallery built from ``folder``."""
         folder = folder if isinstance(folder, ImageFolder) else scan_folder(folder)
         gallery = build_gallery(self.embedding, folder, self.config.evaluate.batch_size, progress)
@@ -97,7 +94,7 @@ class SiameseRecognizer:
             "backbone": self.config.model.backbone,
             "embedding_dim": int(self.embedding.output_shape[-1]),
             "versions": _versions(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         with atomic_dir(path) as tmp:
             self.embedding.save(tmp / MODEL_FILE)
@@ -108,7 +105,7 @@ class SiameseRecognizer:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SiameseRecognizer":
+    def load(cls, path: str | os.PathLike) -> SiameseRecognizer:
         """Restore a bundle written by :meth:`save`."""
         path = Path(path)
         if not path.is_dir():

@@ -1,0 +1,181 @@
+"""The ``siamese`` command line: train, predict, evaluate and enrol.
+
+TensorFlow is imported inside the commands, so ``siamese --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import typer
+
+app = typer.Typer(
+    help="Siamese triplet-loss image recogniser: train on class folders, recognise new images "
+    "by their nearest gallery class.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+state = {"debug": False}
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Override a config key, value read as YAML; repeatable. "
+        "Bare or dotted keys: --set weights=null --set model.margin=0.2 --set train.epochs=3.",
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _run(action):
+    """Run a command body; expected problems become a one-line error unless --debug."""
+    from siamese_core.errors import USER_ERRORS
+
+    try:
+        return action()
+    except USER_ERRORS as exc:
+        if state["debug"]:
+            raise
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written", 130)
+
+
+def _config(params: Path | None, overrides: list[str] | None, base=None):
+    from siamese_core.config import (
+        Config,
+        apply_overrides,
+        load_config,
+        parse_set_options,
+    )
+
+    config = base or (load_config(params, _core_params_class()) if params else Config())
+    if hasattr(config, "core"):
+        config = config.core()
+    return apply_overrides(config, parse_set_options(overrides or []))
+
+
+def _core_params_class():
+    from pipelines.params import PipelineParams
+
+    return PipelineParams
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False) -> None:
+    """Siamese recogniser command line."""
+    state["debug"] = debug
+
+
+@app.command()
+def train(
+    train_dir: Annotated[Path, typer.Option("--train", help="Training folder: <dir>/<class>/<image>.")],
+    test_dir: Annotated[Path, typer.Option("--test", help="Test folder of the same shape (validation triplets).")],
+    out: Annotated[Path, typer.Option("--out", help="Bundle folder to write (replaced atomically).")],
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Training epochs.")] = None,
+    params: Annotated[Path | None, typer.Option("--params", help="A params.yaml to start from.")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Train a Siamese network and save a bundle (model, gallery of the training images, config)."""
+
+    def body():
+        from siamese_core.recognizer import SiameseRecognizer, build_gallery
+        from siamese_core.train import train as run_training
+
+        extra = [*(set_ or []), *([f"train.epochs={epochs}"] if epochs else [])]
+        config = _config(params, extra)
+        result = run_training(config, train_dir, test_dir)
+        gallery = build_gallery(result.embedding, result.train_folder, config.evaluate.batch_size, progress=True)
+        SiameseRecognizer(result.embedding, gallery, config).save(
+            out, {"history": result.history, "best_epoch": result.best_epoch}
+        )
+        last = {k: round(v[-1], 4) for k, v in result.history.items()}
+        typer.echo(f"saved {out} (best epoch {result.best_epoch}, last epoch {last})")
+
+    _run(body)
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files to recognise.")],
+    model: Annotated[Path, typer.Option("--model", help="Bundle folder written by 'siamese train'.")],
+    gallery: Annotated[Path | None, typer.Option("--gallery", help="Use this class folder as the gallery.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Number of nearest classes to list.")] = 5,
+    as_json: JsonOption = False,
+) -> None:
+    """Recognise images: the nearest gallery class and its squared distance."""
+
+    def body():
+        from siamese_core.recognizer import SiameseRecognizer
+
+        recognizer = SiameseRecognizer.load(model)
+        if gallery is not None:
+            recognizer = recognizer.with_gallery(gallery, progress=True)
+        matches = recognizer.predict([str(p) for p in images], top_k=top_k)
+        if as_json:
+            typer.echo(json.dumps([{"image": str(p), **m.to_dict()} for p, m in zip(images, matches)], ensure_ascii=False))
+            return
+        for path, match in zip(images, matches):
+            others = ", ".join(f"{label} {d:.4f}" for label, d in match.top_k[1:])
+            typer.echo(f"{path}\t{match.label}\t{match.distance:.4f}" + (f"\t(next: {others})" if others else ""))
+
+    _run(body)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option("--model", help="Bundle folder written by 'siamese train'.")],
+    test_dir: Annotated[Path, typer.Option("--test", help="Test folder: <dir>/<class>/<image>.")],
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="k for top-k accuracy.")] = 5,
+    as_json: JsonOption = False,
+) -> None:
+    """Top-1, top-k and per-class accuracy of a bundle on a test folder."""
+
+    def body():
+        from siamese_core.metrics import evaluate as run_evaluation
+        from siamese_core.recognizer import SiameseRecognizer
+
+        report = run_evaluation(SiameseRecognizer.load(model), test_dir, top_k=top_k)
+        if as_json:
+            typer.echo(json.dumps(report, ensure_ascii=False))
+            return
+        typer.echo(f"top-1 {report['top1']:.4f}  top-{top_k} {report[f'top{top_k}']:.4f}  "
+                   f"class-averaged {report['class_avg_accuracy']:.4f}  ({report['n_queries']} images)")
+        for name, accuracy in report["per_class_accuracy"].items():
+            typer.echo(f"  {name}\t{accuracy:.4f}")
+
+    _run(body)
+
+
+@app.command()
+def enroll(
+    folder: Annotated[Path, typer.Argument(help="Class folder(s) to add: <dir>/<class>/<image>.")],
+    model: Annotated[Path, typer.Option("--model", help="Bundle folder to extend.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Write the enlarged bundle here (default: in place).")] = None,
+) -> None:
+    """Add classes or images to a bundle's gallery without retraining."""
+
+    def body():
+        from siamese_core.recognizer import SiameseRecognizer
+
+        recognizer = SiameseRecognizer.load(model).enroll(folder)
+        recognizer.save(out or model)
+        typer.echo(f"gallery now {len(recognizer.gallery)} images in {len(recognizer.gallery.class_names)} classes")
+
+    _run(body)
+
+
+if __name__ == "__main__":
+    app(sys.argv[1:])
