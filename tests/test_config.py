@@ -1,0 +1,50 @@
+"""The typed config: overrides, validation errors, --set parsing."""
+
+import pytest
+
+from siamese_core.config import Config, ConfigError, apply_overrides, parse_set_options
+
+
+def test_defaults_are_the_seed_architecture():
+    config = Config()
+    assert config.model.backbone == "resnet50"
+    assert config.model.input_size == 200
+    assert config.model.head_units == [512, 256] and config.model.embedding_dim == 256
+    assert config.model.margin == 0.5 and config.model.weights == "imagenet"
+
+
+def test_bare_and_dotted_keys_override_the_same_field():
+    bare = apply_overrides(Config(), {"epochs": 3, "margin": 0.2, "weights": None})
+    dotted = apply_overrides(Config(), {"train.epochs": 3, "model.margin": 0.2, "model.weights": None})
+    assert bare == dotted
+    assert bare.train.epochs == 3 and bare.model.margin == 0.2 and bare.model.weights is None
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="unknown config key 'epoch'"):
+        apply_overrides(Config(), {"epoch": 3})
+    with pytest.raises(ConfigError, match="model.bogus"):
+        apply_overrides(Config(), {"model.bogus": 1})
+
+
+def test_ambiguous_bare_key_lists_the_choices():
+    with pytest.raises(ConfigError, match="ambiguous config key 'batch_size'.*train.batch_size"):
+        apply_overrides(Config(), {"batch_size": 8})
+
+
+def test_bad_value_names_the_key():
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        apply_overrides(Config(), {"learning_rate": -1})
+    with pytest.raises(ConfigError, match="model.backbone"):
+        apply_overrides(Config(), {"backbone": "vgg"})
+
+
+def test_set_options_are_read_as_yaml():
+    assert parse_set_options(["weights=null", "margin=0.2", "head_units=[64, 32]", "backbone=small_cnn"]) == {
+        "weights": None,
+        "margin": 0.2,
+        "head_units": [64, 32],
+        "backbone": "small_cnn",
+    }
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_set_options(["epochs"])
