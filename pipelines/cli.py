@@ -97,7 +97,7 @@ def train(
         extra = [*(set_ or []), *([f"train.epochs={epochs}"] if epochs else [])]
         config = _config(params, extra)
         result = run_training(config, train_dir, test_dir)
-        gallery = build_gallery(result.embedding, result.train_folder, config.evaluate.batch_size, progress=True)
+        gallery = build_gallery(result.embedding, result.train_folder, config.evaluate.embed_batch_size, progress=True)
         SiameseRecognizer(result.embedding, gallery, config).save(
             out, {"history": result.history, "best_epoch": result.best_epoch}
         )

@@ -23,7 +23,7 @@ def generate_model(test_file, train_file, save_path, epochs, **overrides) -> dic
     """
     config = apply_overrides(Config(), {**overrides, "train.epochs": int(epochs)})
     result = train(config, train_file, test_file)
-    gallery = build_gallery(result.embedding, result.train_folder, config.evaluate.batch_size)
+    gallery = build_gallery(result.embedding, result.train_folder, config.evaluate.embed_batch_size)
     SiameseRecognizer(result.embedding, gallery, config).save(
         save_path, {"history": result.history, "best_epoch": result.best_epoch}
     )
@@ -62,7 +62,7 @@ def test_prediction(image_path, model_path, train_dataset_path) -> tuple[str, fl
     if cache.is_file():
         recognizer.gallery = Gallery.load(cache)
     else:
-        recognizer.gallery = build_gallery(recognizer.embedding, folder, recognizer.config.evaluate.batch_size)
+        recognizer.gallery = build_gallery(recognizer.embedding, folder, recognizer.config.evaluate.embed_batch_size)
         with atomic_path(cache) as tmp:
             recognizer.gallery.save(tmp)
     match = recognizer.predict_one(image_path, top_k=1)

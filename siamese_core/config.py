@@ -75,7 +75,7 @@ class EvaluateConfig(Section):
     """Evaluation and prediction settings."""
 
     top_k: int = Field(5, ge=1)
-    batch_size: int = Field(64, ge=1)
+    embed_batch_size: int = Field(64, ge=1, description="Images per batch when embedding a gallery or queries.")
 
 
 class Config(Section):

@@ -59,7 +59,7 @@ class SiameseRecognizer:
 
     def embed(self, images: Sequence[ImageSource]) -> np.ndarray:
         """Embed image paths, encoded bytes or uint8 arrays, in batches."""
-        return embed_images(self.embedding, list(images), self.config.evaluate.batch_size)
+        return embed_images(self.embedding, list(images), self.config.evaluate.embed_batch_size)
 
     def predict(self, images: Sequence[ImageSource], top_k: int | None = None) -> list[Match]:
         """The nearest gallery class of each image, with its squared distance and the top-k classes."""
@@ -79,7 +79,7 @@ class SiameseRecognizer:
     def with_gallery(self, folder: str | os.PathLike | ImageFolder, progress: bool = False) -> SiameseRecognizer:
         """A recogniser with the same network and a gallery built from ``folder``."""
         folder = folder if isinstance(folder, ImageFolder) else scan_folder(folder)
-        gallery = build_gallery(self.embedding, folder, self.config.evaluate.batch_size, progress)
+        gallery = build_gallery(self.embedding, folder, self.config.evaluate.embed_batch_size, progress)
         return SiameseRecognizer(self.embedding, gallery, self.config, dict(self.metadata))
 
     def save(self, path: str | os.PathLike, extra_metadata: dict | None = None) -> Path:

@@ -62,7 +62,7 @@ def mine_triplets(config: Config, folder: ImageFolder, embedding: keras.Model | 
     embeddings = None
     if config.triplets.strategy != "random":
         embedding = embedding or build_embedding_model(config.model)
-        embeddings = embed_images(embedding, folder.paths, config.evaluate.batch_size)
+        embeddings = embed_images(embedding, folder.paths, config.evaluate.embed_batch_size)
     return generate_triplets(
         folder,
         config.triplets.strategy,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from siamese_core.config import Config, ConfigError, apply_overrides, parse_set_options
+from siamese_core.config import Config, ConfigError, TrainConfig, apply_overrides, parse_set_options
 
 
 def test_defaults_are_the_seed_architecture():
@@ -28,8 +28,11 @@ def test_unknown_key_is_named():
 
 
 def test_ambiguous_bare_key_lists_the_choices():
-    with pytest.raises(ConfigError, match="ambiguous config key 'batch_size'.*train.batch_size"):
-        apply_overrides(Config(), {"batch_size": 8})
+    class Extended(Config):
+        other: TrainConfig = TrainConfig()
+
+    with pytest.raises(ConfigError, match=r"ambiguous config key 'epochs'.*'train.epochs', 'other.epochs'"):
+        apply_overrides(Extended(), {"epochs": 8})
 
 
 def test_bad_value_names_the_key():

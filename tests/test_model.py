@@ -1,0 +1,98 @@
+"""The embedding model, its preprocessing, the distance layer and the triplet step."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from siamese_core.config import ModelConfig
+from siamese_core.errors import WeightsUnavailableError
+from siamese_core.model import DistanceLayer, SiameseModel, build_embedding_model, triplet_loss
+
+TINY = dict(backbone="small_cnn", weights=None, input_size=32, head_units=[16], embedding_dim=8)
+
+
+def _count(weights):
+    return sum(int(np.prod(w.shape)) for w in weights)
+
+
+def test_seed_architecture_parameter_counts():
+    model = build_embedding_model(ModelConfig(weights=None))
+    assert _count(model.trainable_weights) == 60_510_720
+    assert _count(model.non_trainable_weights) == 14_657_920
+    assert model.input_shape == (None, 200, 200, 3) and model.output_shape == (None, 256)
+    backbone = model.get_layer("resnet50")
+    trainable = [layer.name for layer in backbone.layers if layer.trainable and layer.weights]
+    assert trainable[0].startswith("conv5_block2") and "conv5_block1_1_conv" not in trainable
+
+
+def test_resnet_gets_caffe_preprocessing_of_0_255_pixels():
+    model = build_embedding_model(ModelConfig(weights=None, input_size=32))
+    preprocess = model.get_layer("caffe_preprocess")
+    red = np.zeros((1, 2, 2, 3), np.float32)
+    red[..., 0] = 255.0
+    out = np.asarray(preprocess(red))[0, 0, 0]
+    # RGB -> BGR, minus the ImageNet means; a [0, 1] input would come out near -mean
+    np.testing.assert_allclose(out, [-103.939, -116.779, 255 - 123.68], atol=1e-3)
+
+
+def test_small_cnn_rescales_0_255_to_0_1():
+    model = build_embedding_model(ModelConfig(**TINY))
+    rescale = model.get_layer("small_cnn").get_layer("rescale")
+    assert float(np.asarray(rescale(np.full((1, 1, 1, 3), 255.0, np.float32))).max()) == pytest.approx(1.0)
+
+
+def test_l2_normalised_embeddings_have_unit_norm():
+    model = build_embedding_model(ModelConfig(**TINY, l2_normalize=True))
+    out = model.predict(np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32), verbose=0)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+
+
+def test_distance_layer_is_squared_euclidean():
+    a, p, n = np.array([[0.0, 0.0]]), np.array([[3.0, 4.0]]), np.array([[1.0, 1.0]])
+    ap, an = DistanceLayer()(a, p, n)
+    assert float(ap[0]) == pytest.approx(25.0) and float(an[0]) == pytest.approx(2.0)
+
+
+def test_triplet_loss_is_hinged_at_the_margin():
+    loss = np.asarray(triplet_loss(np.array([1.0, 1.0, 3.0]), np.array([2.0, 1.2, 1.0]), 0.5))
+    np.testing.assert_allclose(loss, [0.0, 0.3, 2.5], atol=1e-6)
+
+
+def test_test_step_reports_the_mean_triplet_loss():
+    embedding = build_embedding_model(ModelConfig(**TINY))
+    model = SiameseModel(embedding, margin=0.5)
+    model.compile(optimizer="adam")
+    images = [np.random.default_rng(i).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32) for i in range(3)]
+    ap, an = model(images)
+    expected = np.maximum(np.asarray(ap) - np.asarray(an) + 0.5, 0).mean()
+    batch = tf.data.Dataset.from_tensors(tuple(images))  # one batch of 4 triplets, as training feeds it
+    logs = model.evaluate(batch, verbose=0, return_dict=True)
+    assert logs["loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_bad_margin_and_layer_names_are_rejected():
+    embedding = build_embedding_model(ModelConfig(**TINY))
+    with pytest.raises(ValueError, match="margin"):
+        SiameseModel(embedding, margin=0)
+    with pytest.raises(ValueError, match="no layer 'nope'"):
+        build_embedding_model(ModelConfig(**{**TINY, "trainable_from": "nope"}))
+
+
+def test_imagenet_without_cache_or_network_is_one_clear_line(tmp_path, monkeypatch):
+    import keras.src.utils.file_utils as file_utils
+
+    def offline(*args, **kwargs):
+        raise OSError("no route to host")  # what a machine without network answers
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    monkeypatch.setattr("keras.src.applications.resnet.file_utils.get_file", offline)
+    with pytest.raises(WeightsUnavailableError) as info:
+        build_embedding_model(ModelConfig(weights="imagenet", input_size=32))
+    message = str(info.value)
+    assert "\n" not in message and "weights=null" in message and "local" in message
+
+
+def test_missing_local_weights_file_is_named(tmp_path):
+    with pytest.raises(WeightsUnavailableError, match="missing.h5: weights file not found"):
+        build_embedding_model(ModelConfig(weights=str(tmp_path / "missing.h5"), input_size=32))
