@@ -1,0 +1,123 @@
+"""Training on real digits, the bundle round trip, enrolment and the seed's two functions."""
+
+import numpy as np
+import pytest
+from images import make_digits_dataset
+
+import siamese_core
+from siamese_core.config import Config, apply_overrides
+from siamese_core.data import scan_folder
+from siamese_core.errors import BundleError
+from siamese_core.metrics import evaluate
+from siamese_core.model import build_embedding_model
+from siamese_core.recognizer import SiameseRecognizer, build_gallery
+from siamese_core.train import train
+
+TINY = dict(
+    weights=None, backbone="small_cnn", input_size=32, head_units=[32], embedding_dim=16,
+    learning_rate=3e-3, epochs=4, batch_size=16, seed=1,
+)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return make_digits_dataset(tmp_path_factory.mktemp("digits"), classes=5, train_per_class=8, test_per_class=6)
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    config = apply_overrides(Config(), TINY)
+    return config, train(config, *digits, verbose=0)
+
+
+@pytest.fixture(scope="module")
+def bundle(trained, tmp_path_factory):
+    config, result = trained
+    path = tmp_path_factory.mktemp("bundles") / "model"
+    SiameseRecognizer(result.embedding, build_gallery(result.embedding, result.train_folder), config).save(path)
+    return path
+
+
+def test_training_lowers_the_loss_and_raises_top1(digits, trained):
+    config, result = trained
+    train_dir, test_dir = digits
+    assert len(result.history["loss"]) == len(result.history["val_loss"]) == 4
+    assert result.history["loss"][-1] < result.history["loss"][0]
+    assert min(result.history["val_loss"]) < result.history["val_loss"][0]
+    assert len(result.triplets) == 5 * 28  # every pair of 8 images, per class
+
+    untrained = build_embedding_model(config.model)
+    folder = scan_folder(train_dir)
+    before = evaluate(SiameseRecognizer(untrained, build_gallery(untrained, folder), config), test_dir)["top1"]
+    after = evaluate(SiameseRecognizer(result.embedding, build_gallery(result.embedding, folder), config), test_dir)
+    assert after["top1"] > before
+    assert after["top1"] >= 0.9
+    assert after["top5"] >= after["top1"]
+    assert set(after["per_class_accuracy"]) == {f"digit {i}" for i in range(5)}
+
+
+def test_same_seed_same_results(digits, trained):
+    config, first = trained
+    second = train(config, *digits, verbose=0)
+    assert first.triplets.equals(second.triplets)
+    np.testing.assert_allclose(first.history["loss"], second.history["loss"], rtol=1e-3, atol=1e-4)
+
+
+def test_save_load_predict_round_trip(trained, bundle, digits):
+    config, result = trained
+    loaded = SiameseRecognizer.load(bundle)
+    assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "gallery.npz", "metadata.json", "model.keras"]
+    assert loaded.config == config and loaded.metadata["class_names"] == [f"digit {i}" for i in range(5)]
+    test_paths = scan_folder(digits[1]).paths
+    np.testing.assert_allclose(loaded.embed(test_paths), result.embedding.predict(
+        np.stack([siamese_core.decode_image(p, 32) for p in test_paths]).astype(np.float32), verbose=0), atol=1e-4)
+
+    gallery_image = result.train_folder.paths[9]  # second class, second image
+    match = loaded.predict_one(gallery_image)
+    assert match.label == "digit 1" and match.distance < 1e-3 and match.nearest_path == gallery_image
+    assert len(match.top_k) == 5
+    batch = loaded.predict(test_paths)
+    assert len(batch) == len(test_paths)
+
+
+def test_enrol_a_new_class_without_retraining(bundle, tmp_path):
+    new_train, new_test = make_digits_dataset(tmp_path, classes=8, train_per_class=8, test_per_class=6)
+    for digit in range(5):  # keep only digits 5-7 as the new classes
+        for split in (new_train, new_test):
+            for f in (split / f"digit {digit}").iterdir():
+                f.unlink()
+            (split / f"digit {digit}").rmdir()
+    recognizer = SiameseRecognizer.load(bundle)
+    weights_before = [w.copy() for w in recognizer.embedding.get_weights()]
+    recognizer.enroll(new_train)
+    assert recognizer.gallery.class_names[-3:] == ["digit 5", "digit 6", "digit 7"]
+    report = evaluate(recognizer, new_test)
+    assert report["top1"] > 1 / 8 * 2  # the new classes are recognised well above chance
+    assert all(np.array_equal(a, b) for a, b in zip(weights_before, recognizer.embedding.get_weights()))
+
+
+def test_load_rejects_what_is_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="no model bundle here"):
+        SiameseRecognizer.load(tmp_path / "missing")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "model.keras").write_bytes(b"")
+    with pytest.raises(BundleError, match="missing gallery.npz"):
+        SiameseRecognizer.load(tmp_path / "half")
+
+
+def test_seed_functions_train_save_and_predict_with_a_cached_gallery(digits, tmp_path, monkeypatch):
+    train_dir, test_dir = digits
+    monkeypatch.setenv("SIAMESE_CACHE_DIR", str(tmp_path / "cache"))
+    overrides = {k: v for k, v in TINY.items() if k != "epochs"}
+    history = siamese_core.generate_model(str(test_dir), str(train_dir), str(tmp_path / "seed"), 2, **overrides)
+    assert set(history) == {"loss", "val_loss"} and len(history["loss"]) == 2
+
+    image = scan_folder(train_dir).paths[0]
+    label, distance = siamese_core.test_prediction(image, str(tmp_path / "seed"), str(train_dir))
+    assert (label, isinstance(distance, float)) == ("digit 0", True) and distance < 1e-3
+    assert len(list((tmp_path / "cache").glob("gallery-*.npz"))) == 1
+
+    calls = []
+    monkeypatch.setattr("siamese_core.api.build_gallery", lambda *a, **k: calls.append(a))
+    assert siamese_core.test_prediction(image, str(tmp_path / "seed"), str(train_dir))[0] == "digit 0"
+    assert calls == []  # the second call used the cached gallery
