@@ -39,10 +39,24 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with the C++ start-up chatter (written before logging starts) hidden."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _run(action):
     """Run a command body; expected problems become a one-line error unless --debug."""
     from siamese_core.errors import USER_ERRORS
 
+    if not state["debug"]:
+        _import_tensorflow_quietly()
     try:
         return action()
     except USER_ERRORS as exc:

@@ -1,0 +1,89 @@
+"""The siamese command line, end to end on tiny digits."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from images import make_digits_dataset
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+
+runner = CliRunner()
+TINY = ["--set", "weights=null", "--set", "backbone=small_cnn", "--set", "input_size=32",
+        "--set", "head_units=[16]", "--set", "embedding_dim=8", "--set", "learning_rate=0.003"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    train_dir, test_dir = make_digits_dataset(root, classes=3)
+    bundle = root / "bundle"
+    result = runner.invoke(app, ["train", "--train", str(train_dir), "--test", str(test_dir), "--out", str(bundle),
+                                 "--epochs", "2", *TINY])
+    assert result.exit_code == 0, result.output
+    return train_dir, test_dir, bundle
+
+
+def test_train_writes_a_bundle(trained):
+    bundle = trained[2]
+    assert (bundle / "model.keras").is_file()
+    metadata = json.loads((bundle / "metadata.json").read_text())
+    assert len(metadata["history"]["loss"]) == 2 and metadata["backbone"] == "small_cnn"
+
+
+def test_predict_json_names_the_class_and_distance(trained):
+    train_dir, _, bundle = trained
+    image = sorted((train_dir / "digit 2").iterdir())[0]
+    result = runner.invoke(app, ["predict", str(image), "--model", str(bundle), "--json", "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    [answer] = json.loads(result.stdout)
+    assert answer["label"] == "digit 2" and answer["distance"] < 1e-3 and len(answer["top_k"]) == 2
+
+
+def test_predict_against_another_gallery(trained):
+    train_dir, test_dir, bundle = trained
+    image = sorted((test_dir / "digit 0").iterdir())[0]
+    result = runner.invoke(app, ["predict", str(image), "--model", str(bundle), "--gallery", str(test_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["distance"] < 1e-3  # the query is itself in that gallery
+
+
+def test_evaluate_reports_accuracy(trained):
+    _, test_dir, bundle = trained
+    result = runner.invoke(app, ["evaluate", "--model", str(bundle), "--test", str(test_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert 0 <= report["top1"] <= report["top5"] <= 1 and len(report["per_class_accuracy"]) == 3
+
+
+def test_enroll_adds_classes(trained, tmp_path):
+    _, test_dir, bundle = trained
+    new_dir, _ = make_digits_dataset(tmp_path, classes=5)
+    out = tmp_path / "bigger"
+    result = runner.invoke(app, ["enroll", str(new_dir), "--model", str(bundle), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "5 classes" in result.output
+    assert json.loads((out / "metadata.json").read_text())["class_names"][-2:] == ["digit 3", "digit 4"]
+
+
+def test_bad_input_is_one_line_and_nonzero(tmp_path, trained):
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "predict", str(tmp_path / "x.png"), "--model", str(tmp_path / "nope")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no model bundle here "
+                                                  "(expected a folder written by 'siamese train')"]
+    unknown = runner.invoke(app, ["train", "--train", "a", "--test", "b", "--out", "c", "--set", "epoch=3"])
+    assert unknown.exit_code == 1 and "unknown config key 'epoch'" in unknown.output
+    image = tmp_path / "broken.jpg"
+    image.write_text("not a jpeg")
+    unreadable = runner.invoke(app, ["predict", str(image), "--model", str(trained[2])])
+    assert unreadable.exit_code == 1 and f"{image}: not a readable image" in unreadable.output
+
+
+def test_help_does_not_import_tensorflow():
+    code = "import sys; from pipelines.cli import app; assert 'tensorflow' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
