@@ -1,0 +1,179 @@
+"""The MLflow run, registry and champion gate, against a real SQLite-backed MLflow per test."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from mlflow_fixtures import make_tiny_bundle, pipeline_params, use_sqlite_store
+
+from pipelines import tracking
+from pipelines.pyfunc_model import encode_image
+from siamese_core.errors import BundleError, ImageError
+
+TAGS = {"git_commit": "0123abc", "data_hash": "d41d8cd9"}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return make_tiny_bundle(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def store(monkeypatch, tmp_path):
+    use_sqlite_store(monkeypatch, tmp_path)
+    return tmp_path
+
+
+def _log(bundle, top1, params=None, artifacts=(), bundle_dir=None):
+    metrics = {
+        "top1": top1,
+        "top5": 1.0,
+        "per_class_accuracy": {"digit 0": top1},
+        "confusion_matrix": {"labels": ["a"], "matrix": [[1]]},
+    }
+    return tracking.log_and_register(
+        params or pipeline_params(), bundle_dir or bundle.path, metrics, bundle.history, list(artifacts), TAGS
+    )
+
+
+def _aliases(name="tiny-recognizer"):
+    return MlflowClient().get_registered_model(name).aliases
+
+
+def test_first_run_becomes_champion_and_logs_everything(bundle, store):
+    report = store / "metrics.json"
+    report.write_text("{}")
+    result = _log(bundle, 0.5, artifacts=[report])
+    assert result["version"] == "1" and result["decision"] == "champion"
+    assert result["value"] == 0.5 and result["previous_champion_value"] is None
+    assert _aliases() == {"champion": 1}
+
+    client = MlflowClient()
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.margin"] == "0.5" and run.data.params["train.epochs"] == "1"
+    assert run.data.metrics["top1"] == 0.5 and run.data.metrics["acc_class.digit 0"] == 0.5
+    assert "confusion_matrix" not in run.data.metrics
+    assert run.data.tags["git_commit"] == "0123abc" and run.data.tags["gate.decision"] == "champion"
+    losses = client.get_metric_history(result["run_id"], "loss")
+    assert [(m.step, m.value) for m in losses] == list(enumerate(bundle.history["loss"]))
+    assert len(client.get_metric_history(result["run_id"], "val_loss")) == len(bundle.history["val_loss"])
+    assert [a.path for a in client.list_artifacts(result["run_id"])] == ["metrics.json"]
+    assert run.info.artifact_uri.startswith((store / "mlartifacts").as_uri())
+    tags = client.get_model_version("tiny-recognizer", "1").tags
+    assert tags["gate.decision"] == "champion" and tags["gate.value"] == "0.5"
+
+
+def test_better_run_moves_champion(bundle, store):
+    _log(bundle, 0.5)
+    result = _log(bundle, 0.7)
+    assert (result["version"], result["decision"], result["previous_champion_value"]) == ("2", "champion", 0.5)
+    assert _aliases() == {"champion": 2}
+    assert MlflowClient().get_run(result["run_id"]).data.metrics["previous_champion.top1"] == 0.5
+
+
+def test_worse_run_becomes_challenger(bundle, store):
+    _log(bundle, 0.7)
+    result = _log(bundle, 0.6)
+    assert (result["version"], result["decision"], result["previous_champion_value"]) == ("2", "challenger", 0.7)
+    assert _aliases() == {"champion": 1, "challenger": 2}
+    tags = MlflowClient().get_model_version("tiny-recognizer", "2").tags
+    assert tags["gate.decision"] == "challenger" and tags["gate.previous_champion_value"] == "0.7"
+
+
+def test_equal_run_does_not_move_champion(bundle, store):
+    _log(bundle, 0.7)
+    assert _log(bundle, 0.7)["decision"] == "challenger"
+    assert _aliases() == {"champion": 1, "challenger": 2}
+
+
+def test_lower_is_better_metric(bundle, store):
+    params = pipeline_params(metric="top1", greater_is_better=False)
+    _log(bundle, 0.7, params)
+    assert _log(bundle, 0.6, params)["decision"] == "champion"
+    assert _log(bundle, 0.9, params)["decision"] == "challenger"
+
+
+@pytest.mark.parametrize("broken", ["missing bundle", "empty bundle", "missing artifact"])
+def test_failed_run_moves_no_alias(bundle, store, broken):
+    _log(bundle, 0.5)
+    (store / "empty bundle").mkdir()
+    broken_args = {
+        "missing bundle": {"bundle_dir": store / "no-bundle"},
+        "empty bundle": {"bundle_dir": store / "empty bundle"},
+        "missing artifact": {"artifacts": [store / "no-such-file.json"]},
+    }[broken]
+    with pytest.raises((FileNotFoundError, BundleError)):
+        _log(bundle, 0.9, **broken_args)
+    assert _aliases() == {"champion": 1}
+    assert [str(v.version) for v in MlflowClient().search_model_versions("name='tiny-recognizer'")] == ["1"]
+    failed = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.status = 'FAILED'")
+    assert len(failed) == 1 and mlflow.active_run() is None
+
+
+def test_missing_gate_metric_is_refused_before_logging(bundle, store):
+    with pytest.raises(ValueError, match="register.metric 'recall'"):
+        _log(bundle, 0.5, pipeline_params(metric="recall"))
+
+
+def test_metric_values_flatten_numeric_dicts_and_skip_the_rest():
+    values = tracking.metric_values(
+        {
+            "top1": 0.5,
+            "n_queries": 9,
+            "flag": True,
+            "per_class_accuracy": {"digit 0": 1.0, "a/b": 0.5, "..": 0.1, "猫": 0.0},
+            "confusion_matrix": {"labels": ["a"], "matrix": [[1]]},
+        }
+    )
+    assert values == {"top1": 0.5, "n_queries": 9.0, "acc_class.digit 0": 1.0, "acc_class...": 0.1, "acc_class.猫": 0.0}
+
+
+def test_load_champion_recognises_a_gallery_image(bundle, store):
+    _log(bundle, 0.5)
+    model = tracking.load_champion("tiny-recognizer")
+    label = "digit 1"
+    image = bundle.gallery_images[label][0]
+    out = model.predict(pd.DataFrame({"image": [encode_image(image), encode_image(Path(image).read_bytes())]}))
+    assert list(out.columns) == ["label", "distance", "top_k"]
+    assert out["label"].tolist() == [label, label]
+    assert out["distance"].max() < 1e-4
+    top_k = json.loads(out["top_k"][0])
+    assert top_k[0]["label"] == label and {"label", "distance"} == set(top_k[0])
+    assert model.unwrap_python_model().predict(None, [encode_image(image)])["label"].tolist() == [label]
+
+
+def test_champion_rejects_paths_and_non_images(bundle, store):
+    _log(bundle, 0.5)
+    model = tracking.load_champion("tiny-recognizer")
+    good = encode_image(bundle.gallery_images["digit 0"][0])
+    with pytest.raises(ImageError, match="row 1: 'image' is not valid base64"):
+        model.predict(pd.DataFrame({"image": [good, "/etc/passwd"]}))
+    with pytest.raises(ImageError, match="row 0: 'image' does not hold a readable image"):
+        model.predict(pd.DataFrame({"image": [encode_image(b"just some text")]}))
+
+
+def test_load_champion_without_champion_raises_lookup_error(store):
+    with pytest.raises(LookupError, match="'no-such-model'.*run the training pipeline"):
+        tracking.load_champion("no-such-model")
+    MlflowClient().create_registered_model("empty-model")
+    with pytest.raises(LookupError, match="'empty-model'"):
+        tracking.load_champion("empty-model")
+    assert tracking.champion_uri("m") == "models:/m@champion"
+
+
+def test_default_store_is_sqlite_next_to_the_working_directory(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    try:
+        experiment_id = tracking.ensure_experiment("default-store")
+        assert tracking.ensure_experiment("default-store") == experiment_id
+        location = MlflowClient(tracking.tracking_uri()).get_experiment(experiment_id).artifact_location
+        assert location == (tmp_path.resolve() / "mlartifacts").as_uri()
+        assert (tmp_path / "mlflow.db").is_file()
+    finally:
+        mlflow.set_tracking_uri(None)
