@@ -1,0 +1,239 @@
+"""Dataset validation: every problem of a train/test folder pair, named by path.
+
+Errors make a dataset unusable (the pipeline stops); warnings are reported and
+training goes on. Images are opened with Pillow and fully decoded, except those
+whose header already exceeds the decompression-bomb limit: those are refused
+without decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import statistics
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from .data import ImageFolder, scan_folder
+from .errors import DatasetError
+
+
+@dataclass
+class Finding:
+    """One problem: its level, a stable code, a message and the paths it concerns."""
+
+    level: str  # "error" or "warning"
+    code: str
+    message: str
+    paths: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ImageInfo:
+    """What one image file turned out to be."""
+
+    path: str
+    size: tuple[int, int] | None = None
+    format: str | None = None
+    mode: str | None = None
+    sha256: str | None = None
+    problem: str | None = None
+
+
+@dataclass
+class ValidationReport:
+    """Findings and a summary of a dataset; ``ok`` when there is no error."""
+
+    train_dir: str
+    test_dir: str
+    findings: list[Finding] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return {"ok": self.ok, "train_dir": self.train_dir, "test_dir": self.test_dir,
+                "summary": self.summary, "findings": [asdict(f) for f in self.findings]}
+
+    def text(self, max_paths: int = 5) -> str:
+        """A readable summary: counts, then each finding with up to ``max_paths`` paths."""
+        lines = [f"dataset {self.train_dir} / {self.test_dir}: "
+                 f"{'OK' if self.ok else 'FAILED'} ({len(self.errors)} errors, {len(self.warnings)} warnings)"]
+        for split, info in self.summary.get("splits", {}).items():
+            per_class = info["images_per_class"]
+            lines.append(
+                f"  {split}: {info['classes']} classes, {info['images']} images "
+                f"(per class min {per_class['min']} / median {per_class['median']} / max {per_class['max']}); "
+                f"sizes {info['width']['min']}-{info['width']['max']} x {info['height']['min']}-{info['height']['max']} px; "
+                f"formats {info['formats']}; modes {info['modes']}"
+            )
+        for finding in self.findings:
+            lines.append(f"  {finding.level.upper()} [{finding.code}] {finding.message}")
+            lines.extend(f"      {p}" for p in finding.paths[:max_paths])
+            if len(finding.paths) > max_paths:
+                lines.append(f"      ... and {len(finding.paths) - max_paths} more")
+        return "\n".join(lines)
+
+
+def inspect_image(path: str, max_pixels: int) -> ImageInfo:
+    """Open and fully decode one image; refuse one whose header exceeds ``max_pixels``."""
+    info = ImageInfo(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        info.problem = f"unreadable file ({exc.strerror or exc})"
+        return info
+    if not data:
+        info.problem = "empty file (0 bytes)"
+        return info
+    info.sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        with Image.open(path) as image:
+            info.size, info.format, info.mode = image.size, image.format, image.mode
+            if image.size[0] * image.size[1] > max_pixels:
+                info.problem = (f"refused: {image.size[0]}x{image.size[1]} pixels exceeds the "
+                                f"decompression-bomb limit of {max_pixels}")
+                return info
+            image.load()
+    except Image.DecompressionBombError as exc:
+        info.problem = f"refused: {exc}"
+    except (OSError, SyntaxError, ValueError) as exc:
+        info.problem = f"not a readable image ({exc})"
+    return info
+
+
+def _stats(values: list[int]) -> dict:
+    if not values:
+        return {"min": 0, "median": 0, "max": 0}
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def _split_summary(folder: ImageFolder, infos: dict[str, ImageInfo]) -> dict:
+    good = [infos[p] for p in folder.paths if infos[p].problem is None]
+    return {
+        "classes": len(folder.class_names),
+        "images": len(folder.paths),
+        "images_per_class": _stats(list(Counter(folder.labels.tolist()).values())),
+        "width": _stats([i.size[0] for i in good]),
+        "height": _stats([i.size[1] for i in good]),
+        "formats": dict(Counter(i.format for i in good)),
+        "modes": dict(Counter(i.mode for i in good)),
+    }
+
+
+def validate_dataset(
+    train_dir: str | os.PathLike,
+    test_dir: str | os.PathLike,
+    open_set: bool = False,
+    strict: bool = False,
+    imbalance_ratio: float = 10.0,
+    min_side: int = 16,
+    max_pixels: int = 89_478_485,
+) -> ValidationReport:
+    """Check a train/test folder pair and return every finding with a summary.
+
+    ``open_set`` allows test classes that are not in train; ``strict`` turns
+    train/test leakage into an error. ``max_pixels`` defaults to Pillow's limit.
+    """
+    report = ValidationReport(str(train_dir), str(test_dir))
+    add = report.findings.append
+    folders: dict[str, ImageFolder] = {}
+    for split, root in (("train", train_dir), ("test", test_dir)):
+        try:
+            folders[split] = scan_folder(root)
+        except DatasetError as exc:
+            add(Finding("error", "folder", str(exc), [str(root)]))
+        except OSError as exc:
+            add(Finding("error", "folder", f"{root}: unreadable folder ({exc.strerror or exc})", [str(root)]))
+    for split, folder in folders.items():
+        outside = [p for p, why in folder.skipped if why.startswith("link")]
+        not_images = [p for p, why in folder.skipped if not why.startswith("link")]
+        if not_images:
+            add(Finding("warning", "not_image", f"{split}: {len(not_images)} files are not images and were skipped", not_images))
+        if outside:
+            add(Finding("warning", "outside_link", f"{split}: {len(outside)} links point outside the data folder and were not followed", outside))
+    all_paths = [p for folder in folders.values() for p in folder.paths]
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        infos = {i.path: i for i in pool.map(lambda p: inspect_image(p, max_pixels), all_paths)}
+
+    by_problem: dict[str, list[str]] = defaultdict(list)
+    for info in infos.values():
+        if info.problem:
+            kind = "refused" if info.problem.startswith("refused") else "empty" if info.problem.startswith("empty") else "corrupt"
+            by_problem[kind].append(f"{info.path}: {info.problem}")
+    messages = {"corrupt": "corrupt, truncated or unreadable images", "empty": "zero-byte files",
+                "refused": "images over the decompression-bomb limit (not decoded)"}
+    for kind, entries in by_problem.items():
+        add(Finding("error", kind, f"{len(entries)} {messages[kind]}; fix or remove them", sorted(entries)))
+
+    if all_paths and all(infos[p].problem for p in all_paths):
+        add(Finding("error", "no_images", "no readable image at all"))
+
+    train, test = folders.get("train"), folders.get("test")
+    if train is not None:
+        counts = Counter(train.label_names)
+        usable = {name: sum(1 for p, l in zip(train.paths, train.label_names) if l == name and not infos[p].problem)
+                  for name in train.class_names}
+        single = sorted(name for name, n in usable.items() if n < 2)
+        if single:
+            add(Finding("error", "small_class", f"train: {len(single)} classes have fewer than 2 readable images "
+                        f"(no anchor-positive pair): {', '.join(single[:10])}",
+                        [str(Path(train.root) / n) for n in single]))
+        if len(train.class_names) < 2:
+            add(Finding("error", "few_classes", "train: triplets need at least 2 classes"))
+        if counts and max(counts.values()) > imbalance_ratio * max(1, min(counts.values())):
+            add(Finding("warning", "imbalance", f"train: class sizes range from {min(counts.values())} to "
+                        f"{max(counts.values())} images (more than {imbalance_ratio:g}x)"))
+        _duplicates(train, infos, add)
+    if test is not None:
+        _duplicates(test, infos, add)
+    if train is not None and test is not None:
+        unknown = sorted(set(test.class_names) - set(train.class_names))
+        if unknown and not open_set:
+            add(Finding("error", "unknown_test_class", f"test: {len(unknown)} classes are not in train and cannot be "
+                        f"predicted: {', '.join(unknown[:10])} (enable open-set evaluation to allow this)",
+                        [str(Path(test.root) / n) for n in unknown]))
+        untested = sorted(set(train.class_names) - set(test.class_names))
+        if untested:
+            add(Finding("warning", "untested_class", f"{len(untested)} train classes have no test images: "
+                        f"{', '.join(untested[:10])}"))
+        train_hashes = {infos[p].sha256: p for p in train.paths if infos[p].sha256}
+        leaked = [f"{p} = {train_hashes[infos[p].sha256]}" for p in test.paths if infos[p].sha256 in train_hashes]
+        if leaked:
+            add(Finding("error" if strict else "warning", "leakage",
+                        f"{len(leaked)} test images are also in train (leakage)", leaked))
+    tiny = sorted(i.path for i in infos.values() if i.size and min(i.size) < min_side)
+    if tiny:
+        add(Finding("warning", "tiny", f"{len(tiny)} images are smaller than {min_side} px on a side", tiny))
+    report.summary = {"splits": {split: _split_summary(folder, infos) for split, folder in folders.items()}}
+    return report
+
+
+def _duplicates(folder: ImageFolder, infos: dict[str, ImageInfo], add) -> None:
+    seen: dict[tuple[str, int], str] = {}
+    dupes = []
+    for path, label in zip(folder.paths, folder.labels.tolist()):
+        digest = infos[path].sha256
+        if digest is None:
+            continue
+        if (digest, label) in seen:
+            dupes.append(f"{path} = {seen[(digest, label)]}")
+        else:
+            seen[(digest, label)] = path
+    if dupes:
+        add(Finding("warning", "duplicate", f"{folder.root}: {len(dupes)} exact duplicate images inside a class", dupes))
