@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import tempfile
 import posixpath
 import re
 from pathlib import Path
 
 import mlflow
+from filelock import FileLock
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -102,6 +105,46 @@ def _champion_value(client: MlflowClient, model_name: str, metric: str) -> tuple
     return str(champion), value
 
 
+def _gate_lock() -> FileLock:
+    """A lock that serialises champion decisions of runs sharing one tracking store on this machine."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///") :]).with_suffix(".gate.lock")
+    else:
+        path = Path(tempfile.gettempdir()) / f"siamese-gate-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
+    return FileLock(path, timeout=600)
+
+
+def apply_gate(
+    client: MlflowClient, model_name: str, version: str, metric: str, value: float, greater_is_better: bool
+) -> tuple[str, float | None]:
+    """Give ``version`` the champion alias if ``value`` strictly beats the champion's, else challenger.
+
+    The read-compare-move runs under a lock, so two runs finishing at once cannot
+    both compare against the same old champion and leave the worse one in place.
+    The decision and both figures are logged on the active run and the version.
+    Returns ``(decision, previous champion value)``.
+    """
+    with _gate_lock():
+        previous_version, previous = _champion_value(client, model_name, metric)
+        wins = previous is None or (value > previous if greater_is_better else value < previous)
+        decision = CHAMPION if wins else CHALLENGER
+        gate = {
+            "gate.decision": decision,
+            "gate.metric": metric,
+            "gate.value": str(value),
+            "gate.previous_champion_version": str(previous_version),
+            "gate.previous_champion_value": str(previous),
+        }
+        mlflow.set_tags(gate)
+        if previous is not None:
+            mlflow.log_metric(f"previous_champion.{metric}", previous)
+        for key, tag in gate.items():
+            client.set_model_version_tag(model_name, version, key, tag)
+        client.set_registered_model_alias(model_name, decision, version)
+    return decision, previous
+
+
 def log_and_register(
     params: PipelineParams,
     bundle_dir: str | os.PathLike,
@@ -163,22 +206,9 @@ def log_and_register(
         mlflow.pyfunc.load_model(info.model_uri).predict(input_example())
         version = mlflow.register_model(info.model_uri, register.model_name).version
 
-        previous_version, previous = _champion_value(client, register.model_name, register.metric)
-        wins = previous is None or (value > previous if register.greater_is_better else value < previous)
-        decision = CHAMPION if wins else CHALLENGER
-        gate = {
-            "gate.decision": decision,
-            "gate.metric": register.metric,
-            "gate.value": str(value),
-            "gate.previous_champion_version": str(previous_version),
-            "gate.previous_champion_value": str(previous),
-        }
-        mlflow.set_tags(gate)
-        if previous is not None:
-            mlflow.log_metric(f"previous_champion.{register.metric}", previous)
-        for key, tag in gate.items():
-            client.set_model_version_tag(register.model_name, version, key, tag)
-        client.set_registered_model_alias(register.model_name, decision, version)
+        decision, previous = apply_gate(
+            client, register.model_name, str(version), register.metric, value, register.greater_is_better
+        )
     return {
         "run_id": run_id,
         "model_name": register.model_name,

@@ -177,3 +177,35 @@ def test_default_store_is_sqlite_next_to_the_working_directory(monkeypatch, tmp_
         assert (tmp_path / "mlflow.db").is_file()
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_concurrent_gates_leave_the_best_version_champion(store):
+    """Two runs deciding at the same moment: whatever the order, the better one ends as champion."""
+    import threading
+
+    client = MlflowClient()
+    experiment = tracking.ensure_experiment("race")
+    client.create_registered_model("race")
+    versions = {}
+    for value in (0.7, 0.8, 0.95):  # 0.7 is the champion; 0.8 and 0.95 both beat it and finish together
+        run = client.create_run(experiment)
+        client.log_metric(run.info.run_id, "top1", value)
+        client.set_terminated(run.info.run_id)
+        versions[value] = client.create_model_version("race", f"runs:/{run.info.run_id}/model", run.info.run_id).version
+    tracking.apply_gate(client, "race", versions[0.7], "top1", 0.7, True)
+
+    barrier = threading.Barrier(2)
+    decisions = {}
+
+    def finish(value):
+        barrier.wait()
+        with mlflow.start_run(experiment_id=experiment):
+            decisions[value] = tracking.apply_gate(client, "race", versions[value], "top1", value, True)[0]
+
+    threads = [threading.Thread(target=finish, args=(v,)) for v in (0.8, 0.95)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert decisions[0.95] == "champion"  # 0.8 is champion only if it decided first, then replaced
+    assert client.get_registered_model("race").aliases["champion"] == int(versions[0.95])
