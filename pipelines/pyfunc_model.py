@@ -26,6 +26,9 @@ SIGNATURE = ModelSignature(
     outputs=Schema([ColSpec("string", "label"), ColSpec("double", "distance"), ColSpec("string", "top_k")]),
 )
 
+# Largest accepted image, in bytes after base64 decoding ($SIAMESE_MAX_IMAGE_BYTES overrides it).
+DEFAULT_MAX_IMAGE_BYTES = 10 * 1024 * 1024
+
 # What the model needs at serving time; pinned to the versions installed when it is logged.
 RUNTIME_PACKAGES = ("mlflow", "tensorflow-cpu", "keras", "numpy", "pillow", "pandas", "pydantic", "pyyaml")
 
@@ -73,10 +76,13 @@ def decode_base64_images(model_input) -> list[bytes]:
         raise ImageError(
             f"expected a DataFrame with an 'image' column or a list of base64 strings, got {type(model_input).__name__}"
         )
+    limit = int(os.environ.get("SIAMESE_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES))
     images = []
     for row, value in enumerate(values):
         if not isinstance(value, str):
             raise ImageError(f"row {row}: 'image' must be a base64 string, got {type(value).__name__}")
+        if len(value) * 3 // 4 > limit:
+            raise ImageError(f"row {row}: image of about {len(value) * 3 // 4} bytes is over the {limit}-byte limit")
         try:
             images.append(base64.b64decode("".join(value.split()), validate=True))
         except (binascii.Error, ValueError):

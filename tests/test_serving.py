@@ -18,6 +18,7 @@ from pipelines.pyfunc_model import encode_image
 
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 120
+MAX_IMAGE_BYTES = 50_000
 
 
 def _free_port() -> int:
@@ -65,9 +66,15 @@ def _stop(process: subprocess.Popen) -> None:
             continue
 
 
-@pytest.fixture
-def server(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
     """Register a tiny champion in a fresh store and serve it; yields (base URL, gallery images)."""
+    tmp_path = tmp_path_factory.mktemp("serve")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield from _serve(tmp_path, monkeypatch)
+
+
+def _serve(tmp_path, monkeypatch):
     uri = use_sqlite_store(monkeypatch, tmp_path)
     bundle = make_tiny_bundle(tmp_path)
     metrics = {"top1": 1.0}
@@ -78,7 +85,8 @@ def server(tmp_path, monkeypatch):
                "--env-manager", "local", "-h", HOST, "-p", str(port)]  # fmt: skip
     # The CLI starts `uvicorn` by name: the interpreter's bin folder must be on PATH.
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": uri, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": uri, "TF_CPP_MIN_LOG_LEVEL": "3",
+           "SIAMESE_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES)}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -106,5 +114,20 @@ def test_served_champion_recognises_images_and_refuses_paths(server):
     assert body["predictions"][1]["label"] == "digit 0"
 
     status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": [["/etc/passwd"]]}})
-    assert 400 <= status < 600
+    assert 400 <= status < 500
     assert "predictions" not in body and "not valid base64" in json.dumps(body)
+
+
+def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server):
+    base, gallery = server
+    oversized = encode_image(os.urandom(MAX_IMAGE_BYTES + 1000))
+    for payload, message in (
+        ({"dataframe_split": {"columns": ["image"], "data": [[oversized]]}}, "byte limit"),
+        ({"dataframe_split": {"columns": ["image"], "data": [[encode_image(b"plain text")]]}}, "readable image"),
+        ({"dataframe_split": {"columns": ["picture"], "data": [["x"]]}}, "image"),
+    ):
+        status, body = _post(f"{base}/invocations", payload)
+        assert 400 <= status < 500, body
+        assert message in json.dumps(body)
+    status, body = _post(f"{base}/invocations", {"dataframe_records": [{"image": encode_image(gallery["digit 1"][0])}]})
+    assert status == 200 and body["predictions"][0]["label"] == "digit 1"
