@@ -15,6 +15,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import typer
 
+from pipelines.signals import terminate_as_interrupt
+
 app = typer.Typer(
     help="Siamese triplet-loss image recogniser: train on class folders, recognise new images "
     "by their nearest gallery class.",
@@ -55,6 +57,7 @@ def _run(action):
     """Run a command body; expected problems become a one-line error unless --debug."""
     from siamese_core.errors import USER_ERRORS
 
+    terminate_as_interrupt()
     if not state["debug"]:
         _import_tensorflow_quietly()
     try:
@@ -64,7 +67,7 @@ def _run(action):
             raise
         _fail(str(exc))
     except KeyboardInterrupt:
-        _fail("interrupted; nothing was written", 130)
+        _fail("interrupted; existing outputs are untouched", 130)
 
 
 def _config(params: Path | None, overrides: list[str] | None, base=None):
@@ -100,21 +103,29 @@ def train(
     out: Annotated[Path, typer.Option("--out", help="Bundle folder to write (replaced atomically).")],
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Training epochs.")] = None,
     params: Annotated[Path | None, typer.Option("--params", help="A params.yaml to start from.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last epoch.")] = False,
     set_: SetOption = None,
 ) -> None:
-    """Train a Siamese network and save a bundle (model, gallery of the training images, config)."""
+    """Train a Siamese network and save a bundle (model, gallery of the training images, config).
+
+    Each epoch is checkpointed beside the bundle (.<out>.checkpoint) until the bundle is written.
+    """
 
     def body():
+        import shutil
+
         from siamese_core.recognizer import SiameseRecognizer, build_gallery
         from siamese_core.train import train as run_training
 
         extra = [*(set_ or []), *([f"train.epochs={epochs}"] if epochs else [])]
         config = _config(params, extra)
-        result = run_training(config, train_dir, test_dir)
+        checkpoint = out.parent / f".{out.name}.checkpoint"
+        result = run_training(config, train_dir, test_dir, checkpoint_dir=checkpoint, resume=resume)
         gallery = build_gallery(result.embedding, result.train_folder, config.evaluate.embed_batch_size, progress=True)
         SiameseRecognizer(result.embedding, gallery, config).save(
             out, {"history": result.history, "best_epoch": result.best_epoch}
         )
+        shutil.rmtree(checkpoint, ignore_errors=True)
         last = {k: round(v[-1], 4) for k, v in result.history.items()}
         typer.echo(f"saved {out} (best epoch {result.best_epoch}, last epoch {last})")
 

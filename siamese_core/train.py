@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -13,6 +16,7 @@ import tensorflow as tf
 from .config import Config, TrainConfig
 from .data import ImageFolder, scan_folder
 from .embed import decode_all, embed_images
+from .io import atomic_dir
 from .model import SiameseModel, build_embedding_model
 from .triplets import generate_triplets
 
@@ -49,6 +53,43 @@ class KeepBestWeights(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.best_weights is not None:
             self.embedding.set_weights(self.best_weights)
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After every epoch, save what ``--resume`` needs to carry on: weights with the
+    optimizer state, the history so far and the best epoch's weights (atomically)."""
+
+    STATE, WEIGHTS, BEST = "state.json", "siamese.weights.h5", "best.npz"
+
+    def __init__(self, directory: Path, keep_best: KeepBestWeights, history: dict[str, list[float]]):
+        super().__init__()
+        self.directory, self.keep_best, self.history = Path(directory), keep_best, history
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(float(value))
+        with atomic_dir(self.directory) as tmp:
+            self.model.save_weights(tmp / self.WEIGHTS)
+            if self.keep_best.best_weights is not None:
+                np.savez(tmp / self.BEST, *self.keep_best.best_weights)
+            state = {"epoch": epoch + 1, "history": self.history, "best": self.keep_best.best,
+                     "best_epoch": self.keep_best.best_epoch}
+            (tmp / self.STATE).write_text(json.dumps(state), encoding="utf-8")
+
+    @classmethod
+    def restore(cls, directory: Path, model: keras.Model, keep_best: KeepBestWeights) -> tuple[int, dict]:
+        """Load a checkpoint into a compiled model; returns (epochs done, history so far)."""
+        state_file = Path(directory) / cls.STATE
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{directory}: no checkpoint to resume from (train without --resume)")
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        model.optimizer.build(model.embedding.trainable_variables)
+        model.load_weights(Path(directory) / cls.WEIGHTS)
+        if (Path(directory) / cls.BEST).is_file():
+            with np.load(Path(directory) / cls.BEST) as best:
+                keep_best.best_weights = [best[f"arr_{i}"] for i in range(len(best.files))]
+        keep_best.best, keep_best.best_epoch = state["best"], state["best_epoch"]
+        return state["epoch"], state["history"]
 
 
 def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
@@ -113,11 +154,15 @@ def train(
     triplets: pd.DataFrame | None = None,
     callbacks: list[keras.callbacks.Callback] | None = None,
     verbose: int | str = "auto",
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Train an embedding model with triplet loss; returns it with its loss history.
 
     Validation triplets (random, seeded) come from ``test_dir`` when it has a class
     with two images. The weights of the epoch with the lowest validation loss are kept.
+    With ``checkpoint_dir`` every epoch is checkpointed there, and ``resume`` carries
+    on from the last checkpoint (same config and data give the same triplets).
     """
     keras.utils.set_random_seed(config.train.seed)
     folder = scan_folder(train_dir)
@@ -144,14 +189,22 @@ def train(
     model = SiameseModel(embedding, margin=config.model.margin)
     model.compile(optimizer=make_optimizer(config.train))
     keep_best = KeepBestWeights(embedding, "val_loss" if validation is not None else "loss")
+    done, history = 0, {}
+    if resume and checkpoint_dir is not None:
+        model(tuple(np.zeros((1, size, size, 3), np.float32) for _ in range(3)))  # build before loading
+        done, history = EpochCheckpoint.restore(Path(checkpoint_dir), model, keep_best)
+        log.info("resuming from epoch %d of %d", done, config.train.epochs)
+    extra = [EpochCheckpoint(Path(checkpoint_dir), keep_best, history)] if checkpoint_dir is not None else []
     fitted = model.fit(
         train_data,
         validation_data=validation,
         epochs=config.train.epochs,
-        callbacks=[keep_best, *(callbacks or [])],
+        initial_epoch=done,
+        callbacks=[keep_best, *extra, *(callbacks or [])],
         verbose=verbose,
         shuffle=False,  # the tf.data pipeline shuffles, seeded
     )
-    history = {key: [float(v) for v in values] for key, values in fitted.history.items()}
+    if not extra:
+        history = {key: [float(v) for v in values] for key, values in fitted.history.items()}
     return TrainResult(embedding, history, triplets, keep_best.best_epoch, folder)
 

@@ -87,3 +87,44 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, trained):
 def test_help_does_not_import_tensorflow():
     code = "import sys; from pipelines.cli import app; assert 'tensorflow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_sigterm_leaves_the_old_bundle_and_resume_finishes(trained, tmp_path):
+    import os
+    import shutil
+    import signal
+    import time
+
+    train_dir, test_dir, bundle = trained
+    out = tmp_path / "bundle"
+    shutil.copytree(bundle, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    command = [sys.executable, "-m", "pipelines.cli", "train", "--train", str(train_dir), "--test", str(test_dir),
+               "--out", str(out), "--epochs", "200", *TINY]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / ".bundle.checkpoint" / "state.json"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted" in stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous bundle is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".bundle.checkpoint", "bundle"]  # no half-written files
+    done = json.loads(checkpoint.read_text())["epoch"]
+    assert 1 <= done < 200
+
+    result = runner.invoke(app, ["train", "--train", str(train_dir), "--test", str(test_dir), "--out", str(out),
+                                 "--epochs", str(done + 1), "--resume", *TINY])
+    assert result.exit_code == 0, result.output
+    history = json.loads((out / "metadata.json").read_text())["history"]
+    assert len(history["loss"]) == done + 1  # earlier epochs kept, one more trained
+    assert not (tmp_path / ".bundle.checkpoint").exists()
+    assert os.listdir(tmp_path) == ["bundle"]
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(trained, tmp_path):
+    train_dir, test_dir, _ = trained
+    result = runner.invoke(app, ["train", "--train", str(train_dir), "--test", str(test_dir),
+                                 "--out", str(tmp_path / "b"), "--resume", *TINY])
+    assert result.exit_code == 1 and "no checkpoint to resume from" in result.output
