@@ -53,16 +53,25 @@ def _import_tensorflow_quietly() -> None:
         os.close(saved)
 
 
+def _bundle_path(model: str) -> Path:
+    """A local bundle folder, downloading it from the MLflow registry for a ``models:/`` URI."""
+    if not model.startswith("models:/"):
+        return Path(model)
+    from pipelines.tracking import download_bundle
+
+    return download_bundle(model)
+
+
 def _run(action):
     """Run a command body; expected problems become a one-line error unless --debug."""
-    from siamese_core.errors import USER_ERRORS
+    from pipelines.errors import PIPELINE_USER_ERRORS
 
     terminate_as_interrupt()
     if not state["debug"]:
         _import_tensorflow_quietly()
     try:
         return action()
-    except USER_ERRORS as exc:
+    except PIPELINE_USER_ERRORS as exc:
         if state["debug"]:
             raise
         _fail(str(exc))
@@ -135,7 +144,8 @@ def train(
 @app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files to recognise.")],
-    model: Annotated[Path, typer.Option("--model", help="Bundle folder written by 'siamese train'.")],
+    model: Annotated[str, typer.Option(
+        "--model", help="Bundle folder written by 'siamese train', or a registry URI such as models:/NAME@champion.")],
     gallery: Annotated[Path | None, typer.Option("--gallery", help="Use this class folder as the gallery.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Number of nearest classes to list.")] = 5,
     as_json: JsonOption = False,
@@ -145,7 +155,7 @@ def predict(
     def body():
         from siamese_core.recognizer import SiameseRecognizer
 
-        recognizer = SiameseRecognizer.load(model)
+        recognizer = SiameseRecognizer.load(_bundle_path(model))
         if gallery is not None:
             recognizer = recognizer.with_gallery(gallery, progress=True)
         matches = recognizer.predict([str(p) for p in images], top_k=top_k)

@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
+from .errors import NoChampionError
 from .params import PipelineParams
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -225,19 +226,32 @@ def champion_uri(model_name: str) -> str:
     return f"models:/{model_name}@{CHAMPION}"
 
 
-def load_champion(model_name: str):
-    """The champion version of ``model_name`` as a pyfunc model.
-
-    Raises LookupError when there is no such registered model or it has no champion yet.
-    """
-    client = _client()
+def _resolve_alias(model_name: str, alias: str = CHAMPION):
+    """The model version behind ``alias``, or NoChampionError with what to do."""
     try:
-        client.get_model_version_by_alias(model_name, CHAMPION)
+        return _client().get_model_version_by_alias(model_name, alias)
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
-        raise LookupError(
-            f"no '{CHAMPION}' version of registered model '{model_name}' in {tracking_uri()}; "
+        raise NoChampionError(
+            f"no '{alias}' version of registered model '{model_name}' in {tracking_uri()}; "
             "run the training pipeline first to register one"
         ) from None
+
+
+def load_champion(model_name: str):
+    """The champion version of ``model_name`` as a pyfunc model.
+
+    Raises NoChampionError when there is no such registered model or it has no champion yet.
+    """
+    _resolve_alias(model_name)
     return mlflow.pyfunc.load_model(champion_uri(model_name))
+
+
+def download_bundle(model_uri: str) -> Path:
+    """The model bundle folder of a registered model, e.g. ``models:/name@champion``, downloaded locally."""
+    name, _, alias = model_uri.removeprefix("models:/").partition("@")
+    if alias:
+        _resolve_alias(name, alias)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri()))
+    return local / "artifacts" / "bundle"

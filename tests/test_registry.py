@@ -209,3 +209,18 @@ def test_concurrent_gates_leave_the_best_version_champion(store):
         t.join()
     assert decisions[0.95] == "champion"  # 0.8 is champion only if it decided first, then replaced
     assert client.get_registered_model("race").aliases["champion"] == int(versions[0.95])
+
+
+def test_cli_predicts_with_the_registered_champion(bundle, store):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    runner = CliRunner()
+    image = bundle.gallery_images["digit 1"][0]
+    missing = runner.invoke(app, ["predict", str(image), "--model", "models:/tiny-recognizer@champion"])
+    assert missing.exit_code == 1 and "no 'champion' version of registered model 'tiny-recognizer'" in missing.output
+    _log(bundle, 0.5)
+    result = runner.invoke(app, ["predict", str(image), "--model", "models:/tiny-recognizer@champion", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["label"] == "digit 1"

@@ -1,0 +1,12 @@
+"""Errors of the pipeline layer that a user can fix; the CLI and stages report them in one line."""
+
+from __future__ import annotations
+
+from siamese_core.errors import USER_ERRORS
+
+
+class NoChampionError(LookupError):
+    """The registry has no such model, or the model has no champion yet."""
+
+
+PIPELINE_USER_ERRORS = (*USER_ERRORS, NoChampionError)
