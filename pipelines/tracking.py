@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 import posixpath
 import re
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -163,7 +163,12 @@ def log_and_register(
     version tags; the alias moves last. If anything fails before that decision,
     the run is marked FAILED and no alias moves.
     """
-    from .pyfunc_model import SIGNATURE, SiameseBundleModel, input_example, pip_requirements
+    from .pyfunc_model import (
+        SIGNATURE,
+        SiameseBundleModel,
+        input_example,
+        pip_requirements,
+    )
 
     register = params.register
     figures = metric_values(metrics)
