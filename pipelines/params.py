@@ -18,10 +18,17 @@ class DataConfig(Section):
 
     train_dir: str = "data/digits/train"
     test_dir: str = "data/digits/test"
-    prepare_source: str = Field("digits", description="Embedded dataset written by the prepare stage.")
+    prepare_source: str = Field(
+        "digits",
+        description="What the prepare stage writes: 'digits' (scikit-learn's, bundled), "
+        "or 'none' to keep the data already in train_dir/test_dir.",
+    )
     prepare_test_fraction: float = Field(0.3, gt=0, lt=1)
     prepare_image_size: int = Field(32, ge=8)
     prepare_seed: int = 0
+    prepare_per_class: int | None = Field(
+        None, ge=2, description="Cap on images per class written by prepare (quick runs); null keeps all."
+    )
 
 
 class RegisterConfig(Section):

@@ -1,0 +1,361 @@
+"""The pipeline stages: one implementation, run by ``dvc repro`` and by the Prefect flows.
+
+Each stage reads only what dvc.yaml declares for it (the ``STAGES`` table says the
+same) and writes its outputs atomically, at fixed paths relative to the project
+root, the current directory. Run one stage with
+``python -m pipelines.stages <stage> [--params params.yaml] [--set key=value ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from siamese_core.config import parse_set_options
+from siamese_core.errors import ConfigError, DatasetError, ImageError
+from siamese_core.io import atomic_dir, atomic_path
+
+from .errors import PIPELINE_USER_ERRORS
+from .params import PipelineParams, load_params
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is imported later, by the stages that need it
+
+ARTIFACTS = Path("artifacts")
+VALIDATION = ARTIFACTS / "validation.json"
+TRIPLETS = ARTIFACTS / "triplets.csv"
+TRIPLETS_SUMMARY = ARTIFACTS / "triplets_summary.json"
+TRAINED = ARTIFACTS / "train"
+BUNDLE = ARTIFACTS / "bundle"
+EVALUATION = ARTIFACTS / "evaluation.json"
+REGISTRATION = ARTIFACTS / "registration.json"
+METRICS = Path("metrics.json")
+LOSS_PLOT = Path("plots/loss.csv")
+PER_CLASS_PLOT = Path("plots/per_class.csv")
+CONFUSION_PLOT = Path("plots/confusion.csv")
+MODEL_FILE, HISTORY_FILE = "model.keras", "history.json"
+TRAIN_DIR, TEST_DIR = "${data.train_dir}", "${data.test_dir}"
+
+log = logging.getLogger("pipelines.stages")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_csv(path: Path, header: list[str], rows) -> None:
+    """Write a CSV table atomically."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """DVC's md5 of a file, or of a folder (``<md5>.dir``, the value dvc.lock records); "missing" if absent.
+
+    ``__pycache__`` folders and ``.pyc`` files are left out, as .dvcignore leaves them out.
+    """
+    from dvc_data.hashfile.hash import file_md5
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.tree import Tree
+
+    path = Path(path)
+    if path.is_file():
+        return file_md5(str(path))
+    if not path.is_dir():
+        return "missing"
+    tree = Tree()
+    for root, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for name in files:
+            if not name.endswith(".pyc"):
+                file = Path(root, name)
+                tree.add(file.relative_to(path).parts, None, HashInfo("md5", file_md5(str(file))))
+    tree.digest()
+    return tree.hash_info.value
+
+
+def data_hash(params: PipelineParams) -> str:
+    """``<train md5>+<test md5>``: the content of the data folders, as DVC hashes them."""
+    return f"{content_hash(params.data.train_dir)}+{content_hash(params.data.test_dir)}"
+
+
+def git_commit() -> str:
+    """The checked-out git commit, or "unknown" outside a git repository."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip()
+
+
+def param_value(params: PipelineParams, key: str) -> Any:
+    """The value of a dotted params key (``train.epochs``, or a whole section ``train``), JSON-ready."""
+    value: Any = params
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+
+
+def resolve(template: str, params: PipelineParams) -> Path:
+    """A dvc.yaml path with its ``${section.key}`` references filled in from the params."""
+    return Path(re.sub(r"\$\{([\w.]+)\}", lambda m: str(param_value(params, m.group(1))), template))
+
+
+def prepare(params: PipelineParams) -> dict:
+    """Write the demo dataset into ``data.train_dir`` / ``data.test_dir``, or keep the data there ('none')."""
+    data = params.data
+    if data.prepare_source == "none":
+        missing = [d for d in (data.train_dir, data.test_dir) if not Path(d).is_dir()]
+        if missing:
+            raise DatasetError(f"data.prepare_source is 'none' but {', '.join(missing)} does not exist")
+        return {"source": "none"}
+    if data.prepare_source != "digits":
+        raise ConfigError(f"data.prepare_source: unknown source '{data.prepare_source}', expected 'digits' or 'none'")
+    from .prepare import write_digits
+
+    counts = write_digits(
+        data.train_dir, data.test_dir, data.prepare_image_size, data.prepare_test_fraction,
+        data.prepare_seed, data.prepare_per_class,
+    )
+    log.info("prepare: wrote %(train)d training and %(test)d test digits", counts)
+    return {"source": "digits", **counts}
+
+
+def _describe(folder) -> dict:
+    return {
+        "images": len(folder),
+        "classes": {name: int((folder.labels == i).sum()) for i, name in enumerate(folder.class_names)},
+        "skipped": [{"path": path, "reason": reason} for path, reason in folder.skipped],
+    }
+
+
+def validate(params: PipelineParams) -> dict:
+    """Check the train/test folders and write artifacts/validation.json; raise DatasetError listing every problem."""
+    from siamese_core.data import decode_image, scan_folder
+
+    errors: list[str] = []
+    undecodable: list[str] = []
+    folders, report = {}, {}
+    for split, path in (("train", params.data.train_dir), ("test", params.data.test_dir)):
+        try:
+            folders[split] = folder = scan_folder(path)
+        except DatasetError as exc:
+            errors.append(str(exc))
+            continue
+        report[split] = {"dir": str(path), **_describe(folder)}
+        for image in folder.paths:
+            try:
+                decode_image(image, 16)
+            except ImageError as exc:
+                errors.append(str(exc))
+                undecodable.append(image)
+    train, test = folders.get("train"), folders.get("test")
+    if train is not None:
+        if len(train.class_names) < 2:
+            errors.append(f"{train.root}: {len(train.class_names)} class; triplets need at least 2")
+        few = [name for name, n in report["train"]["classes"].items() if n < 2]
+        if few:
+            errors.append(f"{train.root}: classes with fewer than 2 images (no anchor-positive pair): {few}")
+    if train is not None and test is not None:
+        unknown = sorted(set(test.class_names) - set(train.class_names))
+        if unknown:
+            errors.append(f"{test.root}: classes absent from the training folder, so never predicted: {unknown}")
+    write_json(VALIDATION, {"ok": not errors, "errors": errors, "undecodable": undecodable, **report})
+    if errors:
+        raise DatasetError(f"dataset validation failed ({VALIDATION}):\n  - " + "\n  - ".join(errors))
+    summary = {split: report[split]["images"] for split in report} | {"classes": len(train.class_names)}
+    log.info("validate: %s", summary)
+    return summary
+
+
+def triplets(params: PipelineParams) -> dict:
+    """Mine the training triplets into artifacts/triplets.csv, with a summary JSON."""
+    from siamese_core.data import scan_folder
+    from siamese_core.train import mine_triplets
+    from siamese_core.triplets import save_triplets
+
+    table = mine_triplets(params.core(), scan_folder(params.data.train_dir))
+    save_triplets(table, TRIPLETS)
+    summary = {
+        "strategy": params.triplets.strategy,
+        "max_pairs_per_class": params.triplets.max_pairs_per_class,
+        "triplets": len(table),
+        "per_class": {name: int(n) for name, n in table["anchor_class"].value_counts().sort_index().items()},
+    }
+    write_json(TRIPLETS_SUMMARY, summary)
+    log.info("triplets: %d (%s)", len(table), params.triplets.strategy)
+    return {"triplets": len(table), "strategy": params.triplets.strategy}
+
+
+def train(params: PipelineParams) -> dict:
+    """Train on the triplet table; write artifacts/train/ (model.keras, history.json) atomically."""
+    from siamese_core.train import train as fit
+    from siamese_core.triplets import load_triplets
+
+    result = fit(params.core(), params.data.train_dir, params.data.test_dir, triplets=load_triplets(TRIPLETS), verbose=2)
+    with atomic_dir(TRAINED) as tmp:
+        result.embedding.save(tmp / MODEL_FILE)
+        history = {"best_epoch": result.best_epoch, "history": result.history}
+        (tmp / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
+    last = {key: values[-1] for key, values in result.history.items()}
+    log.info("train: best epoch %d, last epoch %s", result.best_epoch, last)
+    return {"best_epoch": result.best_epoch, **last}
+
+
+def embed(params: PipelineParams) -> dict:
+    """Embed the training images with the trained model into the bundle artifacts/bundle/."""
+    import keras
+
+    from siamese_core import model as _registers_custom_layers  # noqa: F401
+    from siamese_core.data import scan_folder
+    from siamese_core.recognizer import SiameseRecognizer, build_gallery
+
+    embedding = keras.saving.load_model(TRAINED / MODEL_FILE, compile=False, safe_mode=True)
+    gallery = build_gallery(embedding, scan_folder(params.data.train_dir), params.evaluate.embed_batch_size)
+    trained = read_json(TRAINED / HISTORY_FILE)
+    SiameseRecognizer(embedding, gallery, params.core()).save(BUNDLE, trained)
+    log.info("embed: gallery of %d images in %d classes", len(gallery), len(gallery.class_names))
+    return {"gallery_size": len(gallery), "classes": len(gallery.class_names)}
+
+
+def evaluate(params: PipelineParams) -> dict:
+    """Score the bundle on the test folder: metrics.json, plots/*.csv and artifacts/evaluation.json."""
+    from siamese_core.metrics import evaluate as score
+    from siamese_core.recognizer import SiameseRecognizer
+
+    report = score(SiameseRecognizer.load(BUNDLE), params.data.test_dir, top_k=params.evaluate.top_k)
+    history = read_json(TRAINED / HISTORY_FILE)["history"]
+    loss, val_loss = history.get("loss", []), history.get("val_loss", [])
+    write_csv(LOSS_PLOT, ["epoch", "loss", "val_loss"],
+              [(i + 1, v, val_loss[i] if i < len(val_loss) else "") for i, v in enumerate(loss)])
+    write_csv(PER_CLASS_PLOT, ["class", "accuracy"], report["per_class_accuracy"].items())
+    labels, matrix = report["confusion_matrix"]["labels"], report["confusion_matrix"]["matrix"]
+    write_csv(CONFUSION_PLOT, ["actual", "predicted"],
+              [(labels[i], labels[j]) for i, row in enumerate(matrix) for j, n in enumerate(row) for _ in range(n)])
+    write_json(EVALUATION, report)
+    metrics = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    write_json(METRICS, metrics)
+    log.info("evaluate: %s", metrics)
+    return metrics
+
+
+def register(params: PipelineParams) -> dict:
+    """Log the run to MLflow, register the bundle (champion gate), and try the champion on one test image."""
+    import pandas as pd
+
+    from siamese_core.data import scan_folder
+
+    from . import tracking
+    from .pyfunc_model import encode_image
+
+    history = read_json(TRAINED / HISTORY_FILE)["history"]
+    tags = {"git_commit": git_commit(), "data_hash": data_hash(params)}
+    artifacts = [TRIPLETS_SUMMARY, VALIDATION, EVALUATION, LOSS_PLOT, PER_CLASS_PLOT, CONFUSION_PLOT]
+    result = tracking.log_and_register(params, BUNDLE, read_json(EVALUATION), history, artifacts, tags)
+
+    test = scan_folder(params.data.test_dir)
+    champion = tracking.load_champion(params.register.model_name)
+    answer = champion.predict(pd.DataFrame({"image": [encode_image(test.paths[0])]})).iloc[0]
+    sample = {"image": test.paths[0], "true_label": test.label_names[0],
+              "label": answer["label"], "distance": float(answer["distance"])}
+    record = {**result, **tags, "sample_prediction": sample}
+    write_json(REGISTRATION, record)
+    print(f"{result['model_name']} version {result['version']} is {result['decision']}: "
+          f"{result['metric']} {result['value']:.4f} (previous champion {result['previous_champion_value']})")
+    print(f"champion predicts {sample['image']} (a '{sample['true_label']}') as '{sample['label']}' "
+          f"at distance {sample['distance']:.4f}")
+    return record
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage function and what it declares in dvc.yaml: data inputs, params keys and outputs.
+
+    Paths may hold ``${section.key}`` references, as dvc.yaml does; code dependencies are left out.
+    """
+
+    run: Callable[[PipelineParams], dict]
+    deps: tuple[str, ...]
+    params: tuple[str, ...]
+    outs: tuple[str, ...]
+
+    def dep_paths(self, params: PipelineParams) -> list[Path]:
+        return [resolve(dep, params) for dep in self.deps]
+
+    def out_paths(self, params: PipelineParams) -> list[Path]:
+        return [resolve(out, params) for out in self.outs]
+
+
+_PLOTS = (str(LOSS_PLOT), str(PER_CLASS_PLOT), str(CONFUSION_PLOT))
+STAGES: dict[str, Stage] = {
+    "prepare": Stage(
+        prepare,
+        (),
+        ("data.train_dir", "data.test_dir", "data.prepare_source", "data.prepare_test_fraction",
+         "data.prepare_image_size", "data.prepare_seed", "data.prepare_per_class"),
+        (TRAIN_DIR, TEST_DIR),
+    ),
+    "validate": Stage(validate, (TRAIN_DIR, TEST_DIR), ("data.train_dir", "data.test_dir"), (str(VALIDATION),)),
+    "triplets": Stage(
+        triplets,
+        (TRAIN_DIR, str(VALIDATION)),
+        ("data.train_dir", "model", "triplets", "train.seed", "evaluate.embed_batch_size"),
+        (str(TRIPLETS), str(TRIPLETS_SUMMARY)),
+    ),
+    "train": Stage(
+        train, (TRAIN_DIR, TEST_DIR, str(TRIPLETS)), ("data.train_dir", "data.test_dir", "model", "train"), (str(TRAINED),)
+    ),
+    "embed": Stage(
+        embed, (TRAIN_DIR, str(TRAINED)), ("data.train_dir", "model", "triplets", "train", "evaluate"), (str(BUNDLE),)
+    ),
+    "evaluate": Stage(
+        evaluate,
+        (TEST_DIR, str(BUNDLE), str(TRAINED)),
+        ("data.test_dir", "evaluate"),
+        (str(METRICS), str(EVALUATION), *_PLOTS),
+    ),
+    "register": Stage(
+        register,
+        (TRAIN_DIR, TEST_DIR, str(BUNDLE), str(TRAINED), str(EVALUATION), str(TRIPLETS_SUMMARY), str(VALIDATION), *_PLOTS),
+        ("data.train_dir", "data.test_dir", "register"),
+        (str(REGISTRATION),),
+    ),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one stage from the command line; a user error is one line on stderr and exit status 1."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines.stages", description="Run one pipeline stage.")
+    parser.add_argument("stage", choices=list(STAGES))
+    parser.add_argument("--params", help="params file (default: $SIAMESE_PARAMS or params.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params key, value read as YAML; repeatable")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        STAGES[args.stage].run(load_params(args.params, parse_set_options(args.overrides)))
+    except PIPELINE_USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""params.yaml: it validates, names bad keys, and takes --set and dvc-style dotted overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.params import PipelineParams, load_params
+from pipelines.stages import STAGES, param_value
+from siamese_core.config import apply_overrides, parse_set_options
+from siamese_core.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _with(tmp_path: Path, edit) -> Path:
+    data = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    edit(data)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def test_params_yaml_validates_and_is_the_cpu_demo():
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params, PipelineParams)
+    assert params.model.backbone == "small_cnn" and params.model.weights is None
+    assert params.data.prepare_source == "digits"
+    assert params.triplets.max_pairs_per_class is not None
+    assert set(yaml.safe_load((REPO / "params.yaml").read_text())) == set(PipelineParams.model_fields)
+
+
+@pytest.mark.parametrize(
+    "edit, named",
+    [
+        (lambda d: d["train"].update(epochz=3), "train.epochz"),
+        (lambda d: d.update(modle={"backbone": "small_cnn"}), "modle"),
+        (lambda d: d["data"].update(prepare_sed=1), "data.prepare_sed"),
+        (lambda d: d["train"].update(epochs=0), "train.epochs"),
+    ],
+)
+def test_bad_key_or_value_is_an_error_that_names_it(tmp_path, edit, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_params(_with(tmp_path, edit))
+
+
+def test_siamese_params_env_names_the_file(tmp_path, monkeypatch):
+    path = _with(tmp_path, lambda d: d["train"].update(epochs=7))
+    monkeypatch.setenv("SIAMESE_PARAMS", str(path))
+    assert load_params().train.epochs == 7
+
+
+def test_set_style_overrides():
+    overrides = parse_set_options(["train.epochs=3", "weights=null", "model.head_units=[8, 4]", "register.metric=top5"])
+    params = load_params(REPO / "params.yaml", overrides)
+    assert params.train.epochs == 3
+    assert params.model.weights is None
+    assert params.model.head_units == [8, 4]
+    assert params.register.metric == "top5"
+    with pytest.raises(ConfigError, match=r"train\.epochz"):
+        load_params(REPO / "params.yaml", parse_set_options(["train.epochz=3"]))
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_set_options(["epochs"])
+
+
+def test_dvc_style_dotted_keys():
+    """Every params key dvc.yaml declares exists; `dvc exp run -S section.key=value` keys apply."""
+    params = load_params(REPO / "params.yaml")
+    declared = {key for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values() for key in stage["params"]}
+    for key in declared:
+        param_value(params, key)
+    assert declared == {key for stage in STAGES.values() for key in stage.params}
+    changed = apply_overrides(params, {"train.epochs": 3, "data.prepare_per_class": 6, "schedule.cron": "0 4 * * *"})
+    assert (changed.train.epochs, changed.data.prepare_per_class, changed.schedule.cron) == (3, 6, "0 4 * * *")
+    assert param_value(changed, "train")["epochs"] == 3
