@@ -69,6 +69,13 @@ class TrainConfig(Section):
     batch_size: int = Field(32, ge=1)
     epochs: int = Field(10, ge=1)
     seed: int = 42
+    cache_frozen_features: bool = Field(
+        True,
+        description="Compute the frozen backbone layers once per image and train only the layers after them.",
+    )
+    unique_batch_images: bool = Field(
+        True, description="Embed each distinct image of a triplet batch once, however many triplets use it."
+    )
 
 
 class EvaluateConfig(Section):

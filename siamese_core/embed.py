@@ -63,11 +63,35 @@ def decode_all(sources: Sequence[ImageSource], size: int, batch_size: int = 64) 
     return out
 
 
+def _padded_size(n: int, batch_size: int) -> int:
+    """The batch size ``n`` images are padded to: the next power of two, at most ``batch_size``.
+
+    A handful of traced shapes, and a single image costs one forward pass, not ``batch_size``.
+    """
+    return min(batch_size, 1 << max(n - 1, 0).bit_length())
+
+
+def _predict_batch(model, batch: np.ndarray, batch_size: int) -> np.ndarray:
+    """``model`` on one batch, padded to :func:`_padded_size` rows."""
+    n = len(batch)
+    padded = _padded_size(n, batch_size)
+    if n < padded:
+        batch = np.concatenate([batch, np.zeros((padded - n, *batch.shape[1:]), batch.dtype)])
+    return np.asarray(model.predict_on_batch(batch.astype(np.float32)))[:n]
+
+
+def predict_array(model, rows: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Run ``model`` over an in-memory array (images or features) in batches; float32 out."""
+    out = np.empty((len(rows), *model.output_shape[1:]), dtype=np.float32)
+    for start in range(0, len(rows), batch_size):
+        out[start : start + batch_size] = _predict_batch(model, rows[start : start + batch_size], batch_size)
+    return out
+
+
 def embed_images(model, sources: Sequence[ImageSource], batch_size: int = 64, progress: bool = False) -> np.ndarray:
     """Embed images with ``model`` in batches; returns ``(n, dim)`` float32."""
     size = int(model.input_shape[1])
-    dim = int(model.output_shape[-1])
-    out = np.empty((len(sources), dim), dtype=np.float32)
+    out = np.empty((len(sources), int(model.output_shape[-1])), dtype=np.float32)
     batches = decoded_batches(sources, size, batch_size)
     if progress:
         from tqdm import tqdm
@@ -75,10 +99,6 @@ def embed_images(model, sources: Sequence[ImageSource], batch_size: int = 64, pr
         batches = tqdm(batches, total=-(-len(sources) // batch_size), desc="embedding", unit="batch")
     start = 0
     for batch in batches:
-        n = len(batch)
-        if n < batch_size:  # pad the last batch: one traced shape for every call
-            batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
-        out[start : start + n] = np.asarray(model.predict_on_batch(batch.astype(np.float32)))[:n]
-        start += n
+        out[start : start + len(batch)] = _predict_batch(model, batch, batch_size)
+        start += len(batch)
     return out
-

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+# Galleries with more rows than this are searched through an approximate faiss index;
+# below it the exact numpy search answers a query in a few milliseconds.
+INDEX_THRESHOLD = 100_000
+
 
 def squared_distances(queries: np.ndarray, references: np.ndarray) -> np.ndarray:
     """All squared Euclidean distances, ``(q, n)``, computed as one matrix product."""
@@ -40,14 +44,18 @@ class Match:
 class Gallery:
     """Reference embeddings with their class labels and source paths.
 
-    Rows are kept grouped by class (in ``class_names`` order), which lets the
+    Rows are kept grouped by class (in ``class_names`` order), which lets the exact
     search take the per-class minimum distance with one vectorised reduction.
+    Above ``index_threshold`` rows, search goes through a faiss IVF index (built on
+    first use) that visits ``nprobe`` of its ``sqrt(rows)`` lists per query.
     """
 
     embeddings: np.ndarray
     labels: np.ndarray
     class_names: list[str]
     paths: list[str]
+    index_threshold: int = INDEX_THRESHOLD
+    nprobe: int = 32
 
     def __post_init__(self) -> None:
         self.embeddings = np.asarray(self.embeddings, dtype=np.float32)
@@ -55,31 +63,80 @@ class Gallery:
         if not (len(self.embeddings) == len(self.labels) == len(self.paths)):
             raise ValueError("gallery embeddings, labels and paths differ in length")
         order = np.argsort(self.labels, kind="stable")
-        self.embeddings, self.labels = self.embeddings[order], self.labels[order]
+        self.embeddings, self.labels = np.ascontiguousarray(self.embeddings[order]), self.labels[order]
         self.paths = [self.paths[i] for i in order]
         present = np.unique(self.labels)
         if len(present) != len(self.class_names):
             raise ValueError("every gallery class needs at least one image")
         self._class_starts = np.searchsorted(self.labels, np.arange(len(self.class_names)))
+        self._index = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def uses_index(self) -> bool:
+        """Whether searches go through the approximate index."""
+        return len(self) > self.index_threshold
+
+    def build_index(self):
+        """The faiss IVF index over the rows, trained on a seeded sample; built once."""
+        if self._index is None:
+            import faiss
+
+            rows, dim = self.embeddings.shape
+            lists = max(1, min(int(np.sqrt(rows)), rows // 40))
+            sample = np.random.default_rng(0).choice(rows, size=min(rows, 50 * lists), replace=False)
+            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, lists)
+            index.cp.seed = 0
+            index.train(self.embeddings[np.sort(sample)])
+            index.add(self.embeddings)
+            self._index = index
+        self._index.nprobe = self.nprobe
+        return self._index
+
     def class_distances(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per-class nearest distance ``(q, classes)`` and the index of each query's nearest row."""
+        """Per-class nearest distance ``(q, classes)`` and the index of each query's nearest row (exact)."""
         distances = squared_distances(queries, self.embeddings)
         return np.minimum.reduceat(distances, self._class_starts, axis=1), distances.argmin(axis=1)
+
+    def _exact_search(self, queries: np.ndarray, k: int) -> list[tuple[list[tuple[int, float]], int]]:
+        per_class, nearest = self.class_distances(queries)
+        best = np.argsort(per_class, axis=1, kind="stable")[:, :k]
+        return [([(c, float(row[c])) for c in classes], int(near)) for row, classes, near in zip(per_class, best, nearest)]
+
+    def _index_search(self, queries: np.ndarray, k: int) -> list[tuple[list[tuple[int, float]], int]]:
+        """k nearest rows from the index, reduced to the nearest distinct classes; a query
+        whose rows hold fewer than ``k`` classes asks for more rows, then falls back to exact."""
+        index = self.build_index()
+        results: list = [None] * len(queries)
+        todo, rows = np.arange(len(queries)), 16 * k
+        while len(todo) and rows <= 4096:
+            distances, found = index.search(np.ascontiguousarray(queries[todo], dtype=np.float32), min(rows, len(self)))
+            missing = []
+            for query, row_d, row_i in zip(todo, distances, found):
+                valid = row_i >= 0
+                classes, first = np.unique(self.labels[row_i[valid]], return_index=True)
+                if len(classes) < k:
+                    missing.append(query)
+                    continue
+                order = np.sort(first)[:k]
+                results[query] = ([(int(self.labels[row_i[valid][i]]), float(row_d[valid][i])) for i in order], int(row_i[0]))
+            todo, rows = np.asarray(missing, dtype=np.int64), rows * 4
+        for query, result in zip(todo, self._exact_search(queries[todo], k) if len(todo) else []):
+            results[query] = result
+        return results
 
     def search(self, queries: np.ndarray, top_k: int = 5, chunk: int = 1024) -> list[Match]:
         """The nearest class of every query embedding, with the ``top_k`` nearest classes."""
         k = min(top_k, len(self.class_names))
+        queries = np.asarray(queries, dtype=np.float32)
+        find = self._index_search if self.uses_index else self._exact_search
         matches: list[Match] = []
         for start in range(0, len(queries), chunk):
-            per_class, nearest = self.class_distances(queries[start : start + chunk])
-            best = np.argsort(per_class, axis=1, kind="stable")[:, :k]
-            for row, classes, near in zip(per_class, best, nearest):
-                ranked = [(self.class_names[c], float(row[c])) for c in classes]
-                matches.append(Match(ranked[0][0], ranked[0][1], ranked, self.paths[near]))
+            for ranked, near in find(queries[start : start + chunk], k):
+                named = [(self.class_names[c], d) for c, d in ranked]
+                matches.append(Match(named[0][0], named[0][1], named, self.paths[near]))
         return matches
 
     def extend(self, embeddings: np.ndarray, label_names: list[str], paths: list[str]) -> Gallery:
@@ -96,6 +153,8 @@ class Gallery:
             np.concatenate([self.labels, labels]),
             names,
             list(self.paths) + list(paths),
+            self.index_threshold,
+            self.nprobe,
         )
 
     def save(self, path: str | Path) -> None:
@@ -110,7 +169,7 @@ class Gallery:
             )
 
     @classmethod
-    def load(cls, path: str | Path) -> Gallery:
-        """Read a gallery written by :meth:`save`."""
+    def load(cls, path: str | Path, **options) -> Gallery:
+        """Read a gallery written by :meth:`save`; ``options`` are ``index_threshold`` and ``nprobe``."""
         with np.load(path, allow_pickle=False) as data:
-            return cls(data["embeddings"], data["labels"], data["class_names"].tolist(), data["paths"].tolist())
+            return cls(data["embeddings"], data["labels"], data["class_names"].tolist(), data["paths"].tolist(), **options)

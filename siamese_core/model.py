@@ -144,6 +144,54 @@ def build_embedding_model(config: ModelConfig) -> keras.Model:
     return keras.Model(inputs, x, name="embedding")
 
 
+def _frozen_cut(backbone: keras.Model) -> list | None:
+    """The backbone tensors where frozen layers feed trainable ones, or None if no weights are frozen.
+
+    A layer is frozen when it has no trainable weights and all its inputs come from
+    frozen layers; in inference mode such a layer is a fixed function of the image.
+    """
+    frozen: set[int] = set()
+    cut: dict[int, object] = {}
+    has_frozen_weights = False
+    for operation in backbone.operations:  # in graph order, including non-layer ops such as ``x + 3``
+        inputs = [] if isinstance(operation, layers.InputLayer) else keras.tree.flatten(operation.input)
+        sources = [t._keras_history.operation for t in inputs]
+        if not getattr(operation, "trainable_weights", []) and all(id(op) in frozen for op in sources):
+            frozen.add(id(operation))
+            has_frozen_weights = has_frozen_weights or bool(getattr(operation, "weights", []))
+            continue
+        for tensor, op in zip(inputs, sources):
+            if id(op) in frozen:
+                cut[id(tensor)] = tensor
+    if not has_frozen_weights:
+        return None
+    return list(cut.values()) or list(backbone.outputs)
+
+
+def split_frozen_trunk(embedding: keras.Model) -> tuple[keras.Model | None, keras.Model]:
+    """Split an embedding model into a frozen trunk (image -> features) and a trainable top.
+
+    Both parts share the embedding model's layer objects, so training the top trains
+    ``embedding``. Returns ``(None, embedding)`` when no layer with weights is frozen
+    or the frozen part does not end in a single tensor.
+    """
+    outer = [layer for layer in embedding.layers if not isinstance(layer, layers.InputLayer)]
+    position = next((i for i, layer in enumerate(outer) if isinstance(layer, keras.Model)), None)
+    cut = None if position is None else _frozen_cut(outer[position])
+    if cut is None or len(cut) != 1:
+        return None, embedding
+    backbone, cut = outer[position], cut[0]
+    x = embedding.inputs[0]
+    for layer in outer[:position]:
+        x = layer(x)
+    trunk = keras.Model(embedding.inputs[0], keras.Model(backbone.inputs, cut, name="trunk_body")(x), name="frozen_trunk")
+    features = keras.Input(tuple(cut.shape[1:]), name="features")
+    y = keras.Model(cut, backbone.outputs[0], name="top_body")(features)
+    for layer in outer[position + 1 :]:
+        y = layer(y)
+    return trunk, keras.Model(features, y, name="trainable_top")
+
+
 class SiameseModel(keras.Model):
     """Triplet network around an embedding model, with custom train and test steps.
 
@@ -186,3 +234,18 @@ class SiameseModel(keras.Model):
     @property
     def metrics(self):
         return [self.loss_tracker]
+
+
+class UniqueTripletModel(SiameseModel):
+    """A triplet model fed each distinct image once: ``(inputs, index)`` batches.
+
+    ``inputs`` holds the batch's distinct images (or trunk features) and ``index``
+    ``(b, 3)`` gives each triplet's anchor, positive and negative rows in it, so an
+    image used by several triplets of a batch is embedded once.
+    """
+
+    def call(self, inputs, training=False):
+        unique, index = inputs
+        embedded = self.embedding(unique, training=training)
+        anchor, positive, negative = (ops.take(embedded, index[:, i], axis=0) for i in range(3))
+        return self.distance(anchor, positive, negative)

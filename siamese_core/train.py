@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,9 +16,9 @@ import tensorflow as tf
 
 from .config import Config, TrainConfig
 from .data import ImageFolder, scan_folder
-from .embed import decode_all, embed_images
+from .embed import decode_all, embed_images, predict_array
 from .io import atomic_dir
-from .model import SiameseModel, build_embedding_model
+from .model import SiameseModel, UniqueTripletModel, build_embedding_model, split_frozen_trunk
 from .triplets import generate_triplets
 
 log = logging.getLogger(__name__)
@@ -98,10 +99,12 @@ def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
     return optimizers[config.optimizer](learning_rate=config.learning_rate)
 
 
-def mine_triplets(config: Config, folder: ImageFolder, embedding: keras.Model | None = None) -> pd.DataFrame:
-    """Generate the training triplet table; hard and semi-hard mining embed each image once."""
-    embeddings = None
-    if config.triplets.strategy != "random":
+def mine_triplets(
+    config: Config, folder: ImageFolder, embedding: keras.Model | None = None, embeddings: np.ndarray | None = None
+) -> pd.DataFrame:
+    """Generate the training triplet table; hard and semi-hard mining embed each image once
+    (or use ``embeddings``, one row per image of ``folder``, when given)."""
+    if config.triplets.strategy != "random" and embeddings is None:
         embedding = embedding or build_embedding_model(config.model)
         embeddings = embed_images(embedding, folder.paths, config.evaluate.embed_batch_size)
     return generate_triplets(
@@ -137,6 +140,30 @@ def triplet_dataset(
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
+def unique_triplet_dataset(
+    inputs: np.ndarray, index: np.ndarray, batch_size: int, shuffle_seed: int | None
+) -> tf.data.Dataset:
+    """A tf.data pipeline of ``(distinct inputs, (b, 3) rows into them)`` batches.
+
+    ``inputs`` holds one row per image (decoded pixels or frozen-trunk features); each
+    batch carries every image its triplets use exactly once, for :class:`UniqueTripletModel`.
+    """
+
+    def gather(batch_index: np.ndarray):
+        rows, inverse = np.unique(batch_index, return_inverse=True)
+        return inputs[rows].astype(np.float32), inverse.reshape(-1, 3).astype(np.int64)
+
+    shape = (None, *inputs.shape[1:])
+    dataset = tf.data.Dataset.from_tensor_slices(index.astype(np.int64))
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(len(index), seed=shuffle_seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size).map(
+        lambda i: tf.numpy_function(gather, [i], (tf.float32, tf.int64)), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    dataset = dataset.map(lambda x, i: (tf.ensure_shape(x, shape), tf.ensure_shape(i, (None, 3))))
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
 def _index_triplets(table: pd.DataFrame, positions: dict[str, int]) -> np.ndarray:
     try:
         return np.array(
@@ -145,6 +172,30 @@ def _index_triplets(table: pd.DataFrame, positions: dict[str, int]) -> np.ndarra
         )
     except KeyError as exc:
         raise ValueError(f"triplet table names an image that is not in the dataset: {exc.args[0]}") from None
+
+
+@dataclass
+class _Plan:
+    """What the training loop runs: the model to fit, how to turn images into its
+    per-image inputs, and how to batch triplets over those inputs."""
+
+    model: SiameseModel
+    prepare: Callable[[np.ndarray], np.ndarray]
+    dataset: Callable[..., tf.data.Dataset]
+    sample: Callable[[np.ndarray], tuple]
+
+
+def _plan(config: Config, embedding: keras.Model) -> _Plan:
+    """The fast paths the config asks for: a cached frozen trunk and distinct-image batches."""
+    trunk, top = split_frozen_trunk(embedding) if config.train.cache_frozen_features else (None, embedding)
+
+    def prepare(images: np.ndarray) -> np.ndarray:
+        return images if trunk is None else predict_array(trunk, images, config.evaluate.embed_batch_size)
+
+    if config.train.unique_batch_images:
+        model = UniqueTripletModel(top, margin=config.model.margin)
+        return _Plan(model, prepare, unique_triplet_dataset, lambda x: (x, np.zeros((1, 3), np.int64)))
+    return _Plan(SiameseModel(top, margin=config.model.margin), prepare, triplet_dataset, lambda x: (x, x, x))
 
 
 def train(
@@ -163,16 +214,22 @@ def train(
     with two images. The weights of the epoch with the lowest validation loss are kept.
     With ``checkpoint_dir`` every epoch is checkpointed there, and ``resume`` carries
     on from the last checkpoint (same config and data give the same triplets).
+    With ``train.cache_frozen_features`` the frozen backbone layers run once per image
+    and only the layers after them train; with ``train.unique_batch_images`` each
+    distinct image of a batch is embedded once. ``embedding`` is always the full model.
     """
     keras.utils.set_random_seed(config.train.seed)
     folder = scan_folder(train_dir)
     embedding = build_embedding_model(config.model)
-    if triplets is None:
-        triplets = mine_triplets(config, folder, embedding)
     size, batch = config.model.input_size, config.train.batch_size
-    images = decode_all(folder.paths, size)
+    plan = _plan(config, embedding)
+    inputs = plan.prepare(decode_all(folder.paths, size))
+    if triplets is None:  # mining embeds the already decoded (and trunk-cached) images
+        mined = None if config.triplets.strategy == "random" else predict_array(
+            plan.model.embedding, inputs, config.evaluate.embed_batch_size)
+        triplets = mine_triplets(config, folder, embeddings=mined)
     train_index = _index_triplets(triplets, {p: i for i, p in enumerate(folder.paths)})
-    train_data = triplet_dataset(images, train_index, batch, shuffle_seed=config.train.seed)
+    train_data = plan.dataset(inputs, train_index, batch, shuffle_seed=config.train.seed)
 
     validation = None
     if test_dir is not None:
@@ -182,16 +239,16 @@ def train(
         except ValueError as exc:
             log.warning("no validation triplets: %s", exc)
         else:
-            val_images = decode_all(test_folder.paths, size)
+            val_inputs = plan.prepare(decode_all(test_folder.paths, size))
             val_index = _index_triplets(val_table, {p: i for i, p in enumerate(test_folder.paths)})
-            validation = triplet_dataset(val_images, val_index, batch, shuffle_seed=None)
+            validation = plan.dataset(val_inputs, val_index, batch, shuffle_seed=None)
 
-    model = SiameseModel(embedding, margin=config.model.margin)
+    model = plan.model
     model.compile(optimizer=make_optimizer(config.train))
+    model(plan.sample(np.zeros((1, *inputs.shape[1:]), np.float32)))  # build before fitting or loading
     keep_best = KeepBestWeights(embedding, "val_loss" if validation is not None else "loss")
     done, history = 0, {}
     if resume and checkpoint_dir is not None:
-        model(tuple(np.zeros((1, size, size, 3), np.float32) for _ in range(3)))  # build before loading
         done, history = EpochCheckpoint.restore(Path(checkpoint_dir), model, keep_best)
         log.info("resuming from epoch %d of %d", done, config.train.epochs)
     extra = [EpochCheckpoint(Path(checkpoint_dir), keep_best, history)] if checkpoint_dir is not None else []

@@ -1,0 +1,124 @@
+"""The fast paths give the same answers: cached frozen trunk, distinct-image batches, padded embedding, faiss index."""
+
+import numpy as np
+import pytest
+from images import make_digits_dataset
+
+from siamese_core.config import Config, ModelConfig, apply_overrides
+from siamese_core.embed import embed_images
+from siamese_core.gallery import Gallery
+from siamese_core.model import SiameseModel, UniqueTripletModel, build_embedding_model, split_frozen_trunk
+from siamese_core.train import train
+
+# small_cnn with its first two blocks frozen: a trunk with weights, and a trainable top
+FROZEN = dict(backbone="small_cnn", weights=None, input_size=32, head_units=[16], embedding_dim=8,
+              trainable_from="block3_conv")
+
+
+def _images(n, seed=0, size=32):
+    return np.random.default_rng(seed).uniform(0, 255, (n, size, size, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return make_digits_dataset(tmp_path_factory.mktemp("digits"), classes=4, train_per_class=5, test_per_class=3)
+
+
+def test_trunk_and_top_share_the_embedding_layers_and_compose_to_it():
+    embedding = build_embedding_model(ModelConfig(**FROZEN))
+    trunk, top = split_frozen_trunk(embedding)
+    assert trunk.output_shape == (None, 8, 8, 64) and not trunk.trainable_weights
+    assert {id(v) for v in top.trainable_weights} == {id(v) for v in embedding.trainable_weights}
+    images = _images(3)
+    np.testing.assert_allclose(top.predict(trunk.predict(images, verbose=0), verbose=0),
+                               embedding.predict(images, verbose=0), atol=1e-5)
+    assert split_frozen_trunk(build_embedding_model(ModelConfig(**{**FROZEN, "trainable_from": None})))[0] is None
+
+
+def test_distinct_image_batches_give_the_three_way_loss():
+    embedding = build_embedding_model(ModelConfig(**FROZEN))
+    three_way, unique = SiameseModel(embedding), UniqueTripletModel(embedding)
+    images = _images(5)
+    index = np.array([[0, 1, 2], [0, 3, 4], [1, 0, 4]])  # images 0, 1 and 4 are used twice
+    a, p, n = (images[index[:, i]] for i in range(3))
+    expected = np.asarray(three_way._loss((a, p, n), training=False))
+    assert float(unique._loss((images, index), training=False)) == pytest.approx(float(expected), rel=1e-5)
+    # with no image repeated, even training mode (batch statistics) gives the same loss
+    distinct = np.arange(9)[::-1].reshape(3, 3)
+    images9 = _images(9, seed=1)
+    a, p, n = (images9[distinct[:, i]] for i in range(3))
+    assert float(unique._loss((images9, distinct), training=True)) == pytest.approx(
+        float(three_way._loss((a, p, n), training=True)), rel=1e-4)
+
+
+def test_cached_trunk_training_matches_uncached_training(digits):
+    base = dict(FROZEN, learning_rate=3e-3, epochs=3, batch_size=8, seed=3, unique_batch_images=False)
+    results = {}
+    for cached in (False, True):
+        config = apply_overrides(Config(), {**base, "cache_frozen_features": cached})
+        results[cached] = train(config, *digits, verbose=0)
+    slow, fast = results[False], results[True]
+    assert fast.triplets.equals(slow.triplets)
+    np.testing.assert_allclose(fast.history["loss"], slow.history["loss"], rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(fast.history["val_loss"], slow.history["val_loss"], rtol=1e-3, atol=1e-5)
+    assert fast.history["loss"][-1] < fast.history["loss"][0]
+    assert fast.embedding.input_shape == (None, 32, 32, 3)  # the full image -> embedding model
+    images = _images(4)
+    np.testing.assert_allclose(fast.embedding.predict(images, verbose=0), slow.embedding.predict(images, verbose=0),
+                               rtol=1e-3, atol=1e-3)
+
+
+def test_all_fast_paths_together_still_learn(digits):
+    config = apply_overrides(Config(), dict(FROZEN, learning_rate=3e-3, epochs=3, batch_size=8, seed=3))
+    result = train(config, *digits, verbose=0)
+    assert result.history["loss"][-1] < result.history["loss"][0]
+
+
+def test_one_image_embeds_as_it_does_in_a_full_batch():
+    embedding = build_embedding_model(ModelConfig(**FROZEN))
+    images = _images(5).astype(np.uint8)
+    batch = embed_images(embedding, list(images), batch_size=4)
+    single = embed_images(embedding, [images[4]], batch_size=4)
+    np.testing.assert_allclose(single[0], batch[4], atol=1e-5)
+
+
+def _clustered_gallery(classes=40, per_class=50, dim=16, **options):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(classes, dim)) * 3
+    labels = np.repeat(np.arange(classes), per_class)
+    embeddings = centres[labels] + rng.normal(size=(len(labels), dim))
+    names = [f"c{i}" for i in range(classes)]
+    return Gallery(embeddings, labels, names, [f"p{i}" for i in range(len(labels))], **options), embeddings
+
+
+def test_index_search_agrees_with_exact_search():
+    exact, embeddings = _clustered_gallery()
+    approx, _ = _clustered_gallery(index_threshold=100, nprobe=8)
+    assert approx.uses_index and not exact.uses_index
+    queries = embeddings[::7] + np.random.default_rng(1).normal(scale=0.3, size=embeddings[::7].shape)
+    want, got = exact.search(queries, top_k=3), approx.search(queries, top_k=3)
+    assert [m.label for m in got] == [m.label for m in want]
+    assert [m.nearest_path for m in got] == [m.nearest_path for m in want]
+    np.testing.assert_allclose([m.distance for m in got], [m.distance for m in want], rtol=1e-3, atol=1e-3)
+
+
+def test_index_search_widens_when_the_nearest_rows_hold_too_few_classes():
+    exact, embeddings = _clustered_gallery(classes=3, per_class=400)
+    approx, _ = _clustered_gallery(classes=3, per_class=400, index_threshold=100, nprobe=2)
+    queries = embeddings[:5]
+    want, got = exact.search(queries, top_k=3), approx.search(queries, top_k=3)
+    assert [[c for c, _ in m.top_k] for m in got] == [[c for c, _ in m.top_k] for m in want]
+    np.testing.assert_allclose([m.distance for m in got], [m.distance for m in want], atol=1e-4)
+
+
+def test_hard_mining_inside_training_uses_the_cached_trunk_and_mines_the_same_triplets(digits):
+    import keras
+
+    from siamese_core.data import scan_folder
+    from siamese_core.train import mine_triplets
+
+    config = apply_overrides(Config(), dict(FROZEN, epochs=1, batch_size=8, seed=3, strategy="hard"))
+    result = train(config, digits[0], verbose=0)
+    keras.utils.set_random_seed(config.train.seed)
+    standalone = mine_triplets(config, scan_folder(digits[0]), build_embedding_model(config.model))
+    assert result.triplets.equals(standalone)
