@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ class DataConfig(Section):
     prepare_test_fraction: float = Field(0.3, gt=0, lt=1)
     prepare_image_size: int = Field(32, ge=8)
     prepare_seed: int = 0
+    open_set: bool = Field(False, description="Allow test classes that are not in train (open-set evaluation).")
+    strict: bool = Field(False, description="Treat the same image in train and test (leakage) as an error.")
     prepare_per_class: int | None = Field(
         None, ge=2, description="Cap on images per class written by prepare (quick runs); null keeps all."
     )
@@ -45,6 +48,10 @@ class ScheduleConfig(Section):
 
     cron: str = "0 3 * * 1"
     timezone: str = "UTC"
+
+
+# "register" is a section of params.yaml; it shadows ABCMeta.register on the class, which nothing here uses.
+warnings.filterwarnings("ignore", message='Field name "register" in "PipelineParams" shadows', category=UserWarning)
 
 
 class PipelineParams(Config):

@@ -32,6 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is imported lat
 
 ARTIFACTS = Path("artifacts")
 VALIDATION = ARTIFACTS / "validation.json"
+VALIDATION_TEXT = ARTIFACTS / "validation.txt"
 TRIPLETS = ARTIFACTS / "triplets.csv"
 TRIPLETS_SUMMARY = ARTIFACTS / "triplets_summary.json"
 TRAINED = ARTIFACTS / "train"
@@ -138,51 +139,32 @@ def prepare(params: PipelineParams) -> dict:
     return {"source": "digits", **counts}
 
 
-def _describe(folder) -> dict:
-    return {
-        "images": len(folder),
-        "classes": {name: int((folder.labels == i).sum()) for i, name in enumerate(folder.class_names)},
-        "skipped": [{"path": path, "reason": reason} for path, reason in folder.skipped],
-    }
-
-
 def validate(params: PipelineParams) -> dict:
-    """Check the train/test folders and write artifacts/validation.json; raise DatasetError listing every problem."""
-    from siamese_core.data import decode_image, scan_folder
+    """Check the train/test folders; write artifacts/validation.json and .txt; raise on errors.
 
-    errors: list[str] = []
-    undecodable: list[str] = []
-    folders, report = {}, {}
-    for split, path in (("train", params.data.train_dir), ("test", params.data.test_dir)):
-        try:
-            folders[split] = folder = scan_folder(path)
-        except DatasetError as exc:
-            errors.append(str(exc))
-            continue
-        report[split] = {"dir": str(path), **_describe(folder)}
-        for image in folder.paths:
-            try:
-                decode_image(image, 16)
-            except ImageError as exc:
-                errors.append(str(exc))
-                undecodable.append(image)
-    train, test = folders.get("train"), folders.get("test")
-    if train is not None:
-        if len(train.class_names) < 2:
-            errors.append(f"{train.root}: {len(train.class_names)} class; triplets need at least 2")
-        few = [name for name, n in report["train"]["classes"].items() if n < 2]
-        if few:
-            errors.append(f"{train.root}: classes with fewer than 2 images (no anchor-positive pair): {few}")
-    if train is not None and test is not None:
-        unknown = sorted(set(test.class_names) - set(train.class_names))
-        if unknown:
-            errors.append(f"{test.root}: classes absent from the training folder, so never predicted: {unknown}")
-    write_json(VALIDATION, {"ok": not errors, "errors": errors, "undecodable": undecodable, **report})
-    if errors:
-        raise DatasetError(f"dataset validation failed ({VALIDATION}):\n  - " + "\n  - ".join(errors))
-    summary = {split: report[split]["images"] for split in report} | {"classes": len(train.class_names)}
-    log.info("validate: %s", summary)
-    return summary
+    Warnings are reported and the pipeline goes on; a failed validation is also logged
+    to MLflow as a FAILED run carrying the report.
+    """
+    from siamese_core.validation import validate_dataset
+
+    data = params.data
+    report = validate_dataset(data.train_dir, data.test_dir, open_set=data.open_set, strict=data.strict)
+    write_json(VALIDATION, report.to_dict())
+    with atomic_path(VALIDATION_TEXT) as tmp:
+        tmp.write_text(report.text(max_paths=50) + "\n", encoding="utf-8")
+    log.info("%s", report.text())
+    if not report.ok:
+        from . import tracking
+
+        tracking.log_failed_stage(params, "validate", [VALIDATION, VALIDATION_TEXT])
+        codes = ", ".join(sorted({f.code for f in report.errors}))
+        raise DatasetError(
+            f"dataset validation failed with {len(report.errors)} errors ({codes}): "
+            f"{report.errors[0].message}; full report in {VALIDATION_TEXT}"
+        )
+    splits = report.summary["splits"]
+    return {"train": splits["train"]["images"], "test": splits["test"]["images"],
+            "classes": splits["train"]["classes"], "warnings": len(report.warnings)}
 
 
 def triplets(params: PipelineParams) -> dict:
@@ -267,7 +249,7 @@ def register(params: PipelineParams) -> dict:
 
     history = read_json(TRAINED / HISTORY_FILE)["history"]
     tags = {"git_commit": git_commit(), "data_hash": data_hash(params)}
-    artifacts = [TRIPLETS_SUMMARY, VALIDATION, EVALUATION, LOSS_PLOT, PER_CLASS_PLOT, CONFUSION_PLOT]
+    artifacts = [TRIPLETS_SUMMARY, VALIDATION, VALIDATION_TEXT, EVALUATION, LOSS_PLOT, PER_CLASS_PLOT, CONFUSION_PLOT]
     result = tracking.log_and_register(params, BUNDLE, read_json(EVALUATION), history, artifacts, tags)
 
     test = scan_folder(params.data.test_dir)
@@ -312,7 +294,12 @@ STAGES: dict[str, Stage] = {
          "data.prepare_image_size", "data.prepare_seed", "data.prepare_per_class"),
         (TRAIN_DIR, TEST_DIR),
     ),
-    "validate": Stage(validate, (TRAIN_DIR, TEST_DIR), ("data.train_dir", "data.test_dir"), (str(VALIDATION),)),
+    "validate": Stage(
+        validate,
+        (TRAIN_DIR, TEST_DIR),
+        ("data.train_dir", "data.test_dir", "data.open_set", "data.strict"),
+        (str(VALIDATION), str(VALIDATION_TEXT)),
+    ),
     "triplets": Stage(
         triplets,
         (TRAIN_DIR, str(VALIDATION)),
@@ -333,7 +320,8 @@ STAGES: dict[str, Stage] = {
     ),
     "register": Stage(
         register,
-        (TRAIN_DIR, TEST_DIR, str(BUNDLE), str(TRAINED), str(EVALUATION), str(TRIPLETS_SUMMARY), str(VALIDATION), *_PLOTS),
+        (TRAIN_DIR, TEST_DIR, str(BUNDLE), str(TRAINED), str(EVALUATION), str(TRIPLETS_SUMMARY), str(VALIDATION),
+         str(VALIDATION_TEXT), *_PLOTS),
         ("data.train_dir", "data.test_dir", "register"),
         (str(REGISTRATION),),
     ),

@@ -226,6 +226,17 @@ def log_and_register(
     }
 
 
+def log_failed_stage(params: PipelineParams, stage: str, artifacts: list[Path]) -> str:
+    """Record a stage that stopped the pipeline as a FAILED run with its report files; returns the run id."""
+    with mlflow.start_run(experiment_id=ensure_experiment(params.register.experiment)) as run:
+        mlflow.set_tags({"failed_stage": stage})
+        mlflow.log_params(flatten(params.model_dump(mode="json")))
+        for path in artifacts:
+            mlflow.log_artifact(str(path))
+        mlflow.end_run(status="FAILED")
+    return run.info.run_id
+
+
 def champion_uri(model_name: str) -> str:
     """The registry URI of the model's current champion."""
     return f"models:/{model_name}@{CHAMPION}"

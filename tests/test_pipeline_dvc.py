@@ -58,9 +58,10 @@ def test_prepare_writes_a_seeded_stratified_split(tmp_path, monkeypatch, write_p
 
 def test_validate_lists_every_problem(tmp_path, monkeypatch, write_params):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     params = load_params(write_params(tmp_path / "params.yaml"))
     stages.prepare(params)
-    assert stages.validate(params) == {"train": 42, "test": 18, "classes": 10}
+    assert stages.validate(params) == {"train": 42, "test": 18, "classes": 10, "warnings": 0}
 
     train, test = Path(params.data.train_dir), Path(params.data.test_dir)
     for extra in sorted((train / "digit 9").iterdir())[1:]:
@@ -70,10 +71,17 @@ def test_validate_lists_every_problem(tmp_path, monkeypatch, write_params):
     with pytest.raises(DatasetError) as caught:
         stages.validate(params)
     report = json.loads(stages.VALIDATION.read_text())
-    assert not report["ok"] and len(report["errors"]) == 3
-    assert report["undecodable"] == [str(train / "digit 2" / "broken.png")]
-    for needle in ("broken.png", "fewer than 2 images", "'digit 9'", "absent from the training folder", "'digit 11'"):
-        assert needle in str(caught.value)
+    errors = {f["code"]: f for f in report["findings"] if f["level"] == "error"}
+    assert not report["ok"] and set(errors) == {"corrupt", "small_class", "unknown_test_class"}
+    assert errors["corrupt"]["paths"][0].startswith(str(train / "digit 2" / "broken.png"))
+    assert "digit 9" in errors["small_class"]["message"] and "digit 11" in errors["unknown_test_class"]["message"]
+    assert "3 errors (corrupt, small_class, unknown_test_class)" in str(caught.value)
+    text = stages.VALIDATION_TEXT.read_text()
+    assert "FAILED" in text and "broken.png" in text
+    from mlflow import MlflowClient
+
+    [failed] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("siamese").experiment_id])
+    assert failed.info.status == "FAILED" and failed.data.tags["failed_stage"] == "validate"
 
     missing = params.model_copy(update={"data": params.data.model_copy(update={"test_dir": "nowhere"})})
     with pytest.raises(DatasetError, match="nowhere: folder does not exist"):
@@ -170,4 +178,5 @@ def test_stage_command_reports_a_user_error_without_a_traceback(tmp_path, write_
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, check=False,
     )
     assert done.returncode == 1
-    assert done.stderr.startswith("error: ") and message in done.stderr and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]  # validate prints its readable report first
+    assert last.startswith("error: ") and message in last and "Traceback" not in done.stderr
