@@ -197,12 +197,36 @@ def evaluate(
 @app.command()
 def enroll(
     folder: Annotated[Path, typer.Argument(help="Class folder(s) to add: <dir>/<class>/<image>.")],
-    model: Annotated[Path, typer.Option("--model", help="Bundle folder to extend.")],
-    out: Annotated[Path | None, typer.Option("--out", help="Write the enlarged bundle here (default: in place).")] = None,
+    model: Annotated[str, typer.Option(
+        "--model", help="Bundle folder to extend, or a registry URI: models:/NAME@ALIAS or models:/NAME/VERSION.")],
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Bundle only: write the enlarged bundle here (default: in place).")] = None,
+    promote: Annotated[bool, typer.Option(
+        "--promote", help="Registry only: make the new version the champion (default: alias 'enrolled').")] = False,
 ) -> None:
-    """Add classes or images to a bundle's gallery without retraining."""
+    """Add classes or images to a gallery without retraining.
+
+    A bundle folder is extended in place or written to --out. A registry model gets a new
+    version with the enlarged gallery and the same network, tagged enrolled_from=<version>;
+    it takes the alias 'enrolled', or 'champion' with --promote.
+    """
 
     def body():
+        if model.startswith("models:/"):
+            if out is not None:
+                _fail("--out is for a bundle folder; a registry model gets a new version instead")
+            from pipelines.tracking import enroll_and_register
+
+            name, _, source = model.removeprefix("models:/").partition("@")
+            if not source:
+                name, _, source = name.partition("/")
+            result = enroll_and_register(name, folder, source or "champion", promote)
+            typer.echo(f"{name} version {result['version']} ({result['alias']}), enrolled from version "
+                       f"{result['enrolled_from']}: gallery of {result['gallery_size']} images, "
+                       f"new classes {result['new_classes']}")
+            return
+        if promote:
+            _fail("--promote is for a registry model (models:/NAME@ALIAS)")
         from siamese_core.recognizer import SiameseRecognizer
 
         recognizer = SiameseRecognizer.load(model).enroll(folder)

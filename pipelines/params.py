@@ -32,6 +32,11 @@ class DataConfig(Section):
     prepare_per_class: int | None = Field(
         None, ge=2, description="Cap on images per class written by prepare (quick runs); null keeps all."
     )
+    heldout_dir: str | None = Field(
+        None,
+        description="Class folders never trained on: the evaluate stage scores them as unknown classes "
+        "and enrols them in few-shot episodes; null skips both.",
+    )
 
 
 class RegisterConfig(Section):

@@ -14,8 +14,10 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +45,10 @@ METRICS = Path("metrics.json")
 LOSS_PLOT = Path("plots/loss.csv")
 PER_CLASS_PLOT = Path("plots/per_class.csv")
 CONFUSION_PLOT = Path("plots/confusion.csv")
+IMAGE_PLOTS = Path("plots/images")
+REPORT = ARTIFACTS / "report.html"
 MODEL_FILE, HISTORY_FILE = "model.keras", "history.json"
+PER_CLASS_METRICS = ("per_class_accuracy", "per_class_precision", "per_class_recall")
 TRAIN_DIR, TEST_DIR = "${data.train_dir}", "${data.test_dir}"
 
 log = logging.getLogger("pipelines.stages")
@@ -218,39 +223,73 @@ def embed(params: PipelineParams) -> dict:
 
 
 def evaluate(params: PipelineParams) -> dict:
-    """Score the bundle on the test folder: metrics.json, plots/*.csv and artifacts/evaluation.json."""
-    from siamese_core.metrics import evaluate as score
-    from siamese_core.recognizer import SiameseRecognizer
+    """Score the bundle on the test folder against its gallery, beside two baselines.
 
-    report = score(SiameseRecognizer.load(BUNDLE), params.data.test_dir, top_k=params.evaluate.top_k)
+    Calibrates the unknown-class threshold on the test queries and, when ``data.heldout_dir``
+    is set, scores known vs held-out classes and few-shot enrolment of the held-out classes.
+    Writes metrics.json (flat figures), artifacts/evaluation.json (the whole report),
+    plots/*.csv, the PNGs in plots/images/ and artifacts/report.html.
+    """
+    from siamese_core.data import scan_folder
+    from siamese_core.metrics import assess, flat_metrics
+    from siamese_core.recognizer import SiameseRecognizer
+    from siamese_core.report import write_html, write_plots
+
+    recognizer = SiameseRecognizer.load(BUNDLE)
+    recognizer.config = recognizer.config.model_copy(update={"evaluate": params.evaluate})
+    heldout = scan_folder(params.data.heldout_dir) if params.data.heldout_dir else None
+    assessment = assess(recognizer, scan_folder(params.data.test_dir), scan_folder(params.data.train_dir), heldout,
+                        seed=recognizer.config.train.seed)
+    report = assessment.report
     history = read_json(TRAINED / HISTORY_FILE)["history"]
     loss, val_loss = history.get("loss", []), history.get("val_loss", [])
     write_csv(LOSS_PLOT, ["epoch", "loss", "val_loss"],
               [(i + 1, v, val_loss[i] if i < len(val_loss) else "") for i, v in enumerate(loss)])
-    write_csv(PER_CLASS_PLOT, ["class", "accuracy"], report["per_class_accuracy"].items())
+    write_csv(PER_CLASS_PLOT, ["class", "accuracy", "precision"],
+              [(name, accuracy, report["per_class_precision"][name])
+               for name, accuracy in report["per_class_accuracy"].items()])
     labels, matrix = report["confusion_matrix"]["labels"], report["confusion_matrix"]["matrix"]
     write_csv(CONFUSION_PLOT, ["actual", "predicted"],
               [(labels[i], labels[j]) for i, row in enumerate(matrix) for j, n in enumerate(row) for _ in range(n)])
+    with atomic_dir(IMAGE_PLOTS) as tmp:
+        images = write_plots(assessment, recognizer.gallery, history, recognizer.input_size, tmp)
+    images = {title: IMAGE_PLOTS / path.name for title, path in images.items()}
+    write_html(REPORT, report, images, title=f"Evaluation on {params.data.test_dir}")
     write_json(EVALUATION, report)
-    metrics = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = flat_metrics(report)
     write_json(METRICS, metrics)
+    for note in report["notes"]:
+        log.warning("evaluate: %s", note)
     log.info("evaluate: %s", metrics)
     return metrics
 
 
 def register(params: PipelineParams) -> dict:
-    """Log the run to MLflow, register the bundle (champion gate), and try the champion on one test image."""
+    """Log the run to MLflow, register the bundle (champion gate), and try the champion on one test image.
+
+    The registered bundle is artifacts/bundle with the threshold calibrated by evaluate in its metadata.
+    Logged metrics: every figure of metrics.json, and per-class accuracy, precision and recall.
+    """
     import pandas as pd
 
     from siamese_core.data import scan_folder
+    from siamese_core.recognizer import store_threshold
 
     from . import tracking
     from .pyfunc_model import encode_image
 
     history = read_json(TRAINED / HISTORY_FILE)["history"]
     tags = {"git_commit": git_commit(), "data_hash": data_hash(params)}
-    artifacts = [TRIPLETS_SUMMARY, VALIDATION, VALIDATION_TEXT, EVALUATION, LOSS_PLOT, PER_CLASS_PLOT, CONFUSION_PLOT]
-    result = tracking.log_and_register(params, BUNDLE, read_json(EVALUATION), history, artifacts, tags)
+    artifacts = [TRIPLETS_SUMMARY, VALIDATION, VALIDATION_TEXT, EVALUATION, METRICS, REPORT, IMAGE_PLOTS,
+                 LOSS_PLOT, PER_CLASS_PLOT, CONFUSION_PLOT]
+    evaluation = read_json(EVALUATION)
+    metrics = {**read_json(METRICS), **{key: evaluation[key] for key in PER_CLASS_METRICS}}
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp) / BUNDLE.name
+        shutil.copytree(BUNDLE, bundle)
+        if "calibration" in evaluation:
+            store_threshold(bundle, evaluation["calibration"]["threshold"], evaluation["calibration"])
+        result = tracking.log_and_register(params, bundle, metrics, history, artifacts, tags)
 
     test = scan_folder(params.data.test_dir)
     champion = tracking.load_champion(params.register.model_name)
@@ -286,6 +325,7 @@ class Stage:
 
 
 _PLOTS = (str(LOSS_PLOT), str(PER_CLASS_PLOT), str(CONFUSION_PLOT))
+_EVALUATION_OUTS = (str(METRICS), str(EVALUATION), str(REPORT), str(IMAGE_PLOTS), *_PLOTS)
 STAGES: dict[str, Stage] = {
     "prepare": Stage(
         prepare,
@@ -314,14 +354,14 @@ STAGES: dict[str, Stage] = {
     ),
     "evaluate": Stage(
         evaluate,
-        (TEST_DIR, str(BUNDLE), str(TRAINED)),
-        ("data.test_dir", "evaluate"),
-        (str(METRICS), str(EVALUATION), *_PLOTS),
+        (TRAIN_DIR, TEST_DIR, str(BUNDLE), str(TRAINED)),
+        ("data.train_dir", "data.test_dir", "data.heldout_dir", "evaluate"),
+        _EVALUATION_OUTS,
     ),
     "register": Stage(
         register,
-        (TRAIN_DIR, TEST_DIR, str(BUNDLE), str(TRAINED), str(EVALUATION), str(TRIPLETS_SUMMARY), str(VALIDATION),
-         str(VALIDATION_TEXT), *_PLOTS),
+        (TRAIN_DIR, TEST_DIR, str(BUNDLE), str(TRAINED), str(TRIPLETS_SUMMARY), str(VALIDATION),
+         str(VALIDATION_TEXT), *_EVALUATION_OUTS),
         ("data.train_dir", "data.test_dir", "register"),
         (str(REGISTRATION),),
     ),

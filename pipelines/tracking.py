@@ -8,6 +8,7 @@ import os
 import posixpath
 import re
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import mlflow
@@ -271,3 +272,70 @@ def download_bundle(model_uri: str) -> Path:
         _resolve_alias(name, alias)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri()))
     return local / "artifacts" / "bundle"
+
+
+ENROLLED = "enrolled"
+
+
+def _log_bundle_model(bundle_dir: str | os.PathLike):
+    """Log a bundle folder as the pyfunc model ``model`` of the active run, checked to serve its example."""
+    from .pyfunc_model import (
+        SIGNATURE,
+        SiameseBundleModel,
+        input_example,
+        pip_requirements,
+    )
+
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=SiameseBundleModel(),
+        artifacts={"bundle": str(bundle_dir)},
+        code_paths=_PACKAGE_DIRS,
+        signature=SIGNATURE,
+        input_example=input_example(),
+        pip_requirements=pip_requirements(),
+    )
+    mlflow.pyfunc.load_model(info.model_uri).predict(input_example())
+    return info
+
+
+def enroll_and_register(model_name: str, folder: str | os.PathLike, source: str = CHAMPION, promote: bool = False) -> dict:
+    """Enrol class folders into a registered version's gallery, and register the result as a new version.
+
+    ``source`` is an alias or a version number of ``model_name``. Its bundle is downloaded,
+    the images of ``folder`` (``<class>/<image>``) are embedded by its unchanged network and
+    added to its gallery, and the enlarged bundle is logged as a new run and model version,
+    both tagged ``enrolled_from=<source version>``. The run goes to the source run's experiment.
+
+    Aliases: with ``promote`` the new version becomes ``champion``, without the champion gate
+    (the source's test-set figure says nothing about the new classes, so the user decides);
+    otherwise it takes ``enrolled`` and the champion stays where it is.
+    """
+    from siamese_core.data import scan_folder
+    from siamese_core.recognizer import SiameseRecognizer
+
+    client = _client()
+    base = client.get_model_version(model_name, source) if str(source).isdigit() else _resolve_alias(model_name, source)
+    images = scan_folder(folder)
+    recognizer = SiameseRecognizer.load(download_bundle(f"models:/{model_name}/{base.version}"))
+    known = set(recognizer.gallery.class_names)
+    recognizer.enroll(images)
+    new_classes = [name for name in recognizer.gallery.class_names if name not in known]
+    tags = {"enrolled_from": str(base.version), "enrolled_folder": str(folder)}
+    experiment_id = client.get_run(base.run_id).info.experiment_id if base.run_id else ensure_experiment("siamese")
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(experiment_id=experiment_id) as run:
+        bundle = recognizer.save(Path(tmp) / "bundle", {"enrolled_from": f"{model_name}/{base.version}"})
+        mlflow.set_tags(tags)
+        mlflow.log_params(flatten(recognizer.config.model_dump(mode="json")))
+        mlflow.log_metrics({"gallery_size": len(recognizer.gallery), "classes": len(recognizer.gallery.class_names),
+                            "enrolled_images": len(images), "new_classes": len(new_classes)})
+        mlflow.log_dict({"folder": str(folder), "new_classes": new_classes,
+                         "images": dict(Counter(images.label_names))},
+                        "enrolment.json")
+        info = _log_bundle_model(bundle)
+        version = str(mlflow.register_model(info.model_uri, model_name, tags=tags).version)
+    alias = CHAMPION if promote else ENROLLED
+    with _gate_lock():
+        client.set_registered_model_alias(model_name, alias, version)
+    return {"run_id": run.info.run_id, "model_name": model_name, "version": version, "alias": alias,
+            "enrolled_from": str(base.version), "new_classes": new_classes, "gallery_size": len(recognizer.gallery)}

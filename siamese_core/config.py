@@ -8,7 +8,7 @@ bare name belongs to exactly one section.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -83,6 +83,18 @@ class EvaluateConfig(Section):
 
     top_k: int = Field(5, ge=1)
     embed_batch_size: int = Field(64, ge=1, description="Images per batch when embedding a gallery or queries.")
+    threshold_target: Literal["best_f1"] | Annotated[float, Field(gt=0, le=1)] = Field(
+        "best_f1",
+        description="How the unknown-class distance threshold is calibrated on the test queries: "
+        "'best_f1' of accepting correct answers, or a precision to reach (e.g. 0.99).",
+    )
+    reject_unknown: bool = Field(
+        False, description="predict answers 'unknown' beyond the calibrated threshold (bundle metadata 'threshold')."
+    )
+    baselines: bool = Field(True, description="Also score raw-pixel and untrained-network nearest neighbour.")
+    fewshot_way: int = Field(20, ge=2, description="N of the N-way k-shot episodes on held-out classes.")
+    fewshot_shots: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 5], description="The k values of the episodes.")
+    fewshot_episodes: int = Field(500, ge=1)
 
 
 class Config(Section):

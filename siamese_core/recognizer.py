@@ -6,6 +6,7 @@ import json
 import os
 import platform
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,10 +18,11 @@ from .data import ImageFolder, scan_folder
 from .embed import ImageSource, embed_images
 from .errors import BundleError
 from .gallery import Gallery, Match
-from .io import atomic_dir
+from .io import atomic_dir, atomic_path
 
 BUNDLE_FORMAT = 1
 MODEL_FILE, GALLERY_FILE, CONFIG_FILE, METADATA_FILE = "model.keras", "gallery.npz", "config.json", "metadata.json"
+UNKNOWN = "unknown"  # the label of an image beyond the threshold, when predicting with rejection
 
 
 def _versions() -> dict[str, str]:
@@ -61,13 +63,32 @@ class SiameseRecognizer:
         """Embed image paths, encoded bytes or uint8 arrays, in batches."""
         return embed_images(self.embedding, list(images), self.config.evaluate.embed_batch_size)
 
-    def predict(self, images: Sequence[ImageSource], top_k: int | None = None) -> list[Match]:
-        """The nearest gallery class of each image, with its squared distance and the top-k classes."""
-        return self.gallery.search(self.embed(images), top_k or self.config.evaluate.top_k)
+    @property
+    def threshold(self) -> float | None:
+        """The calibrated squared-distance threshold beyond which an image is of an unknown class, if any."""
+        value = self.metadata.get("threshold")
+        return None if value is None else float(value)
 
-    def predict_one(self, image: ImageSource, top_k: int | None = None) -> Match:
+    def predict(
+        self, images: Sequence[ImageSource], top_k: int | None = None, reject: bool | None = None
+    ) -> list[Match]:
+        """The nearest gallery class of each image, with its squared distance and the top-k classes.
+
+        With ``reject`` (default: ``config.evaluate.reject_unknown``) an image farther than
+        :attr:`threshold` from every gallery image gets the label ``UNKNOWN``; its
+        distance and top-k classes are kept.
+        """
+        matches = self.gallery.search(self.embed(images), top_k or self.config.evaluate.top_k)
+        if not (self.config.evaluate.reject_unknown if reject is None else reject):
+            return matches
+        if self.threshold is None:
+            raise BundleError("rejecting unknown classes needs a calibrated threshold in the bundle's metadata; "
+                              "run the evaluate stage or set one with store_threshold")
+        return [replace(m, label=UNKNOWN) if m.distance > self.threshold else m for m in matches]
+
+    def predict_one(self, image: ImageSource, top_k: int | None = None, reject: bool | None = None) -> Match:
         """Recognise a single image."""
-        return self.predict([image], top_k)[0]
+        return self.predict([image], top_k, reject)[0]
 
     def enroll(self, folder: str | os.PathLike | ImageFolder) -> SiameseRecognizer:
         """Add a class folder's images to the gallery (new classes or more images), without retraining."""
@@ -124,3 +145,14 @@ class SiameseRecognizer:
 
         embedding = keras.saving.load_model(path / MODEL_FILE, compile=False, safe_mode=True)
         return cls(embedding, Gallery.load(path / GALLERY_FILE), config, metadata)
+
+
+def store_threshold(path: str | os.PathLike, threshold: float, calibration: dict | None = None) -> None:
+    """Record the unknown-class threshold (and how it was calibrated) in a bundle's metadata.json, atomically."""
+    file = Path(path) / METADATA_FILE
+    if not file.is_file():
+        raise BundleError(f"{path}: not a model bundle (missing {METADATA_FILE})")
+    metadata = json.loads(file.read_text(encoding="utf-8"))
+    metadata.update({"threshold": float(threshold), "threshold_calibration": calibration or {}})
+    with atomic_path(file) as tmp:
+        tmp.write_text(json.dumps(metadata, indent=2, ensure_ascii=False), encoding="utf-8")

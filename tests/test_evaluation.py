@@ -1,0 +1,156 @@
+"""Evaluation metrics on hand-computed cases, threshold calibration, rejection of unknown images, and `assess`."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from images import make_digits_dataset
+from mlflow_fixtures import TINY_MODEL
+
+from siamese_core.config import Config, apply_overrides
+from siamese_core.data import scan_folder
+from siamese_core.errors import BundleError, DatasetError
+from siamese_core.gallery import Match
+from siamese_core.metrics import (
+    accuracy_report,
+    assess,
+    average_precision_at_r,
+    calibrate_threshold,
+    few_shot_report,
+    flat_metrics,
+    map_at_r,
+    open_set_report,
+)
+from siamese_core.model import build_embedding_model
+from siamese_core.recognizer import UNKNOWN, SiameseRecognizer, build_gallery, store_threshold
+
+
+def test_average_precision_at_r_by_hand():
+    labels = ["a", "b", "a", "b"]
+    ap = average_precision_at_r([[0.1, 0.2, 0.3, 0.4],   # a first, then b: (1/2) * P(1) = 0.5
+                                 [0.1, 0.1, 0.3, 0.4],   # tie between a and b: b is ranked first -> (1/2) * P(2)
+                                 [0.4, 0.1, 0.3, 0.2]],  # both b before any a
+                                ["a", "a", "a"], labels)
+    np.testing.assert_allclose(ap, [0.5, 0.25, 0.0])
+    # a class with one reference (R = 1), found first or not; a class with none (R = 0) is NaN
+    single = average_precision_at_r([[0.5, 0.1, 0.2], [0.0, 0.1, 0.2], [0.1, 0.2, 0.3]], ["c", "c", "z"], ["c", "a", "a"])
+    assert single[:2].tolist() == [0.0, 1.0] and math.isnan(single[2])
+
+
+def test_map_at_r_on_embeddings_skips_queries_without_references():
+    references, reference_labels = np.array([[0.1], [0.2], [9.9], [5.0]]), ["a", "b", "b", "a"]
+    queries = np.array([[0.0], [10.0], [3.0]])
+    # query a: a b a b -> 0.5; query b: b a b a -> 0.5; query z has no reference and is left out
+    assert map_at_r(queries, ["a", "b", "z"], references, reference_labels, chunk=1) == pytest.approx(0.5)
+    separated = np.array([[0.0], [1.0], [10.0], [11.0]])
+    assert map_at_r(separated, ["a", "a", "b", "b"], separated, ["a", "a", "b", "b"]) == 1.0
+    assert math.isnan(map_at_r(queries[:1], ["z"], references, reference_labels))
+
+
+def test_precision_and_recall_per_class():
+    matches = [Match("a", 0.1, [("a", 0.1)]), Match("b", 0.1, [("b", 0.1)]), Match("b", 0.1, [("b", 0.1)]),
+               Match("a", 0.1, [("a", 0.1)])]
+    report = accuracy_report(["a", "a", "b", "c"], matches, ["a", "b", "c"], top_k=1)
+    assert report["per_class_recall"] == {"a": 0.5, "b": 1.0, "c": 0.0} == report["per_class_accuracy"]
+    assert report["per_class_precision"] == {"a": 0.5, "b": 0.5, "c": 0.0}  # c is never predicted
+    assert report["macro_precision"] == pytest.approx(1 / 3)
+
+
+def test_open_set_auroc_and_accuracy_with_rejection():
+    report = open_set_report([0.1, 0.3], [True, False], [0.2, 0.5], threshold=0.25)
+    # known nearer than unknown in 3 of the 4 (known, unknown) pairs
+    assert report["auroc"] == pytest.approx(0.75)
+    # right: the accepted correct known query and the rejected unknown one
+    assert report["accuracy_with_rejection"] == 0.5
+    assert (report["known_accepted"], report["unknown_rejected"]) == (0.5, 0.5)
+    assert open_set_report([0.2], [True], [0.2], 0.1)["auroc"] == 0.5  # a tie counts half
+
+
+def test_threshold_calibration_on_constructed_distances():
+    distances, correct = [0.5, 0.1, 0.4, 0.2, 0.3], [False, True, True, True, False]
+    best = calibrate_threshold(distances, correct, "best_f1")
+    assert best["threshold"] == 0.4 and best["precision"] == 0.75 and best["recall"] == 1.0
+    assert best["f1"] == pytest.approx(6 / 7) and best["accept_rate"] == 0.8
+    strict = calibrate_threshold(distances, correct, 0.9)
+    assert strict["threshold"] == 0.2 and strict["recall"] == pytest.approx(2 / 3) and strict["target_met"]
+    assert calibrate_threshold(distances, correct, 0.7)["threshold"] == 0.4
+
+    # equal distances are accepted together: the tie at 0.1 is half right, not 100% precise
+    tied = calibrate_threshold([0.1, 0.1, 0.2], [True, False, False], 1.0)
+    assert tied["threshold"] == 0.1 and tied["precision"] == 0.5 and not tied["target_met"]
+    with pytest.raises(ValueError, match="at least one correct"):
+        calibrate_threshold([0.1], [False])
+
+
+def test_few_shot_falls_back_to_fewer_ways_and_says_so():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(5), 6)
+    embeddings = rng.normal(size=(5, 4))[labels] * 50 + rng.normal(size=(30, 4))
+    results, notes = few_shot_report(embeddings, labels, n_way=20, shots=[1, 5, 6], episodes=20)
+    assert set(results) == {"1shot", "5shot"}
+    assert results["1shot"]["n_way"] == results["5shot"]["n_way"] == 5 and results["5shot"]["mean"] == 1.0
+    assert "5-way instead of 20-way" in notes[0] and "6-shot skipped" in notes[2]
+
+
+def test_flat_metrics_keeps_numbers_and_drops_tables():
+    report = {"top1": 0.5, "n_queries": 4, "per_class_accuracy": {"a": 1.0}, "confusion_matrix": {"labels": ["a"]},
+              "baseline_untrained": {"top1": 0.25}, "calibration": {"threshold": 0.3, "target": "best_f1",
+                                                                    "target_met": True},
+              "fewshot": {"1shot": {"mean": 0.9, "n_way": 5}}, "notes": ["x"]}
+    assert flat_metrics(report) == {"top1": 0.5, "n_queries": 4, "baseline_untrained.top1": 0.25,
+                                    "calibration.threshold": 0.3, "fewshot.1shot.mean": 0.9, "fewshot.1shot.n_way": 5}
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """A tiny untrained recogniser over 3 digit classes, its test folder and 2 held-out classes."""
+    root = tmp_path_factory.mktemp("digits")
+    train_dir, test_dir = make_digits_dataset(root / "known", classes=3)
+    heldout_dir, _ = make_digits_dataset(root / "all", classes=5, train_per_class=6, test_per_class=0)
+    for digit in range(3):
+        for image in (heldout_dir / f"digit {digit}").iterdir():
+            image.unlink()
+        (heldout_dir / f"digit {digit}").rmdir()
+    config = apply_overrides(Config(), {**TINY_MODEL, "fewshot_episodes": 20})
+    keras.utils.set_random_seed(config.train.seed)  # as training starts: the untrained baseline is this network
+    embedding = build_embedding_model(config.model)
+    recognizer = SiameseRecognizer(embedding, build_gallery(embedding, scan_folder(train_dir)), config)
+    return recognizer, scan_folder(train_dir), scan_folder(test_dir), scan_folder(heldout_dir)
+
+
+def test_reject_answers_unknown_beyond_the_threshold(untrained, tmp_path):
+    recognizer, train, test, _ = untrained
+    plain = recognizer.predict(test.paths)
+    with pytest.raises(BundleError, match="calibrated threshold"):
+        recognizer.predict(test.paths, reject=True)
+
+    threshold = float(np.median([m.distance for m in plain]))
+    recognizer.save(tmp_path / "bundle")
+    store_threshold(tmp_path / "bundle", threshold, {"target": "best_f1"})
+    loaded = SiameseRecognizer.load(tmp_path / "bundle")
+    assert loaded.threshold == threshold and loaded.metadata["threshold_calibration"] == {"target": "best_f1"}
+    rejected = loaded.predict(test.paths, reject=True)
+    for before, after in zip(plain, rejected):
+        assert after.label == (UNKNOWN if before.distance > threshold else before.label)
+        assert after.distance == pytest.approx(before.distance, abs=1e-6) and len(after.top_k) == len(before.top_k)
+    assert {m.label for m in rejected} >= {UNKNOWN} and len({m.label for m in rejected}) > 1
+    assert [m.label for m in loaded.predict(test.paths)] == [m.label for m in plain]  # reject_unknown is off
+    loaded.config = apply_overrides(loaded.config, {"reject_unknown": True})
+    assert [m.label for m in loaded.predict(test.paths)] == [m.label for m in rejected]
+
+
+def test_assess_scores_baselines_open_set_and_few_shot(untrained):
+    recognizer, train, test, heldout = untrained
+    result = assess(recognizer, test, train, heldout)
+    report = result.report
+    assert report["n_queries"] == len(test) and 0 <= report["map_at_r"] <= 1
+    assert set(report["baseline_raw_pixels"]) >= {"top1", "top5", "map_at_r"}
+    # the untrained baseline is this very network: the same figures
+    assert report["baseline_untrained"]["top1"] == report["top1"]
+    assert report["calibration"]["threshold"] >= 0 and report["open_set"]["n_unknown"] == len(heldout)
+    assert report["fewshot"]["1shot"]["n_way"] == 2 and report["fewshot"]["5shot"]["n_way"] == 2
+    assert any("2-way instead of 20-way" in note for note in report["notes"])
+    assert len(result.unknown_distances) == len(heldout) and result.correct.shape == (len(test),)
+    with pytest.raises(DatasetError, match="held-out classes must be new"):
+        assess(recognizer, test, heldout=train)

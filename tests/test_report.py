@@ -1,0 +1,66 @@
+"""The evaluation plots and the self-contained HTML report."""
+
+import base64
+import io
+import re
+
+import numpy as np
+import pytest
+from images import make_digits_dataset
+from mlflow_fixtures import TINY_MODEL
+from PIL import Image
+
+from siamese_core.config import Config, apply_overrides
+from siamese_core.data import scan_folder
+from siamese_core.metrics import assess
+from siamese_core.model import build_embedding_model
+from siamese_core.recognizer import SiameseRecognizer, build_gallery
+from siamese_core.report import MAX_TICK_LABELS, confusion_figure, write_html, write_plots
+
+
+@pytest.fixture(scope="module")
+def assessment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    train_dir, test_dir = make_digits_dataset(root / "known", classes=3)
+    heldout_dir, _ = make_digits_dataset(root / "new", classes=5, train_per_class=6, test_per_class=0)
+    for digit in range(3):
+        for image in (heldout_dir / f"digit {digit}").iterdir():
+            image.unlink()
+        (heldout_dir / f"digit {digit}").rmdir()
+    config = apply_overrides(Config(), {**TINY_MODEL, "fewshot_episodes": 10})
+    embedding = build_embedding_model(config.model)
+    recognizer = SiameseRecognizer(embedding, build_gallery(embedding, scan_folder(train_dir)), config)
+    return recognizer, assess(recognizer, scan_folder(test_dir), scan_folder(train_dir), scan_folder(heldout_dir))
+
+
+def test_plots_are_valid_pngs_and_the_report_embeds_them(assessment, tmp_path):
+    recognizer, result = assessment
+    history = {"loss": [0.5, 0.3], "val_loss": [0.6, 0.4]}
+    images = write_plots(result, recognizer.gallery, history, recognizer.input_size, tmp_path / "plots")
+    assert sorted(p.name for p in images.values()) == [
+        "confusion.png", "distances.png", "embedding.png", "loss.png", "neighbours.png"]
+    for path in images.values():
+        with Image.open(path) as image:
+            assert image.format == "PNG" and min(image.size) > 100
+            image.verify()
+
+    page = write_html(tmp_path / "report.html", result.report, images).read_text(encoding="utf-8")
+    embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(embedded) == len(images)
+    assert Image.open(io.BytesIO(base64.b64decode(embedded[0]))).format == "PNG"
+    for text in ("top1", "top5", "map_at_r", "class_avg_accuracy", "raw pixels", "untrained", "auroc",
+                 "accuracy_with_rejection", "2-way 1-shot", "Unknown-class threshold", "digit 2"):
+        assert text in page, text
+    assert "2-way instead of 20-way" in page  # the few-shot fallback note
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+
+
+def test_confusion_matrix_with_many_classes_stays_readable():
+    labels = [f"class {i:03d}" for i in range(120)][::-1]
+    matrix = np.diag(np.full(120, 3)) + np.eye(120, k=1, dtype=int)
+    ax = confusion_figure(labels, matrix).axes[0]
+    names = [t.get_text() for t in ax.get_xticklabels()]
+    assert len(names) <= MAX_TICK_LABELS and names[:2] == ["class 000", "class 003"]  # sorted, thinned
+    assert not ax.texts  # no per-cell counts at this size
+    few = confusion_figure(["b", "a"], [[2, 1], [0, 3]]).axes[0]
+    assert [t.get_text() for t in few.texts] == ["3", "1", "2"]  # sorted: a first; zero cells left empty
