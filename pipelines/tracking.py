@@ -118,13 +118,13 @@ def _gate_lock() -> FileLock:
 
 
 def apply_gate(
-    client: MlflowClient, model_name: str, version: str, metric: str, value: float, greater_is_better: bool
+    client: MlflowClient, run_id: str, model_name: str, version: str, metric: str, value: float, greater_is_better: bool
 ) -> tuple[str, float | None]:
     """Give ``version`` the champion alias if ``value`` strictly beats the champion's, else challenger.
 
     The read-compare-move runs under a lock, so two runs finishing at once cannot
     both compare against the same old champion and leave the worse one in place.
-    The decision and both figures are logged on the active run and the version.
+    The decision and both figures are logged on run ``run_id`` and on the version.
     Returns ``(decision, previous champion value)``.
     """
     with _gate_lock():
@@ -138,11 +138,11 @@ def apply_gate(
             "gate.previous_champion_version": str(previous_version),
             "gate.previous_champion_value": str(previous),
         }
-        mlflow.set_tags(gate)
-        if previous is not None:
-            mlflow.log_metric(f"previous_champion.{metric}", previous)
         for key, tag in gate.items():
+            client.set_tag(run_id, key, tag)
             client.set_model_version_tag(model_name, version, key, tag)
+        if previous is not None:
+            client.log_metric(run_id, f"previous_champion.{metric}", previous)
         client.set_registered_model_alias(model_name, decision, version)
     return decision, previous
 
@@ -214,7 +214,7 @@ def log_and_register(
         version = mlflow.register_model(info.model_uri, register.model_name).version
 
         decision, previous = apply_gate(
-            client, register.model_name, str(version), register.metric, value, register.greater_is_better
+            client, run_id, register.model_name, str(version), register.metric, value, register.greater_is_better
         )
     return {
         "run_id": run_id,

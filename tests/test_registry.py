@@ -186,21 +186,21 @@ def test_concurrent_gates_leave_the_best_version_champion(store):
     client = MlflowClient()
     experiment = tracking.ensure_experiment("race")
     client.create_registered_model("race")
-    versions = {}
+    versions, runs = {}, {}
     for value in (0.7, 0.8, 0.95):  # 0.7 is the champion; 0.8 and 0.95 both beat it and finish together
         run = client.create_run(experiment)
         client.log_metric(run.info.run_id, "top1", value)
         client.set_terminated(run.info.run_id)
+        runs[value] = run.info.run_id
         versions[value] = client.create_model_version("race", f"runs:/{run.info.run_id}/model", run.info.run_id).version
-    tracking.apply_gate(client, "race", versions[0.7], "top1", 0.7, True)
+    tracking.apply_gate(client, runs[0.7], "race", versions[0.7], "top1", 0.7, True)
 
     barrier = threading.Barrier(2)
     decisions = {}
 
     def finish(value):
         barrier.wait()
-        with mlflow.start_run(experiment_id=experiment):
-            decisions[value] = tracking.apply_gate(client, "race", versions[value], "top1", value, True)[0]
+        decisions[value] = tracking.apply_gate(client, runs[value], "race", versions[value], "top1", value, True)[0]
 
     threads = [threading.Thread(target=finish, args=(v,)) for v in (0.8, 0.95)]
     for t in threads:
@@ -209,6 +209,8 @@ def test_concurrent_gates_leave_the_best_version_champion(store):
         t.join()
     assert decisions[0.95] == "champion"  # 0.8 is champion only if it decided first, then replaced
     assert client.get_registered_model("race").aliases["champion"] == int(versions[0.95])
+    assert mlflow.active_run() is None
+    assert client.get_run(runs[0.8]).data.tags["gate.previous_champion_value"] in ("0.7", "0.95")
 
 
 def test_cli_predicts_with_the_registered_champion(bundle, store):
