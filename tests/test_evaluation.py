@@ -23,7 +23,12 @@ from siamese_core.metrics import (
     open_set_report,
 )
 from siamese_core.model import build_embedding_model
-from siamese_core.recognizer import UNKNOWN, SiameseRecognizer, build_gallery, store_threshold
+from siamese_core.recognizer import (
+    UNKNOWN,
+    SiameseRecognizer,
+    build_gallery,
+    store_threshold,
+)
 
 
 def test_average_precision_at_r_by_hand():
@@ -120,7 +125,7 @@ def untrained(tmp_path_factory):
 
 
 def test_reject_answers_unknown_beyond_the_threshold(untrained, tmp_path):
-    recognizer, train, test, _ = untrained
+    recognizer, _, test, _ = untrained
     plain = recognizer.predict(test.paths)
     with pytest.raises(BundleError, match="calibrated threshold"):
         recognizer.predict(test.paths, reject=True)

@@ -17,6 +17,7 @@ from PIL import Image
 from pipelines import stages
 from pipelines.params import load_params
 from pipelines.prepare import MARKER
+from pipelines.tracking import download_bundle
 from siamese_core.errors import DatasetError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,12 +127,19 @@ def _stages(pattern: str, output: str) -> set[str]:
     return set(re.findall(pattern, output))
 
 
-def test_dvc_repro_reruns_only_what_a_param_change_touches(tmp_path, write_params):
+def test_dvc_repro_reruns_only_what_a_param_change_touches(tmp_path, write_params, monkeypatch):
     repo, run, dvc = _project(tmp_path, write_params)
 
     first = run(*dvc, "repro")
     assert _stages(r"Running stage '(\w+)'", first) == set(stages.STAGES)
-    assert set(json.loads((repo / "metrics.json").read_text())) >= {"top1", "top3", "class_avg_accuracy"}
+    assert set(json.loads((repo / "metrics.json").read_text())) >= {
+        "top1", "top3", "class_avg_accuracy", "map_at_r", "calibration.threshold",
+        "baseline_raw_pixels.top1", "baseline_untrained.top1"}
+    assert "data:image/png;base64," in (repo / "artifacts/report.html").read_text()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _env(tmp_path)["MLFLOW_TRACKING_URI"])
+    registered = json.loads((download_bundle("models:/siamese-recognizer@champion") / "metadata.json").read_text())
+    calibration = json.loads((repo / "artifacts/evaluation.json").read_text())["calibration"]
+    assert registered["threshold"] == calibration["threshold"]  # the registered bundle carries the threshold
     assert (repo / "artifacts/bundle/model.keras").is_file()
     registration = json.loads((repo / "artifacts/registration.json").read_text())
     assert (registration["version"], registration["decision"]) == ("1", "champion")
@@ -151,7 +159,8 @@ def test_dvc_repro_reruns_only_what_a_param_change_touches(tmp_path, write_param
     metrics = json.loads(run(*dvc, "metrics", "show", "--json"))
     assert "top1" in json.dumps(metrics)
     plots = run(*dvc, "plots", "show", "--json")
-    assert all(title in plots for title in ("Loss per epoch", "Test accuracy per class", "Confusion (test)"))
+    assert all(title in plots for title in ("Loss per epoch", "Test accuracy per class", "Confusion (test)",
+                                            "plots/images/confusion.png"))
 
     run(*dvc, "remote", "add", "-d", "local", str(tmp_path / "remote"))
     run(*dvc, "push")

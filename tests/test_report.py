@@ -15,7 +15,12 @@ from siamese_core.data import scan_folder
 from siamese_core.metrics import assess
 from siamese_core.model import build_embedding_model
 from siamese_core.recognizer import SiameseRecognizer, build_gallery
-from siamese_core.report import MAX_TICK_LABELS, confusion_figure, write_html, write_plots
+from siamese_core.report import (
+    MAX_TICK_LABELS,
+    confusion_figure,
+    write_html,
+    write_plots,
+)
 
 
 @pytest.fixture(scope="module")

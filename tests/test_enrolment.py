@@ -1,0 +1,79 @@
+"""Enrolling new classes without retraining: in the library, and as a new registered version (MLflow on SQLite)."""
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from images import make_digits_dataset
+from mlflow import MlflowClient
+from mlflow_fixtures import make_tiny_bundle, pipeline_params, use_sqlite_store
+from typer.testing import CliRunner
+
+from pipelines import tracking
+from pipelines.cli import app
+from pipelines.pyfunc_model import encode_image
+from siamese_core.recognizer import SiameseRecognizer
+
+NAME = "tiny-recognizer"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return make_tiny_bundle(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def new_class(tmp_path):
+    """A folder holding one class the bundle has never seen: digit 7."""
+    train_dir, _ = make_digits_dataset(tmp_path / "new", classes=8, train_per_class=4, test_per_class=0)
+    for digit in range(7):
+        for image in (train_dir / f"digit {digit}").iterdir():
+            image.unlink()
+        (train_dir / f"digit {digit}").rmdir()
+    return train_dir
+
+
+def test_enrolled_class_is_predicted_and_the_network_unchanged(bundle, new_class):
+    recognizer = SiameseRecognizer.load(bundle.path)
+    weights = [w.copy() for w in recognizer.embedding.get_weights()]
+    image = next((new_class / "digit 7").iterdir())
+    assert recognizer.predict_one(image).label != "digit 7"
+    recognizer.enroll(new_class)
+    match = recognizer.predict_one(image)
+    assert (match.label, match.nearest_path) == ("digit 7", str(image)) and match.distance < 1e-4
+    assert all(np.array_equal(a, b) for a, b in zip(weights, recognizer.embedding.get_weights()))
+
+
+def test_enrolment_registers_a_new_version_and_moves_aliases_as_documented(bundle, new_class, monkeypatch, tmp_path):
+    use_sqlite_store(monkeypatch, tmp_path)
+    metrics = {"top1": 0.5, "per_class_accuracy": {"digit 0": 0.5}}
+    tracking.log_and_register(pipeline_params(NAME), bundle.path, metrics, bundle.history, [], {"git_commit": "x"})
+
+    result = tracking.enroll_and_register(NAME, new_class)
+    assert (result["version"], result["alias"], result["enrolled_from"]) == ("2", "enrolled", "1")
+    assert result["new_classes"] == ["digit 7"]
+    client = MlflowClient()
+    assert client.get_registered_model(NAME).aliases == {"champion": 1, "enrolled": 2}
+    assert client.get_model_version(NAME, "2").tags["enrolled_from"] == "1"
+    run = client.get_run(result["run_id"])
+    assert run.data.tags["enrolled_from"] == "1" and run.data.metrics["new_classes"] == 1
+
+    downloaded = SiameseRecognizer.load(tracking.download_bundle(f"models:/{NAME}@enrolled"))
+    assert downloaded.gallery.class_names == ["digit 0", "digit 1", "digit 2", "digit 7"]
+    image = next((new_class / "digit 7").iterdir())
+    served = mlflow.pyfunc.load_model(f"models:/{NAME}@enrolled").predict(pd.DataFrame({"image": [encode_image(image)]}))
+    assert served["label"].tolist() == ["digit 7"]
+
+    more, _ = make_digits_dataset(tmp_path / "more", classes=1, train_per_class=2, test_per_class=0)
+    cli = CliRunner().invoke(app, ["enroll", str(more), "--model", f"models:/{NAME}@enrolled", "--promote"])
+    assert cli.exit_code == 0, cli.output
+    assert "version 3 (champion), enrolled from version 2" in cli.output
+    assert client.get_registered_model(NAME).aliases == {"champion": 3, "enrolled": 2}
+    promoted = json.loads(tracking.download_bundle(f"models:/{NAME}@champion").joinpath("metadata.json").read_text())
+    assert promoted["gallery_size"] == downloaded.metadata["gallery_size"] + 2
+    assert promoted["enrolled_from"] == f"{NAME}/2"
+
+    wrong = CliRunner().invoke(app, ["enroll", str(more), "--model", f"models:/{NAME}/1", "--out", str(tmp_path / "x")])
+    assert wrong.exit_code == 1 and "--out is for a bundle folder" in wrong.output
