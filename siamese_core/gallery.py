@@ -127,9 +127,14 @@ class Gallery:
             results[query] = result
         return results
 
-    def search(self, queries: np.ndarray, top_k: int = 5, chunk: int = 1024) -> list[Match]:
-        """The nearest class of every query embedding, with the ``top_k`` nearest classes."""
+    def search(self, queries: np.ndarray, top_k: int = 5, chunk: int | None = None) -> list[Match]:
+        """The nearest class of every query embedding, with the ``top_k`` nearest classes.
+
+        Queries go ``chunk`` at a time; by default enough for a 4M-entry distance block,
+        so memory stays bounded however large the gallery.
+        """
         k = min(top_k, len(self.class_names))
+        chunk = chunk or max(1, 4_000_000 // len(self))
         queries = np.asarray(queries, dtype=np.float32)
         find = self._index_search if self.uses_index else self._exact_search
         matches: list[Match] = []

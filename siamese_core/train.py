@@ -18,7 +18,12 @@ from .config import Config, TrainConfig
 from .data import ImageFolder, scan_folder
 from .embed import decode_all, embed_images, predict_array
 from .io import atomic_dir
-from .model import SiameseModel, UniqueTripletModel, build_embedding_model, split_frozen_trunk
+from .model import (
+    SiameseModel,
+    UniqueTripletModel,
+    build_embedding_model,
+    split_frozen_trunk,
+)
 from .triplets import generate_triplets
 
 log = logging.getLogger(__name__)

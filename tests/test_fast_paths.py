@@ -7,7 +7,12 @@ from images import make_digits_dataset
 from siamese_core.config import Config, ModelConfig, apply_overrides
 from siamese_core.embed import embed_images
 from siamese_core.gallery import Gallery
-from siamese_core.model import SiameseModel, UniqueTripletModel, build_embedding_model, split_frozen_trunk
+from siamese_core.model import (
+    SiameseModel,
+    UniqueTripletModel,
+    build_embedding_model,
+    split_frozen_trunk,
+)
 from siamese_core.train import train
 
 # small_cnn with its first two blocks frozen: a trunk with weights, and a trainable top
