@@ -55,7 +55,7 @@ class Gallery:
     class_names: list[str]
     paths: list[str]
     index_threshold: int = INDEX_THRESHOLD
-    nprobe: int = 32
+    nprobe: int = 8
 
     def __post_init__(self) -> None:
         self.embeddings = np.asarray(self.embeddings, dtype=np.float32)
