@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from siamese_core.config import parse_set_options
-from siamese_core.errors import ConfigError, DatasetError, ImageError
+from siamese_core.errors import ConfigError, DatasetError
 from siamese_core.io import atomic_dir, atomic_path
 
 from .errors import PIPELINE_USER_ERRORS

@@ -164,13 +164,6 @@ def log_and_register(
     version tags; the alias moves last. If anything fails before that decision,
     the run is marked FAILED and no alias moves.
     """
-    from .pyfunc_model import (
-        SIGNATURE,
-        SiameseBundleModel,
-        input_example,
-        pip_requirements,
-    )
-
     register = params.register
     figures = metric_values(metrics)
     value = figures.get(register.metric)
@@ -200,17 +193,7 @@ def log_and_register(
                 mlflow.log_artifact(str(path))
         if not Path(bundle_dir).is_dir():
             raise FileNotFoundError(f"{bundle_dir}: model bundle folder does not exist")
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=SiameseBundleModel(),
-            artifacts={"bundle": str(bundle_dir)},
-            code_paths=_PACKAGE_DIRS,
-            signature=SIGNATURE,
-            input_example=input_example(),
-            pip_requirements=pip_requirements(),
-        )
-        # MLflow only warns when the input example fails; a model that cannot serve is not registered.
-        mlflow.pyfunc.load_model(info.model_uri).predict(input_example())
+        info = _log_bundle_model(bundle_dir)
         version = mlflow.register_model(info.model_uri, register.model_name).version
 
         decision, previous = apply_gate(
@@ -295,6 +278,7 @@ def _log_bundle_model(bundle_dir: str | os.PathLike):
         input_example=input_example(),
         pip_requirements=pip_requirements(),
     )
+    # MLflow only warns when the input example fails; a model that cannot serve is not registered.
     mlflow.pyfunc.load_model(info.model_uri).predict(input_example())
     return info
 

@@ -2,7 +2,13 @@
 
 import pytest
 
-from siamese_core.config import Config, ConfigError, TrainConfig, apply_overrides, parse_set_options
+from siamese_core.config import (
+    Config,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    parse_set_options,
+)
 
 
 def test_defaults_are_the_seed_architecture():

@@ -5,7 +5,12 @@ import itertools
 import numpy as np
 import pytest
 
-from siamese_core.mining import batch_all_loss, batch_hard_loss, mean_pair_distances, semihard_loss
+from siamese_core.mining import (
+    batch_all_loss,
+    batch_hard_loss,
+    mean_pair_distances,
+    semihard_loss,
+)
 
 # Points on a line: class 0 at 0 and 1, class 1 at 1.5 and 4. Squared distances:
 # d(0,1)=1, d(0,1.5)=2.25, d(0,4)=16, d(1,1.5)=0.25, d(1,4)=9, d(1.5,4)=6.25

@@ -6,7 +6,12 @@ import tensorflow as tf
 
 from siamese_core.config import ModelConfig
 from siamese_core.errors import WeightsUnavailableError
-from siamese_core.model import DistanceLayer, SiameseModel, build_embedding_model, triplet_loss
+from siamese_core.model import (
+    DistanceLayer,
+    SiameseModel,
+    build_embedding_model,
+    triplet_loss,
+)
 
 TINY = dict(backbone="small_cnn", weights=None, input_size=32, head_units=[16], embedding_dim=8)
 

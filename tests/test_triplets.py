@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 
 from siamese_core.data import ImageFolder
-from siamese_core.triplets import generate_triplets, load_triplets, pick_negatives, save_triplets
+from siamese_core.triplets import (
+    generate_triplets,
+    load_triplets,
+    pick_negatives,
+    save_triplets,
+)
 
 
 def _folder(counts):

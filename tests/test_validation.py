@@ -1,8 +1,8 @@
 """The validation report on a deliberately messy dataset: every problem named by path."""
 
+from messy import make_messy_dataset, noise, write
 from PIL import Image
 
-from messy import make_messy_dataset, noise, write
 from siamese_core.validation import validate_dataset
 
 
