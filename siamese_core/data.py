@@ -108,6 +108,7 @@ def decode_image(source: str | os.PathLike | bytes, size: int) -> np.ndarray:
         with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as image:
             if image.width * image.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
                 raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels, over Pillow's limit")
+            image.draft("RGB", (size, size))  # JPEG: decode at the smallest scale still >= size
             image = ImageOps.exif_transpose(image)
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 array = np.asarray(image, dtype=np.float64)
