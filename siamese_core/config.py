@@ -61,14 +61,50 @@ class TripletConfig(Section):
     )
 
 
+class AugmentConfig(Section):
+    """Random transforms applied to training batches on the fly (never written to disk)."""
+
+    rotation: float = Field(0.0, ge=0, le=180, description="Largest random rotation, in degrees.")
+    shift: float = Field(0.0, ge=0, lt=1, description="Largest random shift, as a fraction of the side.")
+    zoom: float = Field(0.0, ge=0, lt=1, description="Largest random zoom in or out, as a fraction.")
+    shear: float = Field(0.0, ge=0, lt=1, description="Largest random shear, as a fraction.")
+    flip: Literal["none", "horizontal", "vertical", "both"] = "none"
+    rotations_as_classes: bool = Field(
+        False, description="Add each class's 90/180/270-degree rotations as new classes (online mining only)."
+    )
+
+    @property
+    def active(self) -> bool:
+        """Whether any per-batch transform is on."""
+        return bool(self.rotation or self.shift or self.zoom or self.shear or self.flip != "none")
+
+
 class TrainConfig(Section):
     """Optimisation settings."""
 
     optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
     learning_rate: float = Field(1e-4, gt=0)
-    batch_size: int = Field(32, ge=1)
+    lr_schedule: Literal["constant", "cosine", "step"] = Field(
+        "constant", description="cosine: decay to 1% over training; step: x0.1 at 50% and 75% of the epochs."
+    )
+    warmup_epochs: int = Field(0, ge=0, description="Linear learning-rate warm-up from 10% (cosine schedule).")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (0: off).")
+    batch_size: int = Field(32, ge=1, description="Triplets per batch (offline mining).")
     epochs: int = Field(10, ge=1)
     seed: int = 42
+    mining: Literal["offline", "batch_all", "batch_hard", "semihard"] = Field(
+        "offline",
+        description="offline: train on the triplet table; otherwise sample P classes x K images per batch "
+        "and form the triplets inside it.",
+    )
+    classes_per_batch: int = Field(32, ge=2, description="P of online mining.")
+    images_per_class: int = Field(4, ge=2, description="K of online mining.")
+    steps_per_epoch: int | None = Field(None, ge=1, description="Online batches per epoch; null: images / (P*K).")
+    collapse_min_gap: float = Field(
+        0.05, ge=0, description="Online mining: warn, then stop, when (neg - pos) / neg distance falls below this."
+    )
+    collapse_patience: int = Field(2, ge=1, description="Epochs below collapse_min_gap before stopping.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     cache_frozen_features: bool = Field(
         True,
         description="Compute the frozen backbone layers once per image and train only the layers after them.",

@@ -14,9 +14,11 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from .augment import add_rotated_classes, augmentation_layers
 from .config import Config, TrainConfig
 from .data import ImageFolder, scan_folder
 from .embed import decode_all, embed_images, predict_array
+from .errors import ConfigError
 from .io import atomic_dir
 from .model import (
     SiameseModel,
@@ -24,6 +26,14 @@ from .model import (
     build_embedding_model,
     split_frozen_trunk,
 )
+from .online import (
+    CollapseGuard,
+    FewShotEvaluation,
+    OnlineTripletModel,
+    pk_batches,
+    pk_dataset,
+)
+from .triplets import COLUMNS as TRIPLET_COLUMNS
 from .triplets import generate_triplets
 
 log = logging.getLogger(__name__)
@@ -83,12 +93,17 @@ class EpochCheckpoint(keras.callbacks.Callback):
             (tmp / self.STATE).write_text(json.dumps(state), encoding="utf-8")
 
     @classmethod
-    def restore(cls, directory: Path, model: keras.Model, keep_best: KeepBestWeights) -> tuple[int, dict]:
-        """Load a checkpoint into a compiled model; returns (epochs done, history so far)."""
+    def saved_epochs(cls, directory: Path) -> int:
+        """How many epochs the checkpoint in ``directory`` holds."""
         state_file = Path(directory) / cls.STATE
         if not state_file.is_file():
             raise FileNotFoundError(f"{directory}: no checkpoint to resume from (train without --resume)")
-        state = json.loads(state_file.read_text(encoding="utf-8"))
+        return json.loads(state_file.read_text(encoding="utf-8"))["epoch"]
+
+    @classmethod
+    def restore(cls, directory: Path, model: keras.Model, keep_best: KeepBestWeights) -> tuple[int, dict]:
+        """Load a checkpoint into a compiled model; returns (epochs done, history so far)."""
+        state = json.loads((Path(directory) / cls.STATE).read_text(encoding="utf-8"))
         model.optimizer.build(model.embedding.trainable_variables)
         model.load_weights(Path(directory) / cls.WEIGHTS)
         if (Path(directory) / cls.BEST).is_file():
@@ -98,10 +113,28 @@ class EpochCheckpoint(keras.callbacks.Callback):
         return state["epoch"], state["history"]
 
 
-def make_optimizer(config: TrainConfig) -> keras.optimizers.Optimizer:
-    """The optimizer named in the config, at its learning rate."""
-    optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
-    return optimizers[config.optimizer](learning_rate=config.learning_rate)
+def learning_rate(config: TrainConfig, steps_per_epoch: int):
+    """The learning rate or schedule of the config, in optimizer steps."""
+    total = max(1, steps_per_epoch * config.epochs)
+    if config.lr_schedule == "cosine":
+        warmup = steps_per_epoch * config.warmup_epochs
+        return keras.optimizers.schedules.CosineDecay(
+            config.learning_rate * (0.1 if warmup else 1.0), max(1, total - warmup), alpha=0.01,
+            warmup_target=config.learning_rate if warmup else None, warmup_steps=warmup,
+        )
+    if config.lr_schedule == "step":
+        boundaries = [max(1, total // 2), max(2, total * 3 // 4)]
+        values = [config.learning_rate * f for f in (1.0, 0.1, 0.01)]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+    return config.learning_rate
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int = 1) -> keras.optimizers.Optimizer:
+    """The optimizer named in the config, with its learning-rate schedule and weight decay."""
+    optimizers = {"adam": keras.optimizers.AdamW if config.weight_decay else keras.optimizers.Adam,
+                  "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
+    decay = {"weight_decay": config.weight_decay} if config.weight_decay else {}
+    return optimizers[config.optimizer](learning_rate=learning_rate(config, steps_per_epoch), **decay)
 
 
 def mine_triplets(
@@ -123,7 +156,7 @@ def mine_triplets(
 
 
 def triplet_dataset(
-    images: np.ndarray, index: np.ndarray, batch_size: int, shuffle_seed: int | None
+    images: np.ndarray, index: np.ndarray, batch_size: int, shuffle_seed: int | None, augment=None
 ) -> tf.data.Dataset:
     """A tf.data pipeline of (anchor, positive, negative) float32 batches.
 
@@ -142,11 +175,13 @@ def triplet_dataset(
         lambda i: tf.numpy_function(gather, [i], (tf.float32,) * 3), num_parallel_calls=tf.data.AUTOTUNE
     )
     dataset = dataset.map(lambda a, p, n: tuple(tf.ensure_shape(t, shape) for t in (a, p, n)))
+    if augment is not None:
+        dataset = dataset.map(lambda a, p, n: tuple(augment(t, training=True) for t in (a, p, n)))
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def unique_triplet_dataset(
-    inputs: np.ndarray, index: np.ndarray, batch_size: int, shuffle_seed: int | None
+    inputs: np.ndarray, index: np.ndarray, batch_size: int, shuffle_seed: int | None, augment=None
 ) -> tf.data.Dataset:
     """A tf.data pipeline of ``(distinct inputs, (b, 3) rows into them)`` batches.
 
@@ -166,6 +201,8 @@ def unique_triplet_dataset(
         lambda i: tf.numpy_function(gather, [i], (tf.float32, tf.int64)), num_parallel_calls=tf.data.AUTOTUNE
     )
     dataset = dataset.map(lambda x, i: (tf.ensure_shape(x, shape), tf.ensure_shape(i, (None, 3))))
+    if augment is not None:
+        dataset = dataset.map(lambda x, i: (augment(x, training=True), i))
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
@@ -191,16 +228,63 @@ class _Plan:
 
 
 def _plan(config: Config, embedding: keras.Model) -> _Plan:
-    """The fast paths the config asks for: a cached frozen trunk and distinct-image batches."""
-    trunk, top = split_frozen_trunk(embedding) if config.train.cache_frozen_features else (None, embedding)
+    """The fast paths the config asks for: a cached frozen trunk (not with augmentation,
+    which must see images) and distinct-image batches."""
+    cache = config.train.cache_frozen_features and not config.train.augment.active
+    trunk, top = split_frozen_trunk(embedding) if cache else (None, embedding)
 
     def prepare(images: np.ndarray) -> np.ndarray:
         return images if trunk is None else predict_array(trunk, images, config.evaluate.embed_batch_size)
 
+    if config.train.mining != "offline":
+        model = OnlineTripletModel(top, config.train.mining, config.model.margin)
+        return _Plan(model, prepare, pk_dataset, lambda x: x)
     if config.train.unique_batch_images:
         model = UniqueTripletModel(top, margin=config.model.margin)
         return _Plan(model, prepare, unique_triplet_dataset, lambda x: (x, np.zeros((1, 3), np.int64)))
     return _Plan(SiameseModel(top, margin=config.model.margin), prepare, triplet_dataset, lambda x: (x, x, x))
+
+
+def _offline_data(config, plan, folder, inputs, triplets, test):
+    """Triplet-table batches for training, and for validation when the test folder allows."""
+    augment = _augmenter(config)
+    batch = config.train.batch_size
+    train_index = _index_triplets(triplets, {p: i for i, p in enumerate(folder.paths)})
+    train_data = plan.dataset(inputs, train_index, batch, shuffle_seed=config.train.seed, augment=augment)
+    if test is None:
+        return train_data, None, None
+    test_folder, test_inputs = test
+    try:
+        val_table = generate_triplets(test_folder, "random", max_pairs_per_class=config.triplets.max_pairs_per_class,
+                                      seed=config.train.seed)
+    except ValueError as exc:
+        log.warning("no validation triplets: %s", exc)
+        return train_data, None, None
+    val_index = _index_triplets(val_table, {p: i for i, p in enumerate(test_folder.paths)})
+    return train_data, plan.dataset(test_inputs, val_index, batch, shuffle_seed=None), None
+
+
+def _online_data(config, inputs, labels, test, done: int):
+    """P x K batches for every remaining epoch, validation batches, and the steps per epoch."""
+    p, k = config.train.classes_per_batch, config.train.images_per_class
+    steps = config.train.steps_per_epoch or max(1, -(-len(inputs) // (p * k)))
+    rows = pk_batches(labels, p, k, steps * config.train.epochs, seed=config.train.seed)[steps * done :]
+    train_data = pk_dataset(inputs, labels, rows, augment=_augmenter(config))
+    validation = None
+    if test is not None:
+        test_folder, test_inputs = test
+        try:
+            val_rows = pk_batches(test_folder.labels, p, k, max(1, -(-len(test_inputs) // (p * k))), seed=0)
+        except ValueError as exc:
+            log.warning("no validation batches: %s", exc)
+        else:
+            validation = pk_dataset(test_inputs, test_folder.labels, val_rows)
+    return train_data, validation, steps
+
+
+def _augmenter(config: Config):
+    a = config.train.augment
+    return augmentation_layers(a.rotation, a.shift, a.zoom, a.shear, a.flip, seed=config.train.seed) if a.active else None
 
 
 def train(
@@ -212,61 +296,85 @@ def train(
     verbose: int | str = "auto",
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    heldout_dir: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train an embedding model with triplet loss; returns it with its loss history.
 
-    Validation triplets (random, seeded) come from ``test_dir`` when it has a class
-    with two images. The weights of the epoch with the lowest validation loss are kept.
+    ``train.mining`` chooses the batches: ``offline`` trains on the triplet table
+    (given, or generated with ``triplets.strategy``); ``batch_all``, ``batch_hard``
+    or ``semihard`` sample P classes x K images per batch and mine inside it
+    (``triplets`` is then only a record). Validation batches come from ``test_dir``
+    when it has a class with two images; the weights of the epoch with the lowest
+    validation loss are kept. ``train.augment`` transforms training batches on the fly.
+    With ``heldout_dir`` (classes never trained on), every epoch logs its N-way
+    one-shot accuracy (``fewshot_<N>way_1shot``).
     With ``checkpoint_dir`` every epoch is checkpointed there, and ``resume`` carries
-    on from the last checkpoint (same config and data give the same triplets).
+    on from the last checkpoint (same config and data give the same batches).
     With ``train.cache_frozen_features`` the frozen backbone layers run once per image
     and only the layers after them train; with ``train.unique_batch_images`` each
-    distinct image of a batch is embedded once. ``embedding`` is always the full model.
+    distinct image of a triplet batch is embedded once. ``embedding`` is always the full model.
     """
     keras.utils.set_random_seed(config.train.seed)
+    online = config.train.mining != "offline"
+    if config.train.augment.rotations_as_classes and not online:
+        raise ConfigError("train.augment.rotations_as_classes needs online mining (train.mining)")
     folder = scan_folder(train_dir)
     embedding = build_embedding_model(config.model)
-    size, batch = config.model.input_size, config.train.batch_size
+    size = config.model.input_size
     plan = _plan(config, embedding)
-    inputs = plan.prepare(decode_all(folder.paths, size))
-    if triplets is None:  # mining embeds the already decoded (and trunk-cached) images
-        mined = None if config.triplets.strategy == "random" else predict_array(
-            plan.model.embedding, inputs, config.evaluate.embed_batch_size)
-        triplets = mine_triplets(config, folder, embeddings=mined)
-    train_index = _index_triplets(triplets, {p: i for i, p in enumerate(folder.paths)})
-    train_data = plan.dataset(inputs, train_index, batch, shuffle_seed=config.train.seed)
-
-    validation = None
+    images, labels = decode_all(folder.paths, size), folder.labels
+    if config.train.augment.rotations_as_classes:
+        images, labels, _ = add_rotated_classes(images, labels, folder.class_names)
+    inputs = plan.prepare(images)
+    del images
+    if triplets is None:
+        if online:
+            triplets = pd.DataFrame(columns=TRIPLET_COLUMNS)
+        else:  # mining embeds the already decoded (and trunk-cached) images
+            mined = None if config.triplets.strategy == "random" else predict_array(
+                plan.model.embedding, inputs, config.evaluate.embed_batch_size)
+            triplets = mine_triplets(config, folder, embeddings=mined)
+    test = None
     if test_dir is not None:
         test_folder = scan_folder(test_dir)
-        try:
-            val_table = generate_triplets(test_folder, "random", seed=config.train.seed)
-        except ValueError as exc:
-            log.warning("no validation triplets: %s", exc)
-        else:
-            val_inputs = plan.prepare(decode_all(test_folder.paths, size))
-            val_index = _index_triplets(val_table, {p: i for i, p in enumerate(test_folder.paths)})
-            validation = plan.dataset(val_inputs, val_index, batch, shuffle_seed=None)
+        test = (test_folder, plan.prepare(decode_all(test_folder.paths, size)))
 
     model = plan.model
-    model.compile(optimizer=make_optimizer(config.train))
-    model(plan.sample(np.zeros((1, *inputs.shape[1:]), np.float32)))  # build before fitting or loading
-    keep_best = KeepBestWeights(embedding, "val_loss" if validation is not None else "loss")
+    keep_best = KeepBestWeights(embedding)
     done, history = 0, {}
     if resume and checkpoint_dir is not None:
+        done = EpochCheckpoint.saved_epochs(Path(checkpoint_dir))
+    if online:
+        train_data, validation, steps = _online_data(config, inputs, labels, test, done)
+    else:
+        train_data, validation, steps = _offline_data(config, plan, folder, inputs, triplets, test)
+    keep_best.monitor = "val_loss" if validation is not None else "loss"
+    model.compile(optimizer=make_optimizer(config.train, steps or -(-len(triplets) // config.train.batch_size)))
+    model(plan.sample(np.zeros((1, *inputs.shape[1:]), np.float32)))  # build before fitting or loading
+    if done:
         done, history = EpochCheckpoint.restore(Path(checkpoint_dir), model, keep_best)
         log.info("resuming from epoch %d of %d", done, config.train.epochs)
-    extra = [EpochCheckpoint(Path(checkpoint_dir), keep_best, history)] if checkpoint_dir is not None else []
+    # order matters: few-shot adds to the logs, keep_best updates before the checkpoint saves
+    steps_callbacks: list[keras.callbacks.Callback] = []
+    if heldout_dir is not None:
+        heldout = scan_folder(heldout_dir)
+        steps_callbacks.append(FewShotEvaluation(embedding, decode_all(heldout.paths, size), heldout.labels,
+                                                 n_way=config.evaluate.fewshot_way))
+    steps_callbacks.append(keep_best)
+    if checkpoint_dir is not None:
+        steps_callbacks.append(EpochCheckpoint(Path(checkpoint_dir), keep_best, history))
+    if online:
+        steps_callbacks.append(CollapseGuard(config.train.collapse_min_gap, config.train.collapse_patience))
     fitted = model.fit(
         train_data,
         validation_data=validation,
         epochs=config.train.epochs,
         initial_epoch=done,
-        callbacks=[keep_best, *extra, *(callbacks or [])],
+        steps_per_epoch=steps,
+        callbacks=[*steps_callbacks, *(callbacks or [])],
         verbose=verbose,
         shuffle=False,  # the tf.data pipeline shuffles, seeded
     )
-    if not extra:
+    if checkpoint_dir is None:
         history = {key: [float(v) for v in values] for key, values in fitted.history.items()}
     return TrainResult(embedding, history, triplets, keep_best.best_epoch, folder)
-

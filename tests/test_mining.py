@@ -57,3 +57,71 @@ def test_mean_pair_distances_signal_a_collapse():
     assert float(neg) == pytest.approx((2.25 + 16 + 0.25 + 9) / 4)
     collapsed = np.zeros((4, 3), np.float32)
     assert [float(x) for x in mean_pair_distances(LABELS, collapsed)] == [0.0, 0.0]
+
+
+def test_pk_batches_hold_p_classes_of_k_images():
+    from siamese_core.online import pk_batches
+
+    labels = np.repeat(np.arange(6), [5, 5, 5, 5, 3, 1])  # the last class has one image: never drawn
+    rows = pk_batches(labels, classes_per_batch=4, images_per_class=4, steps=20, seed=0)
+    assert rows.shape == (20, 16)
+    for row in rows:
+        classes, counts = np.unique(labels[row], return_counts=True)
+        assert len(classes) == 4 and (counts == 4).all() and 5 not in classes
+    assert np.array_equal(rows, pk_batches(labels, 4, 4, 20, seed=0))
+
+
+def test_online_mining_lowers_the_loss_and_logs_few_shot_accuracy(tmp_path):
+    from images import make_digits_dataset
+
+    from siamese_core.config import Config, apply_overrides
+    from siamese_core.train import train
+
+    train_dir, test_dir = make_digits_dataset(tmp_path / "seen", classes=6, train_per_class=10, test_per_class=4)
+    heldout, _ = make_digits_dataset(tmp_path / "unseen", classes=10, train_per_class=4, test_per_class=0)
+    for digit in range(6):
+        for f in (heldout / f"digit {digit}").iterdir():
+            f.unlink()
+        (heldout / f"digit {digit}").rmdir()
+    config = apply_overrides(Config(), {
+        "weights": None, "backbone": "small_cnn", "input_size": 32, "head_units": [32], "embedding_dim": 16,
+        "l2_normalize": True, "margin": 0.2, "learning_rate": 3e-3, "epochs": 4, "mining": "batch_all",
+        "classes_per_batch": 4, "images_per_class": 4, "steps_per_epoch": 8, "lr_schedule": "cosine",
+        "warmup_epochs": 1, "weight_decay": 1e-4, "train.augment.rotation": 10, "train.augment.shift": 0.05,
+        "fewshot_way": 4,
+    })
+    result = train(config, train_dir, test_dir, verbose=0, heldout_dir=heldout)
+    history = result.history
+    assert len(history["loss"]) == 4 and history["loss"][-1] < history["loss"][0]
+    assert {"pos_dist", "neg_dist", "val_loss", "fewshot_4way_1shot"} <= set(history)
+    assert history["neg_dist"][-1] > history["pos_dist"][-1]
+    assert all(0 <= a <= 1 for a in history["fewshot_4way_1shot"])
+    assert result.triplets.empty  # online batches, no triplet table
+
+
+def test_collapse_guard_warns_then_stops():
+    from siamese_core.online import CollapseGuard
+
+    class Model:
+        stop_training = False
+
+    guard = CollapseGuard(min_gap=0.05, patience=2)
+    guard.set_model(Model())
+    guard.on_epoch_end(0, {"pos_dist": 0.2, "neg_dist": 1.0})
+    guard.on_epoch_end(1, {"pos_dist": 0.99, "neg_dist": 1.0})  # gap 0.01: first warning
+    assert not guard.model.stop_training
+    guard.on_epoch_end(2, {"pos_dist": 0.5, "neg_dist": 0.5})
+    assert guard.model.stop_training and guard.collapsed_at == 3
+
+
+def test_rotations_as_classes_need_online_mining(tmp_path):
+    from images import make_digits_dataset
+
+    from siamese_core.config import Config, ConfigError, apply_overrides
+    from siamese_core.train import train
+
+    train_dir, _ = make_digits_dataset(tmp_path, classes=2)
+    config = apply_overrides(Config(), {"weights": None, "backbone": "small_cnn", "input_size": 32,
+                                        "train.augment.rotations_as_classes": True})
+    with pytest.raises(ConfigError, match="needs online mining"):
+        train(config, train_dir)

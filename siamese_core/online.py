@@ -1,0 +1,146 @@
+"""Online mining: batches of P classes x K images, triplets formed inside each batch.
+
+Each distinct image is embedded once per step; the loss comes from
+``siamese_core.mining``. Augmentation runs on the batches in tf.data, so nothing
+is ever written to disk.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from .metrics import few_shot_accuracy
+from .mining import LOSSES, mean_pair_distances
+
+log = logging.getLogger(__name__)
+
+
+class OnlineTripletModel(keras.Model):
+    """Trains an embedding model on (images, labels) batches with an in-batch mining loss."""
+
+    def __init__(self, embedding: keras.Model, strategy: str, margin: float, **kwargs):
+        super().__init__(**kwargs)
+        if strategy not in LOSSES:
+            raise ValueError(f"unknown online mining strategy '{strategy}', expected one of {sorted(LOSSES)}")
+        self.embedding, self.strategy, self.margin = embedding, strategy, margin
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.positive_tracker = keras.metrics.Mean(name="pos_dist")
+        self.negative_tracker = keras.metrics.Mean(name="neg_dist")
+
+    def call(self, images, training=False):
+        return self.embedding(images, training=training)
+
+    def _step(self, images, labels, training: bool):
+        embeddings = self(images, training=training)
+        loss = LOSSES[self.strategy](labels, embeddings, self.margin)
+        positive, negative = mean_pair_distances(labels, embeddings)
+        return loss, positive, negative
+
+    def _track(self, loss, positive, negative):
+        self.loss_tracker.update_state(loss)
+        self.positive_tracker.update_state(positive)
+        self.negative_tracker.update_state(negative)
+        return {m.name: m.result() for m in self.metrics}
+
+    def train_step(self, data):
+        images, labels = data
+        with tf.GradientTape() as tape:
+            loss, positive, negative = self._step(images, labels, training=True)
+        variables = self.embedding.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return self._track(loss, positive, negative)
+
+    def test_step(self, data):
+        return self._track(*self._step(*data, training=False))
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.positive_tracker, self.negative_tracker]
+
+
+def pk_batches(labels: np.ndarray, classes_per_batch: int, images_per_class: int, steps: int, seed: int) -> np.ndarray:
+    """``(steps, P*K)`` image indices: each row P distinct classes with K images each.
+
+    Classes with fewer than K images repeat images; classes with one image are never drawn.
+    """
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    members = [m for m in members if len(m) >= 2]
+    if len(members) < 2:
+        raise ValueError("online mining needs at least two classes with two images")
+    p = min(classes_per_batch, len(members))
+    rows = np.empty((steps, p * images_per_class), dtype=np.int64)
+    for step in range(steps):
+        chosen = rng.choice(len(members), size=p, replace=False)
+        rows[step] = np.concatenate([
+            rng.choice(members[c], size=images_per_class, replace=len(members[c]) < images_per_class) for c in chosen
+        ])
+    return rows
+
+
+def pk_dataset(images: np.ndarray, labels: np.ndarray, batches: np.ndarray, augment=None) -> tf.data.Dataset:
+    """A tf.data pipeline of (float32 images, labels) for precomputed P x K index rows,
+    transformed by ``augment`` (a Keras layer) when given."""
+
+    def gather(rows):
+        return images[rows].astype(np.float32), labels[rows].astype(np.int32)
+
+    shape = (None, *images.shape[1:])
+    dataset = tf.data.Dataset.from_tensor_slices(batches).map(
+        lambda rows: tf.numpy_function(gather, [rows], (tf.float32, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    dataset = dataset.map(lambda x, y: (tf.ensure_shape(x, shape), tf.ensure_shape(y, (None,))))
+    if augment is not None:
+        dataset = dataset.map(lambda x, y: (augment(x, training=True), y))
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+class FewShotEvaluation(keras.callbacks.Callback):
+    """After each epoch, N-way k-shot accuracy on held-out classes, added to the epoch's logs."""
+
+    def __init__(self, embedding: keras.Model, images: np.ndarray, labels: np.ndarray,
+                 n_way: int = 20, k_shot: int = 1, episodes: int = 200, batch_size: int = 256):
+        super().__init__()
+        self.embedding, self.images, self.labels = embedding, images, labels
+        self.n_way = min(n_way, len(np.unique(labels)))
+        self.k_shot, self.episodes, self.batch_size = k_shot, episodes, batch_size
+        self.key = f"fewshot_{self.n_way}way_{k_shot}shot"
+
+    def on_epoch_end(self, epoch, logs=None):
+        embeddings = np.concatenate([
+            np.asarray(self.embedding.predict_on_batch(self.images[i : i + self.batch_size].astype(np.float32)))
+            for i in range(0, len(self.images), self.batch_size)
+        ])
+        result = few_shot_accuracy(embeddings, self.labels, self.n_way, self.k_shot, self.episodes, seed=0)
+        if logs is not None:
+            logs[self.key] = result["mean"]
+
+
+class CollapseGuard(keras.callbacks.Callback):
+    """Warns, then stops training, when same-class and other-class distances converge.
+
+    The signal is (neg_dist - pos_dist) / neg_dist on the training batches; below
+    ``min_gap`` for ``patience`` epochs in a row means the embedding has collapsed.
+    """
+
+    def __init__(self, min_gap: float = 0.05, patience: int = 2):
+        super().__init__()
+        self.min_gap, self.patience, self.low_epochs = min_gap, patience, 0
+        self.collapsed_at: int | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if "pos_dist" not in logs or "neg_dist" not in logs:
+            return
+        gap = (logs["neg_dist"] - logs["pos_dist"]) / max(logs["neg_dist"], 1e-12)
+        self.low_epochs = self.low_epochs + 1 if gap < self.min_gap else 0
+        if self.low_epochs:
+            log.warning("epoch %d: embedding collapsing (relative distance gap %.3f < %.3f)", epoch + 1, gap, self.min_gap)
+        if self.low_epochs >= self.patience:
+            self.collapsed_at = epoch + 1
+            log.warning("stopping: positive and negative distances converged for %d epochs", self.patience)
+            self.model.stop_training = True
