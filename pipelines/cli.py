@@ -79,24 +79,15 @@ def _run(action):
         _fail("interrupted; existing outputs are untouched", 130)
 
 
-def _config(params: Path | None, overrides: list[str] | None, base=None):
-    from siamese_core.config import (
-        Config,
-        apply_overrides,
-        load_config,
-        parse_set_options,
-    )
+def _config(params: Path | None, preset: str | None, overrides: list[str] | None):
+    """The library config: the seed's defaults or a params file, then a preset, then --set overrides."""
+    from siamese_core.config import Config, apply_overrides, parse_set_options, validate_config
 
-    config = base or (load_config(params, _core_params_class()) if params else Config())
-    if hasattr(config, "core"):
-        config = config.core()
+    from pipelines.params import load_params, with_preset
+
+    base = load_params(params).core() if params else Config()
+    config = validate_config(Config, with_preset(base.model_dump(), preset), f"preset {preset}")
     return apply_overrides(config, parse_set_options(overrides or []))
-
-
-def _core_params_class():
-    from pipelines.params import PipelineParams
-
-    return PipelineParams
 
 
 @app.callback()
@@ -112,6 +103,8 @@ def train(
     out: Annotated[Path, typer.Option("--out", help="Bundle folder to write (replaced atomically).")],
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Training epochs.")] = None,
     params: Annotated[Path | None, typer.Option("--params", help="A params.yaml to start from.")] = None,
+    preset: Annotated[str | None, typer.Option(
+        "--preset", help="seed (the original ResNet50 model) or fast-cpu (small CNN, online mining).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last epoch.")] = False,
     set_: SetOption = None,
 ) -> None:
@@ -127,7 +120,7 @@ def train(
         from siamese_core.train import train as run_training
 
         extra = [*(set_ or []), *([f"train.epochs={epochs}"] if epochs else [])]
-        config = _config(params, extra)
+        config = _config(params, preset, extra)
         checkpoint = out.parent / f".{out.name}.checkpoint"
         result = run_training(config, train_dir, test_dir, checkpoint_dir=checkpoint, resume=resume)
         gallery = build_gallery(result.embedding, result.train_folder, config.evaluate.embed_batch_size, progress=True)

@@ -7,11 +7,20 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import Field
 
-from siamese_core.config import Config, Section, apply_overrides, load_config
+from siamese_core.config import (
+    Config,
+    Section,
+    apply_overrides,
+    load_config,
+    validate_config,
+)
+from siamese_core.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
+PRESETS = Path(__file__).resolve().parent / "presets"
 
 
 class DataConfig(Section):
@@ -62,6 +71,9 @@ warnings.filterwarnings("ignore", message='Field name "register" in "PipelinePar
 class PipelineParams(Config):
     """The whole params.yaml: the library's sections plus data, register and schedule."""
 
+    preset: str | None = Field(
+        None, description="A file of pipelines/presets/ (seed, fast-cpu) whose keys replace those of params.yaml."
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     register: RegisterConfig = Field(default_factory=RegisterConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -71,8 +83,36 @@ class PipelineParams(Config):
         return Config.model_validate(self.model_dump(include=set(Config.model_fields)))
 
 
+def preset_names() -> list[str]:
+    """The presets shipped in pipelines/presets/."""
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def _merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def with_preset(data: dict[str, Any], name: str | None) -> dict[str, Any]:
+    """``data`` (params sections as dicts) with the keys of preset ``name`` replacing its own."""
+    if not name:
+        return data
+    path = PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"preset: unknown preset '{name}', expected one of {preset_names()}")
+    return _merge(data, yaml.safe_load(path.read_text(encoding="utf-8")))
+
+
 def load_params(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> PipelineParams:
-    """Read params.yaml (or ``$SIAMESE_PARAMS``) and apply ``--set`` style overrides."""
+    """Read params.yaml (or ``$SIAMESE_PARAMS``), apply its preset, then ``--set`` style overrides.
+
+    A ``preset`` override selects a preset too; the other overrides win over the preset.
+    """
     path = Path(path or os.environ.get("SIAMESE_PARAMS", DEFAULT_PARAMS))
-    params = load_config(path, PipelineParams)
+    overrides = dict(overrides or {})
+    data = load_config(path, PipelineParams).model_dump()
+    data["preset"] = overrides.pop("preset", data["preset"])
+    params = validate_config(PipelineParams, with_preset(data, data["preset"]), str(path))
     return apply_overrides(params, overrides) if overrides else params

@@ -196,7 +196,8 @@ def train(params: PipelineParams) -> dict:
     from siamese_core.train import train as fit
     from siamese_core.triplets import load_triplets
 
-    result = fit(params.core(), params.data.train_dir, params.data.test_dir, triplets=load_triplets(TRIPLETS), verbose=2)
+    result = fit(params.core(), params.data.train_dir, params.data.test_dir, triplets=load_triplets(TRIPLETS),
+                 verbose=2, heldout_dir=params.data.heldout_dir)
     with atomic_dir(TRAINED) as tmp:
         result.embedding.save(tmp / MODEL_FILE)
         history = {"best_epoch": result.best_epoch, "history": result.history}
@@ -343,19 +344,25 @@ STAGES: dict[str, Stage] = {
     "triplets": Stage(
         triplets,
         (TRAIN_DIR, str(VALIDATION)),
-        ("data.train_dir", "model", "triplets", "train.seed", "evaluate.embed_batch_size"),
+        ("preset", "data.train_dir", "model", "triplets", "train.seed", "evaluate.embed_batch_size"),
         (str(TRIPLETS), str(TRIPLETS_SUMMARY)),
     ),
     "train": Stage(
-        train, (TRAIN_DIR, TEST_DIR, str(TRIPLETS)), ("data.train_dir", "data.test_dir", "model", "train"), (str(TRAINED),)
+        train,
+        (TRAIN_DIR, TEST_DIR, str(TRIPLETS)),
+        ("preset", "data.train_dir", "data.test_dir", "data.heldout_dir", "model", "train", "evaluate.fewshot_way"),
+        (str(TRAINED),),
     ),
     "embed": Stage(
-        embed, (TRAIN_DIR, str(TRAINED)), ("data.train_dir", "model", "triplets", "train", "evaluate"), (str(BUNDLE),)
+        embed,
+        (TRAIN_DIR, str(TRAINED)),
+        ("preset", "data.train_dir", "model", "triplets", "train", "evaluate"),
+        (str(BUNDLE),),
     ),
     "evaluate": Stage(
         evaluate,
         (TRAIN_DIR, TEST_DIR, str(BUNDLE), str(TRAINED)),
-        ("data.train_dir", "data.test_dir", "data.heldout_dir", "evaluate"),
+        ("preset", "data.train_dir", "data.test_dir", "data.heldout_dir", "evaluate"),
         _EVALUATION_OUTS,
     ),
     "register": Stage(

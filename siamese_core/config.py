@@ -33,6 +33,10 @@ class ModelConfig(Section):
         description="'imagenet' (Keras cache), a path to a local weights file, or null.",
     )
     input_size: int = Field(200, ge=16, le=1024, description="Square input side in pixels.")
+    pooling: Literal["none", "avg"] = Field(
+        "none", description="Between backbone and head: none flattens the feature map (the seed's), "
+        "avg averages it over positions (smaller head, no spatial layout).",
+    )
     head_units: list[int] = Field(default_factory=lambda: [512, 256])
     embedding_dim: int = Field(256, ge=2)
     trainable_from: str | None = Field(

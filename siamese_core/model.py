@@ -52,7 +52,7 @@ def triplet_loss(ap_distance, an_distance, margin: float):
 
 
 def _small_cnn(input_size: int) -> keras.Model:
-    """A four-block CNN (conv-BN-ReLU-pool) for small or greyscale images on CPU."""
+    """A four-block CNN (conv-BN-ReLU, max-pooling after the first three) for small or greyscale images on CPU."""
     inputs = keras.Input((input_size, input_size, 3), name="image")
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
     for i, filters in enumerate((32, 64, 128, 256)):
@@ -60,7 +60,6 @@ def _small_cnn(input_size: int) -> keras.Model:
         x = layers.BatchNormalization(name=f"block{i + 1}_bn")(x)
         x = layers.Activation("relu", name=f"block{i + 1}_relu")(x)
         x = layers.MaxPooling2D(2, name=f"block{i + 1}_pool")(x) if i < 3 else x
-    x = layers.GlobalAveragePooling2D(name="pool")(x)
     return keras.Model(inputs, x, name="small_cnn")
 
 
@@ -134,6 +133,8 @@ def build_embedding_model(config: ModelConfig) -> keras.Model:
     inputs = keras.Input((config.input_size, config.input_size, 3), name="image")
     x = CaffePreprocess(name="caffe_preprocess")(inputs) if config.backbone == "resnet50" else inputs
     x = backbone(x)
+    if config.pooling == "avg":
+        x = layers.GlobalAveragePooling2D(name="pool")(x)
     x = layers.Flatten(name="flatten")(x)
     for i, units in enumerate(config.head_units):
         x = layers.Dense(units, activation="relu", name=f"dense{i + 1}")(x)

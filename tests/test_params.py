@@ -75,3 +75,26 @@ def test_dvc_style_dotted_keys():
     changed = apply_overrides(params, {"train.epochs": 3, "data.prepare_per_class": 6, "schedule.cron": "0 4 * * *"})
     assert (changed.train.epochs, changed.data.prepare_per_class, changed.schedule.cron) == (3, 6, "0 4 * * *")
     assert param_value(changed, "train")["epochs"] == 3
+
+
+def test_presets_replace_the_keys_they_name_and_set_wins(tmp_path):
+    seed = load_params(REPO / "params.yaml", {"preset": "seed"})
+    assert seed.preset == "seed"
+    assert (seed.model.backbone, seed.model.input_size, seed.model.head_units) == ("resnet50", 200, [512, 256])
+    assert seed.train.learning_rate == 1e-4 and seed.triplets.max_pairs_per_class is None
+    assert seed.data.train_dir == "data/digits/train"  # sections a preset does not name stay
+
+    fast = load_params(_with(tmp_path, lambda d: d.update(preset="fast-cpu")), {"train.epochs": 2})
+    assert fast.train.mining == "batch_all" and fast.train.augment.rotations_as_classes
+    assert fast.train.epochs == 2  # --set beats the preset
+
+    with pytest.raises(ConfigError, match=r"unknown preset 'fastest', expected one of \['fast-cpu', 'seed'\]"):
+        load_params(REPO / "params.yaml", {"preset": "fastest"})
+
+
+def test_cli_preset_starts_from_the_preset(tmp_path):
+    from pipelines.cli import _config
+
+    config = _config(None, "fast-cpu", ["epochs=1"])
+    assert config.model.backbone == "small_cnn" and config.train.mining == "batch_all" and config.train.epochs == 1
+    assert _config(None, None, []).model.backbone == "resnet50"  # without a preset: the seed's defaults
