@@ -50,7 +50,7 @@ def split(source: Path, out: Path, train_per_class: int, heldout_classes: int) -
             shutil.copytree(c, out / "heldout" / c.name)
             continue
         for part, chosen in (("train", files[:train_per_class]), ("test", files[train_per_class:])):
-                if not chosen:
+            if not chosen:
                 continue
             (out / part / c.name).mkdir(parents=True)
             for f in chosen:
