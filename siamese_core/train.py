@@ -52,14 +52,21 @@ class TrainResult:
 
 
 class KeepBestWeights(keras.callbacks.Callback):
-    """Remember the embedding weights of the epoch with the lowest monitored loss and restore them."""
+    """Remember the embedding weights of the epoch with the lowest monitored loss and restore them.
 
-    def __init__(self, embedding: keras.Model, monitor: str = "val_loss"):
+    With ``monitor=None`` the last epoch is kept: online mining losses average over the
+    triplets that are still active, so they do not fall as the embedding improves.
+    """
+
+    def __init__(self, embedding: keras.Model, monitor: str | None = "val_loss"):
         super().__init__()
         self.embedding, self.monitor = embedding, monitor
         self.best, self.best_epoch, self.best_weights = np.inf, 0, None
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.monitor is None:
+            self.best_epoch = epoch + 1
+            return
         logs = logs or {}
         value = logs.get(self.monitor, logs.get("loss"))
         if value is not None and value < self.best:
@@ -304,8 +311,8 @@ def train(
     (given, or generated with ``triplets.strategy``); ``batch_all``, ``batch_hard``
     or ``semihard`` sample P classes x K images per batch and mine inside it
     (``triplets`` is then only a record). Validation batches come from ``test_dir``
-    when it has a class with two images; the weights of the epoch with the lowest
-    validation loss are kept. ``train.augment`` transforms training batches on the fly.
+    when it has a class with two images; offline, the weights of the epoch with the lowest
+    validation loss are kept, online the last epoch's. ``train.augment`` transforms training batches on the fly.
     With ``heldout_dir`` (classes never trained on), every epoch logs its N-way
     one-shot accuracy (``fewshot_<N>way_1shot``).
     With ``checkpoint_dir`` every epoch is checkpointed there, and ``resume`` carries
@@ -348,7 +355,7 @@ def train(
         train_data, validation, steps = _online_data(config, inputs, labels, test, done)
     else:
         train_data, validation, steps = _offline_data(config, plan, folder, inputs, triplets, test)
-    keep_best.monitor = "val_loss" if validation is not None else "loss"
+    keep_best.monitor = None if online else "val_loss" if validation is not None else "loss"
     model.compile(optimizer=make_optimizer(config.train, steps or -(-len(triplets) // config.train.batch_size)))
     model(plan.sample(np.zeros((1, *inputs.shape[1:]), np.float32)))  # build before fitting or loading
     if done:
