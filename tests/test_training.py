@@ -96,6 +96,18 @@ def test_enrol_a_new_class_without_retraining(bundle, tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(weights_before, recognizer.embedding.get_weights()))
 
 
+def test_load_rejects_a_bundle_of_another_format(bundle, tmp_path):
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(bundle, old)
+    metadata = json.loads((old / "metadata.json").read_text())
+    (old / "metadata.json").write_text(json.dumps({**metadata, "format": 0}))
+    with pytest.raises(BundleError, match=r"bundle format 0 is not supported .* retrain it"):
+        SiameseRecognizer.load(old)
+
+
 def test_load_rejects_what_is_not_a_bundle(tmp_path):
     with pytest.raises(BundleError, match="no model bundle here"):
         SiameseRecognizer.load(tmp_path / "missing")
