@@ -13,10 +13,10 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from .config import Config
+from .config import Config, validate_config
 from .data import ImageFolder, scan_folder
 from .embed import ImageSource, embed_images
-from .errors import BundleError
+from .errors import BundleError, ConfigError
 from .gallery import Gallery, Match
 from .io import atomic_dir, atomic_path
 
@@ -140,7 +140,10 @@ class SiameseRecognizer:
                 f"{path}: bundle format {metadata.get('format')} is not supported by this version "
                 f"(format {BUNDLE_FORMAT}); retrain it with 'siamese train'"
             )
-        config = Config.model_validate_json((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        try:
+            config = validate_config(Config, json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
+        except ConfigError as exc:
+            raise BundleError(f"{path}: its config.json does not fit this version ({exc}); retrain it") from None
         from . import model as _registers_custom_layers  # noqa: F401
 
         embedding = keras.saving.load_model(path / MODEL_FILE, compile=False, safe_mode=True)

@@ -106,6 +106,12 @@ def test_load_rejects_a_bundle_of_another_format(bundle, tmp_path):
     (old / "metadata.json").write_text(json.dumps({**metadata, "format": 0}))
     with pytest.raises(BundleError, match=r"bundle format 0 is not supported .* retrain it"):
         SiameseRecognizer.load(old)
+    (old / "metadata.json").write_text(json.dumps(metadata))
+    config = json.loads((old / "config.json").read_text())
+    config["evaluate"]["batch_size"] = 64  # a key an older version wrote
+    (old / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match=r"config.json does not fit this version .*evaluate.batch_size.*retrain"):
+        SiameseRecognizer.load(old)
 
 
 def test_load_rejects_what_is_not_a_bundle(tmp_path):
