@@ -10,15 +10,17 @@ from sklearn.datasets import load_digits
 
 
 def make_digits_dataset(
-    root: str | Path, classes: int = 3, train_per_class: int = 6, test_per_class: int = 3, size: int = 32
+    root: str | Path, classes: int = 3, train_per_class: int = 6, test_per_class: int = 3, size: int = 32,
+    first: int = 0,
 ) -> tuple[Path, Path]:
-    """Write scikit-learn's handwritten digits as ``root/{train,test}/digit <n>/<i>.png``.
+    """Write scikit-learn's handwritten digits ``first`` .. ``first + classes - 1`` as
+    ``root/{train,test}/digit <n>/<i>.png``.
 
     Returns ``(train_dir, test_dir)``. Class names contain a space on purpose.
     """
     root = Path(root)
     digits = load_digits()
-    for digit in range(classes):
+    for digit in range(first, first + classes):
         indices = np.flatnonzero(digits.target == digit)[: train_per_class + test_per_class]
         for position, index in enumerate(indices):
             split = "train" if position < train_per_class else "test"

@@ -112,11 +112,7 @@ def untrained(tmp_path_factory):
     """A tiny untrained recogniser over 3 digit classes, its test folder and 2 held-out classes."""
     root = tmp_path_factory.mktemp("digits")
     train_dir, test_dir = make_digits_dataset(root / "known", classes=3)
-    heldout_dir, _ = make_digits_dataset(root / "all", classes=5, train_per_class=6, test_per_class=0)
-    for digit in range(3):
-        for image in (heldout_dir / f"digit {digit}").iterdir():
-            image.unlink()
-        (heldout_dir / f"digit {digit}").rmdir()
+    heldout_dir, _ = make_digits_dataset(root / "all", classes=2, train_per_class=6, test_per_class=0, first=3)
     config = apply_overrides(Config(), {**TINY_MODEL, "fewshot_episodes": 20})
     keras.utils.set_random_seed(config.train.seed)  # as training starts: the untrained baseline is this network
     embedding = build_embedding_model(config.model)

@@ -27,11 +27,7 @@ from siamese_core.report import (
 def assessment(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits")
     train_dir, test_dir = make_digits_dataset(root / "known", classes=3)
-    heldout_dir, _ = make_digits_dataset(root / "new", classes=5, train_per_class=6, test_per_class=0)
-    for digit in range(3):
-        for image in (heldout_dir / f"digit {digit}").iterdir():
-            image.unlink()
-        (heldout_dir / f"digit {digit}").rmdir()
+    heldout_dir, _ = make_digits_dataset(root / "new", classes=2, train_per_class=6, test_per_class=0, first=3)
     config = apply_overrides(Config(), {**TINY_MODEL, "fewshot_episodes": 10})
     embedding = build_embedding_model(config.model)
     recognizer = SiameseRecognizer(embedding, build_gallery(embedding, scan_folder(train_dir)), config)

@@ -81,12 +81,7 @@ def test_save_load_predict_round_trip(trained, bundle, digits):
 
 
 def test_enrol_a_new_class_without_retraining(bundle, tmp_path):
-    new_train, new_test = make_digits_dataset(tmp_path, classes=8, train_per_class=8, test_per_class=6)
-    for digit in range(5):  # keep only digits 5-7 as the new classes
-        for split in (new_train, new_test):
-            for f in (split / f"digit {digit}").iterdir():
-                f.unlink()
-            (split / f"digit {digit}").rmdir()
+    new_train, new_test = make_digits_dataset(tmp_path, classes=3, train_per_class=8, test_per_class=6, first=5)
     recognizer = SiameseRecognizer.load(bundle)
     weights_before = [w.copy() for w in recognizer.embedding.get_weights()]
     recognizer.enroll(new_train)
