@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import typer
 
-from pipelines.signals import terminate_as_interrupt
+from pipelines.process import import_tensorflow_quietly, terminate_as_interrupt
 
 app = typer.Typer(
     help="Siamese triplet-loss image recogniser: train on class folders, recognise new images "
@@ -41,18 +41,6 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow with the C++ start-up chatter (written before logging starts) hidden."""
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def _bundle_path(model: str) -> Path:
     """A local bundle folder, downloading it from the MLflow registry for a ``models:/`` URI."""
     if not model.startswith("models:/"):
@@ -68,7 +56,7 @@ def _run(action):
 
     terminate_as_interrupt()
     if not state["debug"]:
-        _import_tensorflow_quietly()
+        import_tensorflow_quietly()
     try:
         return action()
     except PIPELINE_USER_ERRORS as exc:
@@ -81,9 +69,13 @@ def _run(action):
 
 def _config(params: Path | None, preset: str | None, overrides: list[str] | None):
     """The library config: the seed's defaults or a params file, then a preset, then --set overrides."""
-    from siamese_core.config import Config, apply_overrides, parse_set_options, validate_config
-
     from pipelines.params import load_params, with_preset
+    from siamese_core.config import (
+        Config,
+        apply_overrides,
+        parse_set_options,
+        validate_config,
+    )
 
     base = load_params(params).core() if params else Config()
     config = validate_config(Config, with_preset(base.model_dump(), preset), f"preset {preset}")

@@ -29,6 +29,7 @@ from siamese_core.io import atomic_dir, atomic_path
 
 from .errors import PIPELINE_USER_ERRORS
 from .params import PipelineParams, load_params
+from .process import import_tensorflow_quietly, terminate_as_interrupt
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is imported later, by the stages that need it
 
@@ -384,11 +385,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a params key, value read as YAML; repeatable")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    terminate_as_interrupt()
+    if args.stage not in ("prepare", "validate"):
+        import_tensorflow_quietly()
     try:
         STAGES[args.stage].run(load_params(args.params, parse_set_options(args.overrides)))
     except PIPELINE_USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; the stage's previous outputs are untouched", file=sys.stderr)
+        return 130
     return 0
 
 
