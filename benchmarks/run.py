@@ -25,7 +25,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras
 import numpy as np
-from PIL import Image, ImageOps
 
 from benchmarks import reference
 from benchmarks.synthetic import make_landmarks
@@ -128,14 +127,6 @@ def bench_training(config: Config, train_dir, folder, triplets, epochs: int, ref
     return rows_out, {"result": result, "epoch_seconds": timer.seconds, "setup_s": setup}
 
 
-def decode_draft(path: str, size: int) -> np.ndarray:
-    """decode_image for RGB JPEGs, letting libjpeg scale down while decoding (Pillow's draft mode)."""
-    with Image.open(path) as image:
-        image.draft("RGB", (size, size))
-        image = ImageOps.exif_transpose(image).convert("RGB")
-        return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
-
-
 def bench_embedding(config: Config, folder, model) -> list[dict]:
     """Gallery embedding from files and from decoded arrays, against plain ``model.predict``."""
     size, batch = config.model.input_size, config.evaluate.embed_batch_size
@@ -147,12 +138,8 @@ def bench_embedding(config: Config, folder, model) -> list[dict]:
     _, files_s = timed(build_gallery, model, folder, batch)
     _, arrays_s = timed(embed_images, model, list(decoded), batch)
     _, decode_s = timed(decode_all, folder.paths, size)
-    draft_s = timed(lambda: [decode_draft(path, size) for path in folder.paths])[1]
-    full_s = timed(lambda: [decode_image(path, size) for path in folder.paths])[1]
     n = len(folder)
     return [
-        row("JPEG decode with Pillow draft mode", n / draft_s, n / full_s, "images/s", full_s / draft_s,
-            "one thread; not in the library: a proposed change to data.decode_image, reference is decode_image"),
         row("gallery embedding from JPEG files", n / files_s, n / plain_s, "images/s", plain_s / files_s,
             f"reference: model.predict on decoded arrays; decoding alone {n / decode_s:.0f} images/s"),
         row("gallery embedding from decoded arrays", n / arrays_s, n / plain_s, "images/s", plain_s / arrays_s,
