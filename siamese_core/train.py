@@ -226,9 +226,10 @@ def _index_triplets(table: pd.DataFrame, positions: dict[str, int]) -> np.ndarra
 @dataclass
 class _Plan:
     """What the training loop runs: the model to fit, how to turn images into its
-    per-image inputs, and how to batch triplets over those inputs."""
+    per-image inputs, how to batch them (triplet rows, or P x K rows online) and a
+    one-row sample input that builds the model."""
 
-    model: SiameseModel
+    model: keras.Model
     prepare: Callable[[np.ndarray], np.ndarray]
     dataset: Callable[..., tf.data.Dataset]
     sample: Callable[[np.ndarray], tuple]
