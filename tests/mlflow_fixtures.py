@@ -1,14 +1,18 @@
-"""Shared helpers for the MLflow tests: a tiny trained bundle and a per-test SQLite store."""
+"""Shared helpers for the model tests: a tiny trained bundle, a tiny untrained recogniser
+with held-out classes, and a per-test SQLite MLflow store."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+import keras
 from images import make_digits_dataset
 
 from pipelines.params import PipelineParams
 from siamese_core.config import Config, apply_overrides
+from siamese_core.data import ImageFolder, scan_folder
+from siamese_core.model import build_embedding_model
 from siamese_core.recognizer import SiameseRecognizer, build_gallery
 from siamese_core.train import train
 
@@ -45,6 +49,23 @@ def make_tiny_bundle(root: Path) -> TinyBundle:
     for path, label in zip(folder.paths, folder.label_names):
         images.setdefault(label, []).append(path)
     return TinyBundle(root / "bundle", images, result.history)
+
+
+def untrained_recognizer(
+    root: Path, **overrides
+) -> tuple[SiameseRecognizer, ImageFolder, ImageFolder, ImageFolder]:
+    """A tiny untrained recogniser over digits 0-2, with its train, test and held-out (3-4) folders.
+
+    The seed is set as training sets it, so this network is also the untrained baseline.
+    """
+    train_dir, test_dir = make_digits_dataset(root / "known", classes=3)
+    heldout_dir, _ = make_digits_dataset(root / "new", classes=2, train_per_class=6, test_per_class=0, first=3)
+    config = apply_overrides(Config(), {**TINY_MODEL, **overrides})
+    keras.utils.set_random_seed(config.train.seed)
+    embedding = build_embedding_model(config.model)
+    train_folder = scan_folder(train_dir)
+    recognizer = SiameseRecognizer(embedding, build_gallery(embedding, train_folder), config)
+    return recognizer, train_folder, scan_folder(test_dir), scan_folder(heldout_dir)
 
 
 def use_sqlite_store(monkeypatch, root: Path) -> str:

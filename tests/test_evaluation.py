@@ -2,14 +2,11 @@
 
 import math
 
-import keras
 import numpy as np
 import pytest
-from images import make_digits_dataset
-from mlflow_fixtures import TINY_MODEL
+from mlflow_fixtures import untrained_recognizer
 
-from siamese_core.config import Config, apply_overrides
-from siamese_core.data import scan_folder
+from siamese_core.config import apply_overrides
 from siamese_core.errors import BundleError, DatasetError
 from siamese_core.gallery import Match
 from siamese_core.metrics import (
@@ -22,11 +19,9 @@ from siamese_core.metrics import (
     map_at_r,
     open_set_report,
 )
-from siamese_core.model import build_embedding_model
 from siamese_core.recognizer import (
     UNKNOWN,
     SiameseRecognizer,
-    build_gallery,
     store_threshold,
 )
 
@@ -110,14 +105,7 @@ def test_flat_metrics_keeps_numbers_and_drops_tables():
 @pytest.fixture(scope="module")
 def untrained(tmp_path_factory):
     """A tiny untrained recogniser over 3 digit classes, its test folder and 2 held-out classes."""
-    root = tmp_path_factory.mktemp("digits")
-    train_dir, test_dir = make_digits_dataset(root / "known", classes=3)
-    heldout_dir, _ = make_digits_dataset(root / "all", classes=2, train_per_class=6, test_per_class=0, first=3)
-    config = apply_overrides(Config(), {**TINY_MODEL, "fewshot_episodes": 20})
-    keras.utils.set_random_seed(config.train.seed)  # as training starts: the untrained baseline is this network
-    embedding = build_embedding_model(config.model)
-    recognizer = SiameseRecognizer(embedding, build_gallery(embedding, scan_folder(train_dir)), config)
-    return recognizer, scan_folder(train_dir), scan_folder(test_dir), scan_folder(heldout_dir)
+    return untrained_recognizer(tmp_path_factory.mktemp("digits"), fewshot_episodes=20)
 
 
 def test_reject_answers_unknown_beyond_the_threshold(untrained, tmp_path):

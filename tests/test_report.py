@@ -6,15 +6,10 @@ import re
 
 import numpy as np
 import pytest
-from images import make_digits_dataset
-from mlflow_fixtures import TINY_MODEL
+from mlflow_fixtures import untrained_recognizer
 from PIL import Image
 
-from siamese_core.config import Config, apply_overrides
-from siamese_core.data import scan_folder
 from siamese_core.metrics import assess
-from siamese_core.model import build_embedding_model
-from siamese_core.recognizer import SiameseRecognizer, build_gallery
 from siamese_core.report import (
     MAX_TICK_LABELS,
     confusion_figure,
@@ -25,13 +20,8 @@ from siamese_core.report import (
 
 @pytest.fixture(scope="module")
 def assessment(tmp_path_factory):
-    root = tmp_path_factory.mktemp("digits")
-    train_dir, test_dir = make_digits_dataset(root / "known", classes=3)
-    heldout_dir, _ = make_digits_dataset(root / "new", classes=2, train_per_class=6, test_per_class=0, first=3)
-    config = apply_overrides(Config(), {**TINY_MODEL, "fewshot_episodes": 10})
-    embedding = build_embedding_model(config.model)
-    recognizer = SiameseRecognizer(embedding, build_gallery(embedding, scan_folder(train_dir)), config)
-    return recognizer, assess(recognizer, scan_folder(test_dir), scan_folder(train_dir), scan_folder(heldout_dir))
+    recognizer, train, test, heldout = untrained_recognizer(tmp_path_factory.mktemp("digits"), fewshot_episodes=10)
+    return recognizer, assess(recognizer, test, train, heldout)
 
 
 def test_plots_are_valid_pngs_and_the_report_embeds_them(assessment, tmp_path):
