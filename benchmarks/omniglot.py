@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.params import with_preset
-from siamese_core.config import Config, apply_overrides, parse_set_options, validate_config
+from pipelines.params import preset_config
+from siamese_core.config import Config, apply_overrides, parse_set_options
 from siamese_core.data import scan_folder
 from siamese_core.embed import decode_all, embed_images
-from siamese_core.metrics import evaluate, few_shot_accuracy
+from siamese_core.gallery import Gallery
+from siamese_core.metrics import accuracy_report, few_shot_accuracy
 from siamese_core.model import build_embedding_model
-from siamese_core.recognizer import SiameseRecognizer, build_gallery
 from siamese_core.train import train
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared/datasets/omniglot-background-small"
@@ -73,8 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"{args.data}: dataset not found")
-    base = validate_config(Config, with_preset(Config().model_dump(), args.preset)) if args.preset else \
-        apply_overrides(Config(), SMALL)
+    base = preset_config(Config(), args.preset) if args.preset else apply_overrides(Config(), SMALL)
     config = apply_overrides(base, parse_set_options(args.overrides))
     size = config.model.input_size
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,12 +85,11 @@ def main() -> None:
 
         def score(embed) -> dict:
             if args.mode == "closed":
-                gallery, queries = embed(train_folder.paths), embed(test_folder.paths)
-                from siamese_core.gallery import Gallery
-                matches = Gallery(gallery, train_folder.labels, train_folder.class_names, train_folder.paths).search(queries, 5)
-                labels = test_folder.label_names
-                return {"top1": float(np.mean([m.label == t for m, t in zip(matches, labels)])),
-                        "top5": float(np.mean([t in [c for c, _ in m.top_k] for m, t in zip(matches, labels)]))}
+                gallery = Gallery(embed(train_folder.paths), train_folder.labels, train_folder.class_names,
+                                  train_folder.paths)
+                scores = accuracy_report(test_folder.label_names, gallery.search(embed(test_folder.paths), 5),
+                                         train_folder.class_names, top_k=5)
+                return {key: scores[key] for key in ("top1", "top5", "class_avg_accuracy")}
             held = scan_folder(folders["heldout"])
             report["heldout_classes"] = len(held.class_names)
             return few_shot_accuracy(embed(held.paths), held.labels, n_way=20, k_shot=1, episodes=args.episodes)
@@ -106,9 +104,6 @@ def main() -> None:
         report["history"] = result.history
         report["best_epoch"] = result.best_epoch
         report["trained"] = score(lambda paths: embed_images(result.embedding, paths, 128))
-        if args.mode == "closed":
-            recognizer = SiameseRecognizer(result.embedding, build_gallery(result.embedding, train_folder), config)
-            report["trained_class_avg"] = evaluate(recognizer, test_folder)["class_avg_accuracy"]
     print(json.dumps(report, indent=1))
 
 

@@ -69,17 +69,11 @@ def _run(action):
 
 def _config(params: Path | None, preset: str | None, overrides: list[str] | None):
     """The library config: the seed's defaults or a params file, then a preset, then --set overrides."""
-    from pipelines.params import load_params, with_preset
-    from siamese_core.config import (
-        Config,
-        apply_overrides,
-        parse_set_options,
-        validate_config,
-    )
+    from pipelines.params import load_params, preset_config
+    from siamese_core.config import Config, apply_overrides, parse_set_options
 
     base = load_params(params).core() if params else Config()
-    config = validate_config(Config, with_preset(base.model_dump(), preset), f"preset {preset}")
-    return apply_overrides(config, parse_set_options(overrides or []))
+    return apply_overrides(preset_config(base, preset), parse_set_options(overrides or []))
 
 
 @app.callback()

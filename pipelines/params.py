@@ -105,6 +105,11 @@ def with_preset(data: dict[str, Any], name: str | None) -> dict[str, Any]:
     return _merge(data, yaml.safe_load(path.read_text(encoding="utf-8")))
 
 
+def preset_config(base: Config, name: str | None) -> Config:
+    """The library config ``base`` with the keys of preset ``name`` replacing its own."""
+    return validate_config(Config, with_preset(base.model_dump(), name), f"preset {name}")
+
+
 def load_params(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> PipelineParams:
     """Read params.yaml (or ``$SIAMESE_PARAMS``), apply its preset, then ``--set`` style overrides.
 

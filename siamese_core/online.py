@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from .embed import predict_array
 from .metrics import few_shot_accuracy
 from .mining import LOSSES, mean_pair_distances
 
@@ -111,10 +112,7 @@ class FewShotEvaluation(keras.callbacks.Callback):
         self.key = f"fewshot_{self.n_way}way_{k_shot}shot"
 
     def on_epoch_end(self, epoch, logs=None):
-        embeddings = np.concatenate([
-            np.asarray(self.embedding.predict_on_batch(self.images[i : i + self.batch_size].astype(np.float32)))
-            for i in range(0, len(self.images), self.batch_size)
-        ])
+        embeddings = predict_array(self.embedding, self.images, self.batch_size)
         result = few_shot_accuracy(embeddings, self.labels, self.n_way, self.k_shot, self.episodes, seed=0)
         if logs is not None:
             logs[self.key] = result["mean"]
