@@ -1,10 +1,10 @@
 """Learning-quality check on Omniglot: closed-set top-1 and few-shot accuracy on unseen classes.
 
 Usage: python benchmarks/omniglot.py [--data DIR] [--mode closed|fewshot] [--preset fast-cpu]
-       [--train-per-class N] [--set key=value ...]
+       [--train-per-class N] [--split alphabet|class] [--heldout-classes N] [--set key=value ...]
 Prints a JSON report with raw-pixel and untrained-network baselines beside the trained network.
-In fewshot mode, whole alphabets (at least 40 classes) are held out of training, and every
-epoch logs its 20-way one-shot accuracy on them.
+In fewshot mode, whole alphabets (or, with --split class, random classes; at least 40) are
+held out of training, and every epoch logs its 20-way one-shot accuracy on them.
 """
 
 from __future__ import annotations
@@ -35,15 +35,23 @@ SMALL = {
 }
 
 
-def split(source: Path, out: Path, train_per_class: int, heldout_classes: int) -> dict[str, Path]:
-    """Copy the dataset into train/test (first images / rest) and, by alphabet, a held-out folder."""
-    classes = sorted(d for d in source.iterdir() if d.is_dir())
-    alphabets = sorted({c.name.split("__")[0] for c in classes}, reverse=True)
+def heldout_names(classes: list[Path], count: int, by: str) -> set[str]:
+    """At least ``count`` classes never trained on: whole alphabets (last first), or classes drawn at random."""
+    if by == "class":
+        chosen = np.random.default_rng(0).choice(len(classes), size=count, replace=False)
+        return {classes[i].name for i in chosen}
     heldout: set[str] = set()
-    for alphabet in alphabets:
-        if len(heldout) >= heldout_classes:
+    for alphabet in sorted({c.name.split("__")[0] for c in classes}, reverse=True):
+        if len(heldout) >= count:
             break
         heldout |= {c.name for c in classes if c.name.startswith(alphabet + "__")}
+    return heldout
+
+
+def split(source: Path, out: Path, train_per_class: int, heldout_classes: int, by: str) -> dict[str, Path]:
+    """Copy the dataset into train/test (first images / rest) and a held-out folder of unseen classes."""
+    classes = sorted(d for d in source.iterdir() if d.is_dir())
+    heldout = heldout_names(classes, heldout_classes, by) if heldout_classes else set()
     for c in classes:
         files = sorted(c.iterdir())
         if c.name in heldout:
@@ -69,6 +77,9 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=2000)
     parser.add_argument("--preset", default=None)
     parser.add_argument("--train-per-class", type=int, default=14, help="the rest of each class is the test split")
+    parser.add_argument("--split", choices=["alphabet", "class"], default="alphabet",
+                        help="fewshot mode: hold out whole alphabets, or classes at random")
+    parser.add_argument("--heldout-classes", type=int, default=40, help="fewshot mode: at least this many unseen classes")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     if not args.data.is_dir():
@@ -77,11 +88,11 @@ def main() -> None:
     config = apply_overrides(base, parse_set_options(args.overrides))
     size = config.model.input_size
     with tempfile.TemporaryDirectory() as tmp:
-        heldout = 40 if args.mode == "fewshot" else 0
-        folders = split(args.data, Path(tmp), args.train_per_class, heldout)
+        heldout = args.heldout_classes if args.mode == "fewshot" else 0
+        folders = split(args.data, Path(tmp), args.train_per_class, heldout, args.split)
         train_folder = scan_folder(folders["train"])
         test_folder = scan_folder(folders["test"]) if "test" in folders else None
-        report: dict = {"mode": args.mode, "config": config.model_dump(), "train_classes": len(train_folder.class_names)}
+        report: dict = {"mode": args.mode, "split": args.split, "config": config.model_dump(), "train_classes": len(train_folder.class_names)}
 
         def score(embed) -> dict:
             if args.mode == "closed":

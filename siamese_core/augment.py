@@ -31,15 +31,21 @@ def augmentation_layers(
     return keras.Sequential(steps, name="augment") if steps else None
 
 
-def add_rotated_classes(
-    images: np.ndarray, labels: np.ndarray, class_names: list[str]
+def add_transformed_classes(
+    images: np.ndarray, labels: np.ndarray, class_names: list[str], rotations: bool = True, mirrors: bool = False
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Each class's 90/180/270-degree rotations as three extra classes (in memory).
+    """Each class's 90/180/270-degree rotations and/or its mirror image as extra classes (in memory).
 
-    Returns four times the images, with labels ``k * n_classes + label`` for the
-    rotation by ``k`` quarter turns, and names such as ``"cat@rot90"``.
+    Returns the originals followed by each transform of every image, with labels
+    ``t * n_classes + label`` for transform ``t``, and names such as ``"cat@rot90"``,
+    ``"cat@mirror"`` or ``"cat@mirror@rot270"``.
     """
-    rotated = [np.rot90(images, k, axes=(1, 2)) for k in range(4)]
-    count = len(class_names)
-    names = [name if k == 0 else f"{name}@rot{90 * k}" for k in range(4) for name in class_names]
-    return np.concatenate(rotated), np.concatenate([labels + k * count for k in range(4)]), names
+    transforms = [(False, k) for k in range(4 if rotations else 1)]
+    transforms += [(True, k) for k in range(4 if rotations else 1)] if mirrors else []
+    out, names, count = [], [], len(class_names)
+    for mirrored, quarter_turns in transforms:
+        source = images[:, :, ::-1] if mirrored else images
+        out.append(np.rot90(source, quarter_turns, axes=(1, 2)))
+        suffix = ("@mirror" if mirrored else "") + (f"@rot{90 * quarter_turns}" if quarter_turns else "")
+        names += [name + suffix for name in class_names]
+    return np.concatenate(out), np.concatenate([labels + t * count for t in range(len(transforms))]), names

@@ -76,6 +76,9 @@ class AugmentConfig(Section):
     rotations_as_classes: bool = Field(
         False, description="Add each class's 90/180/270-degree rotations as new classes (online mining only)."
     )
+    mirrors_as_classes: bool = Field(
+        False, description="Add each class's mirror image (and its rotations) as new classes (online mining only)."
+    )
 
     @property
     def active(self) -> bool:
@@ -115,6 +118,9 @@ class TrainConfig(Section):
     )
     unique_batch_images: bool = Field(
         True, description="Embed each distinct image of a triplet batch once, however many triplets use it."
+    )
+    jit_compile: bool = Field(
+        False, description="Compile the training step with XLA (Keras turns it off on CPU-only machines by default)."
     )
 
 

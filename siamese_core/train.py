@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from .augment import add_rotated_classes, augmentation_layers
+from .augment import add_transformed_classes, augmentation_layers
 from .config import Config, TrainConfig
 from .data import ImageFolder, scan_folder
 from .embed import decode_all, embed_images, predict_array
@@ -324,15 +324,18 @@ def train(
     """
     keras.utils.set_random_seed(config.train.seed)
     online = config.train.mining != "offline"
-    if config.train.augment.rotations_as_classes and not online:
-        raise ConfigError("train.augment.rotations_as_classes needs online mining (train.mining)")
+    new_classes = config.train.augment.rotations_as_classes or config.train.augment.mirrors_as_classes
+    if new_classes and not online:
+        raise ConfigError("train.augment.rotations_as_classes and mirrors_as_classes need online mining (train.mining)")
     folder = scan_folder(train_dir)
     embedding = build_embedding_model(config.model)
     size = config.model.input_size
     plan = _plan(config, embedding)
     images, labels = decode_all(folder.paths, size), folder.labels
-    if config.train.augment.rotations_as_classes:
-        images, labels, _ = add_rotated_classes(images, labels, folder.class_names)
+    if new_classes:
+        images, labels, _ = add_transformed_classes(images, labels, folder.class_names,
+                                                    rotations=config.train.augment.rotations_as_classes,
+                                                    mirrors=config.train.augment.mirrors_as_classes)
     inputs = plan.prepare(images)
     del images
     if triplets is None:
@@ -357,7 +360,8 @@ def train(
     else:
         train_data, validation, steps = _offline_data(config, plan, folder, inputs, triplets, test)
     keep_best.monitor = None if online else "val_loss" if validation is not None else "loss"
-    model.compile(optimizer=make_optimizer(config.train, steps or -(-len(triplets) // config.train.batch_size)))
+    model.compile(optimizer=make_optimizer(config.train, steps or -(-len(triplets) // config.train.batch_size)),
+                  jit_compile=config.train.jit_compile)
     model(plan.sample(np.zeros((1, *inputs.shape[1:]), np.float32)))  # build before fitting or loading
     if done:
         done, history = EpochCheckpoint.restore(Path(checkpoint_dir), model, keep_best)

@@ -110,7 +110,8 @@ def test_collapse_guard_warns_then_stops():
     assert guard.model.stop_training and guard.collapsed_at == 3
 
 
-def test_rotations_as_classes_need_online_mining(tmp_path):
+@pytest.mark.parametrize("option", ["rotations_as_classes", "mirrors_as_classes"])
+def test_new_classes_need_online_mining(tmp_path, option):
     from images import make_digits_dataset
 
     from siamese_core.config import Config, ConfigError, apply_overrides
@@ -118,6 +119,6 @@ def test_rotations_as_classes_need_online_mining(tmp_path):
 
     train_dir, _ = make_digits_dataset(tmp_path, classes=2)
     config = apply_overrides(Config(), {"weights": None, "backbone": "small_cnn", "input_size": 32,
-                                        "train.augment.rotations_as_classes": True})
-    with pytest.raises(ConfigError, match="needs online mining"):
+                                        f"train.augment.{option}": True})
+    with pytest.raises(ConfigError, match="need online mining"):
         train(config, train_dir)
