@@ -1,7 +1,8 @@
 """Learning-quality check on Omniglot: closed-set top-1 and few-shot accuracy on unseen classes.
 
 Usage: python benchmarks/omniglot.py [--data DIR] [--mode closed|fewshot] [--preset fast-cpu]
-       [--train-per-class N] [--split alphabet|class] [--heldout-classes N] [--set key=value ...]
+       [--train-per-class N] [--split alphabet|class] [--heldout-classes N] [--train-classes N]
+       [--set key=value ...]
 Prints a JSON report with raw-pixel and untrained-network baselines beside the trained network.
 In fewshot mode, whole alphabets (or, with --split class, random classes; at least 40) are
 held out of training, and every epoch logs its 20-way one-shot accuracy on them.
@@ -48,14 +49,21 @@ def heldout_names(classes: list[Path], count: int, by: str) -> set[str]:
     return heldout
 
 
-def split(source: Path, out: Path, train_per_class: int, heldout_classes: int, by: str) -> dict[str, Path]:
-    """Copy the dataset into train/test (first images / rest) and a held-out folder of unseen classes."""
+def split(source: Path, out: Path, train_per_class: int, heldout_classes: int, by: str,
+          train_classes: int | None = None) -> dict[str, Path]:
+    """Copy the dataset into train/test (first images / rest) and a held-out folder of unseen classes;
+    ``train_classes`` keeps that many of the others (drawn at random) for training."""
     classes = sorted(d for d in source.iterdir() if d.is_dir())
     heldout = heldout_names(classes, heldout_classes, by) if heldout_classes else set()
+    seen = [c for c in classes if c.name not in heldout]
+    if train_classes is not None and train_classes < len(seen):
+        seen = [seen[i] for i in np.random.default_rng(1).choice(len(seen), size=train_classes, replace=False)]
     for c in classes:
         files = sorted(c.iterdir())
         if c.name in heldout:
             shutil.copytree(c, out / "heldout" / c.name)
+            continue
+        if c not in seen:
             continue
         for part, chosen in (("train", files[:train_per_class]), ("test", files[train_per_class:])):
             if not chosen:
@@ -80,6 +88,7 @@ def main() -> None:
     parser.add_argument("--split", choices=["alphabet", "class"], default="alphabet",
                         help="fewshot mode: hold out whole alphabets, or classes at random")
     parser.add_argument("--heldout-classes", type=int, default=40, help="fewshot mode: at least this many unseen classes")
+    parser.add_argument("--train-classes", type=int, help="train on this many of the other classes (default: all)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     if not args.data.is_dir():
@@ -89,7 +98,7 @@ def main() -> None:
     size = config.model.input_size
     with tempfile.TemporaryDirectory() as tmp:
         heldout = args.heldout_classes if args.mode == "fewshot" else 0
-        folders = split(args.data, Path(tmp), args.train_per_class, heldout, args.split)
+        folders = split(args.data, Path(tmp), args.train_per_class, heldout, args.split, args.train_classes)
         train_folder = scan_folder(folders["train"])
         test_folder = scan_folder(folders["test"]) if "test" in folders else None
         report: dict = {"mode": args.mode, "split": args.split, "config": config.model_dump(), "train_classes": len(train_folder.class_names)}

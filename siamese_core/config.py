@@ -108,7 +108,8 @@ class TrainConfig(Section):
     images_per_class: int = Field(4, ge=2, description="K of online mining.")
     steps_per_epoch: int | None = Field(None, ge=1, description="Online batches per epoch; null: images / (P*K).")
     collapse_min_gap: float = Field(
-        0.05, ge=0, description="Online mining: warn, then stop, when (neg - pos) / neg distance falls below this."
+        0.05, ge=0, description="Online mining: warn, then stop, when neg - pos distance falls below this fraction of neg "
+        "or of the margin."
     )
     collapse_patience: int = Field(2, ge=1, description="Epochs below collapse_min_gap before stopping.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

@@ -121,23 +121,28 @@ class FewShotEvaluation(keras.callbacks.Callback):
 class CollapseGuard(keras.callbacks.Callback):
     """Warns, then stops training, when same-class and other-class distances converge.
 
-    The signal is (neg_dist - pos_dist) / neg_dist on the training batches; below
-    ``min_gap`` for ``patience`` epochs in a row means the embedding has collapsed.
+    The signal is the gap neg_dist - pos_dist on the training batches, relative to
+    neg_dist and to the margin: below ``min_gap`` of either for ``patience`` epochs
+    in a row means the embedding has collapsed. The margin term catches the usual
+    failure, every image mapped to nearly one point with the loss stuck at the margin,
+    where both distances shrink together and their ratio alone stays unremarkable.
     """
 
-    def __init__(self, min_gap: float = 0.05, patience: int = 2):
+    def __init__(self, min_gap: float = 0.05, patience: int = 2, margin: float = 1.0):
         super().__init__()
-        self.min_gap, self.patience, self.low_epochs = min_gap, patience, 0
+        self.min_gap, self.patience, self.margin, self.low_epochs = min_gap, patience, margin, 0
         self.collapsed_at: int | None = None
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         if "pos_dist" not in logs or "neg_dist" not in logs:
             return
-        gap = (logs["neg_dist"] - logs["pos_dist"]) / max(logs["neg_dist"], 1e-12)
+        difference = logs["neg_dist"] - logs["pos_dist"]
+        gap = min(difference / max(logs["neg_dist"], 1e-12), difference / self.margin)
         self.low_epochs = self.low_epochs + 1 if gap < self.min_gap else 0
         if self.low_epochs:
-            log.warning("epoch %d: embedding collapsing (relative distance gap %.3f < %.3f)", epoch + 1, gap, self.min_gap)
+            log.warning("epoch %d: embedding collapsing (distance gap %.3g < %.3g; neg %.3g, pos %.3g, margin %g)",
+                        epoch + 1, gap, self.min_gap, logs["neg_dist"], logs["pos_dist"], self.margin)
         if self.low_epochs >= self.patience:
             self.collapsed_at = epoch + 1
             log.warning("stopping: positive and negative distances converged for %d epochs", self.patience)

@@ -376,7 +376,8 @@ def train(
     if checkpoint_dir is not None:
         steps_callbacks.append(EpochCheckpoint(Path(checkpoint_dir), keep_best, history))
     if online:
-        steps_callbacks.append(CollapseGuard(config.train.collapse_min_gap, config.train.collapse_patience))
+        steps_callbacks.append(CollapseGuard(config.train.collapse_min_gap, config.train.collapse_patience,
+                                             margin=config.model.margin))
     fitted = model.fit(
         train_data,
         validation_data=validation,

@@ -110,6 +110,23 @@ def test_collapse_guard_warns_then_stops():
     assert guard.model.stop_training and guard.collapsed_at == 3
 
 
+def test_collapse_guard_catches_everything_mapped_to_one_point():
+    """Batch-hard at margin 0.2 on Omniglot: the loss sticks at the margin while both distances
+    shrink to ~1e-5 together, their ratio staying near 0.77 (measured)."""
+    from siamese_core.online import CollapseGuard
+
+    class Model:
+        stop_training = False
+
+    guard = CollapseGuard(min_gap=0.05, patience=2, margin=0.2)
+    guard.set_model(Model())
+    guard.on_epoch_end(0, {"pos_dist": 0.32, "neg_dist": 1.33})  # healthy: gap 1.0 = 5 margins
+    assert guard.low_epochs == 0
+    guard.on_epoch_end(1, {"pos_dist": 4.8e-4, "neg_dist": 6.25e-4})
+    guard.on_epoch_end(2, {"pos_dist": 2.2e-4, "neg_dist": 2.85e-4})
+    assert guard.model.stop_training and guard.collapsed_at == 3
+
+
 @pytest.mark.parametrize("option", ["rotations_as_classes", "mirrors_as_classes"])
 def test_new_classes_need_online_mining(tmp_path, option):
     from images import make_digits_dataset
