@@ -120,9 +120,6 @@ class TrainConfig(Section):
     unique_batch_images: bool = Field(
         True, description="Embed each distinct image of a triplet batch once, however many triplets use it."
     )
-    jit_compile: bool = Field(
-        False, description="Compile the training step with XLA (Keras turns it off on CPU-only machines by default)."
-    )
 
 
 class EvaluateConfig(Section):

@@ -360,8 +360,7 @@ def train(
     else:
         train_data, validation, steps = _offline_data(config, plan, folder, inputs, triplets, test)
     keep_best.monitor = None if online else "val_loss" if validation is not None else "loss"
-    model.compile(optimizer=make_optimizer(config.train, steps or -(-len(triplets) // config.train.batch_size)),
-                  jit_compile=config.train.jit_compile)
+    model.compile(optimizer=make_optimizer(config.train, steps or -(-len(triplets) // config.train.batch_size)))
     model(plan.sample(np.zeros((1, *inputs.shape[1:]), np.float32)))  # build before fitting or loading
     if done:
         done, history = EpochCheckpoint.restore(Path(checkpoint_dir), model, keep_best)

@@ -128,11 +128,3 @@ def test_hard_mining_inside_training_uses_the_cached_trunk_and_mines_the_same_tr
     standalone = mine_triplets(config, scan_folder(digits[0]), build_embedding_model(config.model))
     assert result.triplets.equals(standalone)
 
-
-def test_xla_compiled_training_matches_the_default_step(digits):
-    base = dict(FROZEN, learning_rate=3e-3, epochs=2, batch_size=8, seed=3)
-    results = {jit: train(apply_overrides(Config(), {**base, "jit_compile": jit}), *digits, verbose=0)
-               for jit in (False, True)}
-    np.testing.assert_allclose(results[True].history["loss"], results[False].history["loss"], rtol=1e-3, atol=1e-4)
-    np.testing.assert_allclose(results[True].history["val_loss"], results[False].history["val_loss"],
-                               rtol=1e-3, atol=1e-4)
