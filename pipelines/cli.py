@@ -45,7 +45,7 @@ def _bundle_path(model: str) -> Path:
     """A local bundle folder, downloading it from the MLflow registry for a ``models:/`` URI."""
     if not model.startswith("models:/"):
         return Path(model)
-    from pipelines.tracking import download_bundle
+    from pipelines.registry import download_bundle
 
     return download_bundle(model)
 
@@ -194,7 +194,7 @@ def enroll(
         if model.startswith("models:/"):
             if out is not None:
                 _fail("--out is for a bundle folder; a registry model gets a new version instead")
-            from pipelines.tracking import enroll_and_register
+            from pipelines.registry import enroll_and_register
 
             name, _, source = model.removeprefix("models:/").partition("@")
             if not source:
@@ -211,6 +211,74 @@ def enroll(
         recognizer = SiameseRecognizer.load(model).enroll(folder)
         recognizer.save(out or model)
         typer.echo(f"gallery now {len(recognizer.gallery)} images in {len(recognizer.gallery.class_names)} classes")
+
+    _run(body)
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write train/, test/ and heldout/ into.")] = Path("data/demo"),
+    dvc_add: Annotated[bool, typer.Option("--dvc-add/--no-dvc-add", help="Track the folder with 'dvc add'.")] = True,
+) -> None:
+    """Write the demo dataset once (a slice of Omniglot, MIT licence) and track it with DVC.
+
+    Known classes are split into train/ and test/; the held-out classes in heldout/ are never
+    trained on and show few-shot recognition. The files are the same on every machine, so a
+    fresh clone gets the data version its data/demo.dvc records.
+    """
+
+    def body():
+        import subprocess
+
+        from pipelines.demo_data import write_demo_data
+
+        if out.is_dir() and any(out.iterdir()):
+            typer.echo(f"{out} already holds data; nothing written")
+        else:
+            counts = write_demo_data(out)
+            typer.echo(f"wrote {counts['train']} train, {counts['test']} test and {counts['heldout']} held-out images "
+                       f"({counts['known_classes']} known, {counts['heldout_classes']} held-out classes) to {out}")
+        if dvc_add and Path(".dvc").is_dir():
+            subprocess.run([sys.executable, "-m", "dvc", "add", "-q", str(out)], check=True)
+            typer.echo(f"tracked by DVC: {out}.dvc (commit it; 'dvc push' uploads the data)")
+
+    _run(body)
+
+
+ReasonOption = Annotated[str, typer.Option("--reason", help="Why: recorded on the version with your user name and the time.")]
+
+
+@app.command()
+def promote(
+    model_name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Version to make the champion.")],
+    reason: ReasonOption,
+) -> None:
+    """Make a version the champion by hand, without the gate; the old champion becomes 'previous'."""
+
+    def body():
+        from pipelines.registry import set_champion
+
+        done = set_champion(model_name, version, reason)
+        typer.echo(f"{model_name}: champion is version {done['champion']} (previous: {done['previous']}); "
+                   f"reason recorded: {reason}")
+
+    _run(body)
+
+
+@app.command()
+def rollback(
+    model_name: Annotated[str, typer.Argument(help="Registered model name.")],
+    reason: ReasonOption,
+) -> None:
+    """Make the 'previous' version the champion again; the rolled-back one becomes 'previous'."""
+
+    def body():
+        from pipelines.registry import rollback as roll_back
+
+        done = roll_back(model_name, reason)
+        typer.echo(f"{model_name}: rolled back to version {done['champion']} (previous: {done['previous']}); "
+                   f"reason recorded: {reason}")
 
     _run(body)
 

@@ -6,7 +6,11 @@ from siamese_core.errors import USER_ERRORS
 
 
 class NoChampionError(LookupError):
-    """The registry has no such model, or the model has no champion yet."""
+    """The registry has no such model, or the model has no champion (or no such alias or version) yet."""
 
 
-PIPELINE_USER_ERRORS = (*USER_ERRORS, NoChampionError)
+class RegistryError(ValueError):
+    """A registry request that cannot be done as asked (no reason given, already the champion)."""
+
+
+PIPELINE_USER_ERRORS = (*USER_ERRORS, NoChampionError, RegistryError)

@@ -1,135 +1,190 @@
 """Prefect flows: training (the pipeline stages as tasks), prediction with the champion, scheduled retraining.
 
-Flows run in Prefect's ephemeral mode by default, and against a server when
-``PREFECT_API_URL`` is set. ``python -m pipelines.flows serve`` serves the
-retraining flow on the ``schedule`` of params.yaml (scheduling needs a server).
+Each training flow run works in a folder of its own, ``runs/<time>-<flow run>/``, opens
+one MLflow run before validation and ends it with the registration (or FAILED with the
+error), so two flows started together in one checkout never touch each other's files and
+each registers its own model. Stages whose inputs are unchanged are reused from a shared
+content-addressed cache. Flows run in Prefect's ephemeral mode by default, and against a
+server when ``PREFECT_API_URL`` is set. ``python -m pipelines.flows serve`` serves the
+retraining flow on the ``schedule`` of params.yaml.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
+import logging
+import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.context import TaskRunContext
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
-from . import stages
+from . import stagecache, stages
+from .dvcfile import load_stages
+from .errors import PIPELINE_USER_ERRORS
 from .params import PipelineParams, load_params
 
-STAMPS = Path(".siamese-cache/stamps")
-CODE_DIRS = (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "siamese_core")
-IO_RETRIES = {"retries": 2, "retry_delay_seconds": 5}
+RUNS = Path("runs")
+READ_RETRIES = {"retries": 2, "retry_delay_seconds": 5}
+DEPLOYMENT_TAGS = ["siamese", "retraining"]
 
 
-def inputs_key(name: str, params: PipelineParams) -> str:
-    """Content key of a stage run: its params values, the content of its inputs, and the code."""
-    stage = stages.STAGES[name]
-    payload = {
-        "stage": name,
-        "params": {key: stages.param_value(params, key) for key in stage.params},
-        "deps": {str(path): stages.content_hash(path) for path in stage.dep_paths(params)},
-        "code": [stages.content_hash(path) for path in CODE_DIRS],
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+def _send_stage_logs_to_prefect() -> None:
+    """Give the stages' loggers Prefect's handlers, so their lines reach the flow run's logs."""
+    extra = logging.getLogger("prefect.extra")
+    for name in ("pipelines", "siamese_core"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        for handler in extra.handlers:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
 
 
-def _outs_hashes(name: str, params: PipelineParams) -> dict[str, str]:
-    return {str(path): stages.content_hash(path) for path in stages.STAGES[name].out_paths(params)}
+_send_stage_logs_to_prefect()
 
 
-def outputs_current(name: str, params: PipelineParams) -> bool:
-    """Whether the stage's outputs on disk are exactly those a run with these inputs wrote.
-
-    Another run (a flow with other params, ``dvc repro``) may have replaced them since;
-    a cached task result is only reused when this holds.
-    """
-    stamp = STAMPS / f"{name}.json"
-    if not stamp.is_file():
-        return False
-    recorded = json.loads(stamp.read_text(encoding="utf-8"))
-    return recorded == {"key": inputs_key(name, params), "outs": _outs_hashes(name, params)}
+def new_workspace() -> Path:
+    """A fresh folder for one flow run: ``runs/<UTC time>-<flow run name or pid>``."""
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    name = flow_run.name or f"pid{os.getpid()}"
+    workspace = RUNS / f"{stamp}-{name}"
+    workspace.mkdir(parents=True, exist_ok=False)
+    return workspace
 
 
-def _run_and_stamp(name: str, params: PipelineParams) -> dict:
-    """Run a stage, then record which inputs its outputs on disk came from."""
-    key = inputs_key(name, params)
-    result = stages.STAGES[name].run(params)
-    stages.write_json(STAMPS / f"{name}.json", {"key": key, "outs": _outs_hashes(name, params)})
+@task(cache_policy=NO_CACHE)
+def run_stage(name: str, params: PipelineParams, workspace: str, run_id: str) -> dict:
+    """Run one stage in the workspace, or link its outputs from the cache when its inputs are unchanged."""
+    from .tracking import PipelineRun
+
+    logger = get_run_logger()
+    specs = load_stages()
+    artifacts = {out for spec in specs.values() for out in spec.resolved_outs(params)}
+    spec, root, run = specs[name], Path(workspace), PipelineRun(run_id)
+    key = stagecache.stage_key(spec, params, root, artifacts)
+    cached = stagecache.restore(spec, key, params, root)
+    if cached is not None:
+        logger.info("%s: inputs unchanged, reusing outputs %s", name, key[:12])
+        if name == "train":  # this run did not train: record which run did, and its curve
+            trained_by = stages.read_json(root / stages.TRAINED / stages.RUN_FILE)["run_id"]
+            run.set_tags({"training_run_id": trained_by})
+            run.log_history(stages.read_json(root / stages.TRAINED / stages.HISTORY_FILE)["history"])
+        return {**cached, "cached": True}
+    result = stages.STAGE_FUNCTIONS[name](params, root, run)
+    stagecache.store(spec, key, params, root, result)
     return result
 
 
-def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return inputs_key(context.task.name, parameters["params"])
+@task(name="register", cache_policy=NO_CACHE)
+def register_task(params: PipelineParams, workspace: str, run_id: str) -> dict:
+    """Log the evaluation, register the model behind the champion gate and end the MLflow run."""
+    from .tracking import PipelineRun
+
+    return stages.register(params, Path(workspace), PipelineRun(run_id))
 
 
-@task(name="prepare", **IO_RETRIES)
-def prepare_task(params: PipelineParams) -> dict:
-    """Write the demo dataset, or check that the data folders exist."""
-    return stages.prepare(params)
+def _mlflow_ui() -> str:
+    """Where the MLflow UI is: ``$MLFLOW_UI_URL``, the tracking server, or ``mlflow ui``'s default address."""
+    from .tracking import tracking_uri
+
+    uri = tracking_uri()
+    return os.environ.get("MLFLOW_UI_URL") or (uri if uri.startswith("http") else "http://127.0.0.1:5000").rstrip("/")
 
 
-@task(name="validate", **IO_RETRIES)
-def validate_task(params: PipelineParams) -> dict:
-    """Check the dataset; fails listing every problem."""
-    return stages.validate(params)
+def publish_artifacts(record: dict, workspace: Path, experiment_id: str) -> None:
+    """The flow run's Prefect artifacts: the decision with links (markdown) and per-class accuracy (table)."""
+    ui = _mlflow_ui()
+    run_link = f"{ui}/#/experiments/{experiment_id}/runs/{record['run_id']}"
+    version_link = f"{ui}/#/models/{record['model_name']}/versions/{record['version']}"
+    metrics = stages.read_json(workspace / stages.METRICS)
+    rows = [("top1", "top1"), ("top5", "top5"), ("map_at_r", "map_at_r"),
+            ("1-shot (held-out classes)", "fewshot.1shot.mean"), ("5-shot (held-out classes)", "fewshot.5shot.mean")]
+    table = "\n".join(
+        f"| {label} | {metrics[key]:.4f} | {metrics.get(f'baseline_raw_pixels.{key}', float('nan')):.4f} "
+        f"| {metrics.get(f'baseline_untrained.{key}', float('nan')):.4f} |"
+        for label, key in rows if key in metrics)
+    previous = record["previous_champion_value"]
+    markdown = "\n".join([
+        f"# {record['model_name']} version {record['version']}: {record['decision']}",
+        "",
+        f"`{record['metric']}` {record['value']:.4f} against the champion's "
+        f"{'(none before)' if previous is None else f'{previous:.4f}'}.",
+        "",
+        "| metric | model | raw pixels | untrained network |",
+        "|---|---|---|---|",
+        table,
+        "",
+        f"- MLflow run: [{record['run_name']}]({run_link})",
+        f"- Model version: [{record['model_name']} v{record['version']}]({version_link})",
+        f"- Data: `{record['data_hash']}`, git commit `{record['git_commit']}`",
+        f"- Workspace: `{workspace}` (report: `{workspace / stages.REPORT}`)",
+    ])
+    create_markdown_artifact(markdown=markdown, key="siamese-registration",
+                             description=f"Registration of {record['model_name']} v{record['version']}")
+    evaluation = stages.read_json(workspace / stages.EVALUATION)
+    create_table_artifact(
+        table=[{"class": name, "accuracy": round(accuracy, 4),
+                "precision": round(evaluation["per_class_precision"][name], 4)}
+               for name, accuracy in evaluation["per_class_accuracy"].items()],
+        key="siamese-per-class-accuracy", description="Test accuracy (recall) and precision of each class")
 
 
-@task(name="triplets", cache_key_fn=_cache_key)
-def triplets_task(params: PipelineParams) -> dict:
-    """Mine the training triplets."""
-    return _run_and_stamp("triplets", params)
+@flow(name="siamese-training", log_prints=True)
+def training_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
+    """Run validate, triplets, train, embed, evaluate and register in this run's own workspace.
 
+    Returns the registration (version, decision, run id, data hash, workspace). A stage whose
+    command, params and input contents are unchanged since some earlier run is reused from
+    the cache. A failure ends the MLflow run FAILED with the error; nothing is registered.
+    """
+    from .tracking import PipelineRun
 
-@task(name="train", cache_key_fn=_cache_key)
-def train_task(params: PipelineParams) -> dict:
-    """Train the embedding network on the triplets."""
-    return _run_and_stamp("train", params)
-
-
-@task(name="embed", cache_key_fn=_cache_key)
-def embed_task(params: PipelineParams) -> dict:
-    """Build the gallery and write the model bundle."""
-    return _run_and_stamp("embed", params)
-
-
-@task(name="evaluate", cache_key_fn=_cache_key)
-def evaluate_task(params: PipelineParams) -> dict:
-    """Score the bundle on the test folder."""
-    return _run_and_stamp("evaluate", params)
-
-
-@task(name="register", **IO_RETRIES)
-def register_task(params: PipelineParams) -> dict:
-    """Log the run to MLflow and register the model behind the champion gate."""
-    return stages.register(params)
+    params = load_params(params_path, overrides)
+    specs = load_stages()
+    workspace = new_workspace()
+    run = PipelineRun.start(params)
+    run.set_tags({"workspace": str(workspace.resolve())})
+    get_run_logger().info("workspace %s, MLflow run %s", workspace, run.run_id)
+    try:
+        with run.system_metrics():
+            for name in specs:
+                if name != "register":
+                    run_stage.with_options(name=name)(name, params, str(workspace), run.run_id)
+            record = register_task(params, str(workspace), run.run_id)
+    except BaseException as exc:
+        if run.is_open:
+            run.fail(exc)
+        raise
+    publish_artifacts(record, workspace, run.info.experiment_id)
+    return {**record, "workspace": str(workspace)}
 
 
 @task(name="data-hash")
 def data_hash_task(params: PipelineParams) -> str:
     """The content hash of the data folders."""
-    return stages.data_hash(params)
+    from .tracking import data_hash
+
+    return data_hash(params)
 
 
-@task(name="champion-data-hash", **IO_RETRIES)
+@task(name="champion-data-hash", **READ_RETRIES,
+      retry_condition_fn=lambda task, task_run, state: not isinstance(state.result(raise_on_failure=False),
+                                                                      PIPELINE_USER_ERRORS))
 def champion_data_hash(model_name: str) -> tuple[str, str | None] | None:
     """The champion's version and the ``data_hash`` tag of its run, or None when there is no champion."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    from .registry import alias_version
+    from .tracking import client
 
-    from .tracking import CHAMPION, tracking_uri
-
-    client = MlflowClient(tracking_uri())
-    try:
-        version = client.get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
-    return str(version.version), client.get_run(version.run_id).data.tags.get("data_hash")
+    version = alias_version(model_name)
+    if version is None:
+        return None
+    return str(version.version), client().get_run(version.run_id).data.tags.get("data_hash")
 
 
 @task(name="predict")
@@ -138,7 +193,7 @@ def predict_task(images: list[str], model_name: str) -> list[dict]:
     import pandas as pd
 
     from .pyfunc_model import encode_image
-    from .tracking import load_champion
+    from .registry import load_champion
 
     if not images:
         return []
@@ -147,22 +202,6 @@ def predict_task(images: list[str], model_name: str) -> list[dict]:
         {"image": image, "label": row.label, "distance": float(row.distance), "top_k": json.loads(row.top_k)}
         for image, row in zip(images, answers.itertuples(index=False))
     ]
-
-
-@flow(name="siamese-training", log_prints=True)
-def training_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
-    """Run prepare, validate, triplets, train, embed, evaluate and register; return the registration.
-
-    The triplets, train, embed and evaluate tasks are cached on the content of their inputs:
-    a rerun with the same data, params and code reuses their outputs, as long as nothing
-    has replaced those outputs since.
-    """
-    params = load_params(params_path, overrides)
-    prepare_task(params)
-    validate_task(params)
-    for stage_task in (triplets_task, train_task, embed_task, evaluate_task):
-        stage_task.with_options(refresh_cache=not outputs_current(stage_task.name, params))(params)
-    return register_task(params)
 
 
 @flow(name="siamese-predict")
@@ -189,7 +228,7 @@ def retraining_flow(params_path: str = "params.yaml", overrides: dict[str, Any] 
 
 
 def serve(params_path: str = "params.yaml") -> None:
-    """Serve the retraining flow on params.yaml's schedule (blocks; Ctrl-C stops it).
+    """Serve the retraining flow on params.yaml's schedule, one run at a time (blocks; Ctrl-C stops it).
 
     Scheduled runs need a Prefect server (``prefect server start``, ``PREFECT_API_URL`` set):
     on the ephemeral server Prefect serves the flow for manual runs but schedules nothing.
@@ -201,6 +240,8 @@ def serve(params_path: str = "params.yaml") -> None:
         name="siamese-retraining",
         schedules=[Cron(schedule.cron, timezone=schedule.timezone)],
         parameters={"params_path": params_path},
+        tags=DEPLOYMENT_TAGS,
+        global_limit=1,
     )
 
 

@@ -24,25 +24,14 @@ PRESETS = Path(__file__).resolve().parent / "presets"
 
 
 class DataConfig(Section):
-    """Where the dataset lives, and how the embedded demo dataset is prepared."""
+    """Where the dataset lives: class folders, DVC-tracked, never written by the pipeline."""
 
-    train_dir: str = "data/digits/train"
-    test_dir: str = "data/digits/test"
-    prepare_source: str = Field(
-        "digits",
-        description="What the prepare stage writes: 'digits' (scikit-learn's, bundled), "
-        "or 'none' to keep the data already in train_dir/test_dir.",
-    )
-    prepare_test_fraction: float = Field(0.3, gt=0, lt=1)
-    prepare_image_size: int = Field(32, ge=8)
-    prepare_seed: int = 0
+    train_dir: str = "data/demo/train"
+    test_dir: str = "data/demo/test"
     open_set: bool = Field(False, description="Allow test classes that are not in train (open-set evaluation).")
     strict: bool = Field(False, description="Treat the same image in train and test (leakage) as an error.")
-    prepare_per_class: int | None = Field(
-        None, ge=2, description="Cap on images per class written by prepare (quick runs); null keeps all."
-    )
     heldout_dir: str | None = Field(
-        None,
+        "data/demo/heldout",
         description="Class folders never trained on: the evaluate stage scores them as unknown classes "
         "and enrols them in few-shot episodes; null skips both.",
     )

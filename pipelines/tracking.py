@@ -1,36 +1,56 @@
-"""MLflow tracking and registry: one run per training, the bundle as a pyfunc model, and the champion gate."""
+"""MLflow tracking: one run per pipeline run, opened before training and closed at the end.
+
+A :class:`PipelineRun` is created by whoever starts the pipeline run (the Prefect flow, or
+the train stage under ``dvc repro``) and attached to by the later stages, in this process
+or another. Metrics are logged as they happen (one point per epoch while training runs),
+the data enters as dataset inputs with their DVC digests, and a failure ends the run
+FAILED with the error. The registry side (versions, aliases, the gate) is in
+:mod:`pipelines.registry`.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import math
+import getpass
+import json
+import logging
 import os
 import posixpath
 import re
-import tempfile
+import secrets
+import subprocess
+import traceback
 from collections import Counter
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
-from filelock import FileLock
-from mlflow.entities import Metric
-from mlflow.exceptions import MlflowException
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
-from .errors import NoChampionError
+from .files import content_hash
 from .params import PipelineParams
 
-CHAMPION, CHALLENGER = "champion", "challenger"
+log = logging.getLogger("pipelines.tracking")
+
+# MLflow 3's UI opens an experiment of this kind on its training-runs view, not the GenAI one.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # Nested numeric dicts of the evaluation report become metrics named "<prefix>.<key>".
 METRIC_PREFIXES = {"per_class_accuracy": "acc_class"}
 _SAFE_METRIC_KEY = re.compile(r"[\w.\- ]+")
-_PACKAGE_DIRS = [str(Path(__file__).resolve().parents[1] / name) for name in ("siamese_core", "pipelines")]
+SYSTEM_METRICS_INTERVAL_S = 5
+
+
+def project_root() -> Path:
+    """The DVC project this process works for: ``$DVC_ROOT`` (set by DVC, also for queued
+    experiments that run in a temporary copy), else the current directory."""
+    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
 
 
 def tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI``, or a SQLite database ``./mlflow.db`` (absolute path)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    """``$MLFLOW_TRACKING_URI``, or a SQLite database ``mlflow.db`` in :func:`project_root`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
 def _artifact_location(uri: str) -> str | None:
@@ -40,7 +60,7 @@ def _artifact_location(uri: str) -> str | None:
     return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
 
 
-def _client() -> MlflowClient:
+def client() -> MlflowClient:
     """A client on :func:`tracking_uri`; MLflow's fluent API is pointed there too."""
     uri = tracking_uri()
     if mlflow.get_tracking_uri() != uri:
@@ -49,17 +69,30 @@ def _client() -> MlflowClient:
 
 
 def ensure_experiment(name: str) -> str:
-    """The id of experiment ``name``, created with an explicit artifact location if missing."""
-    client = _client()
-    experiment = client.get_experiment_by_name(name)
+    """The id of experiment ``name``, created with an explicit artifact location if missing.
+
+    The experiment is marked as model training, so MLflow's UI opens it on its runs table.
+    """
+    mlflow_client = client()
+    experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name, artifact_location=_artifact_location(tracking_uri()))
-    if experiment.lifecycle_stage != "active":
+        try:
+            experiment_id = mlflow_client.create_experiment(name, artifact_location=_artifact_location(tracking_uri()))
+        except mlflow.exceptions.MlflowException:  # another run created it a moment ago
+            experiment = mlflow_client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            experiment_id = experiment.experiment_id
+    elif experiment.lifecycle_stage != "active":
         raise ValueError(
             f"MLflow experiment '{name}' is deleted: restore it (mlflow experiments restore "
             f"--experiment-id {experiment.experiment_id}) or set register.experiment to another name"
         )
-    return experiment.experiment_id
+    else:
+        experiment_id = experiment.experiment_id
+    if experiment is None or experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        mlflow_client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
+    return experiment_id
 
 
 def flatten(data: dict, prefix: str = "") -> dict:
@@ -97,229 +130,208 @@ def metric_values(metrics: dict) -> dict[str, float]:
     return {key: value for key, value in values.items() if _is_safe_metric_key(key)}
 
 
-def _champion_value(client: MlflowClient, model_name: str, metric: str) -> tuple[str | None, float | None]:
-    """The champion version and its figure on ``metric`` (from its run), or ``(None, None)``."""
-    champion = client.get_registered_model(model_name).aliases.get(CHAMPION)
-    if champion is None:
-        return None, None
-    run_id = client.get_model_version(model_name, champion).run_id
-    value = client.get_run(run_id).data.metrics.get(metric) if run_id else None
-    return str(champion), value
-
-
-def _gate_lock() -> FileLock:
-    """A lock that serialises champion decisions of runs sharing one tracking store on this machine."""
-    uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///") :]).with_suffix(".gate.lock")
-    else:
-        path = Path(tempfile.gettempdir()) / f"siamese-gate-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
-    return FileLock(path, timeout=600)
-
-
-def apply_gate(
-    client: MlflowClient, run_id: str, model_name: str, version: str, metric: str, value: float, greater_is_better: bool
-) -> tuple[str, float | None]:
-    """Give ``version`` the champion alias if ``value`` strictly beats the champion's, else challenger.
-
-    The read-compare-move runs under a lock, so two runs finishing at once cannot
-    both compare against the same old champion and leave the worse one in place.
-    The decision and both figures are logged on run ``run_id`` and on the version.
-    Returns ``(decision, previous champion value)``.
-    """
-    with _gate_lock():
-        previous_version, previous = _champion_value(client, model_name, metric)
-        wins = previous is None or (value > previous if greater_is_better else value < previous)
-        decision = CHAMPION if wins else CHALLENGER
-        gate = {
-            "gate.decision": decision,
-            "gate.metric": metric,
-            "gate.value": str(value),
-            "gate.previous_champion_version": str(previous_version),
-            "gate.previous_champion_value": str(previous),
-        }
-        for key, tag in gate.items():
-            client.set_tag(run_id, key, tag)
-            client.set_model_version_tag(model_name, version, key, tag)
-        if previous is not None:
-            client.log_metric(run_id, f"previous_champion.{metric}", previous)
-        client.set_registered_model_alias(model_name, decision, version)
-    return decision, previous
-
-
-def log_and_register(
-    params: PipelineParams,
-    bundle_dir: str | os.PathLike,
-    metrics: dict,
-    history: dict[str, list[float]],
-    artifacts: list[Path],
-    tags: dict[str, str],
-) -> dict:
-    """Log one run (params, per-epoch history, metrics, tags, artifacts, model) and register the model.
-
-    ``history`` values are logged with step = epoch index (from 0). The new version takes the
-    ``champion`` alias only when its ``register.metric`` strictly beats the current champion's
-    (read from the champion's run; a champion without that metric, or no champion, counts as
-    beaten); otherwise it takes ``challenger``. The decision and both figures are run tags and
-    version tags; the alias moves last. If anything fails before that decision,
-    the run is marked FAILED and no alias moves.
-    """
-    register = params.register
-    figures = metric_values(metrics)
-    value = figures.get(register.metric)
-    if value is None or not math.isfinite(value):
-        raise ValueError(
-            f"register.metric '{register.metric}' needs a finite number among the evaluation metrics "
-            f"{sorted(figures)}, got {value}"
-        )
-    client = _client()
-    experiment_id = ensure_experiment(register.experiment)
-    with mlflow.start_run(experiment_id=experiment_id) as run:
-        run_id = run.info.run_id
-        mlflow.set_tags(tags)
-        mlflow.log_params(flatten(params.model_dump(mode="json")))
-        now = get_current_time_millis()
-        history_points = [
-            Metric(key, float(v), now, step) for key, values in history.items() for step, v in enumerate(values)
-        ]
-        client.log_batch(run_id, metrics=history_points)
-        mlflow.log_metrics(figures)
-        for path in map(Path, artifacts):
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: artifact to log does not exist")
-            if path.is_dir():
-                mlflow.log_artifacts(str(path), artifact_path=path.name)
-            else:
-                mlflow.log_artifact(str(path))
-        if not Path(bundle_dir).is_dir():
-            raise FileNotFoundError(f"{bundle_dir}: model bundle folder does not exist")
-        info = _log_bundle_model(bundle_dir)
-        version = mlflow.register_model(info.model_uri, register.model_name).version
-
-        decision, previous = apply_gate(
-            client, run_id, register.model_name, str(version), register.metric, value, register.greater_is_better
-        )
-    return {
-        "run_id": run_id,
-        "model_name": register.model_name,
-        "version": str(version),
-        "decision": decision,
-        "metric": register.metric,
-        "value": value,
-        "previous_champion_value": previous,
-    }
-
-
-def log_failed_stage(params: PipelineParams, stage: str, artifacts: list[Path]) -> str:
-    """Record a stage that stopped the pipeline as a FAILED run with its report files; returns the run id."""
-    with mlflow.start_run(experiment_id=ensure_experiment(params.register.experiment)) as run:
-        mlflow.set_tags({"failed_stage": stage})
-        mlflow.log_params(flatten(params.model_dump(mode="json")))
-        for path in artifacts:
-            mlflow.log_artifact(str(path))
-        mlflow.end_run(status="FAILED")
-    return run.info.run_id
-
-
-def champion_uri(model_name: str) -> str:
-    """The registry URI of the model's current champion."""
-    return f"models:/{model_name}@{CHAMPION}"
-
-
-def _resolve_alias(model_name: str, alias: str = CHAMPION):
-    """The model version behind ``alias``, or NoChampionError with what to do."""
+def git_commit() -> str:
+    """The checked-out git commit of the project, or "unknown" outside a git repository."""
     try:
-        return _client().get_model_version_by_alias(model_name, alias)
-    except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        raise NoChampionError(
-            f"no '{alias}' version of registered model '{model_name}' in {tracking_uri()}; "
-            "run the training pipeline first to register one"
-        ) from None
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10,
+                              cwd=project_root())
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip()
 
 
-def load_champion(model_name: str):
-    """The champion version of ``model_name`` as a pyfunc model.
-
-    Raises NoChampionError when there is no such registered model or it has no champion yet.
-    """
-    _resolve_alias(model_name)
-    return mlflow.pyfunc.load_model(champion_uri(model_name))
-
-
-def download_bundle(model_uri: str) -> Path:
-    """The model bundle folder of a registered model, e.g. ``models:/name@champion``, downloaded locally."""
-    name, _, alias = model_uri.removeprefix("models:/").partition("@")
-    if alias:
-        _resolve_alias(name, alias)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri()))
-    return local / "artifacts" / "bundle"
+def data_versions(params: PipelineParams) -> dict[str, str]:
+    """DVC's content hash of each data folder the pipeline reads: ``{"train": "<md5>.dir", ...}``."""
+    folders = {"train": params.data.train_dir, "test": params.data.test_dir}
+    if params.data.heldout_dir:
+        folders["heldout"] = params.data.heldout_dir
+    return {split: content_hash(folder) for split, folder in folders.items()}
 
 
-ENROLLED = "enrolled"
+def data_hash(params: PipelineParams) -> str:
+    """``<train md5>+<test md5>``: the version of the training data, as DVC hashes it."""
+    versions = data_versions(params)
+    return f"{versions['train']}+{versions['test']}"
 
 
-def _log_bundle_model(bundle_dir: str | os.PathLike):
-    """Log a bundle folder as the pyfunc model ``model`` of the active run, checked to serve its example."""
-    from .pyfunc_model import (
-        SIGNATURE,
-        SiameseBundleModel,
-        input_example,
-        pip_requirements,
-    )
+def context_tags() -> dict[str, str]:
+    """Where this run comes from: git commit, user, DVC experiment, Prefect flow run (id and UI link)."""
+    tags = {"git_commit": git_commit(), "mlflow.user": getpass.getuser()}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["dvc.baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+    from prefect.runtime import flow_run
 
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=SiameseBundleModel(),
-        artifacts={"bundle": str(bundle_dir)},
-        code_paths=_PACKAGE_DIRS,
-        signature=SIGNATURE,
-        input_example=input_example(),
-        pip_requirements=pip_requirements(),
-    )
-    # MLflow only warns when the input example fails; a model that cannot serve is not registered.
-    mlflow.pyfunc.load_model(info.model_uri).predict(input_example())
-    return info
+    if flow_run.id:
+        tags.update({"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)})
+        if flow_run.ui_url:
+            tags["prefect.flow_run_url"] = str(flow_run.ui_url)
+    return tags
 
 
-def enroll_and_register(model_name: str, folder: str | os.PathLike, source: str = CHAMPION, promote: bool = False) -> dict:
-    """Enrol class folders into a registered version's gallery, and register the result as a new version.
+def run_name(params: PipelineParams, data_hash_value: str) -> str:
+    """A readable, unique run name: experiment or flow-run name, model, data version, UTC time, a random suffix."""
+    from prefect.runtime import flow_run
 
-    ``source`` is an alias or a version number of ``model_name``. Its bundle is downloaded,
-    the images of ``folder`` (``<class>/<image>``) are embedded by its unchanged network and
-    added to its gallery, and the enlarged bundle is logged as a new run and model version,
-    both tagged ``enrolled_from=<source version>``. The run goes to the source run's experiment.
+    origin = os.environ.get("DVC_EXP_NAME") or (flow_run.name if flow_run.id else None)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    parts = [origin, params.model.backbone, f"data-{data_hash_value[:8]}", stamp, secrets.token_hex(2)]
+    return "-".join(str(p) for p in parts if p)
 
-    Aliases: with ``promote`` the new version becomes ``champion``, without the champion gate
-    (the source's test-set figure says nothing about the new classes, so the user decides);
-    otherwise it takes ``enrolled`` and the champion stays where it is.
-    """
+
+def data_profiles(params: PipelineParams, versions: dict[str, str] | None = None) -> dict[str, dict]:
+    """Each data folder's path, DVC digest and profile (classes, images, images per class); missing folders left out."""
     from siamese_core.data import scan_folder
-    from siamese_core.recognizer import SiameseRecognizer
 
-    client = _client()
-    base = client.get_model_version(model_name, source) if str(source).isdigit() else _resolve_alias(model_name, source)
-    images = scan_folder(folder)
-    recognizer = SiameseRecognizer.load(download_bundle(f"models:/{model_name}/{base.version}"))
-    known = set(recognizer.gallery.class_names)
-    recognizer.enroll(images)
-    new_classes = [name for name in recognizer.gallery.class_names if name not in known]
-    tags = {"enrolled_from": str(base.version), "enrolled_folder": str(folder)}
-    experiment_id = client.get_run(base.run_id).info.experiment_id if base.run_id else ensure_experiment("siamese")
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(experiment_id=experiment_id) as run:
-        bundle = recognizer.save(Path(tmp) / "bundle", {"enrolled_from": f"{model_name}/{base.version}"})
-        mlflow.set_tags(tags)
-        mlflow.log_params(flatten(recognizer.config.model_dump(mode="json")))
-        mlflow.log_metrics({"gallery_size": len(recognizer.gallery), "classes": len(recognizer.gallery.class_names),
-                            "enrolled_images": len(images), "new_classes": len(new_classes)})
-        mlflow.log_dict({"folder": str(folder), "new_classes": new_classes,
-                         "images": dict(Counter(images.label_names))},
-                        "enrolment.json")
-        info = _log_bundle_model(bundle)
-        version = str(mlflow.register_model(info.model_uri, model_name, tags=tags).version)
-    alias = CHAMPION if promote else ENROLLED
-    with _gate_lock():
-        client.set_registered_model_alias(model_name, alias, version)
-    return {"run_id": run.info.run_id, "model_name": model_name, "version": version, "alias": alias,
-            "enrolled_from": str(base.version), "new_classes": new_classes, "gallery_size": len(recognizer.gallery)}
+    versions = versions or data_versions(params)
+    folders = {"train": params.data.train_dir, "test": params.data.test_dir, "heldout": params.data.heldout_dir}
+    profiles = {}
+    for split, digest in versions.items():
+        if digest == "missing":
+            continue
+        images = scan_folder(folders[split])
+        counts = Counter(images.label_names)
+        profiles[split] = {"path": str(folders[split]), "md5": digest, "classes": len(images.class_names),
+                           "images": len(images), "images_per_class": dict(sorted(counts.items()))}
+    return profiles
+
+
+def _dataset_input(split: str, profile: dict) -> DatasetInput:
+    """A data folder as an MLflow dataset input: its DVC digest, source and profile."""
+    counts = profile["images_per_class"].values()
+    summary = {"classes": profile["classes"], "images": profile["images"],
+               "images_per_class": {"min": min(counts), "max": max(counts)}, "per_class": profile["images_per_class"]}
+    source = {"path": profile["path"], "dvc_md5": profile["md5"], "git_commit": git_commit()}
+    dataset = Dataset(name=f"{Path(profile['path']).parent.name or 'data'}-{split}",
+                      digest=profile["md5"].removesuffix(".dir"), source_type="local", source=json.dumps(source),
+                      schema=json.dumps({"layout": "<class>/<image>"}), profile=json.dumps(summary))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", CONTEXTS[split])])
+
+
+CONTEXTS = {"train": "training", "test": "evaluation", "heldout": "few-shot"}
+
+
+class PipelineRun:
+    """The MLflow run of one pipeline run, addressed by id (safe across threads and processes)."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.client = client()
+
+    @classmethod
+    def start(cls, params: PipelineParams, description: str = "") -> PipelineRun:
+        """Open a run: a unique name, the params, the context tags and the data as dataset inputs."""
+        versions = data_versions(params)
+        data = f"{versions['train']}+{versions['test']}"
+        mlflow_client = client()
+        tags = {**context_tags(), "data_hash": data, "mlflow.note.content": description or _describe(params)}
+        run = mlflow_client.create_run(ensure_experiment(params.register.experiment),
+                                       run_name=run_name(params, data), tags=tags)
+        started = cls(run.info.run_id)
+        started.client.log_batch(started.run_id, params=[
+            Param(key, str(value)) for key, value in flatten(params.model_dump(mode="json")).items()])
+        started.client.log_inputs(started.run_id, datasets=[
+            _dataset_input(split, profile) for split, profile in data_profiles(params, versions).items()])
+        log.info("MLflow run %s (%s) opened in %s", run.info.run_name, started.run_id, tracking_uri())
+        return started
+
+    @property
+    def info(self):
+        return self.client.get_run(self.run_id).info
+
+    @property
+    def is_open(self) -> bool:
+        return self.info.status == "RUNNING"
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        now = get_current_time_millis()
+        points = [Metric(key, float(value), now, step) for key, value in metric_values(metrics).items()]
+        for start in range(0, len(points), 900):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(self.run_id, metrics=points[start:start + 900])
+
+    def log_history(self, history: dict[str, list[float]]) -> None:
+        """Per-epoch values after the fact (a training this run reused), step = epoch index from 0."""
+        now = get_current_time_millis()
+        points = [Metric(key, float(v), now, step) for key, values in history.items() for step, v in enumerate(values)]
+        for start in range(0, len(points), 900):
+            self.client.log_batch(self.run_id, metrics=points[start:start + 900])
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: artifact to log does not exist")
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path=artifact_path or path.name)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def epoch_callback(self):
+        """A Keras callback logging each epoch's figures to this run as it ends (the UI shows a live curve)."""
+        import keras
+
+        run = self
+
+        class LogEpochToMlflow(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                figures = {key: float(value) for key, value in (logs or {}).items()}
+                run.log_metrics(figures, step=epoch)
+                shown = ", ".join(f"{key} {value:.4f}" for key, value in figures.items())
+                log.info("epoch %d/%d: %s", epoch + 1, self.params.get("epochs", 0), shown)
+
+        return LogEpochToMlflow()
+
+    @contextmanager
+    def system_metrics(self):
+        """CPU, memory, disk and network (and GPU where present) logged to the run every few seconds."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                       resume_logging=True, tracking_uri=tracking_uri())
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+
+    def finish(self) -> None:
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    def fail(self, error: BaseException, stage: str | None = None) -> None:
+        """End the run FAILED (KILLED for an interrupt), with the error as tags and ``error.txt``."""
+        killed = isinstance(error, KeyboardInterrupt)
+        message = f"{type(error).__name__}: {error}"
+        self.set_tags({"error": message[:5000], **({"failed_stage": stage} if stage else {})})
+        text = "".join(traceback.format_exception(error))
+        self.client.log_text(self.run_id, text, "error.txt")
+        self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.KILLED if killed else RunStatus.FAILED))
+
+    @contextmanager
+    def failing_on_error(self, stage: str):
+        """Run a stage; an exception ends this run FAILED with the error, then propagates."""
+        try:
+            yield self
+        except BaseException as exc:
+            self.fail(exc, stage)
+            raise
+
+
+def _describe(params: PipelineParams) -> str:
+    """The run's description: what was trained on what."""
+    return (f"Siamese triplet-loss recogniser: {params.model.backbone} at {params.model.input_size} px, "
+            f"{params.model.embedding_dim}-d embeddings, {params.train.mining} mining, {params.train.epochs} epochs; "
+            f"trained on `{params.data.train_dir}`, scored on `{params.data.test_dir}`"
+            + (f", few-shot on `{params.data.heldout_dir}`." if params.data.heldout_dir else "."))
+
+
+def log_failed_stage(params: PipelineParams, stage: str, artifacts: list[Path], error: BaseException) -> str:
+    """Record a stage that stopped the pipeline before any run was open, as a FAILED run with its reports."""
+    run = PipelineRun.start(params)
+    for path in artifacts:
+        run.log_artifact(path)
+    run.fail(error, stage)
+    return run.run_id

@@ -240,10 +240,12 @@ def _untrained_embedding(config: Config):
     return build_embedding_model(config.model)
 
 
-def baseline_reports(config: Config, train: ImageFolder, test: ImageFolder, top_k: int) -> dict:
+def baseline_reports(config: Config, train: ImageFolder, test: ImageFolder, top_k: int,
+                     heldout: ImageFolder | None = None, seed: int = 0) -> dict:
     """What training bought: the same scores for nearest neighbour on raw pixels and for the untrained network.
 
     Raw pixels are compared at the model's input size (at most ``RAW_PIXELS_MAX_SIZE``).
+    With ``heldout``, each baseline also gets ``fewshot``: the same episodes (same seed) as the model's.
     """
     from .embed import decode_all, embed_images
 
@@ -251,18 +253,24 @@ def baseline_reports(config: Config, train: ImageFolder, test: ImageFolder, top_
     batch = config.evaluate.embed_batch_size
     summary = ("top1", f"top{top_k}", "class_avg_accuracy", "map_at_r", "macro_precision")
 
-    def scores(train_vectors, test_vectors) -> dict:
-        gallery = Gallery(train_vectors, train.labels, list(train.class_names), list(train.paths))
-        report = _score(test_vectors, test.label_names, gallery, top_k)[0]
-        return {key: report[key] for key in summary}
+    settings = config.evaluate
+
+    def scores(embed) -> dict:
+        gallery = Gallery(embed(train), train.labels, list(train.class_names), list(train.paths))
+        report = _score(embed(test), test.label_names, gallery, top_k)[0]
+        scored = {key: report[key] for key in summary}
+        if heldout is not None:
+            scored["fewshot"] = few_shot_report(embed(heldout), heldout.labels, settings.fewshot_way,
+                                                settings.fewshot_shots, settings.fewshot_episodes, seed)[0]
+        return scored
 
     def pixels(folder: ImageFolder) -> np.ndarray:
         return decode_all(folder.paths, size, batch).reshape(len(folder), -1).astype(np.float32)
 
     untrained = _untrained_embedding(config)
     return {
-        "baseline_raw_pixels": {**scores(pixels(train), pixels(test)), "size": size},
-        "baseline_untrained": scores(embed_images(untrained, train.paths, batch), embed_images(untrained, test.paths, batch)),
+        "baseline_raw_pixels": {**scores(pixels), "size": size},
+        "baseline_untrained": scores(lambda folder: embed_images(untrained, folder.paths, batch)),
     }
 
 
@@ -311,7 +319,7 @@ def assess(
     except ValueError as exc:
         notes.append(f"no threshold: {exc}")
     if train is not None and settings.baselines:
-        report.update(baseline_reports(recognizer.config, train, test, settings.top_k))
+        report.update(baseline_reports(recognizer.config, train, test, settings.top_k, heldout, seed))
     if heldout is not None:
         shared = sorted(set(heldout.class_names) & set(recognizer.gallery.class_names))
         if shared:

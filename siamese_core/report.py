@@ -176,20 +176,34 @@ def distance_figure(assessment: Assessment, gallery: Gallery, threshold: float |
     return figure
 
 
+PLOT_FILES = {
+    "Training loss": "loss.png",
+    "Confusion matrix": "confusion.png",
+    "Nearest neighbours of sample queries": "neighbours.png",
+    "Gallery embeddings (PCA)": "embedding.png",
+    "Distances and threshold": "distances.png",
+}
+
+
 def write_plots(assessment: Assessment, gallery: Gallery, history: dict, size: int, folder: str | os.PathLike
                 ) -> dict[str, Path]:
-    """Write the five evaluation plots into ``folder``; returns ``{title: path}``."""
+    """Write the five evaluation plots (``PLOT_FILES``) into ``folder``; returns ``{title: path}``."""
     folder = Path(folder)
     report = assessment.report
     threshold = report.get("calibration", {}).get("threshold")
     figures = {
-        "Training loss": ("loss.png", lambda: loss_figure(history)),
-        "Confusion matrix": ("confusion.png", lambda: confusion_figure(**report["confusion_matrix"])),
-        "Nearest neighbours of sample queries": ("neighbours.png", lambda: neighbours_figure(assessment, gallery, size)),
-        "Gallery embeddings (PCA)": ("embedding.png", lambda: projection_figure(gallery)),
-        "Distances and threshold": ("distances.png", lambda: distance_figure(assessment, gallery, threshold)),
+        "Training loss": lambda: loss_figure(history),
+        "Confusion matrix": lambda: confusion_figure(**report["confusion_matrix"]),
+        "Nearest neighbours of sample queries": lambda: neighbours_figure(assessment, gallery, size),
+        "Gallery embeddings (PCA)": lambda: projection_figure(gallery),
+        "Distances and threshold": lambda: distance_figure(assessment, gallery, threshold),
     }
-    return {title: save_png(make(), folder / name) for title, (name, make) in figures.items()}
+    return {title: save_png(make(), folder / PLOT_FILES[title]) for title, make in figures.items()}
+
+
+def report_images(folder: str | os.PathLike) -> dict[str, Path]:
+    """The plots :func:`write_plots` wrote into ``folder``, as ``{title: path}``."""
+    return {title: Path(folder) / name for title, name in PLOT_FILES.items() if (Path(folder) / name).is_file()}
 
 
 def _cell(value) -> str:
@@ -222,10 +236,16 @@ def _sections(report: dict) -> list[str]:
         parts += ["<h2>Known vs held-out classes</h2>",
                   _table(["", "value"], [[k, v] for k, v in report["open_set"].items()])]
     if report.get("fewshot"):
+        def accuracy(result: dict, key: str) -> str:
+            episode = result.get("fewshot", {}).get(key)
+            return f"{episode['mean']:.4f} ± {episode['ci95']:.4f}" if episode else ""
+
         parts += ["<h2>Held-out classes enrolled without retraining</h2>",
-                  _table(["episodes", "accuracy", "95% interval"],
-                         [[f"{r['n_way']}-way {r['k_shot']}-shot ({r['episodes']} episodes)", r["mean"],
-                           f"± {r['ci95']:.4f}"] for r in report["fewshot"].values()])]
+                  _table(["episodes", *[m for m, _ in models]],
+                         [[f"{r['n_way']}-way {r['k_shot']}-shot ({r['episodes']} episodes)",
+                           *[accuracy(result, key) for _, result in models]] for key, r in report["fewshot"].items()]),
+                  "<p>Accuracy ± its 95% interval. Each episode enrols k images of each held-out class "
+                  "as the gallery and asks for the class of one other image of each.</p>"]
     if report.get("notes"):
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in report["notes"]) + "</ul>")
     recall, precision = report["per_class_recall"], report["per_class_precision"]
@@ -235,8 +255,12 @@ def _sections(report: dict) -> list[str]:
     return parts
 
 
-def write_html(path: str | os.PathLike, report: dict, images: dict[str, Path], title: str = "Evaluation report") -> Path:
-    """One self-contained HTML page: the metric tables beside the baselines, and every plot embedded as base64."""
+def write_html(path: str | os.PathLike, report: dict, images: dict[str, Path], title: str = "Evaluation report",
+               header: dict[str, str] | None = None) -> Path:
+    """One self-contained HTML page: the metric tables beside the baselines, and every plot embedded as base64.
+
+    ``header`` rows (what was evaluated: model version, run, data version, params) open the page.
+    """
     figures = [
         f"<figure><img alt=\"{html.escape(name)}\" src=\"data:image/png;base64,"
         f"{base64.b64encode(Path(png).read_bytes()).decode('ascii')}\"><figcaption>{html.escape(name)}</figcaption></figure>"
@@ -249,6 +273,7 @@ def write_html(path: str | os.PathLike, report: dict, images: dict[str, Path], t
         "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
         "td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:1.5em 0}</style></head><body>"),
         f"<h1>{html.escape(title)}</h1>",
+        _table(["", ""], [[key, value] for key, value in (header or {}).items()]) if header else "",
         *_sections(report),
         "<h2>Plots</h2>",
         *figures,

@@ -19,9 +19,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The smallest run that still goes through every stage: 10 digit classes of 6 images, 1 epoch.
+# The smallest run that still goes through every stage: 1 epoch on the demo data cut down by TINY_DATA.
+TINY_DATA = {"classes": 6, "per_class": 5}  # 6 known classes (4 train, 1 test image) and 6 held-out (5 images)
 TINY_PARAMS = {
-    "data.prepare_per_class": 6,
+    "train.classes_per_batch": 6,
+    "train.images_per_class": 4,
+    "evaluate.fewshot_episodes": 20,
     "model.backbone": "small_cnn",
     "model.weights": None,
     "model.input_size": 32,
@@ -51,6 +54,15 @@ def write_params():
         return path
 
     return write
+
+
+def write_tiny_demo_data(project: Path) -> Path:
+    """The demo dataset, cut down by TINY_DATA, at the params' default place under ``project``."""
+    from pipelines.demo_data import write_demo_data
+
+    root = project / "data" / "demo"
+    write_demo_data(root, **TINY_DATA)
+    return root
 
 
 @pytest.fixture(scope="session")

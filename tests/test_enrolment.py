@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from mlflow_fixtures import make_tiny_bundle, pipeline_params, use_sqlite_store
 from typer.testing import CliRunner
 
-from pipelines import tracking
+from pipelines import registry, tracking
 from pipelines.cli import app
 from pipelines.pyfunc_model import encode_image
 from siamese_core.recognizer import SiameseRecognizer
@@ -45,9 +45,9 @@ def test_enrolled_class_is_predicted_and_the_network_unchanged(bundle, new_class
 def test_enrolment_registers_a_new_version_and_moves_aliases_as_documented(bundle, new_class, monkeypatch, tmp_path):
     use_sqlite_store(monkeypatch, tmp_path)
     metrics = {"top1": 0.5, "per_class_accuracy": {"digit 0": 0.5}}
-    tracking.log_and_register(pipeline_params(NAME), bundle.path, metrics, bundle.history, [], {"git_commit": "x"})
+    registry.log_and_register(pipeline_params(NAME), bundle.path, metrics, bundle.history, [], {"git_commit": "x"})
 
-    result = tracking.enroll_and_register(NAME, new_class)
+    result = registry.enroll_and_register(NAME, new_class)
     assert (result["version"], result["alias"], result["enrolled_from"]) == ("2", "enrolled", "1")
     assert result["new_classes"] == ["digit 7"]
     client = MlflowClient()
@@ -56,7 +56,7 @@ def test_enrolment_registers_a_new_version_and_moves_aliases_as_documented(bundl
     run = client.get_run(result["run_id"])
     assert run.data.tags["enrolled_from"] == "1" and run.data.metrics["new_classes"] == 1
 
-    downloaded = SiameseRecognizer.load(tracking.download_bundle(f"models:/{NAME}@enrolled"))
+    downloaded = SiameseRecognizer.load(registry.download_bundle(f"models:/{NAME}@enrolled"))
     assert downloaded.gallery.class_names == ["digit 0", "digit 1", "digit 2", "digit 7"]
     image = next((new_class / "digit 7").iterdir())
     served = mlflow.pyfunc.load_model(f"models:/{NAME}@enrolled").predict(pd.DataFrame({"image": [encode_image(image)]}))
@@ -67,7 +67,7 @@ def test_enrolment_registers_a_new_version_and_moves_aliases_as_documented(bundl
     assert cli.exit_code == 0, cli.output
     assert "version 3 (champion), enrolled from version 2" in cli.output
     assert client.get_registered_model(NAME).aliases == {"champion": 3, "enrolled": 2}
-    promoted = json.loads(tracking.download_bundle(f"models:/{NAME}@champion").joinpath("metadata.json").read_text())
+    promoted = json.loads(registry.download_bundle(f"models:/{NAME}@champion").joinpath("metadata.json").read_text())
     assert promoted["gallery_size"] == downloaded.metadata["gallery_size"] + 2
     assert promoted["enrolled_from"] == f"{NAME}/2"
 

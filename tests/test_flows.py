@@ -2,28 +2,49 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_tiny_demo_data
 from mlflow import MlflowClient
 
 from pipelines import stages
+from pipelines.files import content_hash
 from pipelines.flows import predict_flow, retraining_flow, training_flow
 from pipelines.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_FILE = stages.TRAINED / stages.MODEL_FILE
+NAME = "siamese-recognizer"
 
 
 @pytest.fixture
 def project(tmp_path, monkeypatch, write_params, prefect_server):
-    """A working folder with tiny params and its own MLflow database; returns its MLflow client."""
+    """A project folder (dvc.yaml, tiny params, tiny demo data) with its own MLflow database; returns its client."""
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path / "params.yaml")
+    shutil.copy(REPO / "dvc.yaml", tmp_path)
+    write_tiny_demo_data(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     return MlflowClient(uri)
+
+
+def _flow_logs(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [entry.message for entry in logs]
 
 
 def test_prefect_yaml_deploys_the_retraining_flow_on_the_params_schedule():
@@ -32,39 +53,116 @@ def test_prefect_yaml_deploys_the_retraining_flow_on_the_params_schedule():
     assert deployment["entrypoint"] == "pipelines/flows.py:retraining_flow"
     assert deployment["schedules"][0]["cron"] == schedule.cron
     assert deployment["schedules"][0]["timezone"] == schedule.timezone
+    assert deployment["concurrency_limit"] == 1 and "retraining" in deployment["tags"]
 
 
-def test_training_flow_registers_a_champion_that_predict_flow_serves(project):
-    result = training_flow()
+def test_training_flow_tracks_one_run_and_registers_a_champion_that_predict_flow_serves(project):
+    from prefect.artifacts import Artifact
+
+    state = training_flow(return_state=True)
+    result = state.result()
     assert (result["version"], result["decision"]) == ("1", "champion")
-    name = result["model_name"]
-    assert str(project.get_model_version_by_alias(name, "champion").version) == "1"
-    assert project.get_run(result["run_id"]).data.tags["data_hash"] == result["data_hash"]
+    run = project.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == result["run_name"] and "small_cnn" in run.info.run_name
+    tags = run.data.tags
+    assert tags["data_hash"] == result["data_hash"] and tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    assert len(project.get_metric_history(run.info.run_id, "loss")) == 1  # one point per epoch
+    assert any(key.startswith("system/") for key in run.data.metrics), "system metrics are logged"
+    inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    assert inputs["demo-train"].digest == content_hash("data/demo/train").removesuffix(".dir")
+    assert json.loads(inputs["demo-heldout"].profile)["classes"] == 6
+    card = project.get_model_version(NAME, "1").description
+    assert "## Data" in card and content_hash("data/demo/train") in card and "raw pixels" in card
+    workspace = Path(result["workspace"])
+    assert workspace.parent.name == "runs" and (workspace / stages.BUNDLE / stages.MODEL_FILE).is_file()
+    assert f"{NAME} version 1" in (workspace / stages.REPORT).read_text()
 
-    gallery_image = next(Path("data/digits/train/digit 7").glob("*.png"))
+    messages = _flow_logs(state.state_details.flow_run_id)
+    assert any(m.startswith("evaluate: top1") for m in messages), "the stages' log lines reach the flow run"
+    assert any(m.startswith("epoch 1/1") for m in messages)
+    markdown = Artifact.get("siamese-registration")
+    assert markdown is not None and "champion" in markdown.data and result["run_id"] in markdown.data
+    assert Artifact.get("siamese-per-class-accuracy") is not None
+
+    gallery_image = next(Path("data/demo/train").glob("*/*.png"))
     [answer] = predict_flow([str(gallery_image)])
-    assert answer["label"] == "digit 7"
+    assert answer["label"] == gallery_image.parent.name
     assert answer["distance"] < 1e-3
-    assert answer["top_k"][0]["label"] == "digit 7"
 
-    trained_at = MODEL_FILE.stat().st_mtime_ns
     again = training_flow()
-    assert MODEL_FILE.stat().st_mtime_ns == trained_at, "unchanged inputs: the cached training is reused"
-    assert again["version"] == "2"
+    assert again["version"] == "2" and again["workspace"] != result["workspace"]
+    second = project.get_run(again["run_id"])
+    assert second.data.tags["training_run_id"] == result["run_id"], "unchanged inputs: the training is reused"
+    assert second.info.run_name != run.info.run_name
+    first_model = workspace / stages.TRAINED / stages.MODEL_FILE
+    assert (Path(again["workspace"]) / stages.TRAINED / stages.MODEL_FILE).read_bytes() == first_model.read_bytes()
+    assert len(project.get_metric_history(again["run_id"], "loss")) == 1, "the reused curve is logged on the new run"
 
-    training_flow(overrides={"train.epochs": 2})
-    retrained_at = MODEL_FILE.stat().st_mtime_ns
-    assert retrained_at != trained_at
-    training_flow()
-    assert MODEL_FILE.stat().st_mtime_ns != retrained_at, "outputs replaced since the cached run: train again"
+
+def test_two_flows_started_together_each_register_their_own_model(project, tmp_path):
+    """Two processes on one Prefect server, one MLflow store and one checkout, with different epochs."""
+    from prefect.settings import PREFECT_API_URL
+
+    code = ("import json, sys; from pipelines.flows import training_flow; "
+            "print('RESULT', json.dumps(training_flow(overrides={'train.epochs': int(sys.argv[1])})))")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
+    processes = [subprocess.Popen([sys.executable, "-c", code, str(epochs)], cwd=tmp_path, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for epochs in (2, 3)]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    results = {}
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+        result = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
+        results[result["version"]] = result
+    assert set(results) == {"1", "2"}
+    seen = set()
+    for version, result in results.items():
+        run = project.get_run(project.get_model_version(NAME, version).run_id)
+        epochs = int(run.data.params["train.epochs"])
+        history = json.loads((Path(result["workspace"]) / stages.TRAINED / stages.HISTORY_FILE).read_text())["history"]
+        assert len(history["loss"]) == epochs, "the version carries the model its own run trained"
+        assert len(project.get_metric_history(run.info.run_id, "loss")) == epochs
+        downloaded = Path(project.download_artifacts(run.info.run_id, "model/artifacts/bundle/metadata.json"))
+        assert len(json.loads(downloaded.read_text())["history"]["loss"]) == epochs
+        seen.add(epochs)
+        print(f"version {version}: run {run.info.run_name}, train.epochs {epochs}, bundle history of {epochs} epochs")
+    assert seen == {2, 3}
+    assert results["1"]["workspace"] != results["2"]["workspace"]
 
 
-def test_retraining_flow_skips_training_on_unchanged_data(project):
+def test_a_bad_dataset_fails_the_run_once_and_registers_nothing(project):
+    broken = next(Path("data/demo/train").glob("*/*.png"))
+    broken.write_bytes(b"not a png")
+    state = training_flow(return_state=True)
+    assert state.is_failed()
+    [run] = project.search_runs([project.get_experiment_by_name("siamese").experiment_id])
+    assert run.info.status == "FAILED" and "dataset validation failed" in run.data.tags["error"]
+    assert broken.name in run.data.tags["error"] or "corrupt" in run.data.tags["error"]
+    assert project.search_registered_models() == []
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[
+            state.state_details.flow_run_id])))
+    [validate] = [t for t in task_runs if t.name.startswith("validate")]
+    assert validate.run_count == 1, "a deterministic failure is not retried"
+
+
+def test_retraining_skips_unchanged_data_and_trains_on_added_data(project):
     first = retraining_flow()
     assert first["skipped"] is False and first["version"] == "1"
-    trained_at = MODEL_FILE.stat().st_mtime_ns
-
     second = retraining_flow()
     assert second == {"skipped": True, "data_hash": first["data_hash"], "champion_version": "1"}
-    assert MODEL_FILE.stat().st_mtime_ns == trained_at
-    assert len(project.search_model_versions(f"name='{first['model_name']}'")) == 1
+
+    some_class = next(Path("data/demo/train").iterdir())
+    shutil.copy(next(some_class.glob("*.png")), some_class / "added.png")
+    third = retraining_flow(overrides={"train.epochs": 2})
+    assert third["skipped"] is False and third["data_hash"] != first["data_hash"]
+    run = project.get_run(third["run_id"])
+    assert run.data.tags["data_hash"] == third["data_hash"]
+    train_input = next(d.dataset for d in run.inputs.dataset_inputs if d.dataset.name == "demo-train")
+    assert train_input.digest == content_hash("data/demo/train").removesuffix(".dir")
+    assert (some_class / "added.png").is_file(), "no run rewrites the data"

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipelines.params import PipelineParams, load_params
-from pipelines.stages import STAGES, param_value
+from pipelines.dvcfile import load_stages, param_value
 from siamese_core.config import apply_overrides, parse_set_options
 from siamese_core.errors import ConfigError
 
@@ -27,7 +27,7 @@ def test_params_yaml_validates_and_is_the_cpu_demo():
     params = load_params(REPO / "params.yaml")
     assert isinstance(params, PipelineParams)
     assert params.model.backbone == "small_cnn" and params.model.weights is None
-    assert params.data.prepare_source == "digits"
+    assert (params.data.train_dir, params.data.heldout_dir) == ("data/demo/train", "data/demo/heldout")
     assert params.triplets.max_pairs_per_class is not None
     assert set(yaml.safe_load((REPO / "params.yaml").read_text())) == set(PipelineParams.model_fields)
 
@@ -37,7 +37,7 @@ def test_params_yaml_validates_and_is_the_cpu_demo():
     [
         (lambda d: d["train"].update(epochz=3), "train.epochz"),
         (lambda d: d.update(modle={"backbone": "small_cnn"}), "modle"),
-        (lambda d: d["data"].update(prepare_sed=1), "data.prepare_sed"),
+        (lambda d: d["data"].update(train_dri="x"), "data.train_dri"),
         (lambda d: d["train"].update(epochs=0), "train.epochs"),
     ],
 )
@@ -68,12 +68,12 @@ def test_set_style_overrides():
 def test_dvc_style_dotted_keys():
     """Every params key dvc.yaml declares exists; `dvc exp run -S section.key=value` keys apply."""
     params = load_params(REPO / "params.yaml")
-    declared = {key for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values() for key in stage["params"]}
+    declared = {key for stage in load_stages(REPO / "dvc.yaml").values() for key in stage.params}
+    assert {"train", "data.heldout_dir", "register"} <= declared
     for key in declared:
         param_value(params, key)
-    assert declared == {key for stage in STAGES.values() for key in stage.params}
-    changed = apply_overrides(params, {"train.epochs": 3, "data.prepare_per_class": 6, "schedule.cron": "0 4 * * *"})
-    assert (changed.train.epochs, changed.data.prepare_per_class, changed.schedule.cron) == (3, 6, "0 4 * * *")
+    changed = apply_overrides(params, {"train.epochs": 3, "data.heldout_dir": None, "schedule.cron": "0 4 * * *"})
+    assert (changed.train.epochs, changed.data.heldout_dir, changed.schedule.cron) == (3, None, "0 4 * * *")
     assert param_value(changed, "train")["epochs"] == 3
 
 
@@ -82,7 +82,7 @@ def test_presets_replace_the_keys_they_name_and_set_wins(tmp_path):
     assert seed.preset == "seed"
     assert (seed.model.backbone, seed.model.input_size, seed.model.head_units) == ("resnet50", 200, [512, 256])
     assert seed.train.learning_rate == 1e-4 and seed.triplets.max_pairs_per_class is None
-    assert seed.data.train_dir == "data/digits/train"  # sections a preset does not name stay
+    assert seed.data.train_dir == "data/demo/train"  # sections a preset does not name stay
 
     fast = load_params(_with(tmp_path, lambda d: d.update(preset="fast-cpu")), {"train.epochs": 2})
     assert fast.train.mining == "batch_all" and fast.train.augment.rotations_as_classes

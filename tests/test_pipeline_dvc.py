@@ -1,4 +1,4 @@
-"""The stages and the DVC pipeline: prepare and validate alone, then real `dvc repro` in a temporary git repo."""
+"""The stages and the DVC pipeline: validate alone, then real `dvc repro` and `dvc exp` in a temporary git repo."""
 
 from __future__ import annotations
 
@@ -12,77 +12,46 @@ from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image
+from conftest import write_tiny_demo_data
+from mlflow import MlflowClient
 
 from pipelines import stages
+from pipelines.dvcfile import load_stages
 from pipelines.params import load_params
-from pipelines.prepare import MARKER
-from pipelines.tracking import download_bundle
+from pipelines.registry import download_bundle
 from siamese_core.errors import DatasetError
 
 REPO = Path(__file__).resolve().parents[1]
-CODE = ("pipelines/", "siamese_core")
-
-
-def test_dvc_yaml_declares_what_the_stage_table_declares():
-    declared = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert list(declared) == list(stages.STAGES)
-    for name, stage in stages.STAGES.items():
-        entry = declared[name]
-        assert entry["cmd"] == f"python -m pipelines.stages {name}"
-        assert {d for d in entry["deps"] if not d.startswith(CODE)} == set(stage.deps), name
-        assert set(entry["params"]) == set(stage.params), name
-        outs = [next(iter(o)) if isinstance(o, dict) else o for o in entry.get("outs", []) + entry.get("metrics", [])]
-        assert set(outs) == set(stage.outs), name
-
-
-def test_prepare_writes_a_seeded_stratified_split(tmp_path, monkeypatch, write_params):
-    monkeypatch.chdir(tmp_path)
-    params = load_params(write_params(tmp_path / "params.yaml"))
-    assert stages.prepare(params) == {"source": "digits", "train": 42, "test": 18}
-    train, test = Path(params.data.train_dir), Path(params.data.test_dir)
-    assert sorted(p.name for p in train.iterdir() if p.is_dir()) == [f"digit {d}" for d in range(10)]
-    image = next(train.glob("digit 3/*.png"))
-    assert Image.open(image).size == (32, 32)
-    assert not {p.name for p in train.rglob("*.png")} & {p.name for p in test.rglob("*.png")}
-    first = stages.data_hash(params)
-    stages.prepare(params)
-    assert stages.data_hash(params) == first, "prepare is deterministic"
-
-    foreign = tmp_path / "mine"
-    (foreign / "cats").mkdir(parents=True)
-    (foreign / "cats" / "a.png").write_bytes(image.read_bytes())
-    with pytest.raises(DatasetError, match="refusing to replace"):
-        stages.prepare(params.model_copy(update={"data": params.data.model_copy(update={"train_dir": str(foreign)})}))
-    assert (foreign / "cats" / "a.png").is_file() and not (foreign / MARKER).exists()
 
 
 def test_validate_lists_every_problem(tmp_path, monkeypatch, write_params):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     params = load_params(write_params(tmp_path / "params.yaml"))
-    stages.prepare(params)
-    assert stages.validate(params) == {"train": 42, "test": 18, "classes": 10, "warnings": 0}
+    write_tiny_demo_data(tmp_path)
+    assert stages.validate(params) == {"train": 24, "test": 6, "classes": 6, "warnings": 0}
 
     train, test = Path(params.data.train_dir), Path(params.data.test_dir)
-    for extra in sorted((train / "digit 9").iterdir())[1:]:
+    one, two, three = sorted(p for p in train.iterdir())[:3]
+    for extra in sorted(one.iterdir())[1:]:
         extra.unlink()
-    (train / "digit 2" / "broken.png").write_bytes(b"not a png")
-    shutil.copytree(test / "digit 1", test / "digit 11")
+    (two / "broken.png").write_bytes(b"not a png")
+    shutil.copytree(test / three.name, test / "Nowhere__character99")
     with pytest.raises(DatasetError) as caught:
         stages.validate(params)
     report = json.loads(stages.VALIDATION.read_text())
     errors = {f["code"]: f for f in report["findings"] if f["level"] == "error"}
     assert not report["ok"] and set(errors) == {"corrupt", "small_class", "unknown_test_class"}
-    assert errors["corrupt"]["paths"][0].startswith(str(train / "digit 2" / "broken.png"))
-    assert "digit 9" in errors["small_class"]["message"] and "digit 11" in errors["unknown_test_class"]["message"]
+    assert errors["corrupt"]["paths"][0].startswith(str(two / "broken.png"))
+    assert one.name in errors["small_class"]["message"]
+    assert "Nowhere__character99" in errors["unknown_test_class"]["message"]
     assert "3 errors (corrupt, small_class, unknown_test_class)" in str(caught.value)
     text = stages.VALIDATION_TEXT.read_text()
     assert "FAILED" in text and "broken.png" in text
-    from mlflow import MlflowClient
 
     [failed] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("siamese").experiment_id])
     assert failed.info.status == "FAILED" and failed.data.tags["failed_stage"] == "validate"
+    assert "dataset validation failed" in failed.data.tags["error"]
 
     missing = params.model_copy(update={"data": params.data.model_copy(update={"test_dir": "nowhere"})})
     with pytest.raises(DatasetError, match="nowhere: folder does not exist"):
@@ -93,20 +62,24 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}",
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
         "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
         "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
     }
 
 
-def _project(tmp_path: Path, write_params):
-    """A git + DVC repository holding the pipeline code, dvc.yaml and tiny params; returns (repo, run)."""
-    repo, env = tmp_path / "repo", _env(tmp_path)
+def _project(tmp_path: Path, write_params, env: dict | None = None):
+    """A git + DVC repository as a user's clone: the code, dvc.yaml, .dvc/config (with its local remote),
+    tiny params and the tiny demo data `dvc add`ed and committed. Returns (repo, run, dvc)."""
+    repo, env = tmp_path / "repo", {**_env(tmp_path), **(env or {})}
     repo.mkdir()
     for folder in ("pipelines", "siamese_core"):
         shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", repo)
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(REPO / name, repo)
     write_params(repo / "params.yaml")
+    write_tiny_demo_data(repo)
 
     def run(*args: str, check: bool = True) -> str:
         done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600, check=False)
@@ -117,9 +90,11 @@ def _project(tmp_path: Path, write_params):
     dvc = (sys.executable, "-m", "dvc")
     run("git", "init", "-q")
     run(*dvc, "init", "-q")
-    shutil.copy(REPO / ".dvcignore", repo)
+    for name in (".dvcignore", ".dvc/config"):
+        shutil.copy(REPO / name, repo / name)
+    run(*dvc, "add", "-q", "data/demo")
     run("git", "add", "-A")
-    run("git", "commit", "-qm", "pipeline")
+    run("git", "commit", "-qm", "pipeline and data")
     return repo, run, dvc
 
 
@@ -127,53 +102,110 @@ def _stages(pattern: str, output: str) -> set[str]:
     return set(re.findall(pattern, output))
 
 
-def test_dvc_repro_reruns_only_what_a_param_change_touches(tmp_path, write_params, monkeypatch):
+def _lock_md5(repo: Path, stage: str, path: str) -> str:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]
+    return next(d["md5"] for d in lock["deps"] if d["path"] == path)
+
+
+def test_dvc_repro_tracks_one_run_and_reruns_only_what_a_param_change_touches(tmp_path, write_params, monkeypatch):
     repo, run, dvc = _project(tmp_path, write_params)
+    client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _env(tmp_path)["MLFLOW_TRACKING_URI"])
+    names = set(load_stages(REPO / "dvc.yaml"))
 
     first = run(*dvc, "repro")
-    assert _stages(r"Running stage '(\w+)'", first) == set(stages.STAGES)
+    assert _stages(r"Running stage '(\w+)'", first) == names
     assert set(json.loads((repo / "metrics.json").read_text())) >= {
-        "top1", "top3", "class_avg_accuracy", "map_at_r", "calibration.threshold",
-        "baseline_raw_pixels.top1", "baseline_untrained.top1"}
-    assert "data:image/png;base64," in (repo / "artifacts/report.html").read_text()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", _env(tmp_path)["MLFLOW_TRACKING_URI"])
+        "top1", "top3", "class_avg_accuracy", "map_at_r", "calibration.threshold", "fewshot.1shot.mean",
+        "baseline_raw_pixels.top1", "baseline_untrained.top1", "baseline_raw_pixels.fewshot.1shot.mean"}
+    report = (repo / "artifacts/report.html").read_text()
+    assert "data:image/png;base64," in report and "siamese-recognizer version 1" in report
     registered = json.loads((download_bundle("models:/siamese-recognizer@champion") / "metadata.json").read_text())
     calibration = json.loads((repo / "artifacts/evaluation.json").read_text())["calibration"]
     assert registered["threshold"] == calibration["threshold"]  # the registered bundle carries the threshold
-    assert (repo / "artifacts/bundle/model.keras").is_file()
     registration = json.loads((repo / "artifacts/registration.json").read_text())
     assert (registration["version"], registration["decision"]) == ("1", "champion")
-    lock = {o["path"]: o["md5"] for o in yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["prepare"]["outs"]}
-    assert registration["data_hash"] == f"{lock['data/digits/train']}+{lock['data/digits/test']}"
-    assert registration["sample_prediction"]["image"].startswith("data/digits/test/")
+    train_md5, test_md5 = _lock_md5(repo, "validate", "data/demo/train"), _lock_md5(repo, "validate", "data/demo/test")
+    assert registration["data_hash"] == f"{train_md5}+{test_md5}"
+    assert registration["sample_prediction"]["image"].startswith("data/demo/test/")
+
+    # one MLflow run spans train to register: opened by train, finished by register
+    opened_by_train = json.loads((repo / "artifacts/train/run.json").read_text())["run_id"]
+    assert registration["run_id"] == opened_by_train
+    mlflow_run = client.get_run(opened_by_train)
+    assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.tags["git_commit"] == run("git", "rev-parse", "HEAD").strip()
+    assert {d.dataset.digest for d in mlflow_run.inputs.dataset_inputs} >= {train_md5.removesuffix(".dir")}
+    assert len(client.get_metric_history(opened_by_train, "loss")) == 1
+    experiment = client.get_experiment(mlflow_run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
     write_params(repo / "params.yaml", {"train.epochs": 2})
     status = run(*dvc, "status")
     assert _stages(r"(?m)^(\w+):$", status) == {"train", "embed"}, status  # the stages declaring `train`
     second = run(*dvc, "repro")
     assert _stages(r"Running stage '(\w+)'", second) == {"train", "embed", "evaluate", "register"}
-    assert _stages(r"Stage '(\w+)' didn't change, skipping", second) == {"prepare", "validate", "triplets"}
+    assert _stages(r"Stage '(\w+)' didn't change, skipping", second) == {"validate", "triplets"}
     assert json.loads((repo / "artifacts/registration.json").read_text())["version"] == "2"
     assert len(json.loads((repo / "artifacts/train/history.json").read_text())["history"]["loss"]) == 2
 
     metrics = json.loads(run(*dvc, "metrics", "show", "--json"))
     assert "top1" in json.dumps(metrics)
-    plots = run(*dvc, "plots", "show", "--json")
-    assert all(title in plots for title in ("Loss per epoch", "Test accuracy per class", "Confusion (test)",
-                                            "plots/images/confusion.png"))
+    assert "plots/images/confusion.png" in run(*dvc, "plots", "show", "--json")
+    run(*dvc, "plots", "show", "-o", "dvc_plots")
+    page = (repo / "dvc_plots/index.html").read_text()
+    assert "<img" in page and "vega" not in page.split("<body")[1], "the plots page needs nothing from the network"
 
-    run(*dvc, "remote", "add", "-d", "local", str(tmp_path / "remote"))
-    run(*dvc, "push")
-    assert any((tmp_path / "remote").rglob("*")), "dvc push wrote nothing to the remote"
+    run(*dvc, "push")  # .dvc/config's remote: a folder in the project
+    assert any((repo / "dvc-storage").rglob("*")), "dvc push wrote nothing to the remote"
     assert "in sync" in run(*dvc, "status", "--cloud")
 
 
+def test_add_data_and_retrain_walkthrough(tmp_path, write_params, prefect_server):
+    """The README's walkthrough: add images, `dvc add`, commit; the retraining flow sees the new data version."""
+    from prefect.settings import PREFECT_API_URL
+
+    repo, run, dvc = _project(tmp_path, write_params, {"PREFECT_API_URL": PREFECT_API_URL.value()})
+    client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    retrain = (sys.executable, "-c", "import json; from pipelines.flows import retraining_flow; "
+               "print('RESULT', json.dumps(retraining_flow()))")
+
+    def retraining() -> dict:
+        output = run(*retrain)
+        return json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
+
+    first = retraining()
+    assert first["skipped"] is False
+    assert retraining()["skipped"] is True
+
+    some_class = sorted((repo / "data/demo/train").iterdir())[0]
+    shutil.copy(sorted(some_class.glob("*.png"))[0], some_class / "new-drawing.png")
+    run(*dvc, "add", "-q", "data/demo")
+    run("git", "commit", "-qam", "one more drawing")
+    third = retraining()
+    assert third["skipped"] is False and third["data_hash"] != first["data_hash"]
+    mlflow_run = client.get_run(third["run_id"])
+    assert mlflow_run.data.tags["data_hash"] == third["data_hash"]
+    assert mlflow_run.data.tags["git_commit"] == run("git", "rev-parse", "HEAD").strip()
+    new_train = yaml.safe_load((repo / "data/demo.dvc").read_text())["outs"][0]["md5"]
+    assert new_train != first["data_versions"]["train"]
+    train_input = next(d.dataset for d in mlflow_run.inputs.dataset_inputs if d.dataset.name == "demo-train")
+    assert train_input.digest == third["data_versions"]["train"].removesuffix(".dir")
+    assert (some_class / "new-drawing.png").is_file()
+
+
 @pytest.mark.slow
-def test_dvc_exp_run_with_a_set_param(tmp_path, write_params):
+def test_queued_experiments_do_not_stack_and_log_to_the_project_store(tmp_path, write_params):
     repo, run, dvc = _project(tmp_path, write_params)
-    run(*dvc, "exp", "run", "-S", "train.epochs=2")
-    assert len(json.loads((repo / "artifacts/train/history.json").read_text())["history"]["loss"]) == 2
-    assert '"epochs": 2' in run(*dvc, "exp", "show", "--json")
+    run(*dvc, "exp", "run", "--queue", "-S", "train.epochs=2", "-n", "two-epochs")
+    run(*dvc, "exp", "run", "--queue", "-S", "model.margin=0.3", "-n", "margin")
+    run(*dvc, "exp", "run", "--run-all", "-j", "1")  # runs the queue, each in a temporary copy
+    client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("siamese").experiment_id])
+    by_experiment = {r.data.tags.get("dvc.experiment"): r for r in runs}
+    assert by_experiment["two-epochs"].data.params["train.epochs"] == "2"
+    assert by_experiment["margin"].data.params["train.epochs"] == "1", "the second experiment did not inherit epochs=2"
+    assert by_experiment["margin"].data.params["model.margin"] == "0.3"
+    assert all(r.info.run_name.startswith(r.data.tags["dvc.experiment"]) for r in by_experiment.values())
 
 
 @pytest.mark.parametrize(

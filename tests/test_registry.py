@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow_fixtures import make_tiny_bundle, pipeline_params, use_sqlite_store
 
-from pipelines import tracking
+from pipelines import registry, tracking
 from pipelines.pyfunc_model import encode_image
 from siamese_core.errors import BundleError, ImageError
 
@@ -34,7 +34,7 @@ def _log(bundle, top1, params=None, artifacts=(), bundle_dir=None):
         "per_class_accuracy": {"digit 0": top1},
         "confusion_matrix": {"labels": ["a"], "matrix": [[1]]},
     }
-    return tracking.log_and_register(
+    return registry.log_and_register(
         params or pipeline_params(), bundle_dir or bundle.path, metrics, bundle.history, list(artifacts), TAGS
     )
 
@@ -134,7 +134,7 @@ def test_metric_values_flatten_numeric_dicts_and_skip_the_rest():
 
 def test_load_champion_recognises_a_gallery_image(bundle, store):
     _log(bundle, 0.5)
-    model = tracking.load_champion("tiny-recognizer")
+    model = registry.load_champion("tiny-recognizer")
     label = "digit 1"
     image = bundle.gallery_images[label][0]
     out = model.predict(pd.DataFrame({"image": [encode_image(image), encode_image(Path(image).read_bytes())]}))
@@ -148,7 +148,7 @@ def test_load_champion_recognises_a_gallery_image(bundle, store):
 
 def test_champion_rejects_paths_and_non_images(bundle, store):
     _log(bundle, 0.5)
-    model = tracking.load_champion("tiny-recognizer")
+    model = registry.load_champion("tiny-recognizer")
     good = encode_image(bundle.gallery_images["digit 0"][0])
     with pytest.raises(ImageError, match="row 1: 'image' is not valid base64"):
         model.predict(pd.DataFrame({"image": [good, "/etc/passwd"]}))
@@ -158,11 +158,11 @@ def test_champion_rejects_paths_and_non_images(bundle, store):
 
 def test_load_champion_without_champion_raises_lookup_error(store):
     with pytest.raises(LookupError, match="'no-such-model'.*run the training pipeline"):
-        tracking.load_champion("no-such-model")
+        registry.load_champion("no-such-model")
     MlflowClient().create_registered_model("empty-model")
     with pytest.raises(LookupError, match="'empty-model'"):
-        tracking.load_champion("empty-model")
-    assert tracking.champion_uri("m") == "models:/m@champion"
+        registry.load_champion("empty-model")
+    assert registry.champion_uri("m") == "models:/m@champion"
 
 
 def test_default_store_is_sqlite_next_to_the_working_directory(monkeypatch, tmp_path):
@@ -193,14 +193,14 @@ def test_concurrent_gates_leave_the_best_version_champion(store):
         client.set_terminated(run.info.run_id)
         runs[value] = run.info.run_id
         versions[value] = client.create_model_version("race", f"runs:/{run.info.run_id}/model", run.info.run_id).version
-    tracking.apply_gate(client, runs[0.7], "race", versions[0.7], "top1", 0.7, True)
+    registry.apply_gate(client, runs[0.7], "race", versions[0.7], "top1", 0.7, True)
 
     barrier = threading.Barrier(2)
     decisions = {}
 
     def finish(value):
         barrier.wait()
-        decisions[value] = tracking.apply_gate(client, runs[value], "race", versions[value], "top1", value, True)[0]
+        decisions[value] = registry.apply_gate(client, runs[value], "race", versions[value], "top1", value, True)[0]
 
     threads = [threading.Thread(target=finish, args=(v,)) for v in (0.8, 0.95)]
     for t in threads:

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 from mlflow_fixtures import make_tiny_bundle, pipeline_params, use_sqlite_store
 
-from pipelines import tracking
+from pipelines import registry, tracking
 from pipelines.pyfunc_model import encode_image
 
 HOST = "127.0.0.1"
@@ -78,10 +78,10 @@ def _serve(tmp_path, monkeypatch):
     uri = use_sqlite_store(monkeypatch, tmp_path)
     bundle = make_tiny_bundle(tmp_path)
     metrics = {"top1": 1.0}
-    tracking.log_and_register(pipeline_params("served"), bundle.path, metrics, bundle.history, [], {})
+    registry.log_and_register(pipeline_params("served"), bundle.path, metrics, bundle.history, [], {})
     port = _free_port()
     log_path = tmp_path / "serve.log"
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", tracking.champion_uri("served"),
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", registry.champion_uri("served"),
                "--env-manager", "local", "-h", HOST, "-p", str(port)]  # fmt: skip
     # The CLI starts `uvicorn` by name: the interpreter's bin folder must be on PATH.
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])

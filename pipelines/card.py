@@ -1,0 +1,75 @@
+"""The model card: a registered version's description, written from its run."""
+
+from __future__ import annotations
+
+from .params import PipelineParams
+from .tracking import flatten
+
+_HEADLINE = ("top1", "top5", "class_avg_accuracy", "map_at_r", "fewshot.1shot.mean", "fewshot.5shot.mean")
+_BASELINES = (("model", ""), ("raw pixels", "baseline_raw_pixels."), ("untrained network", "baseline_untrained."))
+
+
+def _figure(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "-" if value is None else str(value)
+
+
+def changed_params(params: PipelineParams) -> dict[str, tuple]:
+    """Params that differ from the library's defaults: ``{key: (value, default)}`` (data and schedule left out)."""
+    values = flatten(params.model_dump(mode="json"))
+    defaults = flatten(PipelineParams().model_dump(mode="json"))
+    return {key: (value, defaults.get(key)) for key, value in values.items()
+            if value != defaults.get(key) and not key.startswith(("data.", "schedule."))}
+
+
+def model_card(
+    params: PipelineParams, metrics: dict, data: dict[str, dict], lineage: dict[str, str],
+    version: str, decision: str, previous: float | None,
+) -> str:
+    """Markdown: decision, data version, metrics beside the baselines, changed params, threshold, use and limits.
+
+    ``metrics`` are the flat figures of metrics.json; ``data`` maps a split to its folder, DVC
+    digest and profile; ``lineage`` holds the run, commit and orchestration ids.
+    """
+    metric = params.register.metric
+    lines = [
+        f"# {params.register.model_name} version {version}",
+        "",
+        f"**Gate:** {decision} on `{metric}` = {_figure(metrics.get(metric))} "
+        f"(champion before: {_figure(previous)}).",
+        "",
+        "## Data",
+        "",
+        "| split | folder | DVC md5 | classes | images |",
+        "|---|---|---|---|---|",
+        *[f"| {split} | `{d['path']}` | `{d['md5']}` | {d['classes']} | {d['images']} |" for split, d in data.items()],
+        "",
+        "## Metrics (test split, nearest gallery image; few-shot on held-out classes)",
+        "",
+        "| metric | " + " | ".join(name for name, _ in _BASELINES) + " |",
+        "|---|" + "---|" * len(_BASELINES),
+    ]
+    for key in _HEADLINE:
+        row = [metrics.get(f"{prefix}{key}") for _, prefix in _BASELINES]
+        if any(value is not None for value in row):
+            lines.append(f"| {key} | " + " | ".join(_figure(v) for v in row) + " |")
+    threshold = metrics.get("calibration.threshold")
+    lines += ["", "## Unknown-class threshold", ""]
+    lines.append(f"Squared distance {_figure(threshold)} ({params.evaluate.threshold_target}); beyond it an image "
+                 "is `unknown` when rejection is on." if threshold is not None else "Not calibrated.")
+    changed = changed_params(params)
+    lines += ["", "## Params that differ from the defaults", "", "| key | value | default |", "|---|---|---|",
+              *[f"| `{key}` | `{value}` | `{default}` |" for key, (value, default) in sorted(changed.items())]]
+    lines += [
+        "", "## Intended use", "",
+        f"Recognising images of the kind in `{params.data.train_dir}` by their nearest image in the gallery "
+        "(the training images, plus any enrolled later). New classes are enrolled from a few images, without "
+        "retraining; the few-shot rows above measure that on classes never trained on.",
+        "", "## Limits", "",
+        "- Figures come from one test split of the training classes and one set of held-out classes; "
+        "other images (lighting, scale, style) may score lower.",
+        "- An image of a class in no gallery still gets the nearest class unless rejection is on.",
+        f"- Input is resized to {params.model.input_size} px; fine detail below that is lost.",
+        "", "## Lineage", "",
+        *[f"- {key}: `{value}`" for key, value in lineage.items()],
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,293 @@
+"""The MLflow model registry: versions, the champion gate, aliases, promotion and rollback, model cards.
+
+Aliases: ``champion`` (what the predict flow and serving load), ``previous`` (the champion
+it replaced, for rollback), ``challenger`` (a version that did not beat the champion) and
+``enrolled`` (a version with an enlarged gallery). Every alias move runs under one lock
+and records who moved it, when and why on the version's tags.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import math
+import os
+import tempfile
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import mlflow
+from filelock import FileLock
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from .errors import NoChampionError, RegistryError
+from .params import PipelineParams
+from .tracking import PipelineRun, client, ensure_experiment, flatten, metric_values, tracking_uri
+
+CHAMPION, CHALLENGER, PREVIOUS, ENROLLED = "champion", "challenger", "previous", "enrolled"
+_PACKAGE_DIRS = [str(Path(__file__).resolve().parents[1] / name) for name in ("siamese_core", "pipelines")]
+_MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def champion_uri(model_name: str) -> str:
+    """The registry URI of the model's current champion."""
+    return f"models:/{model_name}@{CHAMPION}"
+
+
+def alias_version(model_name: str, alias: str = CHAMPION):
+    """The model version behind ``alias``, or None when the model or the alias does not exist."""
+    try:
+        return client().get_model_version_by_alias(model_name, alias)
+    except MlflowException as exc:
+        if exc.error_code in _MISSING:
+            return None
+        raise
+
+
+def _require_alias(model_name: str, alias: str = CHAMPION):
+    """The model version behind ``alias``, or NoChampionError with what to do."""
+    version = alias_version(model_name, alias)
+    if version is None:
+        raise NoChampionError(
+            f"no '{alias}' version of registered model '{model_name}' in {tracking_uri()}; "
+            "run the training pipeline first to register one"
+        )
+    return version
+
+
+def load_champion(model_name: str):
+    """The champion version of ``model_name`` as a pyfunc model (NoChampionError when there is none)."""
+    _require_alias(model_name)
+    return mlflow.pyfunc.load_model(champion_uri(model_name))
+
+
+def download_bundle(model_uri: str) -> Path:
+    """The model bundle folder of a registered model, e.g. ``models:/name@champion``, downloaded locally."""
+    name, _, alias = model_uri.removeprefix("models:/").partition("@")
+    if alias:
+        _require_alias(name, alias)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri()))
+    return local / "artifacts" / "bundle"
+
+
+def _gate_lock() -> FileLock:
+    """A lock that serialises alias moves of runs sharing one tracking store on this machine."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///") :]).with_suffix(".gate.lock")
+    else:
+        path = Path(tempfile.gettempdir()) / f"siamese-gate-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
+    return FileLock(path, timeout=600)
+
+
+def _record_move(mlflow_client: MlflowClient, model_name: str, version: str, action: str, reason: str) -> None:
+    """Tag a version with an alias move: ``<action>.reason``, ``.by`` and ``.at``."""
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    for key, value in {"reason": reason, "by": getpass.getuser(), "at": stamp}.items():
+        mlflow_client.set_model_version_tag(model_name, version, f"{action}.{key}", value)
+
+
+def _make_champion(mlflow_client: MlflowClient, model_name: str, version: str, action: str, reason: str) -> str | None:
+    """Move ``champion`` to ``version`` and ``previous`` to the old champion; returns the old champion's version."""
+    old = alias_version(model_name, CHAMPION)
+    mlflow_client.set_registered_model_alias(model_name, CHAMPION, version)
+    if old is not None and str(old.version) != str(version):
+        mlflow_client.set_registered_model_alias(model_name, PREVIOUS, str(old.version))
+        _record_move(mlflow_client, model_name, str(old.version), "demoted", f"{action} of version {version}: {reason}")
+    _record_move(mlflow_client, model_name, version, action, reason)
+    return None if old is None else str(old.version)
+
+
+def _champion_value(mlflow_client: MlflowClient, model_name: str, metric: str) -> tuple[str | None, float | None]:
+    """The champion version and its figure on ``metric`` (from its run), or ``(None, None)``."""
+    champion = alias_version(model_name, CHAMPION)
+    if champion is None:
+        return None, None
+    value = mlflow_client.get_run(champion.run_id).data.metrics.get(metric) if champion.run_id else None
+    return str(champion.version), value
+
+
+def apply_gate(
+    mlflow_client: MlflowClient, run_id: str, model_name: str, version: str, metric: str, value: float,
+    greater_is_better: bool,
+) -> tuple[str, float | None]:
+    """Give ``version`` the champion alias if ``value`` strictly beats the champion's, else challenger.
+
+    The read-compare-move runs under a lock, so two runs finishing at once cannot both
+    compare against the same old champion and leave the worse one in place. The replaced
+    champion keeps the alias ``previous``. The decision and both figures are logged on run
+    ``run_id`` and on the version. Returns ``(decision, previous champion value)``.
+    """
+    with _gate_lock():
+        previous_version, previous = _champion_value(mlflow_client, model_name, metric)
+        wins = previous is None or (value > previous if greater_is_better else value < previous)
+        decision = CHAMPION if wins else CHALLENGER
+        gate = {
+            "gate.decision": decision,
+            "gate.metric": metric,
+            "gate.value": str(value),
+            "gate.previous_champion_version": str(previous_version),
+            "gate.previous_champion_value": str(previous),
+        }
+        for key, tag in gate.items():
+            mlflow_client.set_tag(run_id, key, tag)
+            mlflow_client.set_model_version_tag(model_name, version, key, tag)
+        if previous is not None:
+            mlflow_client.log_metric(run_id, f"previous_champion.{metric}", previous)
+        if wins:
+            comparison = "no champion before" if previous is None else f"{previous} {'<' if greater_is_better else '>'} {value}"
+            _make_champion(mlflow_client, model_name, version, "gate", f"{metric} {value} ({comparison})")
+        else:
+            mlflow_client.set_registered_model_alias(model_name, CHALLENGER, version)
+    return decision, previous
+
+
+def set_champion(model_name: str, version: str, reason: str, action: str = "promote") -> dict:
+    """Make ``version`` the champion by hand, recording ``reason``; the old champion becomes ``previous``."""
+    if not reason.strip():
+        raise RegistryError("a reason is required: it is recorded on the version")
+    mlflow_client = client()
+    try:
+        mlflow_client.get_model_version(model_name, str(version))
+    except MlflowException as exc:
+        if exc.error_code in _MISSING:
+            raise NoChampionError(f"registered model '{model_name}' has no version {version} in {tracking_uri()}") from None
+        raise
+    with _gate_lock():
+        current = alias_version(model_name, CHAMPION)
+        if current is not None and str(current.version) == str(version):
+            raise RegistryError(f"version {version} of '{model_name}' is already the champion")
+        old = _make_champion(mlflow_client, model_name, str(version), action, reason)
+    return {"model_name": model_name, "champion": str(version), "previous": old, "reason": reason}
+
+
+def rollback(model_name: str, reason: str) -> dict:
+    """Make the ``previous`` version the champion again; the one rolled back becomes ``previous``."""
+    return set_champion(model_name, str(_require_alias(model_name, PREVIOUS).version), reason, "rollback")
+
+
+def _log_bundle_model(bundle_dir: str | os.PathLike):
+    """Log a bundle folder as the pyfunc model ``model`` of the active run, checked to serve its example."""
+    from .pyfunc_model import SIGNATURE, SiameseBundleModel, input_example, pip_requirements
+
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=SiameseBundleModel(),
+        artifacts={"bundle": str(bundle_dir)},
+        code_paths=_PACKAGE_DIRS,
+        signature=SIGNATURE,
+        input_example=input_example(),
+        pip_requirements=pip_requirements(),
+    )
+    # MLflow only warns when the input example fails; a model that cannot serve is not registered.
+    mlflow.pyfunc.load_model(info.model_uri).predict(input_example())
+    return info
+
+
+def log_and_register(
+    params: PipelineParams,
+    bundle_dir: str | os.PathLike,
+    metrics: dict,
+    history: dict[str, list[float]],
+    artifacts: list[Path],
+    tags: dict[str, str],
+    run: PipelineRun | None = None,
+    card=None,
+) -> dict:
+    """Log the evaluation and artifacts to the pipeline run, register the bundle, apply the gate, end the run.
+
+    Without ``run`` a new run is opened and ``history`` logged into it (one point per epoch);
+    the pipeline's own run already holds its history, logged live. The new version takes
+    ``champion`` only when its ``register.metric`` strictly beats the current champion's
+    (a champion without that metric, or no champion, counts as beaten), else ``challenger``.
+    ``card(version, decision, previous)`` returns the version's description (a model card).
+    Anything failing before the decision marks the run FAILED and moves no alias.
+    """
+    register = params.register
+    figures = metric_values(metrics)
+    value = figures.get(register.metric)
+    if value is None or not math.isfinite(value):
+        raise ValueError(
+            f"register.metric '{register.metric}' needs a finite number among the evaluation metrics "
+            f"{sorted(figures)}, got {value}"
+        )
+    if run is None:
+        run = PipelineRun.start(params)
+        run.log_history(history)
+    with run.failing_on_error("register"):
+        run.set_tags(tags)
+        run.log_metrics(figures)
+        for path in map(Path, artifacts):
+            run.log_artifact(path)
+        if not Path(bundle_dir).is_dir():
+            raise FileNotFoundError(f"{bundle_dir}: model bundle folder does not exist")
+        with mlflow.start_run(run_id=run.run_id):  # the model is logged through the (thread-local) active run
+            info = _log_bundle_model(bundle_dir)
+            version = str(mlflow.register_model(info.model_uri, register.model_name).version)
+            decision, previous = apply_gate(
+                run.client, run.run_id, register.model_name, version, register.metric, value, register.greater_is_better
+            )
+            if card is not None:
+                run.client.update_model_version(register.model_name, version, description=card(version, decision, previous))
+    return {
+        "run_id": run.run_id,
+        "run_name": run.info.run_name,
+        "model_name": register.model_name,
+        "version": version,
+        "decision": decision,
+        "metric": register.metric,
+        "value": value,
+        "previous_champion_value": previous,
+    }
+
+
+def enroll_and_register(model_name: str, folder: str | os.PathLike, source: str = CHAMPION, promote: bool = False) -> dict:
+    """Enrol class folders into a registered version's gallery, and register the result as a new version.
+
+    ``source`` is an alias or a version number of ``model_name``. Its bundle is downloaded,
+    the images of ``folder`` (``<class>/<image>``) are embedded by its unchanged network and
+    added to its gallery, and the enlarged bundle is logged as a new run and model version,
+    both tagged ``enrolled_from=<source version>``. The run goes to the source run's experiment.
+
+    Aliases: with ``promote`` the new version becomes ``champion``, without the champion gate
+    (the source's test-set figure says nothing about the new classes, so the user decides);
+    otherwise it takes ``enrolled`` and the champion stays where it is.
+    """
+    from siamese_core.data import scan_folder
+    from siamese_core.recognizer import SiameseRecognizer
+
+    mlflow_client = client()
+    base = (mlflow_client.get_model_version(model_name, source) if str(source).isdigit()
+            else _require_alias(model_name, source))
+    images = scan_folder(folder)
+    recognizer = SiameseRecognizer.load(download_bundle(f"models:/{model_name}/{base.version}"))
+    known = set(recognizer.gallery.class_names)
+    recognizer.enroll(images)
+    new_classes = [name for name in recognizer.gallery.class_names if name not in known]
+    tags = {"enrolled_from": str(base.version), "enrolled_folder": str(folder)}
+    experiment_id = mlflow_client.get_run(base.run_id).info.experiment_id if base.run_id else ensure_experiment("siamese")
+    run_name = f"enrol-{Path(folder).name}-into-v{base.version}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+        bundle = recognizer.save(Path(tmp) / "bundle", {"enrolled_from": f"{model_name}/{base.version}"})
+        mlflow.set_tags(tags)
+        mlflow.log_params(flatten(recognizer.config.model_dump(mode="json")))
+        mlflow.log_metrics({"gallery_size": len(recognizer.gallery), "classes": len(recognizer.gallery.class_names),
+                            "enrolled_images": len(images), "new_classes": len(new_classes)})
+        mlflow.log_dict({"folder": str(folder), "new_classes": new_classes,
+                         "images": dict(Counter(images.label_names))},
+                        "enrolment.json")
+        info = _log_bundle_model(bundle)
+        version = str(mlflow.register_model(info.model_uri, model_name, tags=tags).version)
+    mlflow_client.update_model_version(model_name, version, description=(
+        f"Version {base.version} with {len(images)} images of `{folder}` enrolled into its gallery "
+        f"(new classes: {', '.join(new_classes) or 'none'}). Same network, no retraining."))
+    with _gate_lock():
+        if promote:
+            _make_champion(mlflow_client, model_name, version, "promote", f"enrolled {folder} into version {base.version}")
+        else:
+            mlflow_client.set_registered_model_alias(model_name, ENROLLED, version)
+    return {"run_id": run.info.run_id, "model_name": model_name, "version": version,
+            "alias": CHAMPION if promote else ENROLLED, "enrolled_from": str(base.version),
+            "new_classes": new_classes, "gallery_size": len(recognizer.gallery)}
