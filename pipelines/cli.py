@@ -100,20 +100,34 @@ def train(
     """
 
     def body():
+        import hashlib
         import shutil
+        import tempfile
 
+        from filelock import FileLock, Timeout
+
+        from siamese_core.errors import ConfigError
         from siamese_core.recognizer import SiameseRecognizer, build_gallery
         from siamese_core.train import train as run_training
 
         extra = [*(set_ or []), *([f"train.epochs={epochs}"] if epochs else [])]
         config = _config(params, preset, extra)
         checkpoint = out.parent / f".{out.name}.checkpoint"
-        result = run_training(config, train_dir, test_dir, checkpoint_dir=checkpoint, resume=resume)
-        gallery = build_gallery(result.embedding, result.train_folder, config.evaluate.embed_batch_size, progress=True)
-        SiameseRecognizer(result.embedding, gallery, config).save(
-            out, {"history": result.history, "best_epoch": result.best_epoch}
-        )
-        shutil.rmtree(checkpoint, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:  # one training per bundle path: the checkpoint and the bundle are its alone
+            key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+            lock = FileLock(Path(tempfile.gettempdir()) / f"siamese-train-{key}.lock", timeout=0).acquire()
+        except Timeout:
+            raise ConfigError(f"{out}: another 'siamese train' is writing this bundle; wait for it or choose "
+                              "another --out") from None
+        with lock:
+            result = run_training(config, train_dir, test_dir, checkpoint_dir=checkpoint, resume=resume)
+            gallery = build_gallery(result.embedding, result.train_folder, config.evaluate.embed_batch_size,
+                                    progress=True)
+            SiameseRecognizer(result.embedding, gallery, config).save(
+                out, {"history": result.history, "best_epoch": result.best_epoch}
+            )
+            shutil.rmtree(checkpoint, ignore_errors=True)
         last = {k: round(v[-1], 4) for k, v in result.history.items()}
         typer.echo(f"saved {out} (best epoch {result.best_epoch}, last epoch {last})")
 

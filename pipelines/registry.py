@@ -29,6 +29,12 @@ from .tracking import PipelineRun, client, ensure_experiment, flatten, metric_va
 CHAMPION, CHALLENGER, PREVIOUS, ENROLLED = "champion", "challenger", "previous", "enrolled"
 _PACKAGE_DIRS = [str(Path(__file__).resolve().parents[1] / name) for name in ("siamese_core", "pipelines")]
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+MODEL_DESCRIPTION = (
+    "Siamese triplet-loss image recogniser: an image gets the class of its nearest gallery image, with the "
+    "squared distance. Input: a column `image` of base64-encoded image bytes. Aliases: `champion` (served), "
+    "`previous` (the champion before it, for `siamese rollback`), `challenger` (did not beat the champion), "
+    "`enrolled` (a gallery enlarged without retraining). Each version's description is its model card."
+)
 
 
 def champion_uri(model_name: str) -> str:
@@ -226,6 +232,8 @@ def log_and_register(
         with mlflow.start_run(run_id=run.run_id):  # the model is logged through the (thread-local) active run
             info = _log_bundle_model(bundle_dir)
             version = str(mlflow.register_model(info.model_uri, register.model_name).version)
+            if not run.client.get_registered_model(register.model_name).description:
+                run.client.update_registered_model(register.model_name, MODEL_DESCRIPTION)
             decision, previous = apply_gate(
                 run.client, run.run_id, register.model_name, version, register.metric, value, register.greater_is_better
             )

@@ -47,6 +47,7 @@ CONFUSION_PLOT = Path("plots/confusion.csv")
 IMAGE_PLOTS = Path("plots/images")
 MODEL_FILE, HISTORY_FILE, RUN_FILE = "model.keras", "history.json", "run.json"
 PER_CLASS_METRICS = ("per_class_accuracy", "per_class_precision", "per_class_recall")
+COUNT_KEYS = ("episodes", "n_way", "k_shot", "n_queries", "n_known", "n_unknown", "size")
 
 log = logging.getLogger("pipelines.stages")
 
@@ -245,7 +246,8 @@ def register(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
                                "its model may mix both versions, so it is not registered; run the pipeline again")
         history = read_json(root / TRAINED / HISTORY_FILE)["history"]
         evaluation = read_json(root / EVALUATION)
-        metrics = read_json(root / METRICS)
+        metrics = {key: value for key, value in read_json(root / METRICS).items()
+                   if not key.endswith(COUNT_KEYS)}  # counts stay in metrics.json; MLflow charts figures
         artifacts = [root / p for p in (TRIPLETS_SUMMARY, VALIDATION, VALIDATION_TEXT, EVALUATION, METRICS,
                                         IMAGE_PLOTS, LOSS_PLOT, PER_CLASS_PLOT, CONFUSION_PLOT)]
         run.client.log_table(run.run_id, {

@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from mlflow_fixtures import make_tiny_bundle, pipeline_params, use_sqlite_store
 from typer.testing import CliRunner
 
-from pipelines import registry, tracking
+from pipelines import registry
 from pipelines.cli import app
 from pipelines.pyfunc_model import encode_image
 from siamese_core.recognizer import SiameseRecognizer
@@ -66,7 +66,7 @@ def test_enrolment_registers_a_new_version_and_moves_aliases_as_documented(bundl
     cli = CliRunner().invoke(app, ["enroll", str(more), "--model", f"models:/{NAME}@enrolled", "--promote"])
     assert cli.exit_code == 0, cli.output
     assert "version 3 (champion), enrolled from version 2" in cli.output
-    assert client.get_registered_model(NAME).aliases == {"champion": 3, "enrolled": 2}
+    assert client.get_registered_model(NAME).aliases == {"champion": 3, "enrolled": 2, "previous": 1}
     promoted = json.loads(registry.download_bundle(f"models:/{NAME}@champion").joinpath("metadata.json").read_text())
     assert promoted["gallery_size"] == downloaded.metadata["gallery_size"] + 2
     assert promoted["enrolled_from"] == f"{NAME}/2"

@@ -71,7 +71,7 @@ def test_better_run_moves_champion(bundle, store):
     _log(bundle, 0.5)
     result = _log(bundle, 0.7)
     assert (result["version"], result["decision"], result["previous_champion_value"]) == ("2", "champion", 0.5)
-    assert _aliases() == {"champion": 2}
+    assert _aliases() == {"champion": 2, "previous": 1}
     assert MlflowClient().get_run(result["run_id"]).data.metrics["previous_champion.top1"] == 0.5
 
 
@@ -226,3 +226,52 @@ def test_cli_predicts_with_the_registered_champion(bundle, store):
     result = runner.invoke(app, ["predict", str(image), "--model", "models:/tiny-recognizer@champion", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)[0]["label"] == "digit 1"
+
+
+def test_gate_keeps_the_replaced_champion_as_previous_and_the_cli_rolls_back_and_promotes_with_a_reason(bundle, store):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    _log(bundle, 0.5)
+    _log(bundle, 0.7)
+    assert _aliases() == {"champion": 2, "previous": 1}
+    client = MlflowClient()
+    assert client.get_model_version("tiny-recognizer", "2").tags["gate.reason"].startswith("top1 0.7")
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["rollback", "tiny-recognizer"]).exit_code == 2, "a reason is required"
+    done = runner.invoke(app, ["rollback", "tiny-recognizer", "--reason", "v2 misreads scanned forms"])
+    assert done.exit_code == 0, done.output
+    assert "rolled back to version 1" in done.output
+    assert _aliases() == {"champion": 1, "previous": 2}
+    restored, demoted = (client.get_model_version("tiny-recognizer", v).tags for v in ("1", "2"))
+    assert restored["rollback.reason"] == "v2 misreads scanned forms" and restored["rollback.by"] and restored["rollback.at"]
+    assert demoted["demoted.reason"] == "rollback of version 1: v2 misreads scanned forms"
+
+    done = runner.invoke(app, ["promote", "tiny-recognizer", "2", "--reason", "retrained scanner fixed"])
+    assert done.exit_code == 0, done.output
+    assert _aliases() == {"champion": 2, "previous": 1}
+    assert client.get_model_version("tiny-recognizer", "2").tags["promote.reason"] == "retrained scanner fixed"
+    again = runner.invoke(app, ["promote", "tiny-recognizer", "2", "--reason", "again"])
+    assert again.exit_code == 1 and "already the champion" in again.output
+    missing = runner.invoke(app, ["promote", "tiny-recognizer", "9", "--reason", "typo"])
+    assert missing.exit_code == 1 and "no version 9" in missing.output
+    assert _aliases() == {"champion": 2, "previous": 1}
+
+
+def test_model_card_shows_data_metrics_beside_baselines_threshold_and_changed_params():
+    from pipelines.card import model_card
+
+    metrics = {"top1": 0.9, "baseline_raw_pixels.top1": 0.5, "baseline_untrained.top1": 0.25,
+               "fewshot.1shot.mean": 0.8, "baseline_raw_pixels.fewshot.1shot.mean": 0.4, "calibration.threshold": 0.7}
+    data = {"train": {"path": "data/demo/train", "md5": "0123abcd.dir", "classes": 40, "images": 560}}
+    card = model_card(pipeline_params(), metrics, data, {"MLflow run": "demo-run (abc)"}, "3", "champion", 0.85)
+    assert card.startswith("# tiny-recognizer version 3")
+    assert "**Gate:** champion on `top1` = 0.9000 (champion before: 0.8500)" in card
+    assert "| train | `data/demo/train` | `0123abcd.dir` | 40 | 560 |" in card
+    assert "| top1 | 0.9000 | 0.5000 | 0.2500 |" in card
+    assert "| fewshot.1shot.mean | 0.8000 | 0.4000 | - |" in card
+    assert "Squared distance 0.7000" in card
+    assert "| `model.backbone` | `small_cnn` | `resnet50` |" in card
+    assert "## Intended use" in card and "## Limits" in card and "- MLflow run: `demo-run (abc)`" in card

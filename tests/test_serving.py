@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 from mlflow_fixtures import make_tiny_bundle, pipeline_params, use_sqlite_store
 
-from pipelines import registry, tracking
+from pipelines import registry
 from pipelines.pyfunc_model import encode_image
 
 HOST = "127.0.0.1"

@@ -1,0 +1,43 @@
+"""The embedded demo dataset: written once, the same bytes everywhere, and the version data/demo.dvc records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from pipelines.demo_data import write_demo_data
+from pipelines.files import content_hash
+from siamese_core.data import scan_folder
+from siamese_core.errors import DatasetError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_data_is_the_version_the_repository_tracks(tmp_path):
+    counts = write_demo_data(tmp_path / "demo")
+    assert counts == {"train": 560, "test": 240, "heldout": 400, "known_classes": 40, "heldout_classes": 20}
+    train, test, heldout = (scan_folder(tmp_path / "demo" / part) for part in ("train", "test", "heldout"))
+    assert train.class_names == test.class_names and len(train.class_names) == 40
+    assert not set(heldout.class_names) & set(train.class_names), "held-out classes are never trained on"
+    tracked = yaml.safe_load((REPO / "data/demo.dvc").read_text())["outs"][0]
+    assert content_hash(tmp_path / "demo") == tracked["md5"], "a fresh clone writes exactly the tracked data"
+
+
+def test_demo_data_is_written_once_and_never_over_existing_data(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "demo"
+    done = runner.invoke(app, ["demo-data", "--out", str(out), "--no-dvc-add"])
+    assert done.exit_code == 0, done.output
+    assert "wrote 560 train, 240 test and 400 held-out images" in done.output
+    mine = out / "train" / "Korean__character01" / "mine.png"
+    mine.parent.mkdir(parents=True, exist_ok=True)
+    mine.write_bytes(b"my own drawing")
+    again = runner.invoke(app, ["demo-data", "--out", str(out), "--no-dvc-add"])
+    assert again.exit_code == 0 and "already holds data; nothing written" in again.output
+    assert mine.read_bytes() == b"my own drawing"
+    with pytest.raises(DatasetError, match="refusing to write the demo dataset"):
+        write_demo_data(out)
