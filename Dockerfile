@@ -38,7 +38,8 @@ RUN pip install -c constraints.txt .
 # The project files `dvc repro` needs; the copy has no git history, so DVC runs without git here.
 COPY params.yaml dvc.yaml prefect.yaml .dvcignore ./
 COPY .dvc .dvc
-RUN dvc config --local core.no_scm true
+COPY data/demo.dvc data/demo.dvc
+RUN dvc config --local core.no_scm true && siamese demo-data
 
 EXPOSE 8080
 CMD ["sh", "-c", "exec mlflow models serve -m \"models:/${MODEL_NAME}@champion\" --env-manager local -h 0.0.0.0 -p 8080"]
