@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from .tracking import PipelineRun, client, ensure_experiment, flatten, metric_va
 CHAMPION, CHALLENGER, PREVIOUS, ENROLLED = "champion", "challenger", "previous", "enrolled"
 _PACKAGE_DIRS = [str(Path(__file__).resolve().parents[1] / name) for name in ("siamese_core", "pipelines")]
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+GATE_TIMEOUT_S = 600
 MODEL_DESCRIPTION = (
     "Siamese triplet-loss image recogniser: an image gets the class of its nearest gallery image, with the "
     "squared distance. Input: a column `image` of base64-encoded image bytes. Aliases: `champion` (served), "
@@ -78,14 +80,39 @@ def download_bundle(model_uri: str) -> Path:
     return local / "artifacts" / "bundle"
 
 
-def _gate_lock() -> FileLock:
-    """A lock that serialises alias moves of runs sharing one tracking store on this machine."""
+@contextmanager
+def _gate_lock(model_name: str):
+    """Serialise alias moves of one registered model.
+
+    With a Prefect server (``PREFECT_API_URL``), a Prefect global concurrency limit of 1
+    named ``siamese-gate-<model>``: every machine that uses that server shares it. Without
+    one, a file lock beside the SQLite store (or in the temp folder), which serialises the
+    runs of this machine only.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        from prefect.client.orchestration import get_client
+        from prefect.concurrency.sync import concurrency
+        from prefect.exceptions import PrefectHTTPStatusError
+
+        name = f"siamese-gate-{hashlib.sha256(model_name.encode()).hexdigest()[:16]}"
+        with get_client(sync_client=True) as prefect:
+            try:
+                prefect.upsert_global_concurrency_limit_by_name(name, limit=1)
+            except PrefectHTTPStatusError as exc:  # created by another machine a moment ago
+                if exc.response.status_code != 409:
+                    raise
+        with concurrency(name, occupy=1, timeout_seconds=GATE_TIMEOUT_S, strict=True):
+            yield
+        return
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///") :]).with_suffix(".gate.lock")
     else:
         path = Path(tempfile.gettempdir()) / f"siamese-gate-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
-    return FileLock(path, timeout=600)
+    with FileLock(path, timeout=GATE_TIMEOUT_S):
+        yield
 
 
 def _record_move(mlflow_client: MlflowClient, model_name: str, version: str, action: str, reason: str) -> None:
@@ -126,7 +153,7 @@ def apply_gate(
     champion keeps the alias ``previous``. The decision and both figures are logged on run
     ``run_id`` and on the version. Returns ``(decision, previous champion value)``.
     """
-    with _gate_lock():
+    with _gate_lock(model_name):
         previous_version, previous = _champion_value(mlflow_client, model_name, metric)
         wins = previous is None or (value > previous if greater_is_better else value < previous)
         decision = CHAMPION if wins else CHALLENGER
@@ -161,7 +188,7 @@ def set_champion(model_name: str, version: str, reason: str, action: str = "prom
         if exc.error_code in _MISSING:
             raise NoChampionError(f"registered model '{model_name}' has no version {version} in {tracking_uri()}") from None
         raise
-    with _gate_lock():
+    with _gate_lock(model_name):
         current = alias_version(model_name, CHAMPION)
         if current is not None and str(current.version) == str(version):
             raise RegistryError(f"version {version} of '{model_name}' is already the champion")
@@ -291,7 +318,7 @@ def enroll_and_register(model_name: str, folder: str | os.PathLike, source: str 
     mlflow_client.update_model_version(model_name, version, description=(
         f"Version {base.version} with {len(images)} images of `{folder}` enrolled into its gallery "
         f"(new classes: {', '.join(new_classes) or 'none'}). Same network, no retraining."))
-    with _gate_lock():
+    with _gate_lock(model_name):
         if promote:
             _make_champion(mlflow_client, model_name, version, "promote", f"enrolled {folder} into version {base.version}")
         else:

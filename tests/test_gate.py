@@ -1,0 +1,104 @@
+"""The champion gate across machines: two processes that share no lock folder, only the servers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pipelines import registry, tracking
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "race"
+
+# A registration's gate in its own process, held between reading the champion and moving the alias
+# until the test creates <signals>/go. With "unlocked", the gate runs with no lock at all.
+GATE = """
+import sys, time
+from pathlib import Path
+from contextlib import nullcontext
+from mlflow import MlflowClient
+from pipelines import registry
+
+run_id, version, value, signals, hold, mode = sys.argv[1:]
+read_champion = registry._champion_value
+
+def held(*args):
+    found = read_champion(*args)
+    Path(signals, f"{version}.read").touch()
+    while hold == "hold" and not Path(signals, "go").exists():
+        time.sleep(0.05)
+    return found
+
+registry._champion_value = held
+if mode == "unlocked":
+    registry._gate_lock = lambda name: nullcontext()
+print(registry.apply_gate(MlflowClient(), run_id, "race", version, "top1", float(value), True)[0])
+"""
+
+
+def _versions(client: MlflowClient, values: list[float]) -> dict[float, tuple[str, str]]:
+    experiment = tracking.ensure_experiment(NAME)
+    client.create_registered_model(NAME)
+    made = {}
+    for value in values:
+        run = client.create_run(experiment)
+        client.log_metric(run.info.run_id, "top1", value)
+        client.set_terminated(run.info.run_id)
+        version = client.create_model_version(NAME, f"runs:/{run.info.run_id}/model", run.info.run_id).version
+        made[value] = (run.info.run_id, str(version))
+    return made
+
+
+def _race(tmp_path: Path, env: dict, made: dict, mode: str) -> str:
+    """The 0.8 registration reads the 0.7 champion and is held; the 0.95 one starts meanwhile; returns the champion."""
+    signals = tmp_path / f"signals-{mode}"
+    signals.mkdir()
+
+    def start(value: float, hold: str, machine: str):
+        run_id, version = made[value]
+        machine_tmp = tmp_path / machine  # each "machine" has its own temp folder: no lock file is shared
+        machine_tmp.mkdir(exist_ok=True)
+        return subprocess.Popen(
+            [sys.executable, "-c", GATE, run_id, version, str(value), str(signals), hold, mode],
+            env={**env, "TMPDIR": str(machine_tmp)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    first = start(0.8, "hold", "machine-a")
+    deadline = time.monotonic() + 120
+    while not (signals / f"{made[0.8][1]}.read").exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
+        time.sleep(0.1)
+    second = start(0.95, "go", "machine-b")
+    time.sleep(4)
+    second_read_while_first_held = (signals / f"{made[0.95][1]}.read").exists()
+    (signals / "go").touch()
+    for process in (first, second):
+        output = process.communicate(timeout=120)[0]
+        assert process.returncode == 0, output[-3000:]
+    if mode == "locked":
+        assert not second_read_while_first_held, "the second gate read the champion while the first held the lock"
+    return str(MlflowClient().get_registered_model(NAME).aliases["champion"])
+
+
+@pytest.mark.parametrize("mode", ["locked", "unlocked"])
+def test_two_machines_both_beating_the_champion_leave_the_better_one(tmp_path, monkeypatch, prefect_server, mode):
+    from prefect.settings import PREFECT_API_URL
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    made = _versions(client, [0.7, 0.8, 0.95])
+    registry.apply_gate(client, made[0.7][0], NAME, made[0.7][1], "top1", 0.7, True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PREFECT_API_URL": PREFECT_API_URL.value(),
+           "PYTHONPATH": str(REPO)}
+    champion = _race(tmp_path, env, made, mode)
+    if mode == "locked":  # through the Prefect server's concurrency limit: the second gate waits, then beats 0.8
+        assert champion == made[0.95][1]
+        assert client.get_registered_model(NAME).aliases["previous"] == int(made[0.8][1])
+    else:  # the same interleaving with no shared lock: both read 0.7, the worse one writes last and wins
+        assert champion == made[0.8][1]
