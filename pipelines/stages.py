@@ -126,7 +126,8 @@ def train(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
             write_json(tmp / HISTORY_FILE, {"best_epoch": result.best_epoch, "history": result.history})
             write_json(tmp / RUN_FILE, {"run_id": run.run_id})
     last = {key: values[-1] for key, values in result.history.items()}
-    log.info("train: best epoch %d, last epoch %s", result.best_epoch, last)
+    log.info("train: kept the weights of epoch %d; last epoch: %s", result.best_epoch,
+             ", ".join(f"{key} {value:.4f}" for key, value in last.items()))
     return {"best_epoch": result.best_epoch, **last}
 
 
@@ -285,8 +286,9 @@ def register(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
               "label": answer["label"], "distance": float(answer["distance"])}
     record["sample_prediction"] = sample
     write_json(root / REGISTRATION, record)
-    log.info("%s version %s is %s: %s %.4f (previous champion %s)", result["model_name"], result["version"],
-             result["decision"], result["metric"], result["value"], result["previous_champion_value"])
+    previous = result["previous_champion_value"]
+    log.info("%s version %s is %s: %s %.4f (champion before: %s)", result["model_name"], result["version"],
+             result["decision"], result["metric"], result["value"], "none" if previous is None else f"{previous:.4f}")
     log.info("champion predicts %s (a '%s') as '%s' at distance %.4f",
              sample["image"], sample["true_label"], sample["label"], sample["distance"])
     return record

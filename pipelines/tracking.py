@@ -171,12 +171,15 @@ def context_tags() -> dict[str, str]:
 
 
 def run_name(params: PipelineParams, data_hash_value: str) -> str:
-    """A readable, unique run name: experiment or flow-run name, model, data version, UTC time, a random suffix."""
+    """A readable, unique run name: experiment or flow-run name, UTC time, model, data version, a random suffix.
+
+    What tells runs apart comes first, as the MLflow runs table shows only the start of a name.
+    """
     from prefect.runtime import flow_run
 
     origin = os.environ.get("DVC_EXP_NAME") or (flow_run.name if flow_run.id else None)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    parts = [origin, params.model.backbone, f"data-{data_hash_value[:8]}", stamp, secrets.token_hex(2)]
+    parts = [origin, stamp, params.model.backbone, f"data-{data_hash_value[:8]}", secrets.token_hex(2)]
     return "-".join(str(p) for p in parts if p)
 
 

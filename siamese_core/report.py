@@ -6,6 +6,7 @@ import base64
 import html
 import math
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,11 @@ def _frame(ax, colour: str) -> None:
         spine.set_linewidth(3)
 
 
+def _wrapped(label: str, width: int = 18) -> str:
+    """A class name broken into lines that fit above one thumbnail (long names would run into the next)."""
+    return "\n".join(textwrap.wrap(label, width, break_on_hyphens=False)) or label
+
+
 def neighbours_figure(assessment: Assessment, gallery: Gallery, size: int, count: int = 8, seed: int = 0,
                       neighbours: int = 5) -> Figure:
     """Sample queries beside their nearest gallery images with squared distances.
@@ -97,7 +103,7 @@ def neighbours_figure(assessment: Assessment, gallery: Gallery, size: int, count
     k = min(neighbours, len(gallery))
     distances = squared_distances(assessment.queries[rows], gallery.embeddings)
     nearest = np.argsort(distances, axis=1, kind="stable")[:, :k]
-    figure = Figure(figsize=(1.6 * (k + 1), 1.9 * max(len(rows), 1)), layout="constrained")
+    figure = Figure(figsize=(1.6 * (k + 1), 2.3 * max(len(rows), 1)), layout="constrained")
     axes = np.atleast_2d(figure.subplots(max(len(rows), 1), k + 1, squeeze=False))
     test_labels = assessment.test.label_names
     for line, query in enumerate(rows):
@@ -105,14 +111,14 @@ def neighbours_figure(assessment: Assessment, gallery: Gallery, size: int, count
         ok = match.label == truth
         ax = axes[line, 0]
         ax.imshow(decode_image(assessment.test.paths[query], size))
-        ax.set_title(f"{truth}\n{'right' if ok else 'wrong: ' + match.label}", fontsize=8,
+        ax.set_title(f"{_wrapped(truth)}\n{'right' if ok else 'wrong: ' + _wrapped(match.label)}", fontsize=7,
                      color="green" if ok else "red")
         _frame(ax, "black")
         for col, index in enumerate(nearest[line], start=1):
             label = gallery.class_names[gallery.labels[index]]
             ax = axes[line, col]
             ax.imshow(decode_image(gallery.paths[index], size))
-            ax.set_title(f"{label}\n{distances[line, index]:.3f}", fontsize=8)
+            ax.set_title(f"{_wrapped(label)}\n{distances[line, index]:.3f}", fontsize=7)
             _frame(ax, "green" if label == truth else "red")
     figure.suptitle("Queries (left) and their nearest gallery images, squared distance", fontsize=10)
     return figure
