@@ -130,14 +130,23 @@ def metric_values(metrics: dict) -> dict[str, float]:
     return {key: value for key, value in values.items() if _is_safe_metric_key(key)}
 
 
-def git_commit() -> str:
-    """The checked-out git commit of the project, or "unknown" outside a git repository."""
+def _git(*args: str) -> str | None:
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10,
+        done = subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10,
                               cwd=project_root())
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
     return done.stdout.strip()
+
+
+def git_commit() -> str:
+    """The checked-out git commit of the project, or "unknown" outside a git repository."""
+    return _git("rev-parse", "HEAD") or "unknown"
+
+
+def git_dirty() -> bool:
+    """Whether tracked files differ from the commit (the run's code or params are not exactly the commit's)."""
+    return bool(_git("status", "--porcelain", "--untracked-files=no"))
 
 
 def data_versions(params: PipelineParams) -> dict[str, str]:
@@ -156,7 +165,7 @@ def data_hash(params: PipelineParams) -> str:
 
 def context_tags() -> dict[str, str]:
     """Where this run comes from: git commit, user, DVC experiment, Prefect flow run (id and UI link)."""
-    tags = {"git_commit": git_commit(), "mlflow.user": getpass.getuser()}
+    tags = {"git_commit": git_commit(), "git_dirty": str(git_dirty()).lower(), "mlflow.user": getpass.getuser()}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
     if os.environ.get("DVC_EXP_BASELINE_REV"):
