@@ -297,5 +297,9 @@ def rollback(
     _run(body)
 
 
+from pipelines.stack import stack_app  # the `siamese stack` commands
+
+app.add_typer(stack_app, name="stack")
+
 if __name__ == "__main__":
     app(sys.argv[1:])

@@ -1,0 +1,309 @@
+"""The shared stack for real on loopback ports: `siamese stack up` (PostgreSQL, moto's S3 server, mlflow server,
+Prefect server and worker), the whole pipeline against it with nothing but environment variables, a DVC remote
+on its bucket, and basic auth. Skipped, with the reason, where PostgreSQL's programs or the packages are absent."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY_PARAMS
+
+from pipelines import stack
+from pipelines.files import content_hash
+from pipelines.cli import app
+
+MISSING = stack.missing()
+needs_stack = pytest.mark.skipif(MISSING is not None, reason=f"shared stack not available: {MISSING}")
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "siamese-recognizer"
+
+
+def test_start_up_failure_names_the_service_and_shows_its_log_tail(tmp_path):
+    log = tmp_path / "demo.log"
+    service = stack._start([sys.executable, "-c", "print('port already in use'); raise SystemExit(3)"], log,
+                           dict(os.environ), tmp_path)
+    expected = r"(?s)^demo exited during start-up \(not listening\); last lines of .*demo.log:\nport already in use"
+    with pytest.raises(stack.StackError, match=expected):
+        stack._wait("demo", lambda: "not listening", service, log, timeout=30)
+    assert not stack._stop_group(service)  # already gone: nothing to stop
+
+
+def test_ports_prefer_last_run_then_defaults_then_any_free_port():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        ports = stack._pick_ports(busy, {"mlflow": busy})
+    assert ports["postgres"] != busy and ports["mlflow"] != busy and len(set(ports.values())) == 4
+
+
+def test_missing_postgres_is_one_line_reason(monkeypatch):
+    monkeypatch.setattr(stack, "pg_bin", lambda name: None)
+    assert stack.missing() == "PostgreSQL's initdb not found (on PATH or in /usr/lib/postgresql/*/bin)"
+    with pytest.raises(stack.StackError, match="^cannot start the stack: PostgreSQL's initdb not found"):
+        stack.up("unused-root")
+
+
+def _stack_root() -> Path:
+    """A fresh folder PostgreSQL can reach: as root it runs as user 'postgres', who cannot enter pytest's tmp."""
+    base = Path(tempfile.mkdtemp(prefix="siamese-stack-"))
+    base.chmod(0o755)
+    return base
+
+
+@pytest.fixture(scope="session")
+def shared_stack():
+    """`siamese stack up` into a temporary folder, on free ports; `down` at the end."""
+    base = _stack_root()
+    started = time.monotonic()
+    up = stack.up(base / "stack", base_port=None)
+    up["measured_up_s"] = round(time.monotonic() - started, 1)
+    print(f"\nstack up in {up['measured_up_s']} s: " + ", ".join(
+        f"{name} {s['port']}" for name, s in up["services"].items() if s.get("port")))
+    yield up
+    stack.down(base / "stack")
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _write_tiny_params(path: Path) -> Path:
+    """params.yaml with conftest's tiny settings (a module-scoped fixture cannot use the `write_params` fixture)."""
+    data = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    for key, value in TINY_PARAMS.items():
+        section, name = key.split(".")
+        data[section][name] = value
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline(shared_stack, tmp_path_factory):
+    """The tiny project as a git + DVC clone, `dvc repro` run against the stack; (repo, run, dvc, env)."""
+    from test_pipeline_dvc import _project
+
+    env = stack.client_env(shared_stack)
+    repo, run, dvc = _project(tmp_path_factory.mktemp("stack-project"), _write_tiny_params, env)
+    started = time.monotonic()
+    run(*dvc, "repro")
+    print(f"\ndvc repro against the stack: {time.monotonic() - started:.1f} s")
+    return repo, run, dvc, env
+
+
+def _s3(stack_info: dict):
+    import boto3
+
+    env = stack.client_env(stack_info)
+    return boto3.client("s3", endpoint_url=env["MLFLOW_S3_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+
+
+def _keys(stack_info: dict, prefix: str) -> list[str]:
+    pages = _s3(stack_info).get_paginator("list_objects_v2").paginate(Bucket=stack.BUCKET, Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+@needs_stack
+def test_stack_comes_up_healthy_and_prints_how_to_use_it(shared_stack):
+    from typer.testing import CliRunner
+
+    root = Path(shared_stack["root"])
+    assert stack.status(root) == dict.fromkeys(stack.SERVICES)
+    saved = json.loads((root / "stack.json").read_text())
+    assert saved["state"] == "up" and oct((root / "stack.json").stat().st_mode & 0o777) == "0o600"
+    ports = [saved["services"][name]["port"] for name in ("postgres", "s3", "mlflow", "prefect")]
+    assert len(set(ports)) == 4
+    assert all(Path(s["log"]).is_file() and s["pid"] for s in saved["services"].values())
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["stack", "status", "--root", str(root)])
+    assert shown.exit_code == 0 and shown.output.count("healthy") == 5, shown.output
+    assert saved["services"]["mlflow"]["url"] in shown.output
+    exports = runner.invoke(app, ["stack", "env", "--root", str(root)]).output
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "PREFECT_API_URL"):
+        assert f"export {name}=" in exports
+    again = runner.invoke(app, ["stack", "up", "--root", str(root)])
+    assert again.exit_code == 1 and "already running" in again.output
+
+
+@needs_stack
+def test_dvc_repro_against_the_stack_registers_a_champion_stored_in_the_bucket(shared_stack, pipeline):
+    from mlflow import MlflowClient
+
+    repo, run, _, env = pipeline
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    registration = json.loads((repo / "artifacts/registration.json").read_text())
+    assert (registration["version"], registration["decision"]) == (champion.version, "champion")
+    mlflow_run = client.get_run(champion.run_id)
+    assert mlflow_run.info.status == "FINISHED" and mlflow_run.info.artifact_uri.startswith("mlflow-artifacts:/")
+    stored = _keys(shared_stack, "mlartifacts/")
+    assert any(f"/{champion.run_id}/artifacts/" in key for key in stored), stored[:10]
+    model_id = champion.source.removeprefix("models:/")
+    assert any(f"/models/{model_id}/artifacts/" in key for key in stored), "the registered model is not in the bucket"
+    assert not (repo / "mlflow.db").exists() and not (repo / "mlartifacts").exists()
+
+    image = min((repo / "data/demo/train").glob("*/*.png"))  # a gallery image: its own class, distance 0
+    shown = run("siamese", "predict", str(image), "--model", f"models:/{MODEL}@champion", "--json")
+    answer = json.loads(next(line for line in shown.splitlines() if line.startswith("[{")))
+    assert answer[0]["label"] == image.parent.name and answer[0]["distance"] < 1e-4
+
+
+@needs_stack
+def test_mlflow_models_serve_pulls_the_champion_from_the_object_store(pipeline):
+    from test_serving import _free_port, _post, _stop, _wait_until_ready
+
+    from pipelines.pyfunc_model import encode_image
+
+    repo, _, _, env = pipeline
+    port, log_path = _free_port(), repo.parent / "serve.log"
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@champion",
+               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(command, env={**os.environ, **env, "PATH": path}, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True, cwd=repo.parent)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_until_ready(base, server, log_path)
+        image = min((repo / "data/demo/train").glob("*/*.png"))
+        status, body = _post(f"{base}/invocations", {"dataframe_records": [{"image": encode_image(image)}]})
+        assert status == 200, body
+        assert body["predictions"][0]["label"] == image.parent.name
+    finally:
+        _stop(server)
+
+
+@needs_stack
+def test_dvc_push_and_pull_through_the_bucket_into_a_fresh_clone(shared_stack, pipeline):
+    repo, run, dvc, env = pipeline
+    for command in stack.dvc_remote_commands(shared_stack):
+        run(*dvc, *command.split()[1:])
+    assert "s3://siamese/dvc" in (repo / ".dvc/config.local").read_text()
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "pipeline outputs")
+    run(*dvc, "push")
+    assert _keys(shared_stack, "dvc/"), "dvc push wrote nothing to the bucket"
+
+    clone = repo.parent / "clone"
+    run("git", "clone", "-q", str(repo), str(clone))
+    assert not (clone / "data/demo").exists()
+    for command in stack.dvc_remote_commands(shared_stack):
+        subprocess.run([sys.executable, "-m", "dvc", *command.split()[1:]], cwd=clone, env={**os.environ, **env},
+                       check=True, capture_output=True)
+    pulled = subprocess.run([sys.executable, "-m", "dvc", "pull"], cwd=clone, env={**os.environ, **env},
+                            capture_output=True, text=True, check=False)
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    for folder in ("data/demo", "artifacts/bundle"):
+        _assert_same_tree(repo / folder, clone / folder)
+
+
+def _assert_same_tree(left: Path, right: Path) -> None:
+    files = sorted(p.relative_to(left) for p in left.rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(right) for p in right.rglob("*") if p.is_file())
+    _, mismatch, errors = filecmp.cmpfiles(left, right, [str(f) for f in files], shallow=False)
+    assert not mismatch and not errors, (mismatch, errors)
+
+
+@needs_stack
+def test_basic_auth_refuses_anonymous_requests_and_the_registry_survives_a_restart(tmp_path, monkeypatch):
+    from mlflow.exceptions import MlflowException
+    from mlflow_fixtures import make_tiny_bundle, pipeline_params
+
+    from pipelines import registry, tracking
+
+    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs Flask-WTF (mlflow[auth])")
+    base = _stack_root()
+    root = base / "stack"
+    try:
+        env = stack.client_env(stack.up(root, auth=True, base_port=None))
+        url = env["MLFLOW_TRACKING_URI"]
+        search = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert stack._http(search)[0] == 401
+        assert stack._http(search, auth=(env["MLFLOW_TRACKING_USERNAME"], "not-the-password"))[0] == 401
+        assert stack._http(search, auth=(env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]))[0] == 200
+
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+        with pytest.raises(MlflowException, match="401|nauthorized|credentials"):
+            tracking.ensure_experiment("siamese-auth-check")
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_S3_ENDPOINT_URL"):
+            monkeypatch.setenv(name, env[name])
+        assert tracking.ensure_experiment("siamese-auth-check")
+        monkeypatch.chdir(tmp_path)
+        bundle = make_tiny_bundle(tmp_path)
+        done = registry.log_and_register(pipeline_params("secured"), bundle.path, {"top1": 1.0}, bundle.history, [], {})
+        assert done["decision"] == "champion"
+        before = shutil.copytree(registry.download_bundle(registry.champion_uri("secured")), tmp_path / "before")
+
+        assert "mlflow" in stack.down(root)
+        assert stack.down(root) == []  # safe to call twice
+        assert set(stack.status(root).values()) == {"stopped"}
+        assert any((root / "s3" / "bucket").rglob("*.keras")), "down did not save the bucket"
+
+        # a restart: PostgreSQL keeps the registry and the users, the bucket comes back from s3/bucket/
+        assert stack.client_env(stack.up(root, auth=True, base_port=None)) == env  # same ports and credentials
+        assert stack._http(search)[0] == 401
+        _assert_same_tree(before, registry.download_bundle(registry.champion_uri("secured")))
+    finally:
+        stack.down(root)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+RUN_RETRAINING = """
+from prefect.deployments import run_deployment
+
+run = run_deployment("siamese-retraining/siamese-retraining", timeout=420)
+print("STATE", run.state.type.value, run.id)
+"""
+
+
+@needs_stack
+def test_the_worker_runs_the_retraining_deployment_and_registers_on_the_tracking_server(pipeline):
+    """prefect.yaml deployed to the stack's Prefect server; its worker (pool 'siamese') runs it on new data."""
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    repo, run, dvc, env = pipeline
+    shutil.copy(REPO / "prefect.yaml", repo)
+    some_class = sorted((repo / "data/demo/train").iterdir())[0]  # new data, so the retraining trains
+    shutil.copy(sorted(some_class.glob("*.png"))[0], some_class / "new-drawing.png")
+    run(*dvc, "add", "-q", "data/demo")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "a new drawing and the deployment")
+    deploy_env = {**os.environ, **env, "PWD": str(repo)}  # prefect.yaml's pull step runs the flow in {{ $PWD }}
+    deployed = subprocess.run(["prefect", "--no-prompt", "deploy", "--all"], cwd=repo, env=deploy_env,
+                              capture_output=True, text=True, timeout=120, check=False)
+    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as prefect:
+        deployment = prefect.read_deployment_by_name("siamese-retraining/siamese-retraining")
+    assert set(deployment.tags) == {"siamese", "retraining"} and deployment.work_pool_name == "siamese"
+    assert deployment.global_concurrency_limit.limit == 1
+    assert deployment.schedules[0].schedule.cron == yaml.safe_load((REPO / "params.yaml").read_text())["schedule"]["cron"]
+
+    started, started_at = time.monotonic(), time.time()
+    done = subprocess.run([sys.executable, "-c", RUN_RETRAINING], cwd=repo, env=deploy_env, capture_output=True,
+                          text=True, timeout=480, check=False)
+    state, flow_run_id = done.stdout.split("STATE ", 1)[1].split()[:2] if "STATE " in done.stdout else ("?", "?")
+    assert state == "COMPLETED", done.stdout[-2000:] + done.stderr[-3000:]
+    print(f"\nretraining deployment run by the worker in {time.monotonic() - started:.1f} s")
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    newest = max(client.search_model_versions(f"name='{MODEL}'"), key=lambda v: int(v.version))
+    assert newest.creation_timestamp / 1000 > started_at, "the worker's run registered a new version"
+    trained = client.get_run(newest.run_id)
+    new_data = f"{content_hash(repo / 'data/demo/train')}+{content_hash(repo / 'data/demo/test')}"
+    assert trained.data.tags["data_hash"] == new_data and trained.info.status == "FINISHED"
+    assert trained.data.tags["prefect.flow_run_id"], "the run links to its Prefect flow run"
