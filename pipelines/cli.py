@@ -65,6 +65,9 @@ def _run(action):
         _fail(str(exc))
     except KeyboardInterrupt:
         _fail("interrupted; existing outputs are untouched", 130)
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
 
 
 def _config(params: Path | None, preset: str | None, overrides: list[str] | None):
@@ -74,6 +77,19 @@ def _config(params: Path | None, preset: str | None, overrides: list[str] | None
 
     base = load_params(params).core() if params else Config()
     return apply_overrides(preset_config(base, preset), parse_set_options(overrides or []))
+
+
+def _check_dataset(train_dir: Path, test_dir: Path) -> None:
+    """The pipeline's validation before training: every problem in one error, warnings shown and passed."""
+    from siamese_core.errors import DatasetError
+    from siamese_core.validation import validate_dataset
+
+    report = validate_dataset(train_dir, test_dir)
+    if not report.ok:
+        raise DatasetError(f"dataset validation failed with {len(report.errors)} errors "
+                           f"and {len(report.warnings)} warnings:\n{report.text(max_paths=20)}")
+    for finding in report.warnings:
+        typer.secho(f"warning [{finding.code}] {finding.message}", fg=typer.colors.YELLOW, err=True)
 
 
 @app.callback()
@@ -112,6 +128,7 @@ def train(
 
         extra = [*(set_ or []), *([f"train.epochs={epochs}"] if epochs else [])]
         config = _config(params, preset, extra)
+        _check_dataset(train_dir, test_dir)
         checkpoint = out.parent / f".{out.name}.checkpoint"
         out.parent.mkdir(parents=True, exist_ok=True)
         try:  # one training per bundle path: the checkpoint and the bundle are its alone

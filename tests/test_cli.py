@@ -128,3 +128,34 @@ def test_resume_without_a_checkpoint_is_a_clear_error(trained, tmp_path):
     result = runner.invoke(app, ["train", "--train", str(train_dir), "--test", str(test_dir),
                                  "--out", str(tmp_path / "b"), "--resume", *TINY])
     assert result.exit_code == 1 and "no checkpoint to resume from" in result.output
+
+
+def test_train_checks_the_whole_dataset_first_and_lists_every_problem(tmp_path):
+    import shutil
+
+    train_dir, test_dir = make_digits_dataset(tmp_path, classes=3)
+    photo = sorted((train_dir / "digit 0").iterdir())[0]
+    truncated = train_dir / "digit 0" / "truncated.jpg"
+    from PIL import Image
+
+    Image.open(photo).convert("RGB").save(truncated, format="JPEG")
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    (train_dir / "digit 1" / "notes.jpg").write_text("not an image, whatever the name says")
+    for extra in sorted((train_dir / "digit 2").iterdir())[1:]:
+        extra.unlink()
+    shutil.copytree(test_dir / "digit 0", test_dir / "digit 9")
+    result = runner.invoke(app, ["train", "--train", str(train_dir), "--test", str(test_dir),
+                                 "--out", str(tmp_path / "never"), "--epochs", "1", *TINY])
+    assert result.exit_code == 1
+    for named in ("truncated.jpg", "notes.jpg", "digit 2", "digit 9"):
+        assert named in result.output, named
+    assert "dataset validation failed" in result.output and not (tmp_path / "never").exists()
+
+
+def test_predict_into_a_pipe_closed_early_is_not_an_error(trained):
+    train_dir, _, bundle = trained
+    images = [str(p) for p in sorted(train_dir.rglob("*.png"))]
+    command = f"{sys.executable} -m pipelines.cli predict {' '.join(map(repr, images))} --model {bundle} | head -1"
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(done.stdout.splitlines()) == 1 and "Traceback" not in done.stderr
