@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -50,21 +51,34 @@ def _gallery_cache_key(model_path: Path, folder) -> str:
     return digest.hexdigest()[:32]
 
 
-def test_prediction(image_path, model_path, train_dataset_path) -> tuple[str, float]:
-    """Recognise ``image_path`` against a gallery built from ``train_dataset_path``.
+@functools.lru_cache(maxsize=4)
+def _recognizer_with_gallery(model_path: str, train_dataset_path: str, key: str) -> SiameseRecognizer:
+    """The bundle loaded once per process with the gallery of ``train_dataset_path``.
 
-    Returns ``(class_name, squared_distance)``. The gallery is cached on disk, keyed
-    by the bundle and the folder's files, so a second call does not re-embed it.
+    ``key`` is :func:`_gallery_cache_key`: a changed bundle or folder makes a new key, so
+    a stale recogniser is never returned. The gallery itself is also cached on disk.
     """
     recognizer = SiameseRecognizer.load(model_path)
-    folder = scan_folder(train_dataset_path)
-    cache = _cache_dir() / f"gallery-{_gallery_cache_key(Path(model_path), folder)}.npz"
+    cache = _cache_dir() / f"gallery-{key}.npz"
     if cache.is_file():
         recognizer.gallery = Gallery.load(cache)
     else:
+        folder = scan_folder(train_dataset_path)
         recognizer.gallery = build_gallery(recognizer.embedding, folder, recognizer.config.evaluate.embed_batch_size)
         with atomic_path(cache) as tmp:
             recognizer.gallery.save(tmp)
+    return recognizer
+
+
+def test_prediction(image_path, model_path, train_dataset_path) -> tuple[str, float]:
+    """Recognise ``image_path`` against a gallery built from ``train_dataset_path``.
+
+    Returns ``(class_name, squared_distance)``. The gallery is cached on disk, keyed by the
+    bundle and the folder's files, and the loaded recogniser is kept in the process under
+    the same key, so in a loop every call after the first costs one prediction.
+    """
+    key = _gallery_cache_key(Path(model_path), scan_folder(train_dataset_path))
+    recognizer = _recognizer_with_gallery(str(Path(model_path).resolve()), str(train_dataset_path), key)
     match = recognizer.predict_one(image_path, top_k=1)
     return match.label, match.distance
 

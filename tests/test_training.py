@@ -130,7 +130,17 @@ def test_seed_functions_train_save_and_predict_with_a_cached_gallery(digits, tmp
     assert (label, isinstance(distance, float)) == ("digit 0", True) and distance < 1e-3
     assert len(list((tmp_path / "cache").glob("gallery-*.npz"))) == 1
 
-    calls = []
-    monkeypatch.setattr("siamese_core.api.build_gallery", lambda *a, **k: calls.append(a))
+    calls, loads = [], []
+    build = siamese_core.api.build_gallery
+    monkeypatch.setattr("siamese_core.api.build_gallery", lambda *a, **k: calls.append(a) or build(*a, **k))
+    load = SiameseRecognizer.load.__func__
+    monkeypatch.setattr(SiameseRecognizer, "load", classmethod(lambda cls, path: loads.append(path) or load(cls, path)))
     assert siamese_core.test_prediction(image, str(tmp_path / "seed"), str(train_dir))[0] == "digit 0"
-    assert calls == []  # the second call used the cached gallery
+    assert calls == [] and loads == []  # the second call reused the recogniser loaded in this process
+
+    siamese_core.api._recognizer_with_gallery.cache_clear()
+    assert siamese_core.test_prediction(image, str(tmp_path / "seed"), str(train_dir))[0] == "digit 0"
+    assert calls == [] and len(loads) == 1  # a new process: the bundle loads once, the gallery comes from disk
+    SiameseRecognizer.load(tmp_path / "seed").save(tmp_path / "seed")  # the bundle changes: not served stale
+    assert siamese_core.test_prediction(image, str(tmp_path / "seed"), str(train_dir))[0] == "digit 0"
+    assert len(loads) == 3 and len(calls) == 1  # reloaded, and its gallery embedded again
