@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
+from filelock import FileLock
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
@@ -60,11 +61,24 @@ def _artifact_location(uri: str) -> str | None:
     return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
 
 
+_READY_STORES: set[str] = set()
+
+
 def client() -> MlflowClient:
-    """A client on :func:`tracking_uri`; MLflow's fluent API is pointed there too."""
+    """A client on :func:`tracking_uri`; MLflow's fluent API is pointed there too.
+
+    A new SQLite store is created under a file lock: two processes creating it at once
+    would otherwise race on its tables (``table experiments already exists``).
+    """
     uri = tracking_uri()
     if mlflow.get_tracking_uri() != uri:
         mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and uri not in _READY_STORES:
+        database = Path(uri[len("sqlite:///") :])
+        database.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(database.with_suffix(".init.lock"), timeout=300):
+            MlflowClient(uri).search_experiments(max_results=1)
+        _READY_STORES.add(uri)
     return MlflowClient(uri)
 
 

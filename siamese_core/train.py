@@ -112,7 +112,11 @@ class EpochCheckpoint(keras.callbacks.Callback):
         """Load a checkpoint into a compiled model; returns (epochs done, history so far)."""
         state = json.loads((Path(directory) / cls.STATE).read_text(encoding="utf-8"))
         model.optimizer.build(model.embedding.trainable_variables)
-        model.load_weights(Path(directory) / cls.WEIGHTS)
+        try:
+            model.load_weights(Path(directory) / cls.WEIGHTS)
+        except ValueError as exc:  # another architecture: layer or weight shapes do not match
+            raise ConfigError(f"{directory}: the checkpoint was written by a run with another model config, so it "
+                              "cannot resume this one; use the same config, or train without --resume") from exc
         if (Path(directory) / cls.BEST).is_file():
             with np.load(Path(directory) / cls.BEST) as best:
                 keep_best.best_weights = [best[f"arr_{i}"] for i in range(len(best.files))]

@@ -275,3 +275,18 @@ def test_model_card_shows_data_metrics_beside_baselines_threshold_and_changed_pa
     assert "Squared distance 0.7000" in card
     assert "| `model.backbone` | `small_cnn` | `resnet50` |" in card
     assert "## Intended use" in card and "## Limits" in card and "- MLflow run: `demo-run (abc)`" in card
+
+
+def test_two_processes_creating_a_new_store_at_once_both_succeed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = "from pipelines import tracking; print(tracking.ensure_experiment('first-ever'))"
+    for attempt in range(3):  # each round starts from a brand-new database
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / f'new-{attempt}.db'}"}
+        processes = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        outputs = [p.communicate(timeout=120) for p in processes]
+        assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+        assert outputs[0][0].split()[-1] == outputs[1][0].split()[-1], "both found the same experiment"

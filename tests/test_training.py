@@ -144,3 +144,15 @@ def test_seed_functions_train_save_and_predict_with_a_cached_gallery(digits, tmp
     SiameseRecognizer.load(tmp_path / "seed").save(tmp_path / "seed")  # the bundle changes: not served stale
     assert siamese_core.test_prediction(image, str(tmp_path / "seed"), str(train_dir))[0] == "digit 0"
     assert len(loads) == 3 and len(calls) == 1  # reloaded, and its gallery embedded again
+
+
+def test_resume_with_another_model_config_is_a_clear_error(digits, tmp_path):
+    from siamese_core.errors import ConfigError
+
+    train_dir, test_dir = digits
+    checkpoint = tmp_path / "checkpoint"
+    first = apply_overrides(Config(), {**TINY, "epochs": 1})
+    train(first, train_dir, test_dir, verbose=0, checkpoint_dir=checkpoint)
+    other = apply_overrides(Config(), {**TINY, "epochs": 2, "embedding_dim": 24})
+    with pytest.raises(ConfigError, match="written by a run with another model config"):
+        train(other, train_dir, test_dir, verbose=0, checkpoint_dir=checkpoint, resume=True)
