@@ -72,9 +72,7 @@ def run_stage(name: str, params: PipelineParams, workspace: str, run_id: str) ->
     if cached is not None:
         logger.info("%s: inputs unchanged, reusing outputs %s", name, key[:12])
         if name == "train":  # this run did not train: record which run did, and its curve
-            trained_by = stages.read_json(root / stages.TRAINED / stages.RUN_FILE)["run_id"]
-            run.set_tags({"training_run_id": trained_by})
-            run.log_history(stages.read_json(root / stages.TRAINED / stages.HISTORY_FILE)["history"])
+            stages.record_reused_training(run, root)
         return {**cached, "cached": True}
     result = stages.STAGE_FUNCTIONS[name](params, root, run)
     stagecache.store(spec, key, params, root, result)

@@ -189,6 +189,12 @@ def evaluate(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
     return metrics
 
 
+def record_reused_training(run, root: Path) -> None:
+    """Tag ``run`` with the run that trained the model in ``root`` and copy that training's curve into it."""
+    run.set_tags({"training_run_id": read_json(root / TRAINED / RUN_FILE)["run_id"]})
+    run.log_history(read_json(root / TRAINED / HISTORY_FILE)["history"])
+
+
 def _pipeline_run(params: PipelineParams, root: Path):
     """The MLflow run the train stage opened, if it is still open; else a new run that records the reused training."""
     from .tracking import PipelineRun
@@ -201,8 +207,7 @@ def _pipeline_run(params: PipelineParams, root: Path):
     except Exception as exc:  # a run of another tracking store, or deleted since
         log.info("training run %s not found (%s): opening a new run", trained_by, exc)
     run = PipelineRun.start(params)
-    run.set_tags({"training_run_id": trained_by})
-    run.log_history(read_json(root / TRAINED / HISTORY_FILE)["history"])
+    record_reused_training(run, root)
     return run
 
 
@@ -240,8 +245,9 @@ def register(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
     run = run or _pipeline_run(params, root)
     with run.failing_on_error("register"):
         versions = tracking.data_versions(params)
-        data = f"{versions['train']}+{versions['test']}"
-        started_on = run.client.get_run(run.run_id).data.tags.get("data_hash")
+        data = tracking.data_hash(params, versions)
+        mlflow_run = run.client.get_run(run.run_id)
+        started_on = mlflow_run.data.tags.get("data_hash")
         if started_on and started_on != data:
             raise DatasetError(f"the data changed while this run was in progress (from {started_on} to {data}): "
                                "its model may mix both versions, so it is not registered; run the pipeline again")
@@ -256,9 +262,8 @@ def register(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
             **{key.removeprefix("per_class_"): list(evaluation[key].values()) for key in PER_CLASS_METRICS}},
             "per_class.json")
         profiles = tracking.data_profiles(params, versions)
-        run_info = run.info
-        lineage = {"MLflow run": f"{run_info.run_name} ({run.run_id})", **{
-            key: value for key, value in run.client.get_run(run.run_id).data.tags.items()
+        lineage = {"MLflow run": f"{mlflow_run.info.run_name} ({run.run_id})", **{
+            key: value for key, value in mlflow_run.data.tags.items()
             if key in ("git_commit", "dvc.experiment", "prefect.flow_run_url", "training_run_id")}}
 
         def card(version, decision, previous):

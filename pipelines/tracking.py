@@ -171,9 +171,9 @@ def data_versions(params: PipelineParams) -> dict[str, str]:
     return {split: content_hash(folder) for split, folder in folders.items()}
 
 
-def data_hash(params: PipelineParams) -> str:
-    """``<train md5>+<test md5>``: the version of the training data, as DVC hashes it."""
-    versions = data_versions(params)
+def data_hash(params: PipelineParams, versions: dict[str, str] | None = None) -> str:
+    """``<train md5>+<test md5>``: the version of the training data, as DVC hashes it (from ``versions`` if given)."""
+    versions = versions or data_versions(params)
     return f"{versions['train']}+{versions['test']}"
 
 
@@ -223,12 +223,12 @@ def data_profiles(params: PipelineParams, versions: dict[str, str] | None = None
     return profiles
 
 
-def _dataset_input(split: str, profile: dict) -> DatasetInput:
-    """A data folder as an MLflow dataset input: its DVC digest, source and profile."""
+def _dataset_input(split: str, profile: dict, commit: str) -> DatasetInput:
+    """A data folder as an MLflow dataset input: its DVC digest, source (path, digest, git commit) and profile."""
     counts = profile["images_per_class"].values()
     summary = {"classes": profile["classes"], "images": profile["images"],
                "images_per_class": {"min": min(counts), "max": max(counts)}, "per_class": profile["images_per_class"]}
-    source = {"path": profile["path"], "dvc_md5": profile["md5"], "git_commit": git_commit()}
+    source = {"path": profile["path"], "dvc_md5": profile["md5"], "git_commit": commit}
     dataset = Dataset(name=f"{Path(profile['path']).parent.name or 'data'}-{split}",
                       digest=profile["md5"].removesuffix(".dir"), source_type="local", source=json.dumps(source),
                       schema=json.dumps({"layout": "<class>/<image>"}), profile=json.dumps(summary))
@@ -249,16 +249,18 @@ class PipelineRun:
     def start(cls, params: PipelineParams, description: str = "") -> PipelineRun:
         """Open a run: a unique name, the params, the context tags and the data as dataset inputs."""
         versions = data_versions(params)
-        data = f"{versions['train']}+{versions['test']}"
+        data = data_hash(params, versions)
         mlflow_client = client()
-        tags = {**context_tags(), "data_hash": data, "mlflow.note.content": description or _describe(params)}
+        context = context_tags()
+        tags = {**context, "data_hash": data, "mlflow.note.content": description or _describe(params)}
         run = mlflow_client.create_run(ensure_experiment(params.register.experiment),
                                        run_name=run_name(params, data), tags=tags)
         started = cls(run.info.run_id)
         started.client.log_batch(started.run_id, params=[
             Param(key, str(value)) for key, value in flatten(params.model_dump(mode="json")).items()])
         started.client.log_inputs(started.run_id, datasets=[
-            _dataset_input(split, profile) for split, profile in data_profiles(params, versions).items()])
+            _dataset_input(split, profile, context["git_commit"])
+            for split, profile in data_profiles(params, versions).items()])
         log.info("MLflow run %s (%s) opened in %s", run.info.run_name, started.run_id, tracking_uri())
         return started
 
@@ -270,18 +272,19 @@ class PipelineRun:
     def is_open(self) -> bool:
         return self.info.status == "RUNNING"
 
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+    def _log_points(self, points: list[tuple[str, float, int]]) -> None:
+        """``(key, value, step)`` points, in batches MLflow accepts (at most 1000 metrics each)."""
         now = get_current_time_millis()
-        points = [Metric(key, float(value), now, step) for key, value in metric_values(metrics).items()]
-        for start in range(0, len(points), 900):  # MLflow takes at most 1000 metrics per batch
-            self.client.log_batch(self.run_id, metrics=points[start:start + 900])
+        metrics = [Metric(key, float(value), now, step) for key, value, step in points]
+        for start in range(0, len(metrics), 900):
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + 900])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        self._log_points([(key, value, step) for key, value in metric_values(metrics).items()])
 
     def log_history(self, history: dict[str, list[float]]) -> None:
         """Per-epoch values after the fact (a training this run reused), step = epoch index from 0."""
-        now = get_current_time_millis()
-        points = [Metric(key, float(v), now, step) for key, values in history.items() for step, v in enumerate(values)]
-        for start in range(0, len(points), 900):
-            self.client.log_batch(self.run_id, metrics=points[start:start + 900])
+        self._log_points([(key, v, step) for key, values in history.items() for step, v in enumerate(values)])
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         path = Path(path)
