@@ -1,7 +1,10 @@
 """The registered MLflow model: a pyfunc wrapper around a model bundle that takes base64 images.
 
 A request carries the image bytes themselves, base64-encoded in a string column
-``image``; the server never opens a path named in a request.
+``image``; the server never opens a path named in a request. Every request is bounded:
+bytes per image, pixels per image (checked from the header, before decoding), rows per
+request, and, under ``mlflow models serve``, the server's time limit, at which the work stops.
+A bad request gets HTTP 400 with one line saying what is wrong, and no stack trace.
 """
 
 from __future__ import annotations
@@ -10,16 +13,22 @@ import base64
 import binascii
 import io
 import json
+import logging
 import os
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
-from siamese_core.errors import ImageError
+from siamese_core.errors import USER_ERRORS, ImageError
+
+log = logging.getLogger(__name__)
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "image")]),
@@ -28,6 +37,49 @@ SIGNATURE = ModelSignature(
 
 # Largest accepted image, in bytes after base64 decoding ($SIAMESE_MAX_IMAGE_BYTES overrides it).
 DEFAULT_MAX_IMAGE_BYTES = 10 * 1024 * 1024
+# Most images in one request ($SIAMESE_MAX_REQUEST_ROWS overrides it); send more as several requests.
+DEFAULT_MAX_REQUEST_ROWS = 64
+# The time limit `mlflow models serve` sets for its workers; a request stops its work when it passes.
+SERVER_TIMEOUT_VARIABLE = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"
+
+
+class _OneLineError(MlflowException):
+    """An error the scoring server sends as it is: its one-line message and no stack trace."""
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        # The scoring server rewrites the message of an MlflowException raised by a model as
+        # "Failed to predict data '<the request>'. Error: <message>"; the first, one-line message is kept.
+        if not hasattr(self, "_message"):
+            self._message = value
+
+
+class RequestError(_OneLineError):
+    """A request the model cannot answer as sent: HTTP 400."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+class ServerError(_OneLineError):
+    """The model failed on a request it should have answered: HTTP 500; the traceback goes to the server log."""
+
+    def __init__(self):
+        super().__init__("the recogniser failed on this request; the server log has the details",
+                         error_code=INTERNAL_ERROR)
+
+
+def _limit(variable: str, default: int) -> int:
+    value = os.environ.get(variable, "")
+    try:
+        return int(value) if value else default
+    except ValueError:
+        log.error("%s=%r is not a whole number", variable, value)
+        raise ServerError() from None
 
 # What the model needs at serving time; pinned to the versions installed when it is logged.
 RUNTIME_PACKAGES = ("mlflow", "tensorflow-cpu", "keras", "numpy", "pillow", "pandas", "pydantic", "pyyaml")
@@ -76,7 +128,11 @@ def decode_base64_images(model_input) -> list[bytes]:
         raise ImageError(
             f"expected a DataFrame with an 'image' column or a list of base64 strings, got {type(model_input).__name__}"
         )
-    limit = int(os.environ.get("SIAMESE_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES))
+    limit = _limit("SIAMESE_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES)
+    max_rows = _limit("SIAMESE_MAX_REQUEST_ROWS", DEFAULT_MAX_REQUEST_ROWS)
+    if len(values) > max_rows:
+        raise ImageError(f"{len(values)} images in one request, over the limit of {max_rows}; "
+                         "send them in several requests")
     images = []
     for row, value in enumerate(values):
         if not isinstance(value, str):
@@ -103,15 +159,15 @@ class SiameseBundleModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         """One row per image: the nearest class, its squared distance, and the top-k classes as JSON."""
-        from siamese_core.data import decode_image
-
-        arrays = []
-        for row, data in enumerate(decode_base64_images(model_input)):
-            try:
-                arrays.append(decode_image(data, self.recognizer.input_size))
-            except ImageError as exc:
-                raise ImageError(f"row {row}: 'image' does not hold a readable image ({exc})") from None
-        matches = self.recognizer.predict(arrays) if arrays else []
+        try:
+            matches = self._recognise(model_input)
+        except USER_ERRORS as exc:
+            raise RequestError(str(exc)) from None
+        except MlflowException:
+            raise
+        except Exception:
+            log.exception("prediction failed")
+            raise ServerError() from None
         return pd.DataFrame(
             {
                 "label": pd.Series([m.label for m in matches], dtype=object),
@@ -122,3 +178,25 @@ class SiameseBundleModel(mlflow.pyfunc.PythonModel):
                 ),
             }
         )
+
+    def _recognise(self, model_input) -> list:
+        """Decode and recognise the images batch by batch, stopping at the server's time limit."""
+        from siamese_core.data import decode_image
+
+        timeout = os.environ.get(SERVER_TIMEOUT_VARIABLE)
+        deadline = time.monotonic() + float(timeout) if timeout else float("inf")
+        encoded = decode_base64_images(model_input)
+        batch = self.recognizer.config.evaluate.embed_batch_size
+        matches: list = []
+        for start in range(0, len(encoded), batch):
+            arrays = []
+            for row in range(start, min(start + batch, len(encoded))):
+                if time.monotonic() > deadline:
+                    raise RequestError(f"stopped at image {row} of {len(encoded)}: the request ran past the "
+                                       f"server's time limit of {timeout} s ({SERVER_TIMEOUT_VARIABLE})")
+                try:
+                    arrays.append(decode_image(encoded[row], self.recognizer.input_size))
+                except ImageError as exc:
+                    raise ImageError(f"row {row}: {str(exc).removeprefix('<bytes>: ')}") from None
+            matches.extend(self.recognizer.predict(arrays))
+        return matches

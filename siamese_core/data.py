@@ -15,6 +15,36 @@ from .errors import DatasetError, ImageError
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pbm", ".pnm"}
 )
+# Images with more pixels than this are refused from their header, before any decoding
+# ($SIAMESE_MAX_IMAGE_PIXELS overrides it): 40 megapixels holds an 8K frame or a 7000x5000 photo.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+
+UNKNOWN = "unknown"  # the label of an image of no known class (rejection); no class may be named so
+
+# Why scan_folder passed over a file or folder: code -> what it means.
+SKIP_REASONS = {
+    "not_image": "not an image file type",
+    "outside_link": "link points outside the dataset folder",
+    "broken_link": "link is broken or loops back on itself",
+    "hidden": "name starts with a dot (hidden)",
+    "nested_folder": "folder inside a class folder (images must sit directly in the class folder)",
+    "loose_file": "file outside any class folder",
+    "bad_name": "name is not valid UTF-8",
+}
+
+
+def max_image_pixels() -> int:
+    """The pixel limit for every image decoded or validated: ``$SIAMESE_MAX_IMAGE_PIXELS`` or the default."""
+    value = os.environ.get("SIAMESE_MAX_IMAGE_PIXELS", "")
+    try:
+        return int(value) if value else DEFAULT_MAX_IMAGE_PIXELS
+    except ValueError:
+        raise ImageError(f"SIAMESE_MAX_IMAGE_PIXELS={value!r} is not a whole number of pixels") from None
+
+
+def printable(path: str | os.PathLike) -> str:
+    """A path as text that any terminal or file can take: bytes that are not UTF-8 become ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 @dataclass
@@ -43,71 +73,96 @@ class ImageFolder:
 def _is_inside(path: Path, root: Path) -> bool:
     try:
         path.resolve().relative_to(root)
-    except ValueError:
+    except (ValueError, OSError, RuntimeError):  # RuntimeError: a symlink loop on older Pythons
         return False
     return True
 
 
+def _skip_reason(entry: Path, real_root: Path, want_dir: bool) -> str | None:
+    """The SKIP_REASONS code for a folder entry that is not a usable class folder (``want_dir``) or image."""
+    if printable(entry.name) != entry.name:
+        return "bad_name"
+    if entry.name.startswith("."):
+        return "hidden"
+    if entry.is_symlink() and not entry.exists():
+        return "broken_link"
+    if not _is_inside(entry, real_root):
+        return "outside_link"
+    if entry.is_dir():
+        return None if want_dir else "nested_folder"
+    if want_dir:
+        return "loose_file"
+    return None if entry.suffix.lower() in IMAGE_SUFFIXES else "not_image"
+
+
+def _worth_reporting(entry: Path, reason: str) -> bool:
+    """Hidden files (.DS_Store, .gitignore) are passed over without a word; everything else is reported."""
+    return not (reason == "hidden" and not entry.is_dir())
+
+
 def scan_folder(root: str | os.PathLike) -> ImageFolder:
-    """List a ``root/<class>/<image>`` folder; non-image files are skipped and reported.
+    """List a ``root/<class>/<image>`` folder; what is passed over is listed in ``skipped``.
 
     Classes and files are sorted by name, so the order is the same on every machine.
-    Symbolic links that point outside ``root`` are skipped.
+    ``skipped`` holds ``(path, code)`` pairs, the codes of :data:`SKIP_REASONS`: non-image
+    files, hidden entries, nested folders, links that leave ``root``, break or loop, and
+    names that are not valid UTF-8 (the path is then shown with ``\\xNN`` escapes).
     """
     root = Path(root)
     if not root.exists():
-        raise DatasetError(f"{root}: folder does not exist")
+        raise DatasetError(f"{printable(root)}: folder does not exist")
     if not root.is_dir():
-        raise DatasetError(f"{root}: not a folder (expected <folder>/<class>/<image>)")
+        raise DatasetError(f"{printable(root)}: not a folder (expected <folder>/<class>/<image>)")
     real_root = root.resolve()
-    class_dirs = sorted(
-        (d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name
-    )
-    if not class_dirs:
-        raise DatasetError(
-            f"{root}: no class sub-folders; expected one sub-folder per class, "
-            f"e.g. {root}/<class name>/<image>.jpg"
-        )
     paths: list[str] = []
     labels: list[int] = []
     names: list[str] = []
     skipped: list[tuple[str, str]] = []
+    class_dirs = []
+    for entry in sorted(root.iterdir(), key=lambda e: e.name):
+        reason = _skip_reason(entry, real_root, want_dir=True)
+        if reason is None:
+            class_dirs.append(entry)
+        elif _worth_reporting(entry, reason):
+            skipped.append((printable(entry), reason))
+    if not class_dirs:
+        raise DatasetError(
+            f"{printable(root)}: no class sub-folders; expected one sub-folder per class, "
+            f"e.g. {printable(root)}/<class name>/<image>.jpg"
+        )
     for class_dir in class_dirs:
-        if not _is_inside(class_dir, real_root):
-            skipped.append((str(class_dir), "link points outside the dataset folder"))
-            continue
-        files = sorted((f for f in class_dir.iterdir() if f.is_file()), key=lambda f: f.name)
         kept = []
-        for f in files:
-            if f.name.startswith("."):
-                continue
-            if not _is_inside(f, real_root):
-                skipped.append((str(f), "link points outside the dataset folder"))
-            elif f.suffix.lower() not in IMAGE_SUFFIXES:
-                skipped.append((str(f), "not an image file type"))
-            else:
+        for f in sorted(class_dir.iterdir(), key=lambda e: e.name):
+            reason = _skip_reason(f, real_root, want_dir=False)
+            if reason is None:
                 kept.append(str(f))
+            elif _worth_reporting(f, reason):
+                skipped.append((printable(f), reason))
         if not kept:
             continue
         names.append(class_dir.name)
         paths.extend(kept)
         labels.extend([len(names) - 1] * len(kept))
     if not paths:
-        raise DatasetError(f"{root}: no image files found in its class sub-folders")
+        raise DatasetError(f"{printable(root)}: no image files found in its class sub-folders")
     return ImageFolder(root, paths, np.asarray(labels, dtype=np.int64), names, skipped)
 
 
-def decode_image(source: str | os.PathLike | bytes, size: int) -> np.ndarray:
+def decode_image(source: str | os.PathLike | bytes, size: int, max_pixels: int | None = None) -> np.ndarray:
     """Decode an image to a ``(size, size, 3)`` uint8 RGB array.
 
-    ``source`` is a path or the encoded bytes. EXIF orientation is applied, any
-    mode (greyscale, palette, RGBA, 16-bit, CMYK) becomes RGB.
+    ``source`` is a path or the encoded bytes. An image of more than ``max_pixels``
+    (default :func:`max_image_pixels`) is refused from its header, before decoding; a JPEG
+    is decoded at the smallest scale still at least ``size``. EXIF orientation is applied,
+    any mode (greyscale, palette, RGBA, 16-bit, CMYK) becomes RGB.
     """
-    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else printable(source)
+    limit = max_pixels or max_image_pixels()
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as image:
-            if image.width * image.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
-                raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels, over Pillow's limit")
+            if image.width * image.height > limit:
+                raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels, over the limit of "
+                                                   f"{limit} (SIAMESE_MAX_IMAGE_PIXELS)")
             image.draft("RGB", (size, size))  # JPEG: decode at the smallest scale still >= size
             image = ImageOps.exif_transpose(image)
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):

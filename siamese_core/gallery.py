@@ -66,8 +66,9 @@ class Gallery:
         self.embeddings, self.labels = np.ascontiguousarray(self.embeddings[order]), self.labels[order]
         self.paths = [self.paths[i] for i in order]
         present = np.unique(self.labels)
-        if len(present) != len(self.class_names):
-            raise ValueError("every gallery class needs at least one image")
+        if not np.array_equal(present, np.arange(len(self.class_names))):
+            raise ValueError(f"gallery labels must index its {len(self.class_names)} class names, each at least once; "
+                             f"got labels {present[:10].tolist()}")
         self._class_starts = np.searchsorted(self.labels, np.arange(len(self.class_names)))
         self._index = None
 

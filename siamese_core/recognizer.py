@@ -14,15 +14,14 @@ import keras
 import numpy as np
 
 from .config import Config, validate_config
-from .data import ImageFolder, scan_folder
+from .data import UNKNOWN, ImageFolder, scan_folder
 from .embed import ImageSource, embed_images
-from .errors import BundleError, ConfigError
+from .errors import BundleError, ConfigError, DatasetError
 from .gallery import Gallery, Match
 from .io import atomic_dir, atomic_path
 
 BUNDLE_FORMAT = 1
 MODEL_FILE, GALLERY_FILE, CONFIG_FILE, METADATA_FILE = "model.keras", "gallery.npz", "config.json", "metadata.json"
-UNKNOWN = "unknown"  # the label of an image beyond the threshold, when predicting with rejection
 
 
 def _versions() -> dict[str, str]:
@@ -93,6 +92,9 @@ class SiameseRecognizer:
     def enroll(self, folder: str | os.PathLike | ImageFolder) -> SiameseRecognizer:
         """Add a class folder's images to the gallery (new classes or more images), without retraining."""
         folder = folder if isinstance(folder, ImageFolder) else scan_folder(folder)
+        if UNKNOWN in folder.class_names:
+            raise DatasetError(f"{folder.root}: a class is named '{UNKNOWN}', the label given to images of no known "
+                               "class; rename the folder")
         embeddings = self.embed(folder.paths)
         self.gallery = self.gallery.extend(embeddings, folder.label_names, folder.paths)
         return self

@@ -2,8 +2,7 @@
 
 Errors make a dataset unusable (the pipeline stops); warnings are reported and
 training goes on. Images are opened with Pillow and fully decoded, except those
-whose header already exceeds the decompression-bomb limit: those are refused
-without decoding.
+whose header already exceeds the pixel limit: those are refused without decoding.
 """
 
 from __future__ import annotations
@@ -15,18 +14,22 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from PIL import Image
 
-from .data import ImageFolder, scan_folder
+from .data import UNKNOWN, ImageFolder, max_image_pixels, scan_folder
 from .errors import DatasetError
+
+
+Level = Literal["error", "warning"]  # an error makes the dataset unusable; a warning is reported and passed
 
 
 @dataclass
 class Finding:
     """One problem: its level, a stable code, a message and the paths it concerns."""
 
-    level: str  # "error" or "warning"
+    level: Level
     code: str
     message: str
     paths: list[str] = field(default_factory=list)
@@ -42,6 +45,7 @@ class ImageInfo:
     mode: str | None = None
     sha256: str | None = None
     problem: str | None = None
+    kind: str | None = None  # the finding code of the problem: corrupt, empty or refused
 
 
 @dataclass
@@ -93,27 +97,29 @@ class ValidationReport:
 def inspect_image(path: str, max_pixels: int) -> ImageInfo:
     """Open and fully decode one image; refuse one whose header exceeds ``max_pixels``."""
     info = ImageInfo(path)
+
+    def problem(kind: str, text: str) -> ImageInfo:
+        info.kind, info.problem = kind, text
+        return info
+
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        info.problem = f"unreadable file ({exc.strerror or exc})"
-        return info
+        return problem("corrupt", f"unreadable file ({exc.strerror or exc})")
     if not data:
-        info.problem = "empty file (0 bytes)"
-        return info
+        return problem("empty", "empty file (0 bytes)")
     info.sha256 = hashlib.sha256(data).hexdigest()
     try:
         with Image.open(path) as image:
             info.size, info.format, info.mode = image.size, image.format, image.mode
             if image.size[0] * image.size[1] > max_pixels:
-                info.problem = (f"refused: {image.size[0]}x{image.size[1]} pixels exceeds the "
-                                f"decompression-bomb limit of {max_pixels}")
-                return info
+                return problem("refused", f"refused: {image.size[0]}x{image.size[1]} pixels exceeds the limit of "
+                                          f"{max_pixels} (SIAMESE_MAX_IMAGE_PIXELS)")
             image.load()
     except Image.DecompressionBombError as exc:
-        info.problem = f"refused: {exc}"
+        return problem("refused", f"refused: {exc}")
     except (OSError, SyntaxError, ValueError) as exc:
-        info.problem = f"not a readable image ({exc})"
+        return problem("corrupt", f"not a readable image ({exc})")
     return info
 
 
@@ -143,14 +149,16 @@ def validate_dataset(
     strict: bool = False,
     imbalance_ratio: float = 10.0,
     min_side: int = 16,
-    max_pixels: int = 89_478_485,
+    max_pixels: int | None = None,
 ) -> ValidationReport:
     """Check a train/test folder pair and return every finding with a summary.
 
     ``open_set`` allows test classes that are not in train; ``strict`` turns
-    train/test leakage into an error. ``max_pixels`` defaults to Pillow's limit.
+    train/test leakage into an error. ``max_pixels`` defaults to :func:`~siamese_core.data.max_image_pixels`,
+    the limit every decode applies.
     """
     report = ValidationReport(str(train_dir), str(test_dir))
+    max_pixels = max_pixels or max_image_pixels()
     add = report.findings.append
     folders: dict[str, ImageFolder] = {}
     for split, root in (("train", train_dir), ("test", test_dir)):
@@ -161,23 +169,20 @@ def validate_dataset(
         except OSError as exc:
             add(Finding("error", "folder", f"{root}: unreadable folder ({exc.strerror or exc})", [str(root)]))
     for split, folder in folders.items():
-        outside = [p for p, why in folder.skipped if why.startswith("link")]
-        not_images = [p for p, why in folder.skipped if not why.startswith("link")]
-        if not_images:
-            add(Finding("warning", "not_image", f"{split}: {len(not_images)} files are not images and were skipped", not_images))
-        if outside:
-            add(Finding("warning", "outside_link", f"{split}: {len(outside)} links point outside the data folder and were not followed", outside))
+        _skipped_findings(split, folder, add)
+        if UNKNOWN in folder.class_names:
+            add(Finding("error", "reserved_name", f"{split}: a class is named '{UNKNOWN}', the label given to images "
+                        "of no known class; rename the folder", [str(Path(folder.root) / UNKNOWN)]))
     all_paths = [p for folder in folders.values() for p in folder.paths]
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         infos = {i.path: i for i in pool.map(lambda p: inspect_image(p, max_pixels), all_paths)}
 
     by_problem: dict[str, list[str]] = defaultdict(list)
     for info in infos.values():
-        if info.problem:
-            kind = "refused" if info.problem.startswith("refused") else "empty" if info.problem.startswith("empty") else "corrupt"
-            by_problem[kind].append(f"{info.path}: {info.problem}")
+        if info.kind:
+            by_problem[info.kind].append(f"{info.path}: {info.problem}")
     messages = {"corrupt": "corrupt, truncated or unreadable images", "empty": "zero-byte files",
-                "refused": "images over the decompression-bomb limit (not decoded)"}
+                "refused": "images over the pixel limit (not decoded)"}
     for kind, entries in by_problem.items():
         add(Finding("error", kind, f"{len(entries)} {messages[kind]}; fix or remove them", sorted(entries)))
 
@@ -222,6 +227,27 @@ def validate_dataset(
         add(Finding("warning", "tiny", f"{len(tiny)} images are smaller than {min_side} px on a side", tiny))
     report.summary = {"splits": {split: _split_summary(folder, infos) for split, folder in folders.items()}}
     return report
+
+
+# How each kind of entry scan_folder passed over is reported: level and message.
+_SKIPPED_FINDINGS = {
+    "bad_name": ("error", "names are not valid UTF-8 and cannot be recorded or logged; rename them"),
+    "hidden": ("warning", "hidden folders (names starting with a dot) were skipped with their images"),
+    "nested_folder": ("warning", "folders inside class folders were skipped (images must sit directly in the class folder)"),
+    "loose_file": ("warning", "files outside any class folder were skipped"),
+    "not_image": ("warning", "files are not images and were skipped"),
+    "outside_link": ("warning", "links point outside the data folder and were not followed"),
+    "broken_link": ("warning", "links are broken or loop back on themselves and were skipped"),
+}
+
+
+def _skipped_findings(split: str, folder: ImageFolder, add) -> None:
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for path, reason in folder.skipped:
+        by_reason[reason].append(path)
+    for reason, paths in by_reason.items():
+        level, message = _SKIPPED_FINDINGS[reason]
+        add(Finding(level, reason, f"{split}: {len(paths)} {message}", paths))
 
 
 def _duplicates(folder: ImageFolder, infos: dict[str, ImageInfo], add) -> None:

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from pipelines import registry
 from pipelines.cli import app
 from pipelines.pyfunc_model import encode_image
+from siamese_core.errors import DatasetError
 from siamese_core.recognizer import SiameseRecognizer
 
 NAME = "tiny-recognizer"
@@ -40,6 +41,15 @@ def test_enrolled_class_is_predicted_and_the_network_unchanged(bundle, new_class
     match = recognizer.predict_one(image)
     assert (match.label, match.nearest_path) == ("digit 7", str(image)) and match.distance < 1e-4
     assert all(np.array_equal(a, b) for a, b in zip(weights, recognizer.embedding.get_weights()))
+
+
+def test_a_class_named_unknown_cannot_be_enrolled(bundle, new_class):
+    (new_class / "digit 7").rename(new_class / "unknown")
+    recognizer = SiameseRecognizer.load(bundle.path)
+    before = len(recognizer.gallery)
+    with pytest.raises(DatasetError, match="named 'unknown'"):
+        recognizer.enroll(new_class)
+    assert len(recognizer.gallery) == before
 
 
 def test_enrolment_registers_a_new_version_and_moves_aliases_as_documented(bundle, new_class, monkeypatch, tmp_path):

@@ -1,6 +1,7 @@
 """Gallery search: squared distances, nearest class, top-k, enrolment."""
 
 import numpy as np
+import pytest
 
 from siamese_core.gallery import Gallery, squared_distances
 
@@ -39,3 +40,9 @@ def test_extend_adds_a_class_and_round_trips(tmp_path):
     loaded = Gallery.load(tmp_path / "g.npz")
     assert loaded.class_names == gallery.class_names and loaded.paths == gallery.paths
     np.testing.assert_array_equal(loaded.embeddings, gallery.embeddings)
+
+
+@pytest.mark.parametrize("labels", [[0, 1, 5], [0, 0, 2], [1, 2, 3], [-1, 0, 1]])
+def test_labels_that_do_not_index_every_class_name_are_refused(labels):
+    with pytest.raises(ValueError, match="must index its 3 class names"):
+        Gallery(np.zeros((3, 2)), labels, ["a", "b", "c"], ["p", "q", "r"])

@@ -7,11 +7,12 @@ import mlflow
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from messy import png_claiming
 from mlflow_fixtures import make_tiny_bundle, pipeline_params, use_sqlite_store
 
 from pipelines import registry, tracking
-from pipelines.pyfunc_model import encode_image
-from siamese_core.errors import BundleError, ImageError
+from pipelines.pyfunc_model import RequestError, ServerError, encode_image
+from siamese_core.errors import BundleError
 
 TAGS = {"git_commit": "0123abc", "data_hash": "d41d8cd9"}
 
@@ -146,14 +147,29 @@ def test_load_champion_recognises_a_gallery_image(bundle, store):
     assert model.unwrap_python_model().predict(None, [encode_image(image)])["label"].tolist() == [label]
 
 
-def test_champion_rejects_paths_and_non_images(bundle, store):
+def test_champion_rejects_paths_non_images_and_oversized_requests(bundle, store, monkeypatch):
     _log(bundle, 0.5)
     model = registry.load_champion("tiny-recognizer")
     good = encode_image(bundle.gallery_images["digit 0"][0])
-    with pytest.raises(ImageError, match="row 1: 'image' is not valid base64"):
-        model.predict(pd.DataFrame({"image": [good, "/etc/passwd"]}))
-    with pytest.raises(ImageError, match="row 0: 'image' does not hold a readable image"):
-        model.predict(pd.DataFrame({"image": [encode_image(b"just some text")]}))
+
+    def refused(images, error=RequestError):
+        with pytest.raises(error) as caught:
+            model.predict(pd.DataFrame({"image": images}))
+        assert "\n" not in caught.value.message and "Traceback" not in caught.value.serialize_as_json()
+        return caught.value
+
+    assert refused([good, "/etc/passwd"]).message == ("row 1: 'image' is not valid base64; send the image bytes "
+                                                      "base64-encoded, not a path or URL")
+    assert refused([encode_image(b"just some text")]).message == "row 0: not a readable image"
+    assert refused([good] * 65).message.startswith("65 images in one request, over the limit of 64")
+    huge = refused([good, encode_image(png_claiming(9000, 9000))])
+    assert huge.message.startswith("row 1: refused, image too large (9000x9000 pixels, over the limit of 40000000")
+    assert huge.get_http_status_code() == 400
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "0")
+    assert refused([good, good]).message.startswith("stopped at image 0 of 2: the request ran past the server's time")
+    monkeypatch.setenv("SIAMESE_MAX_REQUEST_ROWS", "many")
+    failed = refused([good], ServerError)
+    assert failed.get_http_status_code() == 500 and "server log" in failed.message
 
 
 def test_load_champion_without_champion_raises_lookup_error(store):

@@ -1,5 +1,6 @@
 """Serving the champion with `mlflow models serve` and calling it over HTTP on the loopback interface."""
 
+import io
 import json
 import os
 import signal
@@ -9,16 +10,21 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import psutil
 import pytest
+from PIL import Image
 from mlflow_fixtures import make_tiny_bundle, pipeline_params, use_sqlite_store
 
 from pipelines import registry
 from pipelines.pyfunc_model import encode_image
 
 HOST = "127.0.0.1"
+SERVER_PIDS: dict[str, int] = {}  # base URL -> the `mlflow models serve` process
 STARTUP_TIMEOUT_S = 120
-MAX_IMAGE_BYTES = 50_000
+MAX_IMAGE_BYTES = 200_000  # over the 9000x9000 PNG of the memory test
 
 
 def _free_port() -> int:
@@ -92,6 +98,7 @@ def _serve(tmp_path, monkeypatch):
     try:
         base = f"http://{HOST}:{port}"
         _wait_until_ready(base, process, log_path)
+        SERVER_PIDS[base] = process.pid
         yield base, bundle.gallery_images
     finally:
         _stop(process)
@@ -114,20 +121,56 @@ def test_served_champion_recognises_images_and_refuses_paths(server):
     assert body["predictions"][1]["label"] == "digit 0"
 
     status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": [["/etc/passwd"]]}})
-    assert 400 <= status < 500
-    assert "predictions" not in body and "not valid base64" in json.dumps(body)
+    assert status == 400 and "stack_trace" not in body
+    assert body["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert body["message"] == "row 0: 'image' is not valid base64; send the image bytes base64-encoded, not a path or URL"
 
 
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server):
     base, gallery = server
     oversized = encode_image(os.urandom(MAX_IMAGE_BYTES + 1000))
     for payload, message in (
-        ({"dataframe_split": {"columns": ["image"], "data": [[oversized]]}}, "byte limit"),
-        ({"dataframe_split": {"columns": ["image"], "data": [[encode_image(b"plain text")]]}}, "readable image"),
-        ({"dataframe_split": {"columns": ["picture"], "data": [["x"]]}}, "image"),
+        ({"dataframe_split": {"columns": ["image"], "data": [[oversized]]}}, f"row 0: image of about {MAX_IMAGE_BYTES + 1000} bytes is over"),
+        ({"dataframe_split": {"columns": ["image"], "data": [[encode_image(b"plain text")]]}},
+         "row 0: not a readable image"),
     ):
         status, body = _post(f"{base}/invocations", payload)
-        assert 400 <= status < 500, body
-        assert message in json.dumps(body)
+        assert status == 400 and "stack_trace" not in body, body
+        assert body["message"].startswith(message) and "\n" not in body["message"]
+    # MLflow checks the signature before the model sees the request: its message, still without a trace
+    status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["picture"], "data": [["x"]]}})
+    assert status == 400 and "stack_trace" not in body and "Model is missing inputs ['image']" in body["message"]
     status, body = _post(f"{base}/invocations", {"dataframe_records": [{"image": encode_image(gallery["digit 1"][0])}]})
     assert status == 200 and body["predictions"][0]["label"] == "digit 1"
+
+
+def _worker_memory(server_pid: int) -> tuple[int, int]:
+    """The serving processes' summed resident memory now, and summed peak since they started, in bytes."""
+    processes = [psutil.Process(server_pid), *psutil.Process(server_pid).children(recursive=True)]
+    now = peak = 0
+    for process in processes:
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        now += int(fields["VmRSS"].split()[0]) * 1024
+        peak += int(fields["VmHWM"].split()[0]) * 1024
+    return now, peak
+
+
+def test_concurrent_huge_images_are_refused_before_decoding_and_memory_stays_flat(server):
+    base, gallery = server
+    buffer = io.BytesIO()
+    Image.new("L", (9000, 9000)).save(buffer, format="PNG")  # 81 megapixels in a small file
+    huge = encode_image(buffer.getvalue())
+    warm = {"dataframe_records": [{"image": encode_image(gallery["digit 1"][0])}]}
+    assert _post(f"{base}/invocations", warm)[0] == 200
+    _, peak_before = _worker_memory(SERVER_PIDS[base])
+    requests = [{"dataframe_records": [{"image": huge}, {"image": huge}]}] * 6
+    with ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(lambda payload: _post(f"{base}/invocations", payload), requests))
+    now, peak_after = _worker_memory(SERVER_PIDS[base])
+    print(f"{len(buffer.getvalue())} byte PNG of 9000x9000 pixels, {len(requests)} requests at once: "
+          f"peak memory of the server {peak_before / 2**20:.0f} -> {peak_after / 2**20:.0f} MiB")
+    for status, body in answers:
+        assert status == 400 and "9000x9000 pixels, over the limit of" in body["message"], body
+    assert peak_after - peak_before < 100 * 2**20
+    assert _post(f"{base}/invocations", warm)[0] == 200

@@ -1,5 +1,7 @@
 """The validation report on a deliberately messy dataset: every problem named by path."""
 
+import os
+
 from messy import make_messy_dataset, noise, write
 from PIL import Image
 
@@ -23,7 +25,7 @@ def test_messy_dataset_reports_every_problem(tmp_path):
     corrupt = _paths(report, "corrupt")
     assert str(paths["truncated"]) in corrupt and str(paths["text"]) in corrupt
     assert str(paths["empty"]) in _paths(report, "empty")
-    assert str(paths["bomb"]) in _paths(report, "refused") and "decompression bomb" in _paths(report, "refused")
+    assert str(paths["bomb"]) in _paths(report, "refused") and "900000000 pixels" in _paths(report, "refused")
     assert str(paths["readme"]) in _paths(report, "not_image")
     assert str(paths["link"]) in _paths(report, "outside_link")
     assert str(paths["leak"]) in _paths(report, "leakage")
@@ -59,3 +61,28 @@ def test_missing_and_flat_folders_are_errors(tmp_path):
     report = validate_dataset(tmp_path / "nowhere", tmp_path / "flat")
     messages = " ".join(f.message for f in report.errors)
     assert "nowhere: folder does not exist" in messages and "no class sub-folders" in messages
+
+
+def test_names_that_break_things_each_get_a_named_finding(tmp_path):
+    train, test = tmp_path / "train", tmp_path / "test"
+    for name in ("a", "b", "unknown", ".hidden class"):
+        for i in range(2):
+            write(train / name / f"{i}.png", noise(hash((name, i)) % 1000))
+        write(test / "a" / f"{name}.png", noise(hash(name) % 1000 + 1000))
+    bad = os.fsdecode(b"caf\xe9")  # Latin-1 bytes: not valid UTF-8
+    for i in range(1):  # a single image too: the class would also be too small
+        write(train / bad / f"{i}.png", noise(20 + i))
+    (train / "a" / "loop").symlink_to(train / "a" / "loop")
+    (train / "b" / "to parent").symlink_to(train)
+    write(train / "b" / "deeper" / "x.png", noise(30))
+
+    report = validate_dataset(train, test)
+    codes = {f.code: f for f in report.findings}
+    assert codes["bad_name"].level == "error" and codes["bad_name"].paths == [str(train) + "/caf\\xe9"]
+    assert codes["reserved_name"].level == "error" and codes["reserved_name"].paths == [str(train / "unknown")]
+    assert codes["hidden"].level == "warning" and codes["hidden"].paths == [str(train / ".hidden class")]
+    assert codes["broken_link"].paths == [str(train / "a" / "loop")]
+    assert sorted(codes["nested_folder"].paths) == [str(train / "b" / "deeper"), str(train / "b" / "to parent")]
+    text = report.text(max_paths=20)
+    text.encode("utf-8")  # printable: no lone surrogates from the undecodable name
+    assert "caf\\xe9" in text and "[reserved_name]" in text
