@@ -123,6 +123,7 @@ def train(
         from filelock import FileLock, Timeout
 
         from siamese_core.errors import ConfigError
+        from siamese_core.io import ensure_writable
         from siamese_core.recognizer import SiameseRecognizer, build_gallery
         from siamese_core.train import train as run_training
 
@@ -130,7 +131,7 @@ def train(
         config = _config(params, preset, extra)
         _check_dataset(train_dir, test_dir)
         checkpoint = out.parent / f".{out.name}.checkpoint"
-        out.parent.mkdir(parents=True, exist_ok=True)
+        ensure_writable(out.parent, "the bundle and its checkpoints")
         try:  # one training per bundle path: the checkpoint and the bundle are its alone
             key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
             lock = FileLock(Path(tempfile.gettempdir()) / f"siamese-train-{key}.lock", timeout=0).acquire()

@@ -20,6 +20,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+# The temporary server Prefect starts without PREFECT_API_URL sends a telemetry heartbeat that, on
+# a new database, fails with "database is locked" and prints a long traceback; it is turned off.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -190,11 +194,13 @@ def predict_task(images: list[str], model_name: str) -> list[dict]:
     """Recognise image files with the champion, sending them base64-encoded as a served model gets them."""
     import pandas as pd
 
+    from .process import import_tensorflow_quietly
     from .pyfunc_model import encode_image
     from .registry import load_champion
 
     if not images:
         return []
+    import_tensorflow_quietly()
     answers = load_champion(model_name).predict(pd.DataFrame({"image": [encode_image(p) for p in images]}))
     return [
         {"image": image, "label": row.label, "distance": float(row.distance), "top_k": json.loads(row.top_k)}

@@ -157,7 +157,7 @@ class SiameseBundleModel(mlflow.pyfunc.PythonModel):
 
         self.recognizer = SiameseRecognizer.load(context.artifacts["bundle"])
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         """One row per image: the nearest class, its squared distance, and the top-k classes as JSON."""
         try:
             matches = self._recognise(model_input)

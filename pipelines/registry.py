@@ -23,9 +23,18 @@ from filelock import FileLock
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from siamese_core.errors import ConfigError
+
 from .errors import NoChampionError, RegistryError
 from .params import PipelineParams
-from .tracking import PipelineRun, client, ensure_experiment, flatten, metric_values, tracking_uri
+from .tracking import (
+    PipelineRun,
+    client,
+    ensure_experiment,
+    flatten,
+    metric_values,
+    tracking_uri,
+)
 
 CHAMPION, CHALLENGER, PREVIOUS, ENROLLED = "champion", "challenger", "previous", "enrolled"
 _PACKAGE_DIRS = [str(Path(__file__).resolve().parents[1] / name) for name in ("siamese_core", "pipelines")]
@@ -203,7 +212,12 @@ def rollback(model_name: str, reason: str) -> dict:
 
 def _log_bundle_model(bundle_dir: str | os.PathLike):
     """Log a bundle folder as the pyfunc model ``model`` of the active run, checked to serve its example."""
-    from .pyfunc_model import SIGNATURE, SiameseBundleModel, input_example, pip_requirements
+    from .pyfunc_model import (
+        SIGNATURE,
+        SiameseBundleModel,
+        input_example,
+        pip_requirements,
+    )
 
     info = mlflow.pyfunc.log_model(
         name="model",
@@ -242,7 +256,7 @@ def log_and_register(
     figures = metric_values(metrics)
     value = figures.get(register.metric)
     if value is None or not math.isfinite(value):
-        raise ValueError(
+        raise ConfigError(
             f"register.metric '{register.metric}' needs a finite number among the evaluation metrics "
             f"{sorted(figures)}, got {value}"
         )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from siamese_core.config import parse_set_options
 from siamese_core.errors import DatasetError
-from siamese_core.io import atomic_dir, atomic_path
+from siamese_core.io import atomic_dir, atomic_path, ensure_writable
 
 from .errors import PIPELINE_USER_ERRORS
 from .files import read_json, write_csv, write_json
@@ -116,6 +116,7 @@ def train(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
 
     from .tracking import PipelineRun
 
+    ensure_writable((root / TRAINED).parent, "the trained model")  # before training, not after it
     opened = run is None  # under dvc repro: this stage opens the run, and watches the machine while it trains
     run = run or PipelineRun.start(params)
     with run.failing_on_error("train"), run.system_metrics() if opened else nullcontext():

@@ -30,6 +30,8 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunS
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
+from siamese_core.errors import ConfigError
+
 from .files import content_hash
 from .params import PipelineParams
 
@@ -98,7 +100,7 @@ def ensure_experiment(name: str) -> str:
                 raise
             experiment_id = experiment.experiment_id
     elif experiment.lifecycle_stage != "active":
-        raise ValueError(
+        raise ConfigError(
             f"MLflow experiment '{name}' is deleted: restore it (mlflow experiments restore "
             f"--experiment-id {experiment.experiment_id}) or set register.experiment to another name"
         )

@@ -99,6 +99,9 @@ class TrainConfig(Section):
     batch_size: int = Field(32, ge=1, description="Triplets per batch (offline mining).")
     epochs: int = Field(10, ge=1)
     seed: int = 42
+    deterministic: bool = Field(
+        True, description="Same config and data give the same weights, bit for bit (TensorFlow op determinism; "
+        "some GPU ops run slower). Results still differ across CPU types and library versions.")
     mining: Literal["offline", "batch_all", "batch_hard", "semihard"] = Field(
         "offline",
         description="offline: train on the triplet table; otherwise sample P classes x K images per batch "

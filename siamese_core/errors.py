@@ -19,8 +19,14 @@ class BundleError(ValueError):
     """A path that is not a usable model bundle."""
 
 
+class OutputError(RuntimeError):
+    """An output that cannot be written (a read-only folder, a full disk), with the path and the cause."""
+
+
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights were asked for but cannot be loaded on this machine."""
 
 
-USER_ERRORS = (ConfigError, DatasetError, ImageError, BundleError, WeightsUnavailableError, FileNotFoundError)
+USER_ERRORS = (
+    ConfigError, DatasetError, ImageError, BundleError, OutputError, WeightsUnavailableError, FileNotFoundError,
+)

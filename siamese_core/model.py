@@ -15,7 +15,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from .config import ModelConfig
-from .errors import WeightsUnavailableError
+from .errors import ConfigError, WeightsUnavailableError
 
 IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
 # First trainable layer when ``trainable_from`` is "auto": the seed's choice for
@@ -105,7 +105,7 @@ def _freeze_before(backbone: keras.Model, first_trainable: str | None) -> None:
         return
     names = [layer.name for layer in backbone.layers]
     if first_trainable not in names:
-        raise ValueError(f"trainable_from: no layer '{first_trainable}' in {backbone.name}")
+        raise ConfigError(f"trainable_from: no layer '{first_trainable}' in {backbone.name}")
     trainable = False
     for layer in backbone.layers:
         trainable = trainable or layer.name == first_trainable
@@ -203,7 +203,7 @@ class SiameseModel(keras.Model):
     def __init__(self, embedding: keras.Model, margin: float = 0.5, **kwargs):
         super().__init__(**kwargs)
         if margin <= 0:
-            raise ValueError(f"margin must be positive, got {margin}")
+            raise ConfigError(f"margin must be positive, got {margin}")
         self.embedding = embedding
         self.margin = margin
         self.distance = DistanceLayer(name="distance")

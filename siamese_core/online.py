@@ -8,12 +8,14 @@ is ever written to disk.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from .embed import predict_array
+from .errors import ConfigError, DatasetError
 from .metrics import few_shot_accuracy
 from .mining import LOSSES, mean_pair_distances
 
@@ -26,7 +28,7 @@ class OnlineTripletModel(keras.Model):
     def __init__(self, embedding: keras.Model, strategy: str, margin: float, **kwargs):
         super().__init__(**kwargs)
         if strategy not in LOSSES:
-            raise ValueError(f"unknown online mining strategy '{strategy}', expected one of {sorted(LOSSES)}")
+            raise ConfigError(f"unknown online mining strategy '{strategy}', expected one of {sorted(LOSSES)}")
         self.embedding, self.strategy, self.margin = embedding, strategy, margin
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.positive_tracker = keras.metrics.Mean(name="pos_dist")
@@ -63,7 +65,8 @@ class OnlineTripletModel(keras.Model):
         return [self.loss_tracker, self.positive_tracker, self.negative_tracker]
 
 
-def pk_batches(labels: np.ndarray, classes_per_batch: int, images_per_class: int, steps: int, seed: int) -> np.ndarray:
+def pk_batches(labels: np.ndarray, classes_per_batch: int, images_per_class: int, steps: int,
+               seed: int | Sequence[int]) -> np.ndarray:
     """``(steps, P*K)`` image indices: each row P distinct classes with K images each.
 
     Classes with fewer than K images repeat images; classes with one image are never drawn.
@@ -72,7 +75,7 @@ def pk_batches(labels: np.ndarray, classes_per_batch: int, images_per_class: int
     members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     members = [m for m in members if len(m) >= 2]
     if len(members) < 2:
-        raise ValueError("online mining needs at least two classes with two images")
+        raise DatasetError("online mining needs at least two classes with two images")
     p = min(classes_per_batch, len(members))
     rows = np.empty((steps, p * images_per_class), dtype=np.int64)
     for step in range(steps):
@@ -83,16 +86,31 @@ def pk_batches(labels: np.ndarray, classes_per_batch: int, images_per_class: int
     return rows
 
 
-def pk_dataset(images: np.ndarray, labels: np.ndarray, batches: np.ndarray, augment=None) -> tf.data.Dataset:
-    """A tf.data pipeline of (float32 images, labels) for precomputed P x K index rows,
-    transformed by ``augment`` (a Keras layer) when given."""
+def pk_epochs(labels: np.ndarray, classes_per_batch: int, images_per_class: int, steps: int, seed: int,
+              first_epoch: int, epochs: int) -> Iterator[np.ndarray]:
+    """The P x K rows of epochs ``first_epoch`` to ``epochs - 1``, one epoch drawn at a time.
 
-    def gather(rows):
-        return images[rows].astype(np.float32), labels[rows].astype(np.int32)
+    Epoch e is drawn from the seed ``(seed, e)`` alone, so a run resumed at epoch e gets
+    the batches an uninterrupted run would have, and no epoch is built before it is trained.
+    """
+    for epoch in range(first_epoch, epochs):
+        yield from pk_batches(labels, classes_per_batch, images_per_class, steps, seed=(seed, epoch))
+
+
+def pk_dataset(images: np.ndarray, labels: np.ndarray, rows: Callable[[], Iterable[np.ndarray]], count: int,
+               augment=None) -> tf.data.Dataset:
+    """A tf.data pipeline of (float32 images, labels) batches, one per P x K index row of the
+    ``count`` that ``rows()`` yields (called anew for each pass), transformed by ``augment``
+    (a Keras layer) when given."""
+
+    def gather(batch_rows):
+        return images[batch_rows].astype(np.float32), labels[batch_rows].astype(np.int32)
 
     shape = (None, *images.shape[1:])
-    dataset = tf.data.Dataset.from_tensor_slices(batches).map(
-        lambda rows: tf.numpy_function(gather, [rows], (tf.float32, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE
+    rows_dataset = tf.data.Dataset.from_generator(rows, output_signature=tf.TensorSpec((None,), tf.int64))
+    dataset = rows_dataset.apply(tf.data.experimental.assert_cardinality(count)).map(
+        lambda batch_rows: tf.numpy_function(gather, [batch_rows], (tf.float32, tf.int32)),
+        num_parallel_calls=tf.data.AUTOTUNE,
     )
     dataset = dataset.map(lambda x, y: (tf.ensure_shape(x, shape), tf.ensure_shape(y, (None,))))
     if augment is not None:

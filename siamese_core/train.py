@@ -18,8 +18,8 @@ from .augment import add_transformed_classes, augmentation_layers
 from .config import Config, TrainConfig
 from .data import ImageFolder, scan_folder
 from .embed import decode_all, embed_images, predict_array
-from .errors import ConfigError
-from .io import atomic_dir
+from .errors import ConfigError, DatasetError
+from .io import atomic_dir, ensure_writable
 from .model import (
     SiameseModel,
     UniqueTripletModel,
@@ -32,6 +32,7 @@ from .online import (
     OnlineTripletModel,
     pk_batches,
     pk_dataset,
+    pk_epochs,
 )
 from .triplets import COLUMNS as TRIPLET_COLUMNS
 from .triplets import generate_triplets
@@ -79,10 +80,10 @@ class KeepBestWeights(keras.callbacks.Callback):
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """After every epoch, save what ``--resume`` needs to carry on: weights with the
-    optimizer state, the history so far and the best epoch's weights (atomically)."""
+    """After every epoch, save what ``--resume`` needs to carry on: the weights with the
+    optimizer state, the history so far and the best epoch's weights (atomically, as .npz)."""
 
-    STATE, WEIGHTS, BEST = "state.json", "siamese.weights.h5", "best.npz"
+    STATE, WEIGHTS, BEST = "state.json", "weights.npz", "best.npz"
 
     def __init__(self, directory: Path, keep_best: KeepBestWeights, history: dict[str, list[float]]):
         super().__init__()
@@ -92,7 +93,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         for key, value in (logs or {}).items():
             self.history.setdefault(key, []).append(float(value))
         with atomic_dir(self.directory) as tmp:
-            self.model.save_weights(tmp / self.WEIGHTS)
+            np.savez(tmp / self.WEIGHTS, *[np.asarray(v) for v in _saved_variables(self.model)])
             if self.keep_best.best_weights is not None:
                 np.savez(tmp / self.BEST, *self.keep_best.best_weights)
             state = {"epoch": epoch + 1, "history": self.history, "best": self.keep_best.best,
@@ -112,16 +113,27 @@ class EpochCheckpoint(keras.callbacks.Callback):
         """Load a checkpoint into a compiled model; returns (epochs done, history so far)."""
         state = json.loads((Path(directory) / cls.STATE).read_text(encoding="utf-8"))
         model.optimizer.build(model.embedding.trainable_variables)
-        try:
-            model.load_weights(Path(directory) / cls.WEIGHTS)
-        except ValueError as exc:  # another architecture: layer or weight shapes do not match
+        variables = _saved_variables(model)
+        arrays = _load_arrays(Path(directory) / cls.WEIGHTS)
+        if [a.shape for a in arrays] != [tuple(v.shape) for v in variables]:  # another architecture
             raise ConfigError(f"{directory}: the checkpoint was written by a run with another model config, so it "
-                              "cannot resume this one; use the same config, or train without --resume") from exc
+                              "cannot resume this one; use the same config, or train without --resume")
+        for variable, array in zip(variables, arrays):
+            variable.assign(array)
         if (Path(directory) / cls.BEST).is_file():
-            with np.load(Path(directory) / cls.BEST) as best:
-                keep_best.best_weights = [best[f"arr_{i}"] for i in range(len(best.files))]
+            keep_best.best_weights = _load_arrays(Path(directory) / cls.BEST)
         keep_best.best, keep_best.best_epoch = state["best"], state["best_epoch"]
         return state["epoch"], state["history"]
+
+
+def _saved_variables(model: keras.Model) -> list:
+    """What a checkpoint holds, in a fixed order: the model's weights, then the optimizer's state."""
+    return [*model.weights, *model.optimizer.variables]
+
+
+def _load_arrays(path: Path) -> list[np.ndarray]:
+    with np.load(path) as saved:
+        return [saved[f"arr_{i}"] for i in range(len(saved.files))]
 
 
 def learning_rate(config: TrainConfig, steps_per_epoch: int):
@@ -224,7 +236,7 @@ def _index_triplets(table: pd.DataFrame, positions: dict[str, int]) -> np.ndarra
             dtype=np.int64,
         )
     except KeyError as exc:
-        raise ValueError(f"triplet table names an image that is not in the dataset: {exc.args[0]}") from None
+        raise DatasetError(f"triplet table names an image that is not in the dataset: {exc.args[0]}") from None
 
 
 @dataclass
@@ -277,11 +289,13 @@ def _offline_data(config, plan, folder, inputs, triplets, test):
 
 
 def _online_data(config, inputs, labels, test, done: int):
-    """P x K batches for every remaining epoch, validation batches, and the steps per epoch."""
+    """P x K batches for the remaining epochs (drawn lazily), validation batches, and the steps per epoch."""
     p, k = config.train.classes_per_batch, config.train.images_per_class
     steps = config.train.steps_per_epoch or max(1, -(-len(inputs) // (p * k)))
-    rows = pk_batches(labels, p, k, steps * config.train.epochs, seed=config.train.seed)[steps * done :]
-    train_data = pk_dataset(inputs, labels, rows, augment=_augmenter(config))
+    pk_batches(labels, p, k, 0, seed=0)  # fail now, not inside tf.data, when no batch can be drawn
+    train_data = pk_dataset(
+        inputs, labels, lambda: pk_epochs(labels, p, k, steps, config.train.seed, done, config.train.epochs),
+        steps * (config.train.epochs - done), augment=_augmenter(config))
     validation = None
     if test is not None:
         test_folder, test_inputs = test
@@ -290,7 +304,7 @@ def _online_data(config, inputs, labels, test, done: int):
         except ValueError as exc:
             log.warning("no validation batches: %s", exc)
         else:
-            validation = pk_dataset(test_inputs, test_folder.labels, val_rows)
+            validation = pk_dataset(test_inputs, test_folder.labels, lambda: iter(val_rows), len(val_rows))
     return train_data, validation, steps
 
 
@@ -326,7 +340,11 @@ def train(
     and only the layers after them train; with ``train.unique_batch_images`` each
     distinct image of a triplet batch is embedded once. ``embedding`` is always the full model.
     """
+    if checkpoint_dir is not None:
+        ensure_writable(Path(checkpoint_dir).parent, "checkpoints")
     keras.utils.set_random_seed(config.train.seed)
+    if config.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
     online = config.train.mining != "offline"
     new_classes = config.train.augment.rotations_as_classes or config.train.augment.mirrors_as_classes
     if new_classes and not online:

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .data import ImageFolder
+from .errors import ConfigError, DatasetError
 from .gallery import squared_distances
 from .io import atomic_path
 
@@ -45,7 +46,7 @@ def pick_negatives(
         in_band = (an_distance > ap) & (an_distance < ap + margin)
         banded = np.where(in_band, an_distance, np.inf).argmin(axis=1)
         return np.where(in_band.any(axis=1), banded, an_distance.argmin(axis=1))
-    raise ValueError(f"unknown mining strategy '{strategy}'")
+    raise ConfigError(f"unknown mining strategy '{strategy}'")
 
 
 def generate_triplets(
@@ -63,11 +64,11 @@ def generate_triplets(
     per image of ``folder``) for ``hard`` and ``semihard``.
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown triplet strategy '{strategy}', expected one of {STRATEGIES}")
+        raise ConfigError(f"unknown triplet strategy '{strategy}', expected one of {STRATEGIES}")
     if strategy != "random" and (embeddings is None or len(embeddings) != len(folder)):
         raise ValueError(f"'{strategy}' mining needs one embedding per image")
     if len(folder.class_names) < 2:
-        raise ValueError(f"{folder.root}: triplets need at least two classes")
+        raise DatasetError(f"{folder.root}: triplets need at least two classes")
     rng = np.random.default_rng(seed)
     labels = folder.labels
     rows = []
@@ -86,7 +87,7 @@ def generate_triplets(
             negatives = others[pick_negatives(ap_distance, anchor_rows[:, others], strategy, margin)]
         rows.append(np.stack([anchors, positives, negatives], axis=1))
     if not rows:
-        raise ValueError(f"{folder.root}: no class has two images, so no triplet can be formed")
+        raise DatasetError(f"{folder.root}: no class has two images, so no triplet can be formed")
     index = np.concatenate(rows)
     paths = np.asarray(folder.paths, dtype=object)
     names = np.asarray(folder.class_names, dtype=object)
@@ -113,5 +114,5 @@ def load_triplets(path: str | os.PathLike) -> pd.DataFrame:
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = set(COLUMNS) - set(table.columns)
     if missing:
-        raise ValueError(f"{path}: not a triplet table (missing columns {sorted(missing)})")
+        raise DatasetError(f"{path}: not a triplet table (missing columns {sorted(missing)})")
     return table

@@ -21,7 +21,6 @@ from PIL import Image
 from .data import UNKNOWN, ImageFolder, max_image_pixels, scan_folder
 from .errors import DatasetError
 
-
 Level = Literal["error", "warning"]  # an error makes the dataset unusable; a warning is reported and passed
 
 

@@ -71,6 +71,17 @@ def test_pk_batches_hold_p_classes_of_k_images():
     assert np.array_equal(rows, pk_batches(labels, 4, 4, 20, seed=0))
 
 
+def test_pk_epochs_are_drawn_lazily_and_a_resumed_run_gets_the_same_batches():
+    from siamese_core.online import pk_epochs
+
+    labels = np.repeat(np.arange(6), 5)
+    endless = pk_epochs(labels, 4, 2, steps=3, seed=7, first_epoch=0, epochs=10**12)
+    first_six = np.stack([next(endless) for _ in range(6)])  # two epochs; the other 10**12 are never built
+    resumed = np.stack(list(pk_epochs(labels, 4, 2, steps=3, seed=7, first_epoch=1, epochs=2)))
+    assert first_six.shape == (6, 8) and np.array_equal(resumed, first_six[3:])
+    assert not np.array_equal(first_six[:3], first_six[3:])  # each epoch draws its own batches
+
+
 def test_online_mining_lowers_the_loss_and_logs_few_shot_accuracy(tmp_path):
     from images import make_digits_dataset
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.params import PipelineParams, load_params
 from pipelines.dvcfile import load_stages, param_value
+from pipelines.params import PipelineParams, load_params
 from siamese_core.config import apply_overrides, parse_set_options
 from siamese_core.errors import ConfigError
 

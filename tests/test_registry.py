@@ -6,8 +6,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
 from messy import png_claiming
+from mlflow import MlflowClient
 from mlflow_fixtures import make_tiny_bundle, pipeline_params, use_sqlite_store
 
 from pipelines import registry, tracking

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from PIL import Image
 from mlflow_fixtures import make_tiny_bundle, pipeline_params, use_sqlite_store
+from PIL import Image
 
 from pipelines import registry
 from pipelines.pyfunc_model import encode_image

@@ -19,8 +19,8 @@ import yaml
 from conftest import TINY_PARAMS
 
 from pipelines import stack
-from pipelines.files import content_hash
 from pipelines.cli import app
+from pipelines.files import content_hash
 
 MISSING = stack.missing()
 needs_stack = pytest.mark.skipif(MISSING is not None, reason=f"shared stack not available: {MISSING}")

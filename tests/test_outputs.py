@@ -1,0 +1,53 @@
+"""Outputs that cannot be written: a full disk and a read-only folder, on real (tmpfs) file systems.
+
+Mounting needs root; without it these tests skip with the reason.
+"""
+
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import pytest
+from images import make_digits_dataset
+
+TINY = ["--set", "weights=null", "--set", "backbone=small_cnn", "--set", "input_size=32",
+        "--set", "head_units=[16]", "--set", "embedding_dim=8", "--epochs", "2"]
+
+
+@contextmanager
+def _tmpfs(path, options: str):
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _train(tmp_path, out) -> subprocess.CompletedProcess:
+    train_dir, test_dir = make_digits_dataset(tmp_path / "data", classes=3)
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "--train", str(train_dir),
+                           "--test", str(test_dir), "--out", str(out), *TINY],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_nothing(tmp_path):
+    with _tmpfs(tmp_path / "small", "size=16k") as small:
+        result = _train(tmp_path, small / "bundle")
+        left = sorted(p.name for p in small.iterdir())
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and ".bundle.checkpoint: cannot write it (No space left on device)" in last
+    assert "Traceback" not in result.stderr and "Epoch 1" in result.stdout
+    assert left == []  # no half-written checkpoint or bundle
+
+
+def test_a_read_only_output_folder_fails_before_training(tmp_path):
+    with _tmpfs(tmp_path / "readonly", "ro,size=16k") as readonly:
+        result = _train(tmp_path, readonly / "bundle")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {readonly}: cannot write the bundle and its checkpoints here (Read-only file system)")
+    assert "Epoch" not in result.stdout
