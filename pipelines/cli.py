@@ -158,7 +158,8 @@ def predict(
     model: Annotated[str, typer.Option(
         "--model", help="Bundle folder written by 'siamese train', or a registry URI such as models:/NAME@champion.")],
     gallery: Annotated[Path | None, typer.Option("--gallery", help="Use this class folder as the gallery.")] = None,
-    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Number of nearest classes to list.")] = 5,
+    top_k: Annotated[int | None, typer.Option(
+        "--top-k", min=1, help="Number of nearest classes to list (default: the bundle's evaluate.top_k).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Recognise images: the nearest gallery class and its squared distance."""
@@ -182,27 +183,75 @@ def predict(
 
 @app.command()
 def evaluate(
-    model: Annotated[Path, typer.Option("--model", help="Bundle folder written by 'siamese train'.")],
+    model: Annotated[str, typer.Option(
+        "--model", help="Bundle folder written by 'siamese train', or a registry URI such as models:/NAME@champion.")],
     test_dir: Annotated[Path, typer.Option("--test", help="Test folder: <dir>/<class>/<image>.")],
-    top_k: Annotated[int, typer.Option("--top-k", min=1, help="k for top-k accuracy.")] = 5,
+    heldout_dir: Annotated[Path | None, typer.Option(
+        "--heldout", help="Classes never trained on: adds the open-set (unknown class) and few-shot figures.")] = None,
+    baselines: Annotated[bool, typer.Option(
+        "--baselines/--no-baselines", help="Also score raw pixels and the untrained network on the same gallery.")
+    ] = True,
+    top_k: Annotated[int | None, typer.Option(
+        "--top-k", min=1, help="k for top-k accuracy (default: the bundle's evaluate.top_k).")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Top-1, top-k and per-class accuracy of a bundle on a test folder."""
+    """Score a bundle on a test folder as the pipeline's evaluate stage does.
+
+    Top-1, top-k, MAP@R and per-class accuracy; the unknown-class threshold with cross-fitted
+    figures; the raw-pixel and untrained-network baselines on the bundle's gallery images;
+    with --heldout, known against unknown classes and few-shot enrolment of the held-out classes.
+    """
 
     def body():
-        from siamese_core.metrics import evaluate as run_evaluation
+        from siamese_core.data import scan_folder
+        from siamese_core.metrics import assess
         from siamese_core.recognizer import SiameseRecognizer
 
-        report = run_evaluation(SiameseRecognizer.load(model), test_dir, top_k=top_k)
+        recognizer = SiameseRecognizer.load(_bundle_path(model))
+        settings = recognizer.config.evaluate.model_copy(
+            update={"baselines": baselines, **({"top_k": top_k} if top_k else {})})
+        recognizer.config = recognizer.config.model_copy(update={"evaluate": settings})
+        heldout = scan_folder(heldout_dir) if heldout_dir else None
+        gallery_images = recognizer.gallery.image_folder() if baselines else None
+        report = assess(recognizer, scan_folder(test_dir), gallery_images, heldout,
+                        seed=recognizer.config.train.seed).report
         if as_json:
             typer.echo(json.dumps(report, ensure_ascii=False))
             return
-        typer.echo(f"top-1 {report['top1']:.4f}  top-{top_k} {report[f'top{top_k}']:.4f}  "
-                   f"class-averaged {report['class_avg_accuracy']:.4f}  ({report['n_queries']} images)")
-        for name, accuracy in report["per_class_accuracy"].items():
-            typer.echo(f"  {name}\t{accuracy:.4f}")
+        typer.echo(_evaluation_text(report, settings.top_k))
 
     _run(body)
+
+
+def _evaluation_text(report: dict, top_k: int) -> str:
+    """The evaluation report as the lines a person reads: figures, baselines, threshold, held-out classes."""
+    keys = ("top1", f"top{top_k}", "class_avg_accuracy", "map_at_r")
+
+    def figures(scores: dict) -> str:
+        return "  ".join(f"{key} {scores[key]:.4f}" for key in keys if key in scores)
+
+    lines = [f"model                {figures(report)}  ({report['n_queries']} images)"]
+    for name in ("baseline_raw_pixels", "baseline_untrained"):
+        if name in report:
+            lines.append(f"{name.removeprefix('baseline_').replace('_', ' '):<21}{figures(report[name])}")
+    if "calibration" in report:
+        c = report["calibration"]
+        lines.append(f"unknown-class threshold {c['threshold']:.4f} ({c['target']}): precision {c['precision']:.4f}, "
+                     f"recall {c['recall']:.4f}, accept rate {c['accept_rate']:.4f}; {c['method']}")
+    if "open_set" in report:
+        o = report["open_set"]
+        lines.append(f"known vs unknown     AUROC {o['auroc']:.4f}, unknown rejected {o['unknown_rejected']:.4f}, "
+                     f"known accepted {o['known_accepted']:.4f}")
+    for shots, result in report.get("fewshot", {}).items():
+        others = "".join(f", {name.removeprefix('baseline_').replace('_', ' ')} {report[name]['fewshot'][shots]['mean']:.4f}"
+                         for name in ("baseline_raw_pixels", "baseline_untrained")
+                         if shots in report.get(name, {}).get("fewshot", {}))
+        label = f"{result['n_way']}-way {result['k_shot']}-shot"
+        lines.append(f"{label:<21}{result['mean']:.4f} ± {result['ci95']:.4f}{others}")
+    lines.extend(f"note: {note}" for note in report.get("notes", []))
+    lines.append("per class:")
+    lines.extend(f"  {name}\t{accuracy:.4f}" for name, accuracy in report["per_class_accuracy"].items())
+    return "\n".join(lines)
 
 
 @app.command()

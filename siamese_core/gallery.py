@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import os
 from pathlib import Path
 
 import numpy as np
+
+from .errors import DatasetError
 
 # Galleries with more rows than this are searched through an approximate faiss index;
 # below it the exact numpy search answers a query in a few milliseconds.
@@ -144,6 +147,20 @@ class Gallery:
                 named = [(self.class_names[c], d) for c, d in ranked]
                 matches.append(Match(named[0][0], named[0][1], named, self.paths[near]))
         return matches
+
+    def image_folder(self):
+        """The gallery's source images as an ImageFolder, to embed again with another network.
+
+        Raises DatasetError naming the first image that is not on this machine.
+        """
+        from .data import ImageFolder
+
+        missing = next((path for path in self.paths if not Path(path).is_file()), None)
+        if missing is not None:
+            raise DatasetError(f"{missing}: a gallery image is not on this machine; the baselines embed the gallery's "
+                               "images again (run where they are, or pass --no-baselines)")
+        root = Path(os.path.commonpath(self.paths)) if self.paths else Path(".")
+        return ImageFolder(root, list(self.paths), self.labels.copy(), list(self.class_names))
 
     def extend(self, embeddings: np.ndarray, label_names: list[str], paths: list[str]) -> Gallery:
         """A new gallery with more images; unseen label names become new classes."""

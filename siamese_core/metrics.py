@@ -152,16 +152,68 @@ def calibrate_threshold(distances, correct, target: str | float = "best_f1") -> 
     }
 
 
-def open_set_report(known_distances, known_correct, unknown_distances, threshold: float) -> dict:
+def cross_fitted_calibration(distances, correct, labels, target: str | float = "best_f1", folds: int = 2,
+                             seed: int = 0) -> dict:
+    """The threshold calibrated on all queries, with figures measured on queries it was not fitted on.
+
+    The queries are split into ``folds`` parts, stratified by class (``labels``). Each part
+    is judged with the threshold :func:`calibrate_threshold` fits on the other parts;
+    ``precision``, ``recall``, ``f1`` and ``accept_rate`` pool those out-of-fold decisions,
+    and ``out_of_fold_thresholds`` holds each query's threshold, for :func:`open_set_report`.
+    ``threshold`` (the one a bundle stores) is fitted on all queries. When some part's
+    complement has no correct answer to calibrate on, the figures are measured in-sample and
+    ``method`` says so. Raises ValueError when no answer at all is correct.
+    """
+    distances, correct = np.asarray(distances, dtype=np.float64), np.asarray(correct, dtype=bool)
+    labels = np.asarray(labels)
+    fold = np.empty(len(distances), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    for label in np.unique(labels):  # each class's queries dealt round the folds, from a random start
+        members = rng.permutation(np.flatnonzero(labels == label))
+        fold[members] = (np.arange(len(members)) + rng.integers(folds)) % folds
+    fitted = calibrate_threshold(distances, correct, target)
+    thresholds = np.empty(len(distances))
+    method = (f"{folds}-fold cross-fitting on the test queries, stratified by class: each query is judged by a "
+              "threshold fitted on the other folds; the stored threshold is fitted on all of them")
+    try:
+        for part in range(folds):
+            held = fold == part
+            if held.any():
+                thresholds[held] = calibrate_threshold(distances[~held], correct[~held], target)["threshold"]
+    except ValueError:
+        thresholds[:] = fitted["threshold"]
+        method = ("in-sample, optimistic: fitted and measured on the same test queries, too few of which are "
+                  "answered correctly to cross-fit")
+    accepted = distances <= thresholds
+    true_accepts = np.sum(accepted & correct)
+    precision = true_accepts / accepted.sum() if accepted.any() else 0.0
+    recall = true_accepts / correct.sum()
+    return {
+        "threshold": fitted["threshold"],
+        "target": target,
+        "target_met": fitted["target_met"],
+        "method": method,
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0,
+        "accept_rate": float(accepted.mean()),
+        "out_of_fold_thresholds": thresholds,
+    }
+
+
+def open_set_report(known_distances, known_correct, unknown_distances, threshold: float,
+                    known_thresholds=None) -> dict:
     """Known against unknown classes, with the nearest distance as the score.
 
     ``auroc``: the chance that a random known query is nearer its match than a random
     unknown one (ties count half). ``accuracy_with_rejection``: known queries answered
-    correctly and accepted, plus unknown queries rejected, over all queries.
+    correctly and accepted, plus unknown queries rejected, over all queries. Unknown queries
+    are judged by ``threshold``; known ones by ``known_thresholds`` (one per query, e.g.
+    out-of-fold thresholds that were not fitted on them) when given, else by ``threshold``.
     """
     known, unknown = np.asarray(known_distances, float), np.asarray(unknown_distances, float)
     truth = np.r_[np.ones(len(known)), np.zeros(len(unknown))]
-    accepted_known = known <= threshold
+    accepted_known = known <= (threshold if known_thresholds is None else np.asarray(known_thresholds, float))
     rejected_unknown = unknown > threshold
     right = np.sum(accepted_known & np.asarray(known_correct, bool)) + np.sum(rejected_unknown)
     return {
@@ -303,8 +355,9 @@ def assess(
 ) -> Assessment:
     """Score a recogniser on a test folder, with the settings of its ``config.evaluate``.
 
-    The report holds the accuracy report and MAP@R; the threshold calibrated on the test
-    queries (``calibration``); with ``train`` and ``evaluate.baselines``, the two
+    The report holds the accuracy report and MAP@R; the unknown-class threshold
+    (``calibration``, its figures cross-fitted so that no query is judged by a threshold
+    fitted on it: :func:`cross_fitted_calibration`); with ``train`` and ``evaluate.baselines``, the two
     baselines; with ``heldout`` (classes never trained on), ``open_set`` (known vs
     unknown) and ``fewshot`` (the held-out classes enrolled k at a time). ``notes``
     lists what was reduced or skipped.
@@ -314,8 +367,11 @@ def assess(
     report, matches = _score(queries, test.label_names, recognizer.gallery, settings.top_k)
     result = Assessment(report, test, queries, matches)
     notes: list[str] = []
+    out_of_fold = None
     try:
-        report["calibration"] = calibrate_threshold(result.nearest_distances, result.correct, settings.threshold_target)
+        report["calibration"] = cross_fitted_calibration(result.nearest_distances, result.correct, test.labels,
+                                                         settings.threshold_target, seed=seed)
+        out_of_fold = report["calibration"].pop("out_of_fold_thresholds")
     except ValueError as exc:
         notes.append(f"no threshold: {exc}")
     if train is not None and settings.baselines:
@@ -329,7 +385,7 @@ def assess(
         result.unknown_distances = np.array([m.distance for m in recognizer.gallery.search(unknown, 1)])
         if "calibration" in report:
             report["open_set"] = open_set_report(result.nearest_distances, result.correct, result.unknown_distances,
-                                                 report["calibration"]["threshold"])
+                                                 report["calibration"]["threshold"], out_of_fold)
         report["fewshot"], fewshot_notes = few_shot_report(
             unknown, heldout.labels, settings.fewshot_way, settings.fewshot_shots, settings.fewshot_episodes, seed)
         notes.extend(fewshot_notes)

@@ -50,12 +50,33 @@ def test_predict_against_another_gallery(trained):
     assert json.loads(result.stdout)[0]["distance"] < 1e-3  # the query is itself in that gallery
 
 
-def test_evaluate_reports_accuracy(trained):
-    _, test_dir, bundle = trained
-    result = runner.invoke(app, ["evaluate", "--model", str(bundle), "--test", str(test_dir), "--json"])
+def test_evaluate_reports_what_the_pipeline_reports(trained):
+    from siamese_core.data import scan_folder
+    from siamese_core.metrics import assess
+    from siamese_core.recognizer import SiameseRecognizer
+
+    train_dir, test_dir, bundle = trained
+    heldout, _ = make_digits_dataset(bundle.parent / "heldout", classes=3, first=3, test_per_class=0)
+    result = runner.invoke(app, ["evaluate", "--model", str(bundle), "--test", str(test_dir), "--heldout", str(heldout),
+                                 "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert 0 <= report["top1"] <= report["top5"] <= 1 and len(report["per_class_accuracy"]) == 3
+    recognizer = SiameseRecognizer.load(bundle)
+    stage = assess(recognizer, scan_folder(test_dir), scan_folder(train_dir), scan_folder(heldout),
+                   seed=recognizer.config.train.seed).report
+    assert report == json.loads(json.dumps(stage))  # the evaluate stage's figures: baselines, open set, few-shot
+    assert {"open_set", "fewshot"} <= set(report) and "fewshot" in report["baseline_raw_pixels"]
+    assert report["baseline_raw_pixels"]["size"] == 32 and "top1" in report["baseline_untrained"]
+    assert report["calibration"]["method"].startswith(("2-fold cross-fitting", "in-sample"))
+
+    text = runner.invoke(app, ["evaluate", "--model", str(bundle), "--test", str(test_dir)])
+    assert text.exit_code == 0, text.output
+    lines = text.stdout.splitlines()
+    assert lines[0].startswith(f"model                top1 {report['top1']:.4f}  top5 {report['top5']:.4f}")
+    assert lines[1].startswith(f"raw pixels           top1 {report['baseline_raw_pixels']['top1']:.4f}")
+    assert lines[2].startswith(f"untrained            top1 {report['baseline_untrained']['top1']:.4f}")
+    bare = runner.invoke(app, ["evaluate", "--model", str(bundle), "--test", str(test_dir), "--no-baselines", "--json"])
+    assert bare.exit_code == 0 and not {"baseline_raw_pixels", "baseline_untrained"} & set(json.loads(bare.stdout))
 
 
 def test_enroll_adds_classes(trained, tmp_path):

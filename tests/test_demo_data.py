@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,14 @@ def test_demo_data_is_written_once_and_never_over_existing_data(tmp_path):
     assert mine.read_bytes() == b"my own drawing"
     with pytest.raises(DatasetError, match="refusing to write the demo dataset"):
         write_demo_data(out)
+
+
+def test_the_readme_demo_figures_are_the_committed_metrics():
+    """The README's demo table is generated from metrics.json: a typed figure that drifts fails here."""
+    from pipelines.readme_figures import END, START, render
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index(START):readme.index(END) + len(END)]
+    metrics = json.loads((REPO / "metrics.json").read_text(encoding="utf-8"))
+    assert block == render(metrics), "run: python -m pipelines.readme_figures"
+    assert f"**{100 * metrics['top1']:.1f} %**" in block

@@ -14,6 +14,7 @@ from siamese_core.metrics import (
     assess,
     average_precision_at_r,
     calibrate_threshold,
+    cross_fitted_calibration,
     few_shot_report,
     flat_metrics,
     map_at_r,
@@ -65,6 +66,30 @@ def test_open_set_auroc_and_accuracy_with_rejection():
     assert report["accuracy_with_rejection"] == 0.5
     assert (report["known_accepted"], report["unknown_rejected"]) == (0.5, 0.5)
     assert open_set_report([0.2], [True], [0.2], 0.1)["auroc"] == 0.5  # a tie counts half
+    # known queries judged by their own (out-of-fold) thresholds: the 0.3 one is now accepted, and wrong
+    per_query = open_set_report([0.1, 0.3], [True, False], [0.2, 0.5], threshold=0.25, known_thresholds=[0.2, 0.35])
+    assert per_query["known_accepted"] == 1.0 and per_query["accuracy_with_rejection"] == 0.5
+
+
+def test_cross_fitted_calibration_judges_each_query_by_a_threshold_not_fitted_on_it():
+    # two classes, four queries each; class a's right answers are near, b's wrong ones far
+    distances = np.array([0.1, 0.2, 0.3, 0.9, 0.15, 0.25, 0.8, 0.7])
+    correct = np.array([True, True, True, False, True, True, False, False])
+    labels = np.array(list("aaaabbbb"))
+    result = cross_fitted_calibration(distances, correct, labels, "best_f1", folds=2, seed=3)
+    thresholds = result["out_of_fold_thresholds"]
+    assert result["threshold"] == calibrate_threshold(distances, correct)["threshold"] == 0.3
+    for value in np.unique(thresholds):  # each fold's threshold is what the other fold alone gives
+        judged = thresholds == value
+        assert value == calibrate_threshold(distances[~judged], correct[~judged])["threshold"]
+        assert sorted(labels[judged]) == list("aabb")  # stratified: two queries of each class per fold
+    accepted = distances <= thresholds
+    assert result["accept_rate"] == accepted.mean()
+    assert result["recall"] == np.sum(accepted & correct) / correct.sum()
+    assert result["method"].startswith("2-fold cross-fitting")
+    # one correct answer cannot be cross-fitted: the figures are in-sample, and say so
+    few = cross_fitted_calibration([0.1, 0.5], [True, False], ["a", "b"])
+    assert few["method"].startswith("in-sample") and few["precision"] == 1.0 and few["accept_rate"] == 0.5
 
 
 def test_threshold_calibration_on_constructed_distances():
