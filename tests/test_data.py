@@ -2,6 +2,8 @@
 
 import io
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -104,3 +106,21 @@ def test_bad_files_are_reported_by_name(tmp_path):
             decode_image(path, 8)
     with pytest.raises(ImageError, match="file not found"):
         decode_image(tmp_path / "nope.png", 8)
+
+
+DECODE_PEAK = """
+import resource, sys
+from siamese_core.data import decode_image
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+array = decode_image(sys.argv[1], 32)
+print(array.shape, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale(tmp_path):
+    """A 6000x6000 JPEG (108 MB as full RGB) is decoded at 1/8 scale: the process grows by a few MB."""
+    path = tmp_path / "large.jpg"
+    Image.new("RGB", (6000, 6000), (200, 30, 30)).save(path, quality=90)
+    result = subprocess.run([sys.executable, "-c", DECODE_PEAK, str(path)], capture_output=True, text=True, check=True)
+    shape, grown_kib = result.stdout.rsplit(" ", 1)
+    assert shape == "(32, 32, 3)" and int(grown_kib) < 30 * 1024, result.stdout

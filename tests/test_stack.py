@@ -218,6 +218,7 @@ def _assert_same_tree(left: Path, right: Path) -> None:
 
 
 @needs_stack
+@pytest.mark.slow  # two full stack start-ups, about 2 minutes: run with -m slow
 def test_basic_auth_refuses_anonymous_requests_and_the_registry_survives_a_restart(tmp_path, monkeypatch):
     from mlflow.exceptions import MlflowException
     from mlflow_fixtures import make_tiny_bundle, pipeline_params
