@@ -28,8 +28,9 @@ from pipelines.demo_data import write_demo_data
 from siamese_core.config import Config, apply_overrides, parse_set_options
 from siamese_core.data import scan_folder
 from siamese_core.embed import decode_all, embed_images
+from siamese_core.evaluation import assess
 from siamese_core.gallery import Gallery
-from siamese_core.metrics import accuracy_report, assess, few_shot_report
+from siamese_core.metrics import accuracy_report, few_shot_report
 from siamese_core.model import build_embedding_model
 from siamese_core.recognizer import SiameseRecognizer, build_gallery
 from siamese_core.train import train

@@ -29,9 +29,9 @@ def run(images: int, mode: str, input_size: int = 64) -> dict:
     """Embed ``images`` tiny images as a gallery and evaluate the same folder against it."""
     from siamese_core.config import Config, apply_overrides
     from siamese_core.data import scan_folder
+    from siamese_core.distance import squared_distances
     from siamese_core.embed import decode_all
-    from siamese_core.gallery import squared_distances
-    from siamese_core.metrics import evaluate
+    from siamese_core.evaluation import evaluate
     from siamese_core.model import build_embedding_model
     from siamese_core.recognizer import SiameseRecognizer, build_gallery
 

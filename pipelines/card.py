@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from siamese_core.metrics import flatten
+
 from .params import PipelineParams
-from .tracking import flatten
 
 _HEADLINE = ("top1", "top5", "class_avg_accuracy", "map_at_r", "fewshot.1shot.mean", "fewshot.5shot.mean")
 _BASELINES = (("model", ""), ("raw pixels", "baseline_raw_pixels."), ("untrained network", "baseline_untrained."))

@@ -79,12 +79,18 @@ def _config(params: Path | None, preset: str | None, overrides: list[str] | None
     return apply_overrides(preset_config(base, preset), parse_set_options(overrides or []))
 
 
-def _check_dataset(train_dir: Path, test_dir: Path) -> None:
-    """The pipeline's validation before training: every problem in one error, warnings shown and passed."""
+def _check_dataset(train_dir: Path, test_dir: Path, params: Path | None) -> None:
+    """The pipeline's validation before training: every problem in one error, warnings shown and passed.
+
+    With a params file, its ``data`` section sets the levels and limits, as in the validate stage.
+    """
+    from pipelines.params import DataConfig, load_params
     from siamese_core.errors import DatasetError
     from siamese_core.validation import validate_dataset
 
-    report = validate_dataset(train_dir, test_dir)
+    data = load_params(params).data if params else DataConfig()
+    report = validate_dataset(train_dir, test_dir, open_set=data.open_set, strict=data.strict,
+                              imbalance_ratio=data.imbalance_ratio, min_side=data.min_side)
     if not report.ok:
         raise DatasetError(f"dataset validation failed with {len(report.errors)} errors "
                            f"and {len(report.warnings)} warnings:\n{report.text(max_paths=20)}")
@@ -124,12 +130,12 @@ def train(
 
         from siamese_core.errors import ConfigError
         from siamese_core.io import ensure_writable
-        from siamese_core.recognizer import SiameseRecognizer, build_gallery
+        from siamese_core.recognizer import save_trained_bundle
         from siamese_core.train import train as run_training
 
         extra = [*(set_ or []), *([f"train.epochs={epochs}"] if epochs else [])]
         config = _config(params, preset, extra)
-        _check_dataset(train_dir, test_dir)
+        _check_dataset(train_dir, test_dir, params)
         checkpoint = out.parent / f".{out.name}.checkpoint"
         ensure_writable(out.parent, "the bundle and its checkpoints")
         try:  # one training per bundle path: the checkpoint and the bundle are its alone
@@ -140,11 +146,8 @@ def train(
                               "another --out") from None
         with lock:
             result = run_training(config, train_dir, test_dir, checkpoint_dir=checkpoint, resume=resume)
-            gallery = build_gallery(result.embedding, result.train_folder, config.evaluate.embed_batch_size,
-                                    progress=True)
-            SiameseRecognizer(result.embedding, gallery, config).save(
-                out, {"history": result.history, "best_epoch": result.best_epoch}
-            )
+            save_trained_bundle(result.embedding, result.train_folder, config, out,
+                                {"history": result.history, "best_epoch": result.best_epoch}, progress=True)
             shutil.rmtree(checkpoint, ignore_errors=True)
         last = {k: round(v[-1], 4) for k, v in result.history.items()}
         typer.echo(f"saved {out} (best epoch {result.best_epoch}, last epoch {last})")
@@ -204,7 +207,7 @@ def evaluate(
 
     def body():
         from siamese_core.data import scan_folder
-        from siamese_core.metrics import assess
+        from siamese_core.evaluation import assess
         from siamese_core.recognizer import SiameseRecognizer
 
         recognizer = SiameseRecognizer.load(_bundle_path(model))

@@ -18,6 +18,7 @@ from siamese_core.config import (
     validate_config,
 )
 from siamese_core.errors import ConfigError
+from siamese_core.validation import IMBALANCE_RATIO, MIN_SIDE
 
 DEFAULT_PARAMS = Path("params.yaml")
 PRESETS = Path(__file__).resolve().parent / "presets"
@@ -30,6 +31,8 @@ class DataConfig(Section):
     test_dir: str = "data/demo/test"
     open_set: bool = Field(False, description="Allow test classes that are not in train (open-set evaluation).")
     strict: bool = Field(False, description="Treat the same image in train and test (leakage) as an error.")
+    imbalance_ratio: float = Field(IMBALANCE_RATIO, gt=1, description="Warn when class sizes are further apart.")
+    min_side: int = Field(MIN_SIDE, ge=1, description="Warn about images with a side under this many pixels.")
     heldout_dir: str | None = Field(
         "data/demo/heldout",
         description="Class folders never trained on: the evaluate stage scores them as unknown classes "

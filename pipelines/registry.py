@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from siamese_core.errors import ConfigError
+from siamese_core.metrics import flatten
 
 from .errors import NoChampionError, RegistryError
 from .params import PipelineParams
@@ -31,7 +32,6 @@ from .tracking import (
     PipelineRun,
     client,
     ensure_experiment,
-    flatten,
     metric_values,
     tracking_uri,
 )

@@ -45,7 +45,7 @@ LOSS_PLOT = Path("plots/loss.csv")
 PER_CLASS_PLOT = Path("plots/per_class.csv")
 CONFUSION_PLOT = Path("plots/confusion.csv")
 IMAGE_PLOTS = Path("plots/images")
-MODEL_FILE, HISTORY_FILE, RUN_FILE = "model.keras", "history.json", "run.json"
+HISTORY_FILE, RUN_FILE = "history.json", "run.json"
 PER_CLASS_METRICS = ("per_class_accuracy", "per_class_precision", "per_class_recall")
 COUNT_KEYS = ("episodes", "n_way", "k_shot", "n_queries", "n_known", "n_unknown", "size")
 
@@ -61,7 +61,8 @@ def validate(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
     from siamese_core.validation import validate_dataset
 
     data = params.data
-    report = validate_dataset(data.train_dir, data.test_dir, open_set=data.open_set, strict=data.strict)
+    report = validate_dataset(data.train_dir, data.test_dir, open_set=data.open_set, strict=data.strict,
+                              imbalance_ratio=data.imbalance_ratio, min_side=data.min_side)
     write_json(root / VALIDATION, report.to_dict())
     with atomic_path(root / VALIDATION_TEXT) as tmp:
         tmp.write_text(report.text(max_paths=50) + "\n", encoding="utf-8")
@@ -111,6 +112,7 @@ def train(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
     Under ``dvc repro`` this stage opens the pipeline's MLflow run; its id goes into
     artifacts/train/run.json beside model.keras and history.json, for the later stages.
     """
+    from siamese_core.recognizer import MODEL_FILE
     from siamese_core.train import train as fit
     from siamese_core.triplets import load_triplets
 
@@ -134,16 +136,11 @@ def train(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
 
 def embed(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
     """Embed the training images with the trained model into the bundle artifacts/bundle/."""
-    import keras
-
-    from siamese_core import model as _registers_custom_layers  # noqa: F401
     from siamese_core.data import scan_folder
-    from siamese_core.recognizer import SiameseRecognizer, build_gallery
+    from siamese_core.recognizer import MODEL_FILE, load_embedding, save_trained_bundle
 
-    embedding = keras.saving.load_model(root / TRAINED / MODEL_FILE, compile=False, safe_mode=True)
-    gallery = build_gallery(embedding, scan_folder(params.data.train_dir), params.evaluate.embed_batch_size)
-    trained = read_json(root / TRAINED / HISTORY_FILE)
-    SiameseRecognizer(embedding, gallery, params.core()).save(root / BUNDLE, trained)
+    gallery = save_trained_bundle(load_embedding(root / TRAINED / MODEL_FILE), scan_folder(params.data.train_dir),
+                                  params.core(), root / BUNDLE, read_json(root / TRAINED / HISTORY_FILE)).gallery
     log.info("embed: gallery of %d images in %d classes", len(gallery), len(gallery.class_names))
     return {"gallery_size": len(gallery), "classes": len(gallery.class_names)}
 
@@ -157,7 +154,8 @@ def evaluate(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
     (the whole report), plots/*.csv and the PNGs in plots/images/.
     """
     from siamese_core.data import scan_folder
-    from siamese_core.metrics import assess, flat_metrics
+    from siamese_core.evaluation import assess
+    from siamese_core.metrics import flat_metrics
     from siamese_core.recognizer import SiameseRecognizer
     from siamese_core.report import write_plots
 

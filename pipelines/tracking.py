@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
 from siamese_core.errors import ConfigError
+from siamese_core.metrics import flatten, is_number
 
 from .files import content_hash
 from .params import PipelineParams
@@ -111,21 +112,6 @@ def ensure_experiment(name: str) -> str:
     return experiment_id
 
 
-def flatten(data: dict, prefix: str = "") -> dict:
-    """Nested dicts as one level with dotted keys: ``{"model": {"margin": 0.5}} -> {"model.margin": 0.5}``."""
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _is_safe_metric_key(key: str) -> bool:
     return bool(_SAFE_METRIC_KEY.fullmatch(key)) and posixpath.normpath(key) == key
 
@@ -138,9 +124,9 @@ def metric_values(metrics: dict) -> dict[str, float]:
     """
     values = {}
     for key, value in metrics.items():
-        if _is_number(value):
+        if is_number(value):
             values[key] = float(value)
-        elif isinstance(value, dict) and value and all(_is_number(v) for v in value.values()):
+        elif isinstance(value, dict) and value and all(is_number(v) for v in value.values()):
             prefix = METRIC_PREFIXES.get(key, key)
             values.update({f"{prefix}.{name}": float(v) for name, v in value.items()})
     return {key: value for key, value in values.items() if _is_safe_metric_key(key)}

@@ -19,11 +19,14 @@ _EXPORTS = {
     "Match": "gallery",
     "SiameseRecognizer": "recognizer",
     "build_gallery": "recognizer",
+    "save_trained_bundle": "recognizer",
     "train": "train",
     "generate_triplets": "triplets",
     "generate_model": "api",
     "test_prediction": "api",
-    "evaluate": "metrics",
+    "evaluate": "evaluation",
+    "assess": "evaluation",
+    "validate_dataset": "validation",
 }
 
 __all__ = list(_EXPORTS)

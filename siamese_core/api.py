@@ -12,22 +12,29 @@ from .config import Config, apply_overrides
 from .data import scan_folder
 from .gallery import Gallery
 from .io import atomic_path
-from .recognizer import METADATA_FILE, MODEL_FILE, SiameseRecognizer, build_gallery
+from .recognizer import (
+    METADATA_FILE,
+    MODEL_FILE,
+    SiameseRecognizer,
+    build_gallery,
+    save_trained_bundle,
+)
 from .train import train
 
 
 def generate_model(test_file, train_file, save_path, epochs, **overrides) -> dict[str, list[float]]:
-    """Train on ``train_file`` (class folders), validate on ``test_file``, save a bundle at ``save_path``.
+    """Train on ``train_file``, validate on ``test_file``, save a bundle at ``save_path`` (the seed's signature).
+
+    ``train_file`` and ``test_file`` are folders of class sub-folders (``<folder>/<class>/<image>``),
+    not files: the names are the seed library's.
 
     ``overrides`` are config keys, e.g. ``weights=None, backbone="small_cnn"``.
     Returns the history: ``{"loss": [...], "val_loss": [...]}`` per epoch.
     """
     config = apply_overrides(Config(), {**overrides, "train.epochs": int(epochs)})
     result = train(config, train_file, test_file)
-    gallery = build_gallery(result.embedding, result.train_folder, config.evaluate.embed_batch_size)
-    SiameseRecognizer(result.embedding, gallery, config).save(
-        save_path, {"history": result.history, "best_epoch": result.best_epoch}
-    )
+    save_trained_bundle(result.embedding, result.train_folder, config, save_path,
+                        {"history": result.history, "best_epoch": result.best_epoch})
     return result.history
 
 
@@ -83,4 +90,4 @@ def test_prediction(image_path, model_path, train_dataset_path) -> tuple[str, fl
     return match.label, match.distance
 
 
-test_prediction.__test__ = False  # not a pytest test, despite its name
+test_prediction.__test__ = False  # type: ignore[attr-defined]  # not a pytest test, despite its name

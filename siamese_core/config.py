@@ -125,6 +125,11 @@ class TrainConfig(Section):
     )
 
 
+# Gallery search: exact below this many rows, above it an approximate faiss IVF index visiting NPROBE lists.
+EXACT_SEARCH_MAX_ROWS = 100_000
+NPROBE = 8
+
+
 class EvaluateConfig(Section):
     """Evaluation and prediction settings."""
 
@@ -142,6 +147,10 @@ class EvaluateConfig(Section):
     fewshot_way: int = Field(20, ge=2, description="N of the N-way k-shot episodes on held-out classes.")
     fewshot_shots: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 5], description="The k values of the episodes.")
     fewshot_episodes: int = Field(500, ge=1)
+    exact_search_max_rows: int = Field(
+        EXACT_SEARCH_MAX_ROWS, ge=0, description="Galleries with more rows are searched through an approximate "
+        "faiss IVF index of sqrt(rows) lists; below it the exact NumPy search answers in milliseconds.")
+    nprobe: int = Field(NPROBE, ge=1, description="Lists of the approximate index visited per query (recall vs speed).")
 
 
 class Config(Section):

@@ -159,7 +159,8 @@ def decode_image(source: str | os.PathLike | bytes, size: int, max_pixels: int |
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else printable(source)
     limit = max_pixels or max_image_pixels()
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as opened:
+            image: Image.Image = opened
             if image.width * image.height > limit:
                 raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels, over the limit of "
                                                    f"{limit} (SIAMESE_MAX_IMAGE_PIXELS)")

@@ -8,20 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import EXACT_SEARCH_MAX_ROWS, NPROBE
+from .distance import squared_distances
 from .errors import DatasetError
-
-# Galleries with more rows than this are searched through an approximate faiss index;
-# below it the exact numpy search answers a query in a few milliseconds.
-INDEX_THRESHOLD = 100_000
-
-
-def squared_distances(queries: np.ndarray, references: np.ndarray) -> np.ndarray:
-    """All squared Euclidean distances, ``(q, n)``, computed as one matrix product."""
-    queries = np.asarray(queries, dtype=np.float32)
-    references = np.asarray(references, dtype=np.float32)
-    q_norms = np.einsum("ij,ij->i", queries, queries)[:, None]
-    r_norms = np.einsum("ij,ij->i", references, references)[None, :]
-    return np.maximum(q_norms + r_norms - 2.0 * queries @ references.T, 0.0)
 
 
 @dataclass
@@ -57,8 +46,8 @@ class Gallery:
     labels: np.ndarray
     class_names: list[str]
     paths: list[str]
-    index_threshold: int = INDEX_THRESHOLD
-    nprobe: int = 8
+    index_threshold: int = EXACT_SEARCH_MAX_ROWS
+    nprobe: int = NPROBE
 
     def __post_init__(self) -> None:
         self.embeddings = np.asarray(self.embeddings, dtype=np.float32)

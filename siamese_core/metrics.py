@@ -1,45 +1,38 @@
-"""Evaluation of a recogniser: accuracy, retrieval quality, baselines, unknown classes and few-shot episodes.
-
-Every figure is computed from plain arrays by a function that can be checked by hand;
-:func:`assess` runs them all on a test folder (and optionally held-out classes).
+"""The figures of an evaluation, each computed from plain arrays by a function that can be checked by hand:
+accuracy, retrieval quality (MAP@R), the unknown-class threshold, known against unknown classes,
+few-shot episodes, and the flat form of a report. Nothing here builds or runs a model;
+``siamese_core.evaluation`` does, and calls these.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from collections.abc import Iterable
 
 import numpy as np
-from sklearn.metrics import (
-    confusion_matrix,
-    precision_recall_fscore_support,
-    roc_auc_score,
-)
 
-from .config import Config
-from .data import ImageFolder, scan_folder
-from .errors import DatasetError
-from .gallery import Gallery, Match, squared_distances
+from .distance import squared_distances
 
-# Raw-pixel baseline images are at most this side, so a 200 px model's baseline stays small in memory.
-RAW_PIXELS_MAX_SIZE = 64
 # Sections of a report that are tables, not figures: left out of the flat metrics.
-_TABLES = ("per_class_accuracy", "per_class_precision", "per_class_recall", "confusion_matrix")
+TABLES = ("per_class_accuracy", "per_class_precision", "per_class_recall", "confusion_matrix")
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """A real number, NumPy's included, and not a bool."""
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
-def accuracy_report(true_labels: list[str], matches: list[Match], class_names: list[str], top_k: int = 5) -> dict:
+def accuracy_report(true_labels: list[str], matches: list, class_names: list[str], top_k: int = 5) -> dict:
     """Top-1, top-k, class-averaged and per-class accuracy, precision and recall, and the confusion matrix.
 
     ``class_names`` fixes the row/column order of the confusion matrix; a true
     label missing from the gallery can never be predicted and counts as wrong.
     Per-class recall is per-class accuracy; precision of a class is the share of
     queries predicted as that class that belong to it (0 when none is). Both are
-    listed for the classes of the test set; ``macro_precision`` averages them.
+    listed for the classes of the test set; ``macro_precision`` averages them. ``matches``
+    are :class:`~siamese_core.gallery.Match` answers.
     """
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     predicted = [m.label for m in matches]
     hits = np.array([t == p for t, p in zip(true_labels, predicted)], dtype=bool)
     hits_k = np.array([t in [label for label, _ in m.top_k[:top_k]] for t, m in zip(true_labels, matches)], dtype=bool)
@@ -99,20 +92,6 @@ def map_at_r(queries: np.ndarray, query_labels, references: np.ndarray, referenc
         for i in range(0, len(queries), chunk)
     ]) if len(queries) else np.array([])
     return float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
-
-
-def _score(queries: np.ndarray, true_labels: list[str], gallery: Gallery, top_k: int) -> tuple[dict, list[Match]]:
-    """The accuracy report plus MAP@R of query embeddings against a gallery, and the matches."""
-    matches = gallery.search(queries, top_k)
-    report = accuracy_report(true_labels, matches, gallery.class_names, top_k)
-    report["map_at_r"] = map_at_r(queries, true_labels, gallery.embeddings, np.asarray(gallery.class_names)[gallery.labels])
-    return report, matches
-
-
-def evaluate(recognizer, test: str | os.PathLike | ImageFolder, top_k: int = 5) -> dict:
-    """Recognise every test image against the recogniser's gallery (no rejection) and score the answers."""
-    folder = test if isinstance(test, ImageFolder) else scan_folder(test)
-    return _score(recognizer.embed(folder.paths), folder.label_names, recognizer.gallery, top_k)[0]
 
 
 def calibrate_threshold(distances, correct, target: str | float = "best_f1") -> dict:
@@ -211,6 +190,8 @@ def open_set_report(known_distances, known_correct, unknown_distances, threshold
     are judged by ``threshold``; known ones by ``known_thresholds`` (one per query, e.g.
     out-of-fold thresholds that were not fitted on them) when given, else by ``threshold``.
     """
+    from sklearn.metrics import roc_auc_score
+
     known, unknown = np.asarray(known_distances, float), np.asarray(unknown_distances, float)
     truth = np.r_[np.ones(len(known)), np.zeros(len(unknown))]
     accepted_known = known <= (threshold if known_thresholds is None else np.asarray(known_thresholds, float))
@@ -282,125 +263,21 @@ def few_shot_report(embeddings, labels, n_way: int, shots: list[int], episodes: 
     return results, notes
 
 
-def _untrained_embedding(config: Config):
-    """The network as training starts it: same config and seed, weights as built."""
-    import keras
-
-    from .model import build_embedding_model
-
-    keras.utils.set_random_seed(config.train.seed)
-    return build_embedding_model(config.model)
-
-
-def baseline_reports(config: Config, train: ImageFolder, test: ImageFolder, top_k: int,
-                     heldout: ImageFolder | None = None, seed: int = 0) -> dict:
-    """What training bought: the same scores for nearest neighbour on raw pixels and for the untrained network.
-
-    Raw pixels are compared at the model's input size (at most ``RAW_PIXELS_MAX_SIZE``).
-    With ``heldout``, each baseline also gets ``fewshot``: the same episodes (same seed) as the model's.
-    """
-    from .embed import decode_all, embed_images
-
-    size = min(config.model.input_size, RAW_PIXELS_MAX_SIZE)
-    batch = config.evaluate.embed_batch_size
-    summary = ("top1", f"top{top_k}", "class_avg_accuracy", "map_at_r", "macro_precision")
-
-    settings = config.evaluate
-
-    def scores(embed) -> dict:
-        gallery = Gallery(embed(train), train.labels, list(train.class_names), list(train.paths))
-        report = _score(embed(test), test.label_names, gallery, top_k)[0]
-        scored = {key: report[key] for key in summary}
-        if heldout is not None:
-            scored["fewshot"] = few_shot_report(embed(heldout), heldout.labels, settings.fewshot_way,
-                                                settings.fewshot_shots, settings.fewshot_episodes, seed)[0]
-        return scored
-
-    def pixels(folder: ImageFolder) -> np.ndarray:
-        return decode_all(folder.paths, size, batch).reshape(len(folder), -1).astype(np.float32)
-
-    untrained = _untrained_embedding(config)
-    return {
-        "baseline_raw_pixels": {**scores(pixels), "size": size},
-        "baseline_untrained": scores(lambda folder: embed_images(untrained, folder.paths, batch)),
-    }
-
-
-@dataclass
-class Assessment:
-    """A full evaluation: the JSON-ready report and the arrays its plots are drawn from."""
-
-    report: dict
-    test: ImageFolder
-    queries: np.ndarray
-    matches: list[Match]
-    heldout: ImageFolder | None = None
-    unknown_distances: np.ndarray | None = None
-
-    @property
-    def nearest_distances(self) -> np.ndarray:
-        return np.array([m.distance for m in self.matches])
-
-    @property
-    def correct(self) -> np.ndarray:
-        return np.array([m.label == t for m, t in zip(self.matches, self.test.label_names)])
-
-
-def assess(
-    recognizer,
-    test: ImageFolder,
-    train: ImageFolder | None = None,
-    heldout: ImageFolder | None = None,
-    seed: int = 0,
-) -> Assessment:
-    """Score a recogniser on a test folder, with the settings of its ``config.evaluate``.
-
-    The report holds the accuracy report and MAP@R; the unknown-class threshold
-    (``calibration``, its figures cross-fitted so that no query is judged by a threshold
-    fitted on it: :func:`cross_fitted_calibration`); with ``train`` and ``evaluate.baselines``, the two
-    baselines; with ``heldout`` (classes never trained on), ``open_set`` (known vs
-    unknown) and ``fewshot`` (the held-out classes enrolled k at a time). ``notes``
-    lists what was reduced or skipped.
-    """
-    settings = recognizer.config.evaluate
-    queries = recognizer.embed(test.paths)
-    report, matches = _score(queries, test.label_names, recognizer.gallery, settings.top_k)
-    result = Assessment(report, test, queries, matches)
-    notes: list[str] = []
-    out_of_fold = None
-    try:
-        report["calibration"] = cross_fitted_calibration(result.nearest_distances, result.correct, test.labels,
-                                                         settings.threshold_target, seed=seed)
-        out_of_fold = report["calibration"].pop("out_of_fold_thresholds")
-    except ValueError as exc:
-        notes.append(f"no threshold: {exc}")
-    if train is not None and settings.baselines:
-        report.update(baseline_reports(recognizer.config, train, test, settings.top_k, heldout, seed))
-    if heldout is not None:
-        shared = sorted(set(heldout.class_names) & set(recognizer.gallery.class_names))
-        if shared:
-            raise DatasetError(f"{heldout.root}: held-out classes must be new, but {shared[:5]} are in the gallery")
-        unknown = recognizer.embed(heldout.paths)
-        result.heldout = heldout
-        result.unknown_distances = np.array([m.distance for m in recognizer.gallery.search(unknown, 1)])
-        if "calibration" in report:
-            report["open_set"] = open_set_report(result.nearest_distances, result.correct, result.unknown_distances,
-                                                 report["calibration"]["threshold"], out_of_fold)
-        report["fewshot"], fewshot_notes = few_shot_report(
-            unknown, heldout.labels, settings.fewshot_way, settings.fewshot_shots, settings.fewshot_episodes, seed)
-        notes.extend(fewshot_notes)
-    report["notes"] = notes
-    return result
+def flatten(data: dict, skip: Iterable[str] = (), prefix: str = "") -> dict:
+    """Nested dicts as one level of dotted keys (``{"model": {"margin": 0.5}} -> {"model.margin": 0.5}``),
+    leaving out the keys in ``skip`` at any level."""
+    flat: dict = {}
+    for key, value in data.items():
+        if key in skip:
+            continue
+        if isinstance(value, dict):
+            flat.update(flatten(value, skip, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def flat_metrics(report: dict) -> dict[str, float]:
     """The numbers of a report as one level of dotted keys (``baseline_untrained.top1``); tables left out."""
-    flat: dict[str, float] = {}
-    for key, value in report.items():
-        if key in _TABLES:
-            continue
-        if isinstance(value, dict):
-            flat.update({f"{key}.{name}": v for name, v in flat_metrics(value).items()})
-        elif _is_number(value):
-            flat[key] = float(value) if isinstance(value, (float, np.floating)) else int(value)
-    return flat
+    return {key: float(value) if isinstance(value, (float, np.floating)) else int(value)
+            for key, value in flatten(report, TABLES).items() if is_number(value)}

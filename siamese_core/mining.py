@@ -19,15 +19,9 @@ from __future__ import annotations
 
 from keras import ops
 
+from .distance import pairwise_squared_distances
+
 STRATEGIES = ("batch_all", "batch_hard", "semihard")
-
-
-def pairwise_squared_distances(embeddings):
-    """``(n, n)`` squared Euclidean distances, clipped at zero."""
-    embeddings = ops.cast(embeddings, "float32")
-    norms = ops.sum(ops.square(embeddings), axis=1)
-    dot = ops.matmul(embeddings, ops.transpose(embeddings))
-    return ops.maximum(norms[:, None] - 2.0 * dot + norms[None, :], 0.0)
 
 
 def _masks(labels):

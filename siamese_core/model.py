@@ -15,7 +15,9 @@ import tensorflow as tf
 from keras import layers, ops
 
 from .config import ModelConfig
+from .distance import row_squared_distances
 from .errors import ConfigError, WeightsUnavailableError
+from .mining import LOSSES, mean_pair_distances
 
 IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
 # First trainable layer when ``trainable_from`` is "auto": the seed's choice for
@@ -41,9 +43,7 @@ class DistanceLayer(layers.Layer):
     """Squared Euclidean distances (d(A, P), d(A, N)) between embedding batches."""
 
     def call(self, anchor, positive, negative):
-        ap_distance = ops.sum(ops.square(anchor - positive), axis=-1)
-        an_distance = ops.sum(ops.square(anchor - negative), axis=-1)
-        return ap_distance, an_distance
+        return row_squared_distances(anchor, positive), row_squared_distances(anchor, negative)
 
 
 def triplet_loss(ap_distance, an_distance, margin: float):
@@ -179,7 +179,7 @@ def split_frozen_trunk(embedding: keras.Model) -> tuple[keras.Model | None, kera
     outer = [layer for layer in embedding.layers if not isinstance(layer, layers.InputLayer)]
     position = next((i for i, layer in enumerate(outer) if isinstance(layer, keras.Model)), None)
     cut = None if position is None else _frozen_cut(outer[position])
-    if cut is None or len(cut) != 1:
+    if position is None or cut is None or len(cut) != 1:
         return None, embedding
     backbone, cut = outer[position], cut[0]
     x = embedding.inputs[0]
@@ -250,3 +250,46 @@ class UniqueTripletModel(SiameseModel):
         embedded = self.embedding(unique, training=training)
         anchor, positive, negative = (ops.take(embedded, index[:, i], axis=0) for i in range(3))
         return self.distance(anchor, positive, negative)
+
+
+class OnlineTripletModel(keras.Model):
+    """Trains an embedding model on (images, labels) batches with an in-batch mining loss."""
+
+    def __init__(self, embedding: keras.Model, strategy: str, margin: float, **kwargs):
+        super().__init__(**kwargs)
+        if strategy not in LOSSES:
+            raise ConfigError(f"unknown online mining strategy '{strategy}', expected one of {sorted(LOSSES)}")
+        self.embedding, self.strategy, self.margin = embedding, strategy, margin
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.positive_tracker = keras.metrics.Mean(name="pos_dist")
+        self.negative_tracker = keras.metrics.Mean(name="neg_dist")
+
+    def call(self, images, training=False):
+        return self.embedding(images, training=training)
+
+    def _step(self, images, labels, training: bool):
+        embeddings = self(images, training=training)
+        loss = LOSSES[self.strategy](labels, embeddings, self.margin)
+        positive, negative = mean_pair_distances(labels, embeddings)
+        return loss, positive, negative
+
+    def _track(self, loss, positive, negative):
+        self.loss_tracker.update_state(loss)
+        self.positive_tracker.update_state(positive)
+        self.negative_tracker.update_state(negative)
+        return {m.name: m.result() for m in self.metrics}
+
+    def train_step(self, data):
+        images, labels = data
+        with tf.GradientTape() as tape:
+            loss, positive, negative = self._step(images, labels, training=True)
+        variables = self.embedding.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return self._track(loss, positive, negative)
+
+    def test_step(self, data):
+        return self._track(*self._step(*data, training=False))
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.positive_tracker, self.negative_tracker]

@@ -44,14 +44,41 @@ def build_gallery(embedding: keras.Model, folder: ImageFolder, batch_size: int =
     return Gallery(embeddings, folder.labels, list(folder.class_names), list(folder.paths))
 
 
+def load_embedding(path: str | os.PathLike) -> keras.Model:
+    """Load a saved embedding network (a ``model.keras``): safe mode, uncompiled, the project's layers registered."""
+    from . import model as _registers_custom_layers  # noqa: F401
+
+    return keras.saving.load_model(path, compile=False, safe_mode=True)
+
+
+def save_trained_bundle(embedding: keras.Model, train_folder: ImageFolder, config: Config, path: str | os.PathLike,
+                        metadata: dict | None = None, progress: bool = False) -> SiameseRecognizer:
+    """The one way from a training to a bundle: embed the training images into the gallery and save it all at ``path``."""
+    gallery = build_gallery(embedding, train_folder, config.evaluate.embed_batch_size, progress)
+    recognizer = SiameseRecognizer(embedding, gallery, config)
+    recognizer.save(path, metadata)
+    return recognizer
+
+
 class SiameseRecognizer:
     """A trained embedding model plus its gallery: recognises images by nearest class."""
 
     def __init__(self, embedding: keras.Model, gallery: Gallery, config: Config, metadata: dict | None = None):
         self.embedding = embedding
-        self.gallery = gallery
         self.config = config
+        self.gallery = gallery
         self.metadata = metadata or {}
+
+    @property
+    def gallery(self) -> Gallery:
+        """The reference embeddings; searched with the config's exact-search limit and ``nprobe``."""
+        return self._gallery
+
+    @gallery.setter
+    def gallery(self, gallery: Gallery) -> None:
+        gallery.index_threshold = self.config.evaluate.exact_search_max_rows
+        gallery.nprobe = self.config.evaluate.nprobe
+        self._gallery = gallery
 
     @property
     def input_size(self) -> int:
@@ -146,10 +173,7 @@ class SiameseRecognizer:
             config = validate_config(Config, json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
         except ConfigError as exc:
             raise BundleError(f"{path}: its config.json does not fit this version ({exc}); retrain it") from None
-        from . import model as _registers_custom_layers  # noqa: F401
-
-        embedding = keras.saving.load_model(path / MODEL_FILE, compile=False, safe_mode=True)
-        return cls(embedding, Gallery.load(path / GALLERY_FILE), config, metadata)
+        return cls(load_embedding(path / MODEL_FILE), Gallery.load(path / GALLERY_FILE), config, metadata)
 
 
 def store_threshold(path: str | os.PathLike, threshold: float, calibration: dict | None = None) -> None:

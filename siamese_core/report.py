@@ -13,9 +13,10 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .data import decode_image
-from .gallery import Gallery, squared_distances
+from .distance import squared_distances
+from .evaluation import Assessment
+from .gallery import Gallery
 from .io import atomic_path
-from .metrics import Assessment
 
 MAX_TICK_LABELS = 40  # class names shown per confusion-matrix axis; more are thinned
 MAX_CELL_TEXT = 30  # counts are written in the cells up to this many classes
@@ -64,7 +65,7 @@ def confusion_figure(labels: list[str], matrix) -> Figure:
     if len(names) <= MAX_CELL_TEXT:
         for (row, col), n in np.ndenumerate(counts):
             if n:
-                ax.text(col, row, int(n), ha="center", va="center", fontsize=7,
+                ax.text(col, row, str(int(n)), ha="center", va="center", fontsize=7,
                         color="white" if rates[row, col] > 0.5 else "black")
     return figure
 

@@ -1,13 +1,14 @@
-"""Training the Siamese network on a triplet table, through tf.data."""
+"""Training the embedding network with triplet loss, in four steps: plan the model and its fast
+paths, prepare the data (decoded once), build the tf.data batches, fit."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -15,24 +16,30 @@ import pandas as pd
 import tensorflow as tf
 
 from .augment import add_transformed_classes, augmentation_layers
+from .batches import (
+    pk_batches,
+    pk_dataset,
+    pk_epochs,
+    triplet_dataset,
+    unique_triplet_dataset,
+)
+from .callbacks import (
+    CollapseGuard,
+    EpochCheckpoint,
+    FewShotEvaluation,
+    KeepBestWeights,
+)
 from .config import Config, TrainConfig
 from .data import ImageFolder, scan_folder
 from .embed import decode_all, embed_images, predict_array
 from .errors import ConfigError, DatasetError
-from .io import atomic_dir, ensure_writable
+from .io import ensure_writable
 from .model import (
+    OnlineTripletModel,
     SiameseModel,
     UniqueTripletModel,
     build_embedding_model,
     split_frozen_trunk,
-)
-from .online import (
-    CollapseGuard,
-    FewShotEvaluation,
-    OnlineTripletModel,
-    pk_batches,
-    pk_dataset,
-    pk_epochs,
 )
 from .triplets import COLUMNS as TRIPLET_COLUMNS
 from .triplets import generate_triplets
@@ -42,98 +49,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    """What training returns: the trained embedding model and the per-epoch history."""
+    """What training returns: the trained embedding model, the per-epoch history, the triplet
+    table (a record, empty for online mining), the epoch whose weights were kept, the training
+    folder, and the epoch at which a collapsing embedding stopped training (None if it did not)."""
 
     embedding: keras.Model
     history: dict[str, list[float]]
     triplets: pd.DataFrame
     best_epoch: int
     train_folder: ImageFolder
-    extra: dict = field(default_factory=dict)
-
-
-class KeepBestWeights(keras.callbacks.Callback):
-    """Remember the embedding weights of the epoch with the lowest monitored loss and restore them.
-
-    With ``monitor=None`` the last epoch is kept: online mining losses average over the
-    triplets that are still active, so they do not fall as the embedding improves.
-    """
-
-    def __init__(self, embedding: keras.Model, monitor: str | None = "val_loss"):
-        super().__init__()
-        self.embedding, self.monitor = embedding, monitor
-        self.best, self.best_epoch, self.best_weights = np.inf, 0, None
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.monitor is None:
-            self.best_epoch = epoch + 1
-            return
-        logs = logs or {}
-        value = logs.get(self.monitor, logs.get("loss"))
-        if value is not None and value < self.best:
-            self.best, self.best_epoch = float(value), epoch + 1
-            self.best_weights = self.embedding.get_weights()
-
-    def on_train_end(self, logs=None):
-        if self.best_weights is not None:
-            self.embedding.set_weights(self.best_weights)
-
-
-class EpochCheckpoint(keras.callbacks.Callback):
-    """After every epoch, save what ``--resume`` needs to carry on: the weights with the
-    optimizer state, the history so far and the best epoch's weights (atomically, as .npz)."""
-
-    STATE, WEIGHTS, BEST = "state.json", "weights.npz", "best.npz"
-
-    def __init__(self, directory: Path, keep_best: KeepBestWeights, history: dict[str, list[float]]):
-        super().__init__()
-        self.directory, self.keep_best, self.history = Path(directory), keep_best, history
-
-    def on_epoch_end(self, epoch, logs=None):
-        for key, value in (logs or {}).items():
-            self.history.setdefault(key, []).append(float(value))
-        with atomic_dir(self.directory) as tmp:
-            np.savez(tmp / self.WEIGHTS, *[np.asarray(v) for v in _saved_variables(self.model)])
-            if self.keep_best.best_weights is not None:
-                np.savez(tmp / self.BEST, *self.keep_best.best_weights)
-            state = {"epoch": epoch + 1, "history": self.history, "best": self.keep_best.best,
-                     "best_epoch": self.keep_best.best_epoch}
-            (tmp / self.STATE).write_text(json.dumps(state), encoding="utf-8")
-
-    @classmethod
-    def saved_epochs(cls, directory: Path) -> int:
-        """How many epochs the checkpoint in ``directory`` holds."""
-        state_file = Path(directory) / cls.STATE
-        if not state_file.is_file():
-            raise FileNotFoundError(f"{directory}: no checkpoint to resume from (train without --resume)")
-        return json.loads(state_file.read_text(encoding="utf-8"))["epoch"]
-
-    @classmethod
-    def restore(cls, directory: Path, model: keras.Model, keep_best: KeepBestWeights) -> tuple[int, dict]:
-        """Load a checkpoint into a compiled model; returns (epochs done, history so far)."""
-        state = json.loads((Path(directory) / cls.STATE).read_text(encoding="utf-8"))
-        model.optimizer.build(model.embedding.trainable_variables)
-        variables = _saved_variables(model)
-        arrays = _load_arrays(Path(directory) / cls.WEIGHTS)
-        if [a.shape for a in arrays] != [tuple(v.shape) for v in variables]:  # another architecture
-            raise ConfigError(f"{directory}: the checkpoint was written by a run with another model config, so it "
-                              "cannot resume this one; use the same config, or train without --resume")
-        for variable, array in zip(variables, arrays):
-            variable.assign(array)
-        if (Path(directory) / cls.BEST).is_file():
-            keep_best.best_weights = _load_arrays(Path(directory) / cls.BEST)
-        keep_best.best, keep_best.best_epoch = state["best"], state["best_epoch"]
-        return state["epoch"], state["history"]
-
-
-def _saved_variables(model: keras.Model) -> list:
-    """What a checkpoint holds, in a fixed order: the model's weights, then the optimizer's state."""
-    return [*model.weights, *model.optimizer.variables]
-
-
-def _load_arrays(path: Path) -> list[np.ndarray]:
-    with np.load(path) as saved:
-        return [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    collapsed_at: int | None = None
 
 
 def learning_rate(config: TrainConfig, steps_per_epoch: int):
@@ -178,57 +103,6 @@ def mine_triplets(
     )
 
 
-def triplet_dataset(
-    images: np.ndarray, index: np.ndarray, batch_size: int, shuffle_seed: int | None, augment=None
-) -> tf.data.Dataset:
-    """A tf.data pipeline of (anchor, positive, negative) float32 batches.
-
-    ``images`` is the decoded-once cache of every image; batches gather from it by
-    index, so no image is decoded twice, and batches are prefetched while the model trains.
-    """
-
-    def gather(batch_index: np.ndarray):
-        return tuple(images[batch_index[:, i]].astype(np.float32) for i in range(3))
-
-    shape = (None, *images.shape[1:])
-    dataset = tf.data.Dataset.from_tensor_slices(index.astype(np.int64))
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(len(index), seed=shuffle_seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size).map(
-        lambda i: tf.numpy_function(gather, [i], (tf.float32,) * 3), num_parallel_calls=tf.data.AUTOTUNE
-    )
-    dataset = dataset.map(lambda a, p, n: tuple(tf.ensure_shape(t, shape) for t in (a, p, n)))
-    if augment is not None:
-        dataset = dataset.map(lambda a, p, n: tuple(augment(t, training=True) for t in (a, p, n)))
-    return dataset.prefetch(tf.data.AUTOTUNE)
-
-
-def unique_triplet_dataset(
-    inputs: np.ndarray, index: np.ndarray, batch_size: int, shuffle_seed: int | None, augment=None
-) -> tf.data.Dataset:
-    """A tf.data pipeline of ``(distinct inputs, (b, 3) rows into them)`` batches.
-
-    ``inputs`` holds one row per image (decoded pixels or frozen-trunk features); each
-    batch carries every image its triplets use exactly once, for :class:`UniqueTripletModel`.
-    """
-
-    def gather(batch_index: np.ndarray):
-        rows, inverse = np.unique(batch_index, return_inverse=True)
-        return inputs[rows].astype(np.float32), inverse.reshape(-1, 3).astype(np.int64)
-
-    shape = (None, *inputs.shape[1:])
-    dataset = tf.data.Dataset.from_tensor_slices(index.astype(np.int64))
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(len(index), seed=shuffle_seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size).map(
-        lambda i: tf.numpy_function(gather, [i], (tf.float32, tf.int64)), num_parallel_calls=tf.data.AUTOTUNE
-    )
-    dataset = dataset.map(lambda x, i: (tf.ensure_shape(x, shape), tf.ensure_shape(i, (None, 3))))
-    if augment is not None:
-        dataset = dataset.map(lambda x, i: (augment(x, training=True), i))
-    return dataset.prefetch(tf.data.AUTOTUNE)
-
-
 def _index_triplets(table: pd.DataFrame, positions: dict[str, int]) -> np.ndarray:
     try:
         return np.array(
@@ -241,14 +115,35 @@ def _index_triplets(table: pd.DataFrame, positions: dict[str, int]) -> np.ndarra
 
 @dataclass
 class _Plan:
-    """What the training loop runs: the model to fit, how to turn images into its
-    per-image inputs, how to batch them (triplet rows, or P x K rows online) and a
-    one-row sample input that builds the model."""
+    """What the training loop runs: the model to fit, how to turn images into its per-image
+    inputs, how to batch them, and a one-row sample input that builds the model."""
 
     model: keras.Model
     prepare: Callable[[np.ndarray], np.ndarray]
     dataset: Callable[..., tf.data.Dataset]
-    sample: Callable[[np.ndarray], tuple]
+    sample: Callable[[np.ndarray], Any]
+
+
+@dataclass
+class _Data:
+    """The training data, decoded once: per-image inputs (pixels or trunk features) and labels
+    (with any transformed classes), the triplet table, and the test and held-out sets."""
+
+    folder: ImageFolder
+    inputs: np.ndarray
+    labels: np.ndarray
+    triplets: pd.DataFrame
+    test: tuple[ImageFolder, np.ndarray] | None
+    heldout: tuple[ImageFolder, np.ndarray] | None
+
+
+@dataclass
+class _Batches:
+    """The tf.data pipelines of one run and the optimizer steps per epoch."""
+
+    train: tf.data.Dataset
+    validation: tf.data.Dataset | None
+    steps: int
 
 
 def _plan(config: Config, embedding: keras.Model) -> _Plan:
@@ -269,48 +164,109 @@ def _plan(config: Config, embedding: keras.Model) -> _Plan:
     return _Plan(SiameseModel(top, margin=config.model.margin), prepare, triplet_dataset, lambda x: (x, x, x))
 
 
-def _offline_data(config, plan, folder, inputs, triplets, test):
+def _prepare_data(config: Config, plan: _Plan, train_dir, test_dir, heldout_dir,
+                  triplets: pd.DataFrame | None) -> _Data:
+    """Decode every image once, add transformed classes, run the frozen trunk, mine the triplet table."""
+    size = config.model.input_size
+    folder = scan_folder(train_dir)
+    images, labels = decode_all(folder.paths, size), folder.labels
+    augment = config.train.augment
+    if augment.rotations_as_classes or augment.mirrors_as_classes:
+        images, labels, _ = add_transformed_classes(images, labels, folder.class_names,
+                                                    rotations=augment.rotations_as_classes,
+                                                    mirrors=augment.mirrors_as_classes)
+    inputs = plan.prepare(images)
+    del images
+    if triplets is None:
+        if config.train.mining != "offline":
+            triplets = pd.DataFrame(columns=TRIPLET_COLUMNS)
+        else:  # mining embeds the already decoded (and trunk-cached) images
+            mined = None if config.triplets.strategy == "random" else predict_array(
+                plan.model.embedding, inputs, config.evaluate.embed_batch_size)
+            triplets = mine_triplets(config, folder, embeddings=mined)
+    test = heldout = None
+    if test_dir is not None:
+        test_folder = scan_folder(test_dir)
+        test = (test_folder, plan.prepare(decode_all(test_folder.paths, size)))
+    if heldout_dir is not None:
+        heldout_folder = scan_folder(heldout_dir)
+        heldout = (heldout_folder, decode_all(heldout_folder.paths, size))  # the few-shot callback embeds pixels
+    return _Data(folder, inputs, labels, triplets, test, heldout)
+
+
+def _offline_batches(config: Config, plan: _Plan, data: _Data) -> _Batches:
     """Triplet-table batches for training, and for validation when the test folder allows."""
-    augment = _augmenter(config)
     batch = config.train.batch_size
-    train_index = _index_triplets(triplets, {p: i for i, p in enumerate(folder.paths)})
-    train_data = plan.dataset(inputs, train_index, batch, shuffle_seed=config.train.seed, augment=augment)
-    if test is None:
-        return train_data, None, None
-    test_folder, test_inputs = test
+    train_index = _index_triplets(data.triplets, {p: i for i, p in enumerate(data.folder.paths)})
+    train = plan.dataset(data.inputs, train_index, batch, shuffle_seed=config.train.seed, augment=_augmenter(config))
+    steps = max(1, -(-len(train_index) // batch))
+    if data.test is None:
+        return _Batches(train, None, steps)
+    test_folder, test_inputs = data.test
     try:
         val_table = generate_triplets(test_folder, "random", max_pairs_per_class=config.triplets.max_pairs_per_class,
                                       seed=config.train.seed)
-    except ValueError as exc:
+    except DatasetError as exc:
         log.warning("no validation triplets: %s", exc)
-        return train_data, None, None
+        return _Batches(train, None, steps)
     val_index = _index_triplets(val_table, {p: i for i, p in enumerate(test_folder.paths)})
-    return train_data, plan.dataset(test_inputs, val_index, batch, shuffle_seed=None), None
+    return _Batches(train, plan.dataset(test_inputs, val_index, batch, shuffle_seed=None), steps)
 
 
-def _online_data(config, inputs, labels, test, done: int):
-    """P x K batches for the remaining epochs (drawn lazily), validation batches, and the steps per epoch."""
+def _online_batches(config: Config, data: _Data, done: int) -> _Batches:
+    """P x K batches for the remaining epochs (drawn lazily, one epoch at a time), and validation batches."""
     p, k = config.train.classes_per_batch, config.train.images_per_class
-    steps = config.train.steps_per_epoch or max(1, -(-len(inputs) // (p * k)))
+    labels = data.labels
+    steps = config.train.steps_per_epoch or max(1, -(-len(data.inputs) // (p * k)))
     pk_batches(labels, p, k, 0, seed=0)  # fail now, not inside tf.data, when no batch can be drawn
-    train_data = pk_dataset(
-        inputs, labels, lambda: pk_epochs(labels, p, k, steps, config.train.seed, done, config.train.epochs),
-        steps * (config.train.epochs - done), augment=_augmenter(config))
-    validation = None
-    if test is not None:
-        test_folder, test_inputs = test
-        try:
-            val_rows = pk_batches(test_folder.labels, p, k, max(1, -(-len(test_inputs) // (p * k))), seed=0)
-        except ValueError as exc:
-            log.warning("no validation batches: %s", exc)
-        else:
-            validation = pk_dataset(test_inputs, test_folder.labels, lambda: iter(val_rows), len(val_rows))
-    return train_data, validation, steps
+    train = pk_dataset(data.inputs, labels,
+                       lambda: pk_epochs(labels, p, k, steps, config.train.seed, done, config.train.epochs),
+                       steps * (config.train.epochs - done), augment=_augmenter(config))
+    if data.test is None:
+        return _Batches(train, None, steps)
+    test_folder, test_inputs = data.test
+    try:
+        val_rows = pk_batches(test_folder.labels, p, k, max(1, -(-len(test_inputs) // (p * k))), seed=0)
+    except DatasetError as exc:
+        log.warning("no validation batches: %s", exc)
+        return _Batches(train, None, steps)
+    return _Batches(train, pk_dataset(test_inputs, test_folder.labels, lambda: iter(val_rows), len(val_rows)), steps)
 
 
 def _augmenter(config: Config):
     a = config.train.augment
     return augmentation_layers(a.rotation, a.shift, a.zoom, a.shear, a.flip, seed=config.train.seed) if a.active else None
+
+
+def _fit(config: Config, plan: _Plan, embedding: keras.Model, data: _Data, batches: _Batches, done: int,
+         checkpoint_dir: Path | None, callbacks: list[keras.callbacks.Callback], verbose) -> tuple[dict, int, int | None]:
+    """Compile, restore a checkpoint when resuming, fit; returns (history, kept epoch, collapse epoch)."""
+    online = config.train.mining != "offline"
+    model = plan.model
+    keep_best = KeepBestWeights(embedding, None if online else "val_loss" if batches.validation is not None else "loss")
+    model.compile(optimizer=make_optimizer(config.train, batches.steps))
+    model(plan.sample(np.zeros((1, *data.inputs.shape[1:]), np.float32)))  # build before fitting or loading
+    history: dict[str, list[float]] = {}
+    if done and checkpoint_dir is not None:
+        done, history = EpochCheckpoint.restore(checkpoint_dir, model, keep_best)
+        log.info("resuming from epoch %d of %d", done, config.train.epochs)
+    # order matters: few-shot adds to the logs, keep_best updates before the checkpoint saves
+    own: list[keras.callbacks.Callback] = []
+    if data.heldout is not None:
+        heldout_folder, heldout_images = data.heldout
+        own.append(FewShotEvaluation(embedding, heldout_images, heldout_folder.labels, n_way=config.evaluate.fewshot_way))
+    own.append(keep_best)
+    if checkpoint_dir is not None:
+        own.append(EpochCheckpoint(checkpoint_dir, keep_best, history))
+    guard = CollapseGuard(config.train.collapse_min_gap, config.train.collapse_patience, margin=config.model.margin)
+    if online:
+        own.append(guard)
+    fitted = model.fit(batches.train, validation_data=batches.validation, epochs=config.train.epochs,
+                       initial_epoch=done, steps_per_epoch=batches.steps, callbacks=[*own, *callbacks],
+                       verbose=verbose, shuffle=False)  # the tf.data pipeline shuffles, seeded
+    if checkpoint_dir is None:
+        history = {key: [float(v) for v in values] for key, values in fitted.history.items()}
+    return history, keep_best.best_epoch, guard.collapsed_at
 
 
 def train(
@@ -326,89 +282,44 @@ def train(
 ) -> TrainResult:
     """Train an embedding model with triplet loss; returns it with its loss history.
 
-    ``train.mining`` chooses the batches: ``offline`` trains on the triplet table
-    (given, or generated with ``triplets.strategy``); ``batch_all``, ``batch_hard``
-    or ``semihard`` sample P classes x K images per batch and mine inside it
-    (``triplets`` is then only a record). Validation batches come from ``test_dir``
-    when it has a class with two images; offline, the weights of the epoch with the lowest
-    validation loss are kept, online the last epoch's. ``train.augment`` transforms training batches on the fly.
-    With ``heldout_dir`` (classes never trained on), every epoch logs its N-way
-    one-shot accuracy (``fewshot_<N>way_1shot``).
-    With ``checkpoint_dir`` every epoch is checkpointed there, and ``resume`` carries
-    on from the last checkpoint (same config and data give the same batches).
-    With ``train.cache_frozen_features`` the frozen backbone layers run once per image
-    and only the layers after them train; with ``train.unique_batch_images`` each
-    distinct image of a triplet batch is embedded once. ``embedding`` is always the full model.
+    ``train.mining`` chooses the batches: ``offline`` trains on the triplet table, ``batch_all``,
+    ``batch_hard`` or ``semihard`` sample P classes x K images per batch and mine inside it.
+    Offline, the weights of the epoch with the lowest validation loss are kept; online, the last
+    epoch's. ``train.augment`` transforms training batches on the fly. With
+    ``train.cache_frozen_features`` the frozen backbone layers run once per image; with
+    ``train.unique_batch_images`` each distinct image of a triplet batch is embedded once.
+
+    Args:
+        config: the library config (model, triplets, train, evaluate).
+        train_dir: the training folder, ``<dir>/<class>/<image>``.
+        test_dir: a folder of the same shape for validation batches (when a class has two images).
+        triplets: the training triplet table; by default generated with ``triplets.strategy``
+            (offline) or left empty (online, where it is only a record).
+        callbacks: more Keras callbacks, run after the project's own.
+        verbose: Keras' progress output.
+        checkpoint_dir: checkpoint every epoch here (its parent must be writable; checked first).
+        resume: carry on from the checkpoint in ``checkpoint_dir`` (same config and data give
+            the same batches).
+        heldout_dir: classes never trained on; every epoch logs ``fewshot_<N>way_1shot``.
+
+    Returns:
+        A :class:`TrainResult`; its ``embedding`` is always the full network.
     """
-    if checkpoint_dir is not None:
-        ensure_writable(Path(checkpoint_dir).parent, "checkpoints")
+    online = config.train.mining != "offline"
+    if (config.train.augment.rotations_as_classes or config.train.augment.mirrors_as_classes) and not online:
+        raise ConfigError("train.augment.rotations_as_classes and mirrors_as_classes need online mining (train.mining)")
+    checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if checkpoint is not None:
+        ensure_writable(checkpoint.parent, "checkpoints")
     keras.utils.set_random_seed(config.train.seed)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
-    online = config.train.mining != "offline"
-    new_classes = config.train.augment.rotations_as_classes or config.train.augment.mirrors_as_classes
-    if new_classes and not online:
-        raise ConfigError("train.augment.rotations_as_classes and mirrors_as_classes need online mining (train.mining)")
-    folder = scan_folder(train_dir)
-    embedding = build_embedding_model(config.model)
-    size = config.model.input_size
-    plan = _plan(config, embedding)
-    images, labels = decode_all(folder.paths, size), folder.labels
-    if new_classes:
-        images, labels, _ = add_transformed_classes(images, labels, folder.class_names,
-                                                    rotations=config.train.augment.rotations_as_classes,
-                                                    mirrors=config.train.augment.mirrors_as_classes)
-    inputs = plan.prepare(images)
-    del images
-    if triplets is None:
-        if online:
-            triplets = pd.DataFrame(columns=TRIPLET_COLUMNS)
-        else:  # mining embeds the already decoded (and trunk-cached) images
-            mined = None if config.triplets.strategy == "random" else predict_array(
-                plan.model.embedding, inputs, config.evaluate.embed_batch_size)
-            triplets = mine_triplets(config, folder, embeddings=mined)
-    test = None
-    if test_dir is not None:
-        test_folder = scan_folder(test_dir)
-        test = (test_folder, plan.prepare(decode_all(test_folder.paths, size)))
 
-    model = plan.model
-    keep_best = KeepBestWeights(embedding)
-    done, history = 0, {}
-    if resume and checkpoint_dir is not None:
-        done = EpochCheckpoint.saved_epochs(Path(checkpoint_dir))
-    if online:
-        train_data, validation, steps = _online_data(config, inputs, labels, test, done)
-    else:
-        train_data, validation, steps = _offline_data(config, plan, folder, inputs, triplets, test)
-    keep_best.monitor = None if online else "val_loss" if validation is not None else "loss"
-    model.compile(optimizer=make_optimizer(config.train, steps or -(-len(triplets) // config.train.batch_size)))
-    model(plan.sample(np.zeros((1, *inputs.shape[1:]), np.float32)))  # build before fitting or loading
-    if done:
-        done, history = EpochCheckpoint.restore(Path(checkpoint_dir), model, keep_best)
-        log.info("resuming from epoch %d of %d", done, config.train.epochs)
-    # order matters: few-shot adds to the logs, keep_best updates before the checkpoint saves
-    steps_callbacks: list[keras.callbacks.Callback] = []
-    if heldout_dir is not None:
-        heldout = scan_folder(heldout_dir)
-        steps_callbacks.append(FewShotEvaluation(embedding, decode_all(heldout.paths, size), heldout.labels,
-                                                 n_way=config.evaluate.fewshot_way))
-    steps_callbacks.append(keep_best)
-    if checkpoint_dir is not None:
-        steps_callbacks.append(EpochCheckpoint(Path(checkpoint_dir), keep_best, history))
-    if online:
-        steps_callbacks.append(CollapseGuard(config.train.collapse_min_gap, config.train.collapse_patience,
-                                             margin=config.model.margin))
-    fitted = model.fit(
-        train_data,
-        validation_data=validation,
-        epochs=config.train.epochs,
-        initial_epoch=done,
-        steps_per_epoch=steps,
-        callbacks=[*steps_callbacks, *(callbacks or [])],
-        verbose=verbose,
-        shuffle=False,  # the tf.data pipeline shuffles, seeded
-    )
-    if checkpoint_dir is None:
-        history = {key: [float(v) for v in values] for key, values in fitted.history.items()}
-    return TrainResult(embedding, history, triplets, keep_best.best_epoch, folder)
+    embedding = build_embedding_model(config.model)
+    plan = _plan(config, embedding)
+    data = _prepare_data(config, plan, train_dir, test_dir, heldout_dir, triplets)
+    done = EpochCheckpoint.saved_epochs(checkpoint) if resume and checkpoint is not None else 0
+    batches = _online_batches(config, data, done) if online else _offline_batches(config, plan, data)
+    history, best_epoch, collapsed_at = _fit(config, plan, embedding, data, batches, done, checkpoint,
+                                             callbacks or [], verbose)
+    return TrainResult(embedding, history, data.triplets, best_epoch, data.folder, collapsed_at)

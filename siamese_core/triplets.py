@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 from .data import ImageFolder
+from .distance import squared_distances
 from .errors import ConfigError, DatasetError
-from .gallery import squared_distances
 from .io import atomic_path
 
 STRATEGIES = ("random", "hard", "semihard")
@@ -82,6 +82,7 @@ def generate_triplets(
         if strategy == "random":
             negatives = others[rng.integers(0, len(others), size=len(pairs))]
         else:
+            assert embeddings is not None  # checked above: mining needs one embedding per image
             anchor_rows = squared_distances(embeddings[members], embeddings)[pairs[:, 0]]
             ap_distance = anchor_rows[np.arange(len(pairs)), positives]
             negatives = others[pick_negatives(ap_distance, anchor_rows[:, others], strategy, margin)]

@@ -11,6 +11,7 @@ import hashlib
 import os
 import statistics
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +21,10 @@ from PIL import Image
 
 from .data import UNKNOWN, ImageFolder, max_image_pixels, scan_folder
 from .errors import DatasetError
+
+# Warning limits: class sizes further apart than this ratio; images with a side under MIN_SIDE pixels.
+IMBALANCE_RATIO = 10.0
+MIN_SIDE = 16
 
 Level = Literal["error", "warning"]  # an error makes the dataset unusable; a warning is reported and passed
 
@@ -129,13 +134,13 @@ def _stats(values: list[int]) -> dict:
 
 
 def _split_summary(folder: ImageFolder, infos: dict[str, ImageInfo]) -> dict:
-    good = [infos[p] for p in folder.paths if infos[p].problem is None]
+    good = [infos[p] for p in folder.paths if infos[p].problem is None and infos[p].size is not None]
     return {
         "classes": len(folder.class_names),
         "images": len(folder.paths),
         "images_per_class": _stats(list(Counter(folder.labels.tolist()).values())),
-        "width": _stats([i.size[0] for i in good]),
-        "height": _stats([i.size[1] for i in good]),
+        "width": _stats([i.size[0] for i in good if i.size]),
+        "height": _stats([i.size[1] for i in good if i.size]),
         "formats": dict(Counter(i.format for i in good)),
         "modes": dict(Counter(i.mode for i in good)),
     }
@@ -146,21 +151,54 @@ def validate_dataset(
     test_dir: str | os.PathLike,
     open_set: bool = False,
     strict: bool = False,
-    imbalance_ratio: float = 10.0,
-    min_side: int = 16,
+    imbalance_ratio: float = IMBALANCE_RATIO,
+    min_side: int = MIN_SIDE,
     max_pixels: int | None = None,
 ) -> ValidationReport:
     """Check a train/test folder pair and return every finding with a summary.
 
-    ``open_set`` allows test classes that are not in train; ``strict`` turns
-    train/test leakage into an error. ``max_pixels`` defaults to :func:`~siamese_core.data.max_image_pixels`,
-    the limit every decode applies.
+    Args:
+        train_dir: the training folder, ``<dir>/<class>/<image>``.
+        test_dir: the test folder of the same shape.
+        open_set: allow test classes that are not in train (else an error).
+        strict: the same image in train and test is an error (else a warning).
+        imbalance_ratio: warn when the largest class is more than this many times the smallest.
+        min_side: warn about images with a side under this many pixels.
+        max_pixels: refuse images over this many pixels from the header; by default
+            :func:`~siamese_core.data.max_image_pixels`, the limit every decode applies.
+
+    Returns:
+        A :class:`ValidationReport`: ``ok`` when no finding is an error; the findings by code,
+        each with its paths; a summary per split.
     """
     report = ValidationReport(str(train_dir), str(test_dir))
-    max_pixels = max_pixels or max_image_pixels()
     add = report.findings.append
+    folders = _scan_splits({"train": train_dir, "test": test_dir}, add)
+    paths = [p for folder in folders.values() for p in folder.paths]
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        infos = {i.path: i for i in pool.map(lambda p: inspect_image(p, max_pixels or max_image_pixels()), paths)}
+    _image_findings(infos, add)
+    train, test = folders.get("train"), folders.get("test")
+    if train is not None:
+        _train_findings(train, infos, imbalance_ratio, add)
+    for folder in folders.values():
+        _duplicates(folder, infos, add)
+    if train is not None and test is not None:
+        _pair_findings(train, test, infos, open_set, strict, add)
+    tiny = sorted(i.path for i in infos.values() if i.size and min(i.size) < min_side)
+    if tiny:
+        add(Finding("warning", "tiny", f"{len(tiny)} images are smaller than {min_side} px on a side", tiny))
+    report.summary = {"splits": {split: _split_summary(folder, infos) for split, folder in folders.items()}}
+    return report
+
+
+Add = Callable[[Finding], None]
+
+
+def _scan_splits(roots: dict[str, str | os.PathLike], add: Add) -> dict[str, ImageFolder]:
+    """Scan each split's folder; what cannot be scanned, what was passed over and reserved names become findings."""
     folders: dict[str, ImageFolder] = {}
-    for split, root in (("train", train_dir), ("test", test_dir)):
+    for split, root in roots.items():
         try:
             folders[split] = scan_folder(root)
         except DatasetError as exc:
@@ -172,64 +210,60 @@ def validate_dataset(
         if UNKNOWN in folder.class_names:
             add(Finding("error", "reserved_name", f"{split}: a class is named '{UNKNOWN}', the label given to images "
                         "of no known class; rename the folder", [str(Path(folder.root) / UNKNOWN)]))
-    all_paths = [p for folder in folders.values() for p in folder.paths]
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        infos = {i.path: i for i in pool.map(lambda p: inspect_image(p, max_pixels), all_paths)}
+    return folders
 
-    by_problem: dict[str, list[str]] = defaultdict(list)
+
+def _image_findings(infos: dict[str, ImageInfo], add: Add) -> None:
+    """One error per kind of unusable image (corrupt, empty, refused), and one when none is usable."""
+    by_kind: dict[str, list[str]] = defaultdict(list)
     for info in infos.values():
         if info.kind:
-            by_problem[info.kind].append(f"{info.path}: {info.problem}")
+            by_kind[info.kind].append(f"{info.path}: {info.problem}")
     messages = {"corrupt": "corrupt, truncated or unreadable images", "empty": "zero-byte files",
                 "refused": "images over the pixel limit (not decoded)"}
-    for kind, entries in by_problem.items():
+    for kind, entries in by_kind.items():
         add(Finding("error", kind, f"{len(entries)} {messages[kind]}; fix or remove them", sorted(entries)))
-
-    if all_paths and all(infos[p].problem for p in all_paths):
+    if infos and all(info.problem for info in infos.values()):
         add(Finding("error", "no_images", "no readable image at all"))
 
-    train, test = folders.get("train"), folders.get("test")
-    if train is not None:
-        counts = Counter(train.label_names)
-        usable = {name: sum(1 for p, l in zip(train.paths, train.label_names) if l == name and not infos[p].problem)
-                  for name in train.class_names}
-        single = sorted(name for name, n in usable.items() if n < 2)
-        if single:
-            add(Finding("error", "small_class", f"train: {len(single)} classes have fewer than 2 readable images "
-                        f"(no anchor-positive pair): {', '.join(single[:10])}",
-                        [str(Path(train.root) / n) for n in single]))
-        if len(train.class_names) < 2:
-            add(Finding("error", "few_classes", "train: triplets need at least 2 classes"))
-        if counts and max(counts.values()) > imbalance_ratio * max(1, min(counts.values())):
-            add(Finding("warning", "imbalance", f"train: class sizes range from {min(counts.values())} to "
-                        f"{max(counts.values())} images (more than {imbalance_ratio:g}x)"))
-        _duplicates(train, infos, add)
-    if test is not None:
-        _duplicates(test, infos, add)
-    if train is not None and test is not None:
-        unknown = sorted(set(test.class_names) - set(train.class_names))
-        if unknown and not open_set:
-            add(Finding("error", "unknown_test_class", f"test: {len(unknown)} classes are not in train and cannot be "
-                        f"predicted: {', '.join(unknown[:10])} (enable open-set evaluation to allow this)",
-                        [str(Path(test.root) / n) for n in unknown]))
-        untested = sorted(set(train.class_names) - set(test.class_names))
-        if untested:
-            add(Finding("warning", "untested_class", f"{len(untested)} train classes have no test images: "
-                        f"{', '.join(untested[:10])}"))
-        train_hashes = {infos[p].sha256: p for p in train.paths if infos[p].sha256}
-        leaked = [f"{p} = {train_hashes[infos[p].sha256]}" for p in test.paths if infos[p].sha256 in train_hashes]
-        if leaked:
-            add(Finding("error" if strict else "warning", "leakage",
-                        f"{len(leaked)} test images are also in train (leakage)", leaked))
-    tiny = sorted(i.path for i in infos.values() if i.size and min(i.size) < min_side)
-    if tiny:
-        add(Finding("warning", "tiny", f"{len(tiny)} images are smaller than {min_side} px on a side", tiny))
-    report.summary = {"splits": {split: _split_summary(folder, infos) for split, folder in folders.items()}}
-    return report
+
+def _train_findings(train: ImageFolder, infos: dict[str, ImageInfo], imbalance_ratio: float, add: Add) -> None:
+    """Classes too small for a pair, too few classes, and imbalance."""
+    counts = Counter(train.label_names)
+    usable = Counter(label for path, label in zip(train.paths, train.label_names) if not infos[path].problem)
+    single = sorted(name for name in train.class_names if usable[name] < 2)
+    if single:
+        add(Finding("error", "small_class", f"train: {len(single)} classes have fewer than 2 readable images "
+                    f"(no anchor-positive pair): {', '.join(single[:10])}",
+                    [str(Path(train.root) / n) for n in single]))
+    if len(train.class_names) < 2:
+        add(Finding("error", "few_classes", "train: triplets need at least 2 classes"))
+    if counts and max(counts.values()) > imbalance_ratio * max(1, min(counts.values())):
+        add(Finding("warning", "imbalance", f"train: class sizes range from {min(counts.values())} to "
+                    f"{max(counts.values())} images (more than {imbalance_ratio:g}x)"))
+
+
+def _pair_findings(train: ImageFolder, test: ImageFolder, infos: dict[str, ImageInfo], open_set: bool,
+                   strict: bool, add: Add) -> None:
+    """Test classes absent from train, train classes without tests, and the same image in both."""
+    unknown = sorted(set(test.class_names) - set(train.class_names))
+    if unknown and not open_set:
+        add(Finding("error", "unknown_test_class", f"test: {len(unknown)} classes are not in train and cannot be "
+                    f"predicted: {', '.join(unknown[:10])} (enable open-set evaluation to allow this)",
+                    [str(Path(test.root) / n) for n in unknown]))
+    untested = sorted(set(train.class_names) - set(test.class_names))
+    if untested:
+        add(Finding("warning", "untested_class", f"{len(untested)} train classes have no test images: "
+                    f"{', '.join(untested[:10])}"))
+    train_hashes = {infos[p].sha256: p for p in train.paths if infos[p].sha256}
+    leaked = [f"{p} = {train_hashes[infos[p].sha256]}" for p in test.paths if infos[p].sha256 in train_hashes]
+    if leaked:
+        add(Finding("error" if strict else "warning", "leakage",
+                    f"{len(leaked)} test images are also in train (leakage)", leaked))
 
 
 # How each kind of entry scan_folder passed over is reported: level and message.
-_SKIPPED_FINDINGS = {
+_SKIPPED_FINDINGS: dict[str, tuple[Level, str]] = {
     "bad_name": ("error", "names are not valid UTF-8 and cannot be recorded or logged; rename them"),
     "hidden": ("warning", "hidden folders (names starting with a dot) were skipped with their images"),
     "nested_folder": ("warning", "folders inside class folders were skipped (images must sit directly in the class folder)"),
@@ -240,7 +274,7 @@ _SKIPPED_FINDINGS = {
 }
 
 
-def _skipped_findings(split: str, folder: ImageFolder, add) -> None:
+def _skipped_findings(split: str, folder: ImageFolder, add: Add) -> None:
     by_reason: dict[str, list[str]] = defaultdict(list)
     for path, reason in folder.skipped:
         by_reason[reason].append(path)
@@ -249,7 +283,7 @@ def _skipped_findings(split: str, folder: ImageFolder, add) -> None:
         add(Finding(level, reason, f"{split}: {len(paths)} {message}", paths))
 
 
-def _duplicates(folder: ImageFolder, infos: dict[str, ImageInfo], add) -> None:
+def _duplicates(folder: ImageFolder, infos: dict[str, ImageInfo], add: Add) -> None:
     seen: dict[tuple[str, int], str] = {}
     dupes = []
     for path, label in zip(folder.paths, folder.labels.tolist()):

@@ -16,20 +16,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest
 import yaml
+from tiny import TINY_NETWORK
 
 REPO = Path(__file__).resolve().parents[1]
 
 # The smallest run that still goes through every stage: 1 epoch on the demo data cut down by TINY_DATA.
 TINY_DATA = {"classes": 6, "per_class": 5}  # 6 known classes (4 train, 1 test image) and 6 held-out (5 images)
 TINY_PARAMS = {
+    **{f"model.{key}": value for key, value in TINY_NETWORK.items()},
     "train.classes_per_batch": 6,
     "train.images_per_class": 4,
     "evaluate.fewshot_episodes": 20,
-    "model.backbone": "small_cnn",
-    "model.weights": None,
-    "model.input_size": 32,
-    "model.head_units": [16],
-    "model.embedding_dim": 8,
     "triplets.max_pairs_per_class": 10,
     "train.epochs": 1,
     "train.batch_size": 16,

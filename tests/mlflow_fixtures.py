@@ -8,6 +8,7 @@ from pathlib import Path
 
 import keras
 from images import make_digits_dataset
+from tiny import TINY_NETWORK
 
 from pipelines.params import PipelineParams
 from siamese_core.config import Config, apply_overrides
@@ -17,11 +18,7 @@ from siamese_core.recognizer import SiameseRecognizer, build_gallery
 from siamese_core.train import train
 
 TINY_MODEL = {
-    "weights": None,
-    "backbone": "small_cnn",
-    "input_size": 32,
-    "head_units": [16],
-    "embedding_dim": 8,
+    **TINY_NETWORK,
     "learning_rate": 1e-3,
     "epochs": 1,
     "train.batch_size": 16,

@@ -6,13 +6,13 @@ import sys
 
 import pytest
 from images import make_digits_dataset
+from tiny import tiny_set_options
 from typer.testing import CliRunner
 
 from pipelines.cli import app
 
 runner = CliRunner()
-TINY = ["--set", "weights=null", "--set", "backbone=small_cnn", "--set", "input_size=32",
-        "--set", "head_units=[16]", "--set", "embedding_dim=8", "--set", "learning_rate=0.003"]
+TINY = tiny_set_options(learning_rate=0.003)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_predict_against_another_gallery(trained):
 
 def test_evaluate_reports_what_the_pipeline_reports(trained):
     from siamese_core.data import scan_folder
-    from siamese_core.metrics import assess
+    from siamese_core.evaluation import assess
     from siamese_core.recognizer import SiameseRecognizer
 
     train_dir, test_dir, bundle = trained

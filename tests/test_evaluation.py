@@ -7,11 +7,12 @@ import pytest
 from mlflow_fixtures import untrained_recognizer
 
 from siamese_core.config import apply_overrides
+from siamese_core.distance import squared_distances
 from siamese_core.errors import BundleError, DatasetError
+from siamese_core.evaluation import assess
 from siamese_core.gallery import Match
 from siamese_core.metrics import (
     accuracy_report,
-    assess,
     average_precision_at_r,
     calibrate_threshold,
     cross_fitted_calibration,
@@ -158,11 +159,19 @@ def test_assess_scores_baselines_open_set_and_few_shot(untrained):
     recognizer, train, test, heldout = untrained
     result = assess(recognizer, test, train, heldout)
     report = result.report
-    assert report["n_queries"] == len(test) and 0 <= report["map_at_r"] <= 1
+    queries = recognizer.embed(test.paths)
+    gallery = recognizer.gallery
+    assert report["n_queries"] == len(test)
+    assert report["map_at_r"] == pytest.approx(float(np.nanmean(average_precision_at_r(
+        squared_distances(queries, gallery.embeddings), test.label_names,
+        np.asarray(gallery.class_names)[gallery.labels]))))
     assert set(report["baseline_raw_pixels"]) >= {"top1", "top5", "map_at_r"}
     # the untrained baseline is this very network: the same figures
     assert report["baseline_untrained"]["top1"] == report["top1"]
-    assert report["calibration"]["threshold"] >= 0 and report["open_set"]["n_unknown"] == len(heldout)
+    nearest = [m.distance for m in gallery.search(queries, 1)]
+    correct = [m.label == t for m, t in zip(gallery.search(queries, 1), test.label_names)]
+    assert report["calibration"]["threshold"] == calibrate_threshold(nearest, correct)["threshold"]
+    assert report["open_set"]["n_unknown"] == len(heldout)
     assert report["fewshot"]["1shot"]["n_way"] == 2 and report["fewshot"]["5shot"]["n_way"] == 2
     assert any("2-way instead of 20-way" in note for note in report["notes"])
     assert len(result.unknown_distances) == len(heldout) and result.correct.shape == (len(test),)

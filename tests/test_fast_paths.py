@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from images import make_digits_dataset
+from tiny import TINY_NETWORK
 
 from siamese_core.config import Config, ModelConfig, apply_overrides
 from siamese_core.embed import embed_images
@@ -16,8 +17,7 @@ from siamese_core.model import (
 from siamese_core.train import train
 
 # small_cnn with its first two blocks frozen: a trunk with weights, and a trainable top
-FROZEN = dict(backbone="small_cnn", weights=None, input_size=32, head_units=[16], embedding_dim=8,
-              trainable_from="block3_conv")
+FROZEN = dict(TINY_NETWORK, trainable_from="block3_conv")
 
 
 def _images(n, seed=0, size=32):

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from siamese_core.gallery import Gallery, squared_distances
+from siamese_core.distance import squared_distances
+from siamese_core.gallery import Gallery
 
 
 def test_squared_distances_match_brute_force():

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from tiny import TINY_NETWORK
 
 from siamese_core.config import ModelConfig
 from siamese_core.errors import WeightsUnavailableError
@@ -13,7 +14,7 @@ from siamese_core.model import (
     triplet_loss,
 )
 
-TINY = dict(backbone="small_cnn", weights=None, input_size=32, head_units=[16], embedding_dim=8)
+TINY = TINY_NETWORK
 
 
 def _count(weights):

@@ -9,9 +9,9 @@ from contextlib import contextmanager
 
 import pytest
 from images import make_digits_dataset
+from tiny import tiny_set_options
 
-TINY = ["--set", "weights=null", "--set", "backbone=small_cnn", "--set", "input_size=32",
-        "--set", "head_units=[16]", "--set", "embedding_dim=8", "--epochs", "2"]
+TINY = [*tiny_set_options(), "--epochs", "2"]
 
 
 @contextmanager

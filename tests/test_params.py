@@ -25,7 +25,6 @@ def _with(tmp_path: Path, edit) -> Path:
 
 def test_params_yaml_validates_and_is_the_cpu_demo():
     params = load_params(REPO / "params.yaml")
-    assert isinstance(params, PipelineParams)
     assert params.model.backbone == "small_cnn" and params.model.weights is None
     assert (params.data.train_dir, params.data.heldout_dir) == ("data/demo/train", "data/demo/heldout")
     assert params.triplets.max_pairs_per_class is not None

@@ -148,8 +148,9 @@ def test_dvc_repro_tracks_one_run_and_reruns_only_what_a_param_change_touches(tm
     assert json.loads((repo / "artifacts/registration.json").read_text())["version"] == "2"
     assert len(json.loads((repo / "artifacts/train/history.json").read_text())["history"]["loss"]) == 2
 
-    metrics = json.loads(run(*dvc, "metrics", "show", "--json"))
-    assert "top1" in json.dumps(metrics)
+    shown = json.loads(run(*dvc, "metrics", "show", "--json"))
+    [workspace] = shown.values()
+    assert workspace["data"]["metrics.json"]["data"] == json.loads((repo / "metrics.json").read_text())
     assert "plots/images/confusion.png" in run(*dvc, "plots", "show", "--json")
     run(*dvc, "plots", "show", "-o", "dvc_plots")
     page = (repo / "dvc_plots/index.html").read_text()

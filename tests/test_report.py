@@ -9,7 +9,7 @@ import pytest
 from mlflow_fixtures import untrained_recognizer
 from PIL import Image
 
-from siamese_core.metrics import assess
+from siamese_core.evaluation import assess
 from siamese_core.report import (
     MAX_TICK_LABELS,
     confusion_figure,
