@@ -34,6 +34,9 @@ SetOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+DaskOption = Annotated[str | None, typer.Option(
+    "--dask-address", help="Embed large image sets in shards on this Dask scheduler (tcp://host:8786); "
+    "default $SIAMESE_DASK_ADDRESS, else in this process.")]
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -196,6 +199,7 @@ def evaluate(
     ] = True,
     top_k: Annotated[int | None, typer.Option(
         "--top-k", min=1, help="k for top-k accuracy (default: the bundle's evaluate.top_k).")] = None,
+    dask_address: DaskOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Score a bundle on a test folder as the pipeline's evaluate stage does.
@@ -206,6 +210,7 @@ def evaluate(
     """
 
     def body():
+        from siamese_core import sharding
         from siamese_core.data import scan_folder
         from siamese_core.evaluation import assess
         from siamese_core.recognizer import SiameseRecognizer
@@ -216,8 +221,9 @@ def evaluate(
         recognizer.config = recognizer.config.model_copy(update={"evaluate": settings})
         heldout = scan_folder(heldout_dir) if heldout_dir else None
         gallery_images = recognizer.gallery.image_folder() if baselines else None
-        report = assess(recognizer, scan_folder(test_dir), gallery_images, heldout,
-                        seed=recognizer.config.train.seed).report
+        with sharding.on_dask(sharding.dask_address(dask_address)):
+            report = assess(recognizer, scan_folder(test_dir), gallery_images, heldout,
+                            seed=recognizer.config.train.seed).report
         if as_json:
             typer.echo(json.dumps(report, ensure_ascii=False))
             return
@@ -266,6 +272,7 @@ def enroll(
         "--out", help="Bundle only: write the enlarged bundle here (default: in place).")] = None,
     promote: Annotated[bool, typer.Option(
         "--promote", help="Registry only: make the new version the champion (default: alias 'enrolled').")] = False,
+    dask_address: DaskOption = None,
 ) -> None:
     """Add classes or images to a gallery without retraining.
 
@@ -275,6 +282,12 @@ def enroll(
     """
 
     def body():
+        from siamese_core import sharding
+
+        with sharding.on_dask(sharding.dask_address(dask_address)):
+            enrol()
+
+    def enrol():
         if model.startswith("models:/"):
             if out is not None:
                 _fail("--out is for a bundle folder; a registry model gets a new version instead")

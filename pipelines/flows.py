@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,35 @@ def run_stage(name: str, params: PipelineParams, workspace: str, run_id: str) ->
     result = stages.STAGE_FUNCTIONS[name](params, root, run)
     stagecache.store(spec, key, params, root, result)
     return result
+
+
+@task(name="embed-shard", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def embed_shard_task(function: Callable, item: Any) -> Any:
+    """One shard of an embedding job, on a Dask worker; retried when it fails or its worker dies."""
+    return function(item)
+
+
+@contextmanager
+def dask_sharding(params: PipelineParams) -> Iterator[None]:
+    """With ``compute.dask_address`` ($SIAMESE_DASK_ADDRESS) set, the stages' large embedding jobs
+    run as ``embed-shard`` tasks on prefect-dask's DaskTaskRunner connected to that cluster."""
+    from siamese_core import sharding
+
+    address = sharding.dask_address(params.compute.dask_address)
+    if address is None:
+        yield
+        return
+    from prefect.utilities.annotations import unmapped
+    from prefect_dask import DaskTaskRunner
+
+    with DaskTaskRunner(address=address) as runner:
+
+        def mapper(function: Callable, items: list) -> list:
+            futures = runner.map(embed_shard_task, parameters={"function": unmapped(function), "item": items})
+            return [future.result() for future in futures]
+
+        with sharding.sharded(mapper, params.compute.shard_size):
+            yield
 
 
 @task(name="register", cache_policy=NO_CACHE)
@@ -154,7 +185,7 @@ def training_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | 
     run.set_tags({"workspace": str(workspace.resolve())})
     get_run_logger().info("workspace %s, MLflow run %s", workspace, run.run_id)
     try:
-        with run.system_metrics():
+        with run.system_metrics(), dask_sharding(params):
             for name in specs:
                 if name != "register":
                     run_stage.with_options(name=name)(name, params, str(workspace), run.run_id)

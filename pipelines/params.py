@@ -18,6 +18,7 @@ from siamese_core.config import (
     validate_config,
 )
 from siamese_core.errors import ConfigError
+from siamese_core.sharding import DEFAULT_SHARD_SIZE
 from siamese_core.validation import IMBALANCE_RATIO, MIN_SIDE
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -49,6 +50,15 @@ class RegisterConfig(Section):
     greater_is_better: bool = True
 
 
+class ComputeConfig(Section):
+    """Where large embedding jobs run: this process, or a Dask cluster in shards of files."""
+
+    dask_address: str | None = Field(
+        None, description="Dask scheduler address (tcp://host:8786) for gallery, evaluation and enrolment "
+        "embedding; $SIAMESE_DASK_ADDRESS overrides it; null runs in this process.")
+    shard_size: int = Field(DEFAULT_SHARD_SIZE, ge=1, description="Image files per shard sent to a worker.")
+
+
 class ScheduleConfig(Section):
     """When the retraining deployment runs."""
 
@@ -69,6 +79,7 @@ class PipelineParams(Config):
     data: DataConfig = Field(default_factory=DataConfig)
     register: RegisterConfig = Field(default_factory=RegisterConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
 
     def core(self) -> Config:
         """The library part of the params."""

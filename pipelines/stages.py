@@ -15,8 +15,8 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from siamese_core.config import parse_set_options
@@ -134,13 +134,24 @@ def train(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
     return {"best_epoch": result.best_epoch, **last}
 
 
+@contextmanager
+def sharded_embedding(params: PipelineParams) -> Iterator[None]:
+    """Embed large file lists on the Dask cluster of ``compute.dask_address`` ($SIAMESE_DASK_ADDRESS)
+    inside the block, unless the caller (a flow, on its Dask task runner) already shards them."""
+    from siamese_core import sharding
+
+    with sharding.on_dask(sharding.dask_address(params.compute.dask_address), params.compute.shard_size):
+        yield
+
+
 def embed(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
     """Embed the training images with the trained model into the bundle artifacts/bundle/."""
     from siamese_core.data import scan_folder
     from siamese_core.recognizer import MODEL_FILE, load_embedding, save_trained_bundle
 
-    gallery = save_trained_bundle(load_embedding(root / TRAINED / MODEL_FILE), scan_folder(params.data.train_dir),
-                                  params.core(), root / BUNDLE, read_json(root / TRAINED / HISTORY_FILE)).gallery
+    with sharded_embedding(params):
+        gallery = save_trained_bundle(load_embedding(root / TRAINED / MODEL_FILE), scan_folder(params.data.train_dir),
+                                      params.core(), root / BUNDLE, read_json(root / TRAINED / HISTORY_FILE)).gallery
     log.info("embed: gallery of %d images in %d classes", len(gallery), len(gallery.class_names))
     return {"gallery_size": len(gallery), "classes": len(gallery.class_names)}
 
@@ -162,8 +173,9 @@ def evaluate(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
     recognizer = SiameseRecognizer.load(root / BUNDLE)
     recognizer.config = recognizer.config.model_copy(update={"evaluate": params.evaluate})
     heldout = scan_folder(params.data.heldout_dir) if params.data.heldout_dir else None
-    assessment = assess(recognizer, scan_folder(params.data.test_dir), scan_folder(params.data.train_dir), heldout,
-                        seed=recognizer.config.train.seed)
+    with sharded_embedding(params):
+        assessment = assess(recognizer, scan_folder(params.data.test_dir), scan_folder(params.data.train_dir),
+                            heldout, seed=recognizer.config.train.seed)
     report = assessment.report
     history = read_json(root / TRAINED / HISTORY_FILE)["history"]
     loss, val_loss = history.get("loss", []), history.get("val_loss", [])

@@ -88,8 +88,21 @@ def predict_array(model, rows: np.ndarray, batch_size: int = 64) -> np.ndarray:
     return out
 
 
-def embed_images(model, sources: Sequence[ImageSource], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-    """Embed images with ``model`` in batches; returns ``(n, dim)`` float32."""
+def embed_images(model, sources: Sequence[ImageSource], batch_size: int = 64, progress: bool = False,
+                 shardable: bool = True) -> np.ndarray:
+    """Embed images with ``model`` in batches; returns ``(n, dim)`` float32.
+
+    Inside :func:`siamese_core.sharding.sharded`, image files embedded by a network loaded
+    from a file go out in shards to the mapper (a Dask cluster); the rows come back in order.
+    """
+    from . import sharding
+
+    in_force = sharding.active()
+    source_file = getattr(model, "source_file", None)
+    if (shardable and in_force and source_file and len(sources) > in_force[1]
+            and all(isinstance(s, (str, os.PathLike)) for s in sources)):
+        mapper, shard_size = in_force
+        return sharding.embed_sharded(str(source_file), [str(s) for s in sources], batch_size, mapper, shard_size)
     size = int(model.input_shape[1])
     out = np.empty((len(sources), int(model.output_shape[-1])), dtype=np.float32)
     batches = decoded_batches(sources, size, batch_size)

@@ -48,7 +48,9 @@ def load_embedding(path: str | os.PathLike) -> keras.Model:
     """Load a saved embedding network (a ``model.keras``): safe mode, uncompiled, the project's layers registered."""
     from . import model as _registers_custom_layers  # noqa: F401
 
-    return keras.saving.load_model(path, compile=False, safe_mode=True)
+    embedding = keras.saving.load_model(path, compile=False, safe_mode=True)
+    embedding.source_file = str(Path(path).resolve())  # where shards of a large embedding job load it from
+    return embedding
 
 
 def save_trained_bundle(embedding: keras.Model, train_folder: ImageFolder, config: Config, path: str | os.PathLike,

@@ -1,0 +1,108 @@
+"""Embedding large sets of image files in shards, on a Dask cluster or in this process.
+
+Inside ``with sharded(mapper):`` every :func:`~siamese_core.embed.embed_images` call on a
+network loaded from a file (:func:`~siamese_core.recognizer.load_embedding`, any bundle)
+splits its files into shards of ``shard_size`` and hands them to ``mapper``. Each shard
+is embedded where the mapper runs it: the worker loads the network from its file once,
+reads only its shard's files, in bounded batches, and sends back embeddings. The results
+come back in shard order, so rows, order and labels are those of the in-process path.
+Workers must see the same paths (one machine, or a shared file system).
+
+Mappers: :func:`dask_mapper` (a ``dask.distributed`` client at an address, with retries
+on a worker lost mid-shard), or the flows' Prefect tasks on ``prefect-dask``'s task runner.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+# mapper(function, items) -> [function(item) for item in items], computed wherever the mapper runs them
+Mapper = Callable[[Callable, list], list]
+DEFAULT_SHARD_SIZE = 512
+ADDRESS_VARIABLE = "SIAMESE_DASK_ADDRESS"
+
+_active: contextvars.ContextVar[tuple[Mapper, int] | None] = contextvars.ContextVar("siamese_mapper", default=None)
+
+
+@contextmanager
+def sharded(mapper: Mapper | None, shard_size: int = DEFAULT_SHARD_SIZE) -> Iterator[None]:
+    """Embed file lists in shards through ``mapper`` inside the block (``None``: leave things as they are)."""
+    if mapper is None:
+        yield
+        return
+    token = _active.set((mapper, shard_size))
+    try:
+        yield
+    finally:
+        _active.reset(token)
+
+
+def active() -> tuple[Mapper, int] | None:
+    """The mapper and shard size in force, if any."""
+    return _active.get()
+
+
+def dask_address(configured: str | None) -> str | None:
+    """The Dask scheduler to use: ``$SIAMESE_DASK_ADDRESS`` over the configured one; ``None`` is in-process."""
+    return os.environ.get(ADDRESS_VARIABLE) or configured or None
+
+
+@contextmanager
+def dask_mapper(address: str) -> Iterator[Mapper]:
+    """A mapper over the ``dask.distributed`` cluster at ``address``, for the block; a shard lost
+    with its worker is run again on another (Dask reschedules it; two retries on errors)."""
+    from distributed import Client
+
+    with Client(address, set_as_default=False) as client:
+
+        def run(function: Callable, items: list) -> list:
+            return client.gather(client.map(function, items, retries=2, pure=False))
+
+        yield run
+
+
+@contextmanager
+def on_dask(address: str | None, shard_size: int = DEFAULT_SHARD_SIZE) -> Iterator[None]:
+    """Inside the block, embed large file lists on the Dask cluster at ``address`` (``None``: in this
+    process), unless a mapper is already in force (a flow's, on its Dask task runner)."""
+    if address is None or active() is not None:
+        yield
+        return
+    with dask_mapper(address) as mapper, sharded(mapper, shard_size):
+        yield
+
+
+def shards(sources: Sequence, shard_size: int) -> list[list]:
+    """``sources`` cut into consecutive shards of at most ``shard_size``."""
+    return [list(sources[i : i + shard_size]) for i in range(0, len(sources), shard_size)]
+
+
+def embed_shard(task: tuple[str, list[str], int]) -> np.ndarray:
+    """Worker side: embed one shard of image files with the network saved at ``model_file``."""
+    from .embed import embed_images
+
+    model_file, paths, batch_size = task
+    stat = os.stat(model_file)
+    return embed_images(_load(model_file, stat.st_size, stat.st_mtime_ns), paths, batch_size, shardable=False)
+
+
+@functools.lru_cache(maxsize=2)
+def _load(model_file: str, size: int, mtime_ns: int):
+    """The network of ``model_file``, loaded once per worker process (a changed file is a new key)."""
+    from .recognizer import load_embedding
+
+    return load_embedding(Path(model_file))
+
+
+def embed_sharded(model_file: str, sources: Sequence[str], batch_size: int, mapper: Mapper,
+                  shard_size: int) -> np.ndarray:
+    """Embed image files shard by shard through ``mapper``; rows in the order of ``sources``."""
+    tasks = [(model_file, shard, batch_size) for shard in shards(sources, shard_size)]
+    return np.concatenate(mapper(embed_shard, tasks)).astype(np.float32, copy=False)

@@ -1,0 +1,101 @@
+"""Embedding in shards on a local Dask cluster of two worker processes: the same rows as in-process,
+a worker killed mid-shard loses nothing, and the flows run the shards on prefect-dask's task runner."""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from images import make_digits_dataset
+from tiny import TINY_NETWORK
+
+from siamese_core import sharding
+from siamese_core.config import ModelConfig
+from siamese_core.data import scan_folder
+from siamese_core.embed import embed_images
+from siamese_core.model import build_embedding_model
+from siamese_core.recognizer import build_gallery, load_embedding
+
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=40) as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+def network_and_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    train_dir, _ = make_digits_dataset(root / "digits", classes=5, train_per_class=24, test_per_class=0)
+    build_embedding_model(ModelConfig(**TINY_NETWORK)).save(root / "model.keras")
+    return load_embedding(root / "model.keras"), scan_folder(train_dir)
+
+
+def test_a_sharded_gallery_is_the_in_process_gallery(cluster, network_and_images):
+    network, folder = network_and_images
+    local = build_gallery(network, folder, batch_size=16)
+    with sharding.dask_mapper(cluster.scheduler_address) as mapper, sharding.sharded(mapper, shard_size=16):
+        sharded = build_gallery(network, folder, batch_size=16)
+    assert len(folder) == 120  # 8 shards over 2 workers
+    assert sharded.paths == local.paths and sharded.labels.tolist() == local.labels.tolist()
+    np.testing.assert_allclose(sharded.embeddings, local.embeddings, rtol=1e-5, atol=1e-6)
+
+
+def test_a_worker_killed_mid_shard_loses_and_repeats_nothing(cluster, network_and_images):
+    network, folder = network_and_images
+    expected = embed_images(network, folder.paths, 8, shardable=False)
+    client = distributed.Client(cluster.scheduler_address, set_as_default=False)
+    pids = client.run(os.getpid)
+    killed: dict = {}
+
+    def kill_a_busy_worker():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not killed:
+            for address, keys in client.processing().items():
+                if keys:
+                    killed.update(worker=address, pid=pids[address], shards=list(keys))
+                    os.kill(pids[address], signal.SIGKILL)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_busy_worker)
+    with sharding.dask_mapper(cluster.scheduler_address) as mapper, sharding.sharded(mapper, shard_size=8):
+        killer.start()
+        got = embed_images(network, folder.paths, 8)
+    killer.join()
+    client.close()
+    print(f"killed worker {killed.get('worker')} (pid {killed.get('pid')}) while it ran {killed.get('shards')}")
+    assert killed, "no worker was busy to be killed"
+    assert got.shape == expected.shape  # 15 shards of 8: none lost, none twice
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_flow_runs_shards_as_tasks_on_the_dask_task_runner(cluster, network_and_images, prefect_server):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from pipelines.flows import dask_sharding
+    from pipelines.params import PipelineParams
+
+    network, folder = network_and_images
+    params = PipelineParams.model_validate({"compute": {"dask_address": cluster.scheduler_address, "shard_size": 32}})
+
+    @flow
+    def embed_on_dask():
+        from prefect.runtime import flow_run
+
+        with dask_sharding(params):
+            return flow_run.id, embed_images(network, folder.paths, 16)
+
+    run_id, got = embed_on_dask()
+    np.testing.assert_allclose(got, embed_images(network, folder.paths, 16, shardable=False), rtol=1e-5, atol=1e-6)
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    shards = [r for r in runs if r.name.startswith("embed-shard")]
+    assert len(shards) == 4 and all(r.state.is_completed() for r in shards)
