@@ -16,6 +16,7 @@ from keras import layers, ops
 
 from .config import ModelConfig
 from .distance import row_squared_distances
+from .distribute import gather, replicas
 from .errors import ConfigError, WeightsUnavailableError
 from .mining import LOSSES, mean_pair_distances
 
@@ -51,13 +52,13 @@ def triplet_loss(ap_distance, an_distance, margin: float):
     return ops.maximum(ap_distance - an_distance + margin, 0.0)
 
 
-def _small_cnn(input_size: int) -> keras.Model:
+def _small_cnn(input_size: int, synchronized: bool = False) -> keras.Model:
     """A four-block CNN (conv-BN-ReLU, max-pooling after the first three) for small or greyscale images on CPU."""
     inputs = keras.Input((input_size, input_size, 3), name="image")
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
     for i, filters in enumerate((32, 64, 128, 256)):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{i + 1}_conv")(x)
-        x = layers.BatchNormalization(name=f"block{i + 1}_bn")(x)
+        x = layers.BatchNormalization(synchronized=synchronized, name=f"block{i + 1}_bn")(x)
         x = layers.Activation("relu", name=f"block{i + 1}_relu")(x)
         x = layers.MaxPooling2D(2, name=f"block{i + 1}_pool")(x) if i < 3 else x
     return keras.Model(inputs, x, name="small_cnn")
@@ -112,12 +113,13 @@ def _freeze_before(backbone: keras.Model, first_trainable: str | None) -> None:
         layer.trainable = trainable
 
 
-def build_backbone(config: ModelConfig) -> keras.Model:
-    """The convolutional trunk, with its preprocessing, frozen up to ``trainable_from``."""
+def build_backbone(config: ModelConfig, synchronized: bool = False) -> keras.Model:
+    """The convolutional trunk, with its preprocessing, frozen up to ``trainable_from``
+    (``synchronized``: small_cnn's batch normalisation computes its statistics over all replicas)."""
     if config.backbone == "small_cnn":
         if config.weights == "imagenet":
             raise WeightsUnavailableError("small_cnn has no ImageNet weights; use weights=null or a local file")
-        backbone = _small_cnn(config.input_size)
+        backbone = _small_cnn(config.input_size, synchronized)
         if config.weights is not None:
             backbone.load_weights(config.weights)
     else:
@@ -127,9 +129,13 @@ def build_backbone(config: ModelConfig) -> keras.Model:
     return backbone
 
 
-def build_embedding_model(config: ModelConfig) -> keras.Model:
-    """The embedding model f: image in [0, 255] -> ``embedding_dim`` vector."""
-    backbone = build_backbone(config)
+def build_embedding_model(config: ModelConfig, synchronized: bool = False) -> keras.Model:
+    """The embedding model f: image in [0, 255] -> ``embedding_dim`` vector.
+
+    ``synchronized``: batch normalisation over all replicas of a distributed training (the
+    same statistics as one device would compute on the whole batch).
+    """
+    backbone = build_backbone(config, synchronized)
     inputs = keras.Input((config.input_size, config.input_size, 3), name="image")
     x = CaffePreprocess(name="caffe_preprocess")(inputs) if config.backbone == "resnet50" else inputs
     x = backbone(x)
@@ -138,7 +144,7 @@ def build_embedding_model(config: ModelConfig) -> keras.Model:
     x = layers.Flatten(name="flatten")(x)
     for i, units in enumerate(config.head_units):
         x = layers.Dense(units, activation="relu", name=f"dense{i + 1}")(x)
-        x = layers.BatchNormalization(name=f"bn{i + 1}")(x)
+        x = layers.BatchNormalization(synchronized=synchronized, name=f"bn{i + 1}")(x)
     x = layers.Dense(config.embedding_dim, name="embedding")(x)
     if config.l2_normalize:
         x = layers.UnitNormalization(name="l2_normalize")(x)
@@ -222,8 +228,9 @@ class SiameseModel(keras.Model):
     def train_step(self, data):
         with tf.GradientTape() as tape:
             loss = self._loss(data, training=True)
+            scaled = loss / replicas()  # the replicas' gradients are summed: their mean is the batch's
         variables = self.embedding.trainable_variables
-        gradients = tape.gradient(loss, variables)
+        gradients = tape.gradient(scaled, variables)
         self.optimizer.apply_gradients(zip(gradients, variables))
         self.loss_tracker.update_state(loss)
         return {"loss": self.loss_tracker.result()}
@@ -268,7 +275,7 @@ class OnlineTripletModel(keras.Model):
         return self.embedding(images, training=training)
 
     def _step(self, images, labels, training: bool):
-        embeddings = self(images, training=training)
+        embeddings, labels = gather(self(images, training=training), labels)  # mine over the global batch
         loss = LOSSES[self.strategy](labels, embeddings, self.margin)
         positive, negative = mean_pair_distances(labels, embeddings)
         return loss, positive, negative
@@ -283,8 +290,9 @@ class OnlineTripletModel(keras.Model):
         images, labels = data
         with tf.GradientTape() as tape:
             loss, positive, negative = self._step(images, labels, training=True)
+            scaled = loss / replicas()  # every replica holds the global loss; the gradients are summed
         variables = self.embedding.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
         return self._track(loss, positive, negative)
 
     def test_step(self, data):

@@ -31,6 +31,7 @@ from .callbacks import (
 )
 from .config import Config, TrainConfig
 from .data import ImageFolder, scan_folder
+from .distribute import strategy_for
 from .embed import decode_all, embed_images, predict_array
 from .errors import ConfigError, DatasetError
 from .io import ensure_writable
@@ -308,6 +309,8 @@ def train(
     online = config.train.mining != "offline"
     if (config.train.augment.rotations_as_classes or config.train.augment.mirrors_as_classes) and not online:
         raise ConfigError("train.augment.rotations_as_classes and mirrors_as_classes need online mining (train.mining)")
+    strategy = strategy_for(config.train.distribute)
+    distributed = config.train.distribute != "none"
     checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if checkpoint is not None:
         ensure_writable(checkpoint.parent, "checkpoints")
@@ -315,11 +318,15 @@ def train(
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
 
-    embedding = build_embedding_model(config.model)
-    plan = _plan(config, embedding)
-    data = _prepare_data(config, plan, train_dir, test_dir, heldout_dir, triplets)
-    done = EpochCheckpoint.saved_epochs(checkpoint) if resume and checkpoint is not None else 0
-    batches = _online_batches(config, data, done) if online else _offline_batches(config, plan, data)
-    history, best_epoch, collapsed_at = _fit(config, plan, embedding, data, batches, done, checkpoint,
-                                             callbacks or [], verbose)
+    with strategy.scope():
+        embedding = build_embedding_model(config.model, synchronized=distributed)
+        plan = _plan(config, embedding)
+        data = _prepare_data(config, plan, train_dir, test_dir, heldout_dir, triplets)
+        done = EpochCheckpoint.saved_epochs(checkpoint) if resume and checkpoint is not None else 0
+        batches = _online_batches(config, data, done) if online else _offline_batches(config, plan, data)
+        history, best_epoch, collapsed_at = _fit(config, plan, embedding, data, batches, done, checkpoint,
+                                                 callbacks or [], verbose)
+    if distributed:  # a plain single-device copy for the gallery, prediction and saving
+        trained, embedding = embedding, build_embedding_model(config.model)
+        embedding.set_weights(trained.get_weights())
     return TrainResult(embedding, history, data.triplets, best_epoch, data.folder, collapsed_at)
