@@ -21,8 +21,7 @@ from siamese_core import sharding
 from siamese_core.config import ModelConfig
 from siamese_core.data import scan_folder
 from siamese_core.embed import embed_images
-from siamese_core.model import build_embedding_model
-from siamese_core.recognizer import load_embedding
+from siamese_core.model import build_embedding_model, load_embedding
 
 DEFAULT_FOLDER = Path(__file__).resolve().parents[2] / "shared/datasets/omniglot-background-small"
 

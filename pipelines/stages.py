@@ -147,7 +147,8 @@ def sharded_embedding(params: PipelineParams) -> Iterator[None]:
 def embed(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
     """Embed the training images with the trained model into the bundle artifacts/bundle/."""
     from siamese_core.data import scan_folder
-    from siamese_core.recognizer import MODEL_FILE, load_embedding, save_trained_bundle
+    from siamese_core.model import load_embedding
+    from siamese_core.recognizer import MODEL_FILE, save_trained_bundle
 
     with sharded_embedding(params):
         gallery = save_trained_bundle(load_embedding(root / TRAINED / MODEL_FILE), scan_folder(params.data.train_dir),

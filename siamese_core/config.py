@@ -154,6 +154,9 @@ class EvaluateConfig(Section):
         EXACT_SEARCH_MAX_ROWS, ge=0, description="Galleries with more rows are searched through an approximate "
         "faiss IVF index of sqrt(rows) lists; below it the exact NumPy search answers in milliseconds.")
     nprobe: int = Field(NPROBE, ge=1, description="Lists of the approximate index visited per query (recall vs speed).")
+    ondisk_min_rows: int = Field(
+        2_000_000, ge=0, description="Galleries with at least this many rows are saved with an IVF-PQ index on disk "
+        "(vectors memory-mapped, never loaded whole); 0 always does.")
 
 
 class Config(Section):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -10,6 +11,7 @@ from functools import partial
 
 import numpy as np
 
+from . import sharding
 from .data import decode_image
 
 ImageSource = str | os.PathLike | bytes | np.ndarray
@@ -95,14 +97,13 @@ def embed_images(model, sources: Sequence[ImageSource], batch_size: int = 64, pr
     Inside :func:`siamese_core.sharding.sharded`, image files embedded by a network loaded
     from a file go out in shards to the mapper (a Dask cluster); the rows come back in order.
     """
-    from . import sharding
-
     in_force = sharding.active()
     source_file = getattr(model, "source_file", None)
     if (shardable and in_force and source_file and len(sources) > in_force[1]
             and all(isinstance(s, (str, os.PathLike)) for s in sources)):
         mapper, shard_size = in_force
-        return sharding.embed_sharded(str(source_file), [str(s) for s in sources], batch_size, mapper, shard_size)
+        tasks = [(str(source_file), shard, batch_size) for shard in sharding.shards([str(s) for s in sources], shard_size)]
+        return np.concatenate(mapper(embed_shard, tasks)).astype(np.float32, copy=False)
     size = int(model.input_shape[1])
     out = np.empty((len(sources), int(model.output_shape[-1])), dtype=np.float32)
     batches = decoded_batches(sources, size, batch_size)
@@ -115,3 +116,19 @@ def embed_images(model, sources: Sequence[ImageSource], batch_size: int = 64, pr
         out[start : start + len(batch)] = _predict_batch(model, batch, batch_size)
         start += len(batch)
     return out
+
+
+def embed_shard(task: tuple[str, list[str], int]) -> np.ndarray:
+    """Where a mapper runs it (a Dask worker): embed one shard of image files with the network saved at
+    ``task[0]``, loaded once per process."""
+    model_file, paths, batch_size = task
+    stat = os.stat(model_file)
+    return embed_images(_network(model_file, stat.st_size, stat.st_mtime_ns), paths, batch_size, shardable=False)
+
+
+@functools.lru_cache(maxsize=2)
+def _network(model_file: str, size: int, mtime_ns: int):
+    """The network saved at ``model_file`` (a changed file, by size or time, is a new key)."""
+    from .model import load_embedding
+
+    return load_embedding(model_file)

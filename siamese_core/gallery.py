@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,13 @@ import numpy as np
 from .config import EXACT_SEARCH_MAX_ROWS, NPROBE
 from .distance import squared_distances
 from .errors import DatasetError
+
+
+def faiss_ivf(index):
+    """The IVF part of a faiss index (itself, or inside an IVF-PQ index read from disk)."""
+    import faiss
+
+    return faiss.extract_index_ivf(index)
 
 
 @dataclass
@@ -39,7 +47,9 @@ class Gallery:
     Rows are kept grouped by class (in ``class_names`` order), which lets the exact
     search take the per-class minimum distance with one vectorised reduction.
     Above ``index_threshold`` rows, search goes through a faiss IVF index (built on
-    first use) that visits ``nprobe`` of its ``sqrt(rows)`` lists per query.
+    first use) that visits ``nprobe`` of its ``sqrt(rows)`` lists per query. With
+    ``ondisk_dir`` it goes through the IVF-PQ index on disk there (:mod:`siamese_core.ondisk`),
+    and ``embeddings`` may be a memory-mapped array that is never read whole.
     """
 
     embeddings: np.ndarray
@@ -48,15 +58,18 @@ class Gallery:
     paths: list[str]
     index_threshold: int = EXACT_SEARCH_MAX_ROWS
     nprobe: int = NPROBE
+    ondisk_dir: str | None = None
 
     def __post_init__(self) -> None:
-        self.embeddings = np.asarray(self.embeddings, dtype=np.float32)
+        if not (isinstance(self.embeddings, np.ndarray) and self.embeddings.dtype == np.float32):
+            self.embeddings = np.asarray(self.embeddings, dtype=np.float32)  # (a float32 memory map stays one)
         self.labels = np.asarray(self.labels, dtype=np.int64)
         if not (len(self.embeddings) == len(self.labels) == len(self.paths)):
             raise ValueError("gallery embeddings, labels and paths differ in length")
-        order = np.argsort(self.labels, kind="stable")
-        self.embeddings, self.labels = np.ascontiguousarray(self.embeddings[order]), self.labels[order]
-        self.paths = [self.paths[i] for i in order]
+        if np.any(self.labels[1:] < self.labels[:-1]):  # grouped already (as saved): a memory map stays one
+            order = np.argsort(self.labels, kind="stable")
+            self.embeddings, self.labels = np.ascontiguousarray(self.embeddings[order]), self.labels[order]
+            self.paths = [self.paths[i] for i in order]
         present = np.unique(self.labels)
         if not np.array_equal(present, np.arange(len(self.class_names))):
             raise ValueError(f"gallery labels must index its {len(self.class_names)} class names, each at least once; "
@@ -69,11 +82,16 @@ class Gallery:
 
     @property
     def uses_index(self) -> bool:
-        """Whether searches go through the approximate index."""
-        return len(self) > self.index_threshold
+        """Whether searches go through an approximate index (in memory, or on disk)."""
+        return self.ondisk_dir is not None or len(self) > self.index_threshold
 
     def build_index(self):
-        """The faiss IVF index over the rows, trained on a seeded sample; built once."""
+        """The faiss index searched: the on-disk one, or an IVF index over the rows trained on a seeded sample;
+        loaded or built once."""
+        if self._index is None and self.ondisk_dir is not None:
+            from .ondisk import load_ondisk_index
+
+            self._index = load_ondisk_index(Path(self.ondisk_dir), self.nprobe)
         if self._index is None:
             import faiss
 
@@ -85,8 +103,20 @@ class Gallery:
             index.train(self.embeddings[np.sort(sample)])
             index.add(self.embeddings)
             self._index = index
-        self._index.nprobe = self.nprobe
+        faiss_ivf(self._index).nprobe = self.nprobe
         return self._index
+
+    def with_ondisk_index(self, folder: str | Path, shard_rows: int = 500_000) -> Gallery:
+        """This gallery searched through an IVF-PQ index built on disk in ``folder``, ``shard_rows`` rows at a time."""
+        from .ondisk import build_ondisk_index
+
+        rows = len(self)
+        sample = self.embeddings[np.sort(np.random.default_rng(0).choice(rows, size=min(rows, 256 * 1024),
+                                                                          replace=False))]
+        shards = (np.asarray(self.embeddings[i : i + shard_rows]) for i in range(0, rows, shard_rows))
+        build_ondisk_index(shards, sample, rows, Path(folder))
+        return Gallery(self.embeddings, self.labels, list(self.class_names), list(self.paths), self.index_threshold,
+                       self.nprobe, str(folder))
 
     def class_distances(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-class nearest distance ``(q, classes)`` and the index of each query's nearest row (exact)."""
@@ -170,18 +200,32 @@ class Gallery:
         )
 
     def save(self, path: str | Path) -> None:
-        """Write the gallery as an ``.npz`` (no pickled objects)."""
+        """Write the gallery as an ``.npz`` (no pickled objects). A gallery with an on-disk index keeps its
+        vectors in ``<name>-vectors.npy`` beside it (memory-mapped when loaded) and its index in ``<name>-index/``."""
+        path = Path(path)
+        ondisk = self.ondisk_dir is not None
         with open(path, "wb") as fh:
             np.savez(
                 fh,
-                embeddings=self.embeddings,
+                embeddings=np.zeros((0, self.embeddings.shape[1]), np.float32) if ondisk else self.embeddings,
                 labels=self.labels,
                 class_names=np.array(self.class_names, dtype=str),
                 paths=np.array(self.paths, dtype=str),
             )
+        if ondisk:
+            np.save(path.with_name(f"{path.stem}-vectors.npy"), self.embeddings)
+            index = path.with_name(f"{path.stem}-index")
+            if Path(str(self.ondisk_dir)).resolve() != index.resolve():
+                shutil.copytree(str(self.ondisk_dir), index, dirs_exist_ok=True)
 
     @classmethod
     def load(cls, path: str | Path, **options) -> Gallery:
         """Read a gallery written by :meth:`save`; ``options`` are ``index_threshold`` and ``nprobe``."""
+        path = Path(path)
+        index = path.with_name(f"{path.stem}-index")
         with np.load(path, allow_pickle=False) as data:
-            return cls(data["embeddings"], data["labels"], data["class_names"].tolist(), data["paths"].tolist(), **options)
+            embeddings = data["embeddings"]
+            if index.is_dir():
+                embeddings = np.load(path.with_name(f"{path.stem}-vectors.npy"), mmap_mode="r")
+                options["ondisk_dir"] = str(index)
+            return cls(embeddings, data["labels"], data["class_names"].tolist(), data["paths"].tolist(), **options)

@@ -301,3 +301,10 @@ class OnlineTripletModel(keras.Model):
     @property
     def metrics(self):
         return [self.loss_tracker, self.positive_tracker, self.negative_tracker]
+
+
+def load_embedding(path: str | os.PathLike) -> keras.Model:
+    """Load a saved embedding network (a ``model.keras``): safe mode, uncompiled, the project's layers registered."""
+    embedding = keras.saving.load_model(path, compile=False, safe_mode=True)
+    embedding.source_file = str(Path(path).resolve())  # where shards of a large embedding job load it from
+    return embedding

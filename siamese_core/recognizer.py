@@ -19,9 +19,11 @@ from .embed import ImageSource, embed_images
 from .errors import BundleError, ConfigError, DatasetError
 from .gallery import Gallery, Match
 from .io import atomic_dir, atomic_path
+from .model import load_embedding
 
 BUNDLE_FORMAT = 1
 MODEL_FILE, GALLERY_FILE, CONFIG_FILE, METADATA_FILE = "model.keras", "gallery.npz", "config.json", "metadata.json"
+ONDISK_INDEX_DIR = "gallery-index"  # beside gallery.npz (and gallery-vectors.npy) in a bundle of a large gallery
 
 
 def _versions() -> dict[str, str]:
@@ -42,15 +44,6 @@ def build_gallery(embedding: keras.Model, folder: ImageFolder, batch_size: int =
     """Embed every image of a class folder once, in batches, into a gallery."""
     embeddings = embed_images(embedding, folder.paths, batch_size, progress=progress)
     return Gallery(embeddings, folder.labels, list(folder.class_names), list(folder.paths))
-
-
-def load_embedding(path: str | os.PathLike) -> keras.Model:
-    """Load a saved embedding network (a ``model.keras``): safe mode, uncompiled, the project's layers registered."""
-    from . import model as _registers_custom_layers  # noqa: F401
-
-    embedding = keras.saving.load_model(path, compile=False, safe_mode=True)
-    embedding.source_file = str(Path(path).resolve())  # where shards of a large embedding job load it from
-    return embedding
 
 
 def save_trained_bundle(embedding: keras.Model, train_folder: ImageFolder, config: Config, path: str | os.PathLike,
@@ -148,12 +141,18 @@ class SiameseRecognizer:
             "versions": _versions(),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
+        gallery = self.gallery
+        ondisk = gallery.ondisk_dir is not None or len(gallery) >= self.config.evaluate.ondisk_min_rows
         with atomic_dir(path) as tmp:
             self.embedding.save(tmp / MODEL_FILE)
-            self.gallery.save(tmp / GALLERY_FILE)
+            if ondisk and gallery.ondisk_dir is None:  # large: the bundle carries an on-disk index
+                gallery = gallery.with_ondisk_index(tmp / ONDISK_INDEX_DIR)
+            gallery.save(tmp / GALLERY_FILE)
             (tmp / CONFIG_FILE).write_text(self.config.model_dump_json(indent=2), encoding="utf-8")
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False), encoding="utf-8")
         self.metadata = metadata
+        if ondisk:  # search the index now in the bundle
+            self.gallery = Gallery.load(Path(path) / GALLERY_FILE)
         return Path(path)
 
     @classmethod

@@ -1,7 +1,7 @@
 """Embedding large sets of image files in shards, on a Dask cluster or in this process.
 
 Inside ``with sharded(mapper):`` every :func:`~siamese_core.embed.embed_images` call on a
-network loaded from a file (:func:`~siamese_core.recognizer.load_embedding`, any bundle)
+network loaded from a file (:func:`~siamese_core.model.load_embedding`, any bundle)
 splits its files into shards of ``shard_size`` and hands them to ``mapper``. Each shard
 is embedded where the mapper runs it: the worker loads the network from its file once,
 reads only its shard's files, in bounded batches, and sends back embeddings. The results
@@ -15,13 +15,9 @@ on a worker lost mid-shard), or the flows' Prefect tasks on ``prefect-dask``'s t
 from __future__ import annotations
 
 import contextvars
-import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
-
-import numpy as np
 
 # mapper(function, items) -> [function(item) for item in items], computed wherever the mapper runs them
 Mapper = Callable[[Callable, list], list]
@@ -82,27 +78,3 @@ def on_dask(address: str | None, shard_size: int = DEFAULT_SHARD_SIZE) -> Iterat
 def shards(sources: Sequence, shard_size: int) -> list[list]:
     """``sources`` cut into consecutive shards of at most ``shard_size``."""
     return [list(sources[i : i + shard_size]) for i in range(0, len(sources), shard_size)]
-
-
-def embed_shard(task: tuple[str, list[str], int]) -> np.ndarray:
-    """Worker side: embed one shard of image files with the network saved at ``model_file``."""
-    from .embed import embed_images
-
-    model_file, paths, batch_size = task
-    stat = os.stat(model_file)
-    return embed_images(_load(model_file, stat.st_size, stat.st_mtime_ns), paths, batch_size, shardable=False)
-
-
-@functools.lru_cache(maxsize=2)
-def _load(model_file: str, size: int, mtime_ns: int):
-    """The network of ``model_file``, loaded once per worker process (a changed file is a new key)."""
-    from .recognizer import load_embedding
-
-    return load_embedding(Path(model_file))
-
-
-def embed_sharded(model_file: str, sources: Sequence[str], batch_size: int, mapper: Mapper,
-                  shard_size: int) -> np.ndarray:
-    """Embed image files shard by shard through ``mapper``; rows in the order of ``sources``."""
-    tasks = [(model_file, shard, batch_size) for shard in shards(sources, shard_size)]
-    return np.concatenate(mapper(embed_shard, tasks)).astype(np.float32, copy=False)

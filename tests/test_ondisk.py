@@ -1,0 +1,54 @@
+"""A gallery with its index on disk: built in shards, saved in the bundle, memory-mapped when loaded,
+and served by the pyfunc model."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+from images import make_digits_dataset
+from tiny import TINY_NETWORK, tiny_config
+
+from pipelines.pyfunc_model import SiameseBundleModel, encode_image
+from siamese_core.data import scan_folder
+from siamese_core.gallery import Gallery
+from siamese_core.model import build_embedding_model
+from siamese_core.ondisk import INDEX_FILE, LISTS_FILE
+from siamese_core.recognizer import GALLERY_FILE, ONDISK_INDEX_DIR, SiameseRecognizer, build_gallery
+
+
+def test_a_large_gallery_is_saved_with_an_ondisk_index_that_the_recogniser_and_the_served_model_search(tmp_path):
+    train_dir, _ = make_digits_dataset(tmp_path / "digits", classes=10, train_per_class=30, test_per_class=0)
+    config = tiny_config(embedding_dim=32, ondisk_min_rows=0)  # any size gets the on-disk index
+    network = build_embedding_model(config.model)
+    folder = scan_folder(train_dir)
+    in_memory = build_gallery(network, folder)
+    bundle = SiameseRecognizer(network, in_memory, config).save(tmp_path / "bundle")
+
+    assert {INDEX_FILE, LISTS_FILE} <= {p.name for p in (bundle / ONDISK_INDEX_DIR).iterdir()}
+    loaded = SiameseRecognizer.load(bundle)
+    assert loaded.gallery.ondisk_dir == str(bundle / ONDISK_INDEX_DIR) and loaded.gallery.uses_index
+    assert isinstance(loaded.gallery.embeddings, np.memmap)  # the vectors stay on disk
+    np.testing.assert_array_equal(np.asarray(loaded.gallery.embeddings), in_memory.embeddings)
+
+    # the product-quantised search finds what the exact one finds
+    queries = in_memory.embeddings + np.random.default_rng(0).normal(scale=0.01, size=in_memory.embeddings.shape)
+    exact = [m.nearest_path for m in in_memory.search(queries.astype(np.float32), 1)]
+    approximate = [m.nearest_path for m in loaded.gallery.search(queries.astype(np.float32), 1)]
+    recall = np.mean([a == e for a, e in zip(approximate, exact)])
+    print(f"recall@1 of the on-disk IVF-PQ index against exact search: {recall:.3f} ({len(exact)} queries)")
+    assert recall >= 0.9
+
+    served = SiameseBundleModel()
+    served.load_context(SimpleNamespace(artifacts={"bundle": str(bundle)}))
+    image = sorted((train_dir / "digit 4").iterdir())[0]
+    answer = served.predict(None, pd.DataFrame({"image": [encode_image(image)]}))
+    assert answer["label"].tolist() == ["digit 4"]
+
+
+def test_a_small_gallery_keeps_its_vectors_in_the_npz(tmp_path):
+    config = tiny_config()
+    network = build_embedding_model(config.model)
+    gallery = Gallery(np.zeros((3, TINY_NETWORK["embedding_dim"])), [0, 1, 1], ["a", "b"], ["x", "y", "z"])
+    bundle = SiameseRecognizer(network, gallery, config).save(tmp_path / "bundle")
+    assert not (bundle / ONDISK_INDEX_DIR).exists()
+    assert Gallery.load(bundle / GALLERY_FILE).ondisk_dir is None
