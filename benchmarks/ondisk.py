@@ -43,11 +43,13 @@ def run(rows: int, dim: int, shard_rows: int, queries: int, exact_queries: int, 
         for start in range(0, rows, shard_rows):
             out.write(_shard(centers, start, min(shard_rows, rows - start)).tobytes())
     starts = range(0, rows, shard_rows)
-    figures: dict = {"rows": rows, "dim": dim, "raw_vectors_mib": round(rows * dim * 4 / 2**20), "shard_rows": shard_rows}
+    figures: dict = {"rows": rows, "dim": dim, "raw_vectors_mib": round(rows * dim * 4 / 2**20), "shard_rows": shard_rows,
+                     "peak_rss_mib_after_writing_vectors": round(_peak_mib())}
     began = time.perf_counter()
     sample = _read(raw, 0, min(rows, 256 * 1024), dim)
     build_ondisk_index((_read(raw, s, min(shard_rows, rows - s), dim) for s in starts), sample, rows, folder / "index")
     figures["build_s"] = round(time.perf_counter() - began, 1)
+    figures["peak_rss_mib_after_build"] = round(_peak_mib())
     figures["index_on_disk_mib"] = round(sum(f.stat().st_size for f in (folder / "index").iterdir()) / 2**20)
     del sample
 
@@ -62,6 +64,7 @@ def run(rows: int, dim: int, shard_rows: int, queries: int, exact_queries: int, 
         index.search(query[None], 1)
         latencies.append((time.perf_counter() - start) * 1000)
     figures["query_ms_p50"], figures["query_ms_p95"] = (round(float(v), 3) for v in np.percentile(latencies, [50, 95]))
+    figures["peak_rss_mib_after_queries"] = round(_peak_mib())
     found = index.search(probe[:exact_queries], 1)[1][:, 0]
     best = np.full(exact_queries, np.inf)
     nearest = np.zeros(exact_queries, dtype=np.int64)

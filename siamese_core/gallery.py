@@ -183,6 +183,9 @@ class Gallery:
 
     def extend(self, embeddings: np.ndarray, label_names: list[str], paths: list[str]) -> Gallery:
         """A new gallery with more images; unseen label names become new classes."""
+        if self.ondisk_dir is not None:
+            raise DatasetError("enrolling into a gallery with an on-disk index is not supported: its vectors are not "
+                               "loaded; rebuild the bundle's gallery from a folder that holds the new classes too")
         names = list(self.class_names)
         index = {name: i for i, name in enumerate(names)}
         for name in label_names:

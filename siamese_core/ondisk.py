@@ -10,8 +10,10 @@ codes the queries visit (through the page cache) while searching.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -26,6 +28,19 @@ def index_layout(rows: int, dim: int) -> tuple[int, int]:
     return lists, pq_bytes
 
 
+@contextmanager
+def _no_precomputed_tables() -> Iterator[None]:
+    """While encoding and merging, no index builds its lookup table (lists x PQ bytes x 256 floats, 293 MB
+    for 5M rows): every shard read would hold one. Searching builds it once, for speed."""
+    settings: Any = faiss.cvar  # a SWIG global that faiss's stub does not list
+    saved = settings.precomputed_table_max_bytes
+    settings.precomputed_table_max_bytes = 0
+    try:
+        yield
+    finally:
+        settings.precomputed_table_max_bytes = saved
+
+
 def train_quantizer(sample: np.ndarray, lists: int, pq_bytes: int, seed: int = 0) -> bytes:
     """An empty IVF-PQ index trained on ``sample`` (serialised), the start of every shard."""
     sample = np.ascontiguousarray(sample, dtype=np.float32)
@@ -37,7 +52,8 @@ def train_quantizer(sample: np.ndarray, lists: int, pq_bytes: int, seed: int = 0
 
 def encode_shard(trained: bytes, vectors: np.ndarray, first_id: int) -> bytes:
     """One shard's vectors encoded into a copy of the trained index, with ids from ``first_id`` (serialised)."""
-    index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
+    with _no_precomputed_tables():
+        index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     index.add_with_ids(vectors, np.arange(first_id, first_id + len(vectors), dtype=np.int64))
     return faiss.serialize_index(index).tobytes()
@@ -50,9 +66,10 @@ def merge_shards(trained: bytes, shard_files: list[Path], folder: Path) -> Path:
     so all shards are merged in one pass.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
+    with _no_precomputed_tables():
+        index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
+        shards = [faiss.read_index(str(f), faiss.IO_FLAG_MMAP) for f in shard_files]  # kept while their lists are read
     ivf = faiss.extract_index_ivf(index)
-    shards = [faiss.read_index(str(f), faiss.IO_FLAG_MMAP) for f in shard_files]  # kept while their lists are read
     parts = faiss.InvertedListsPtrVector()  # type: ignore[attr-defined]  # not in faiss's own stub
     for shard in shards:
         parts.push_back(faiss.extract_index_ivf(shard).invlists)

@@ -5,11 +5,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+import pytest
 from images import make_digits_dataset
 from tiny import TINY_NETWORK, tiny_config
 
 from pipelines.pyfunc_model import SiameseBundleModel, encode_image
 from siamese_core.data import scan_folder
+from siamese_core.errors import DatasetError
 from siamese_core.gallery import Gallery
 from siamese_core.model import build_embedding_model
 from siamese_core.ondisk import INDEX_FILE, LISTS_FILE
@@ -37,6 +39,9 @@ def test_a_large_gallery_is_saved_with_an_ondisk_index_that_the_recogniser_and_t
     recall = np.mean([a == e for a, e in zip(approximate, exact)])
     print(f"recall@1 of the on-disk IVF-PQ index against exact search: {recall:.3f} ({len(exact)} queries)")
     assert recall >= 0.9
+
+    with pytest.raises(DatasetError, match="on-disk index is not supported"):
+        loaded.enroll(train_dir)
 
     served = SiameseBundleModel()
     served.load_context(SimpleNamespace(artifacts={"bundle": str(bundle)}))
