@@ -131,6 +131,7 @@ def train(
 
         from filelock import FileLock, Timeout
 
+        from siamese_core.distribute import is_chief, worker_slice
         from siamese_core.errors import ConfigError
         from siamese_core.io import ensure_writable
         from siamese_core.recognizer import save_trained_bundle
@@ -140,6 +141,12 @@ def train(
         config = _config(params, preset, extra)
         _check_dataset(train_dir, test_dir, params)
         checkpoint = out.parent / f".{out.name}.checkpoint"
+        if config.train.distribute == "multi_worker" and not is_chief():  # the chief writes; this one trains
+            result = run_training(config, train_dir, test_dir, checkpoint_dir=checkpoint, resume=resume)
+            worker, workers = worker_slice()
+            typer.echo(f"worker {worker} of {workers}: trained {len(result.history.get('loss', []))} epochs; "
+                       f"the chief writes {out}")
+            return
         ensure_writable(out.parent, "the bundle and its checkpoints")
         try:  # one training per bundle path: the checkpoint and the bundle are its alone
             key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]

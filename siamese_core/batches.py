@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
+from .distribute import worker_slice
 from .errors import DatasetError
 
 
@@ -17,6 +18,12 @@ def _gathered(rows: tf.data.Dataset, gather: Callable, dtypes: tuple, shapes: tu
     """Batches gathered from NumPy by ``gather(rows)``, their shapes restored, the first
     ``image_parts`` parts (the images) transformed by ``augment`` (a Keras layer) when given,
     and prefetched while the model trains."""
+    worker, workers = worker_slice()
+    if workers > 1:  # multi-worker training: this process takes its slice of every global batch
+        rows = rows.map(lambda index: index[worker::workers])
+    options = tf.data.Options()  # ... and no other sharding: each worker reads the same batches
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    rows = rows.with_options(options)
     dataset = rows.map(lambda index: tf.numpy_function(gather, [index], dtypes), num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.map(lambda *parts: tuple(tf.ensure_shape(p, s) for p, s in zip(parts, shapes)))
     if augment is not None:

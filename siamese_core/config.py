@@ -99,9 +99,10 @@ class TrainConfig(Section):
     batch_size: int = Field(32, ge=1, description="Triplets per batch (offline mining).")
     epochs: int = Field(10, ge=1)
     seed: int = 42
-    distribute: Literal["none", "mirrored"] = Field(
-        "none", description="none: one device; mirrored: this machine's GPUs, each global batch split across "
-        "them, with mining, loss and batch normalisation those of one device.")
+    distribute: Literal["none", "mirrored", "multi_worker"] = Field(
+        "none", description="none: one device; mirrored: this machine's GPUs; multi_worker: several processes or "
+        "machines (TF_CONFIG). Each global batch is split across them, with mining, loss and batch normalisation "
+        "those of one device.")
     deterministic: bool = Field(
         True, description="Same config and data give the same weights, bit for bit (TensorFlow op determinism; "
         "some GPU ops run slower). Results still differ across CPU types and library versions.")

@@ -16,7 +16,7 @@ from keras import layers, ops
 
 from .config import ModelConfig
 from .distance import row_squared_distances
-from .distribute import gather, replicas
+from .distribute import gather, replicas, step_logs
 from .errors import ConfigError, WeightsUnavailableError
 from .mining import LOSSES, mean_pair_distances
 
@@ -199,7 +199,23 @@ def split_frozen_trunk(embedding: keras.Model) -> tuple[keras.Model | None, kera
     return trunk, keras.Model(features, y, name="trainable_top")
 
 
-class SiameseModel(keras.Model):
+class _BuiltBeforeFit(keras.Model):
+    """A training model that training builds (one sample batch) before ``fit``.
+
+    Under a distribution strategy Keras builds a model from its first batch averaged across
+    replicas, which ``MultiWorkerMirroredStrategy`` cannot do; a model already built only
+    needs its optimizer's variables, made here under the strategy.
+    """
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if not self.built or self.optimizer is None:
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        if not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+
+
+class SiameseModel(_BuiltBeforeFit):
     """Triplet network around an embedding model, with custom train and test steps.
 
     Each batch is ``(anchor, positive, negative)`` images; the three are embedded
@@ -233,11 +249,11 @@ class SiameseModel(keras.Model):
         gradients = tape.gradient(scaled, variables)
         self.optimizer.apply_gradients(zip(gradients, variables))
         self.loss_tracker.update_state(loss)
-        return {"loss": self.loss_tracker.result()}
+        return step_logs({"loss": self.loss_tracker.result()})
 
     def test_step(self, data):
         self.loss_tracker.update_state(self._loss(data, training=False))
-        return {"loss": self.loss_tracker.result()}
+        return step_logs({"loss": self.loss_tracker.result()})
 
     @property
     def metrics(self):
@@ -259,7 +275,7 @@ class UniqueTripletModel(SiameseModel):
         return self.distance(anchor, positive, negative)
 
 
-class OnlineTripletModel(keras.Model):
+class OnlineTripletModel(_BuiltBeforeFit):
     """Trains an embedding model on (images, labels) batches with an in-batch mining loss."""
 
     def __init__(self, embedding: keras.Model, strategy: str, margin: float, **kwargs):
@@ -284,7 +300,7 @@ class OnlineTripletModel(keras.Model):
         self.loss_tracker.update_state(loss)
         self.positive_tracker.update_state(positive)
         self.negative_tracker.update_state(negative)
-        return {m.name: m.result() for m in self.metrics}
+        return step_logs({m.name: m.result() for m in self.metrics})
 
     def train_step(self, data):
         images, labels = data

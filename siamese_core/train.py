@@ -31,7 +31,7 @@ from .callbacks import (
 )
 from .config import Config, TrainConfig
 from .data import ImageFolder, scan_folder
-from .distribute import strategy_for
+from .distribute import is_chief, strategy_for
 from .embed import decode_all, embed_images, predict_array
 from .errors import ConfigError, DatasetError
 from .io import ensure_writable
@@ -257,7 +257,7 @@ def _fit(config: Config, plan: _Plan, embedding: keras.Model, data: _Data, batch
         heldout_folder, heldout_images = data.heldout
         own.append(FewShotEvaluation(embedding, heldout_images, heldout_folder.labels, n_way=config.evaluate.fewshot_way))
     own.append(keep_best)
-    if checkpoint_dir is not None:
+    if checkpoint_dir is not None and is_chief():  # every worker resumes from it; only the chief writes it
         own.append(EpochCheckpoint(checkpoint_dir, keep_best, history))
     guard = CollapseGuard(config.train.collapse_min_gap, config.train.collapse_patience, margin=config.model.margin)
     if online:
@@ -265,7 +265,7 @@ def _fit(config: Config, plan: _Plan, embedding: keras.Model, data: _Data, batch
     fitted = model.fit(batches.train, validation_data=batches.validation, epochs=config.train.epochs,
                        initial_epoch=done, steps_per_epoch=batches.steps, callbacks=[*own, *callbacks],
                        verbose=verbose, shuffle=False)  # the tf.data pipeline shuffles, seeded
-    if checkpoint_dir is None:
+    if checkpoint_dir is None or not is_chief():
         history = {key: [float(v) for v in values] for key, values in fitted.history.items()}
     return history, keep_best.best_epoch, guard.collapsed_at
 
@@ -312,7 +312,7 @@ def train(
     strategy = strategy_for(config.train.distribute)
     distributed = config.train.distribute != "none"
     checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if checkpoint is not None:
+    if checkpoint is not None and is_chief():
         ensure_writable(checkpoint.parent, "checkpoints")
     keras.utils.set_random_seed(config.train.seed)
     if config.train.deterministic:
@@ -326,7 +326,7 @@ def train(
         batches = _online_batches(config, data, done) if online else _offline_batches(config, plan, data)
         history, best_epoch, collapsed_at = _fit(config, plan, embedding, data, batches, done, checkpoint,
                                                  callbacks or [], verbose)
-    if distributed:  # a plain single-device copy for the gallery, prediction and saving
+    if distributed:  # a plain single-device copy: the chief embeds its gallery and saves it alone
         trained, embedding = embedding, build_embedding_model(config.model)
         embedding.set_weights(trained.get_weights())
     return TrainResult(embedding, history, data.triplets, best_epoch, data.folder, collapsed_at)

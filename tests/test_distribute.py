@@ -1,16 +1,20 @@
-"""Training with tf.distribute: one mirrored step over two logical CPU devices equals the single-device step.
+"""Training with tf.distribute: one mirrored step over two logical CPU devices equals the single-device
+step, and a two-process multi-worker run on loopback trains and its chief writes a bundle that predicts.
 
-It runs in a fresh process: logical devices are set before TensorFlow starts.
+Both run in fresh processes: logical devices and multi-worker collectives are set before TensorFlow starts.
 """
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+import numpy as np
 from images import make_digits_dataset
-from tiny import TINY_NETWORK
+from tiny import TINY_NETWORK, tiny_set_options
 
 ONE_STEP = textwrap.dedent("""
     import json, sys
@@ -51,3 +55,40 @@ def test_one_mirrored_step_equals_the_single_device_step(tmp_path):
     assert figures["replicas"] == 2
     # the step moved some weight by max_update; the two steps agree to a thousandth of that (float32 round-off)
     assert figures["max_update"] > 0.1 and figures["max_difference"] < 1e-3 * figures["max_update"]
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_a_two_process_multi_worker_run_trains_and_the_chief_writes_the_bundle(tmp_path):
+    train_dir, test_dir = make_digits_dataset(tmp_path / "digits", classes=4, train_per_class=6, test_per_class=2)
+    out = tmp_path / "bundle"
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
+    command = [sys.executable, "-m", "pipelines.cli", "train", "--train", str(train_dir), "--test", str(test_dir),
+               "--out", str(out), "--epochs", "2", *tiny_set_options(mining="batch_all", classes_per_batch=4,
+                                                                     images_per_class=4, distribute="multi_worker")]
+    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+                                     "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})})
+               for i in range(2)]
+    outputs = [worker.communicate(timeout=300) for worker in workers]
+    for worker, (_, stderr) in zip(workers, outputs):
+        assert worker.returncode == 0, stderr[-3000:]
+    assert outputs[0][0].strip().splitlines()[-1].startswith(f"saved {out}")
+    assert outputs[1][0].strip().splitlines()[-1] == f"worker 1 of 2: trained 2 epochs; the chief writes {out}"
+
+    from siamese_core.recognizer import SiameseRecognizer
+
+    recognizer = SiameseRecognizer.load(out)
+    image = sorted(Path(train_dir, "digit 2").iterdir())[0]
+    match = recognizer.predict_one(image)
+    assert match.label == "digit 2" and match.distance < 1e-4
+    history = recognizer.metadata["history"]["loss"]
+    assert len(history) == 2 and np.isfinite(history).all()
