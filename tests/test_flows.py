@@ -18,6 +18,7 @@ from pipelines import stages
 from pipelines.files import content_hash
 from pipelines.flows import predict_flow, retraining_flow, training_flow
 from pipelines.params import load_params
+from siamese_core.recognizer import MODEL_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "siamese-recognizer"
@@ -75,7 +76,7 @@ def test_training_flow_tracks_one_run_and_registers_a_champion_that_predict_flow
     card = project.get_model_version(NAME, "1").description
     assert "## Data" in card and content_hash("data/demo/train") in card and "raw pixels" in card
     workspace = Path(result["workspace"])
-    assert workspace.parent.name == "runs" and (workspace / stages.BUNDLE / stages.MODEL_FILE).is_file()
+    assert workspace.parent.name == "runs" and (workspace / stages.BUNDLE / MODEL_FILE).is_file()
     assert f"{NAME} version 1" in (workspace / stages.REPORT).read_text()
 
     messages = _flow_logs(state.state_details.flow_run_id)
@@ -95,8 +96,8 @@ def test_training_flow_tracks_one_run_and_registers_a_champion_that_predict_flow
     second = project.get_run(again["run_id"])
     assert second.data.tags["training_run_id"] == result["run_id"], "unchanged inputs: the training is reused"
     assert second.info.run_name != run.info.run_name
-    first_model = workspace / stages.TRAINED / stages.MODEL_FILE
-    assert (Path(again["workspace"]) / stages.TRAINED / stages.MODEL_FILE).read_bytes() == first_model.read_bytes()
+    first_model = workspace / stages.TRAINED / MODEL_FILE
+    assert (Path(again["workspace"]) / stages.TRAINED / MODEL_FILE).read_bytes() == first_model.read_bytes()
     assert len(project.get_metric_history(again["run_id"], "loss")) == 1, "the reused curve is logged on the new run"
 
 
