@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/omniglot.py [--data DIR] [--mode closed|fewshot] [--preset fast-cpu]
        [--train-per-class N] [--split alphabet|class] [--heldout-classes N] [--train-classes N]
-       [--set key=value ...]
+       [--set key=value ...] [--save DIR]
 Prints a JSON report with raw-pixel and untrained-network baselines beside the trained network.
 In fewshot mode, whole alphabets (or, with --split class, random classes; at least 40) are
 held out of training, and every epoch logs its 20-way one-shot accuracy on them.
@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--heldout-classes", type=int, default=40, help="fewshot mode: at least this many unseen classes")
     parser.add_argument("--train-classes", type=int, help="train on this many of the other classes (default: all)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--save", type=Path, help="keep the trained network (model.keras) and the held-out split here")
     args = parser.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"{args.data}: dataset not found")
@@ -124,6 +125,11 @@ def main() -> None:
         report["history"] = result.history
         report["best_epoch"] = result.best_epoch
         report["trained"] = score(lambda paths: embed_images(result.embedding, paths, 128))
+        if args.save:
+            args.save.mkdir(parents=True, exist_ok=True)
+            result.embedding.save(args.save / "model.keras")
+            if "heldout" in folders:
+                shutil.copytree(folders["heldout"], args.save / "heldout", dirs_exist_ok=True)
     print(json.dumps(report, indent=1))
 
 
