@@ -202,6 +202,12 @@ class Gallery:
             self.nprobe,
         )
 
+    @staticmethod
+    def ondisk_files(path: str | Path) -> tuple[Path, Path]:
+        """Where a gallery saved at ``path`` keeps its vectors and its on-disk index, when it has one."""
+        path = Path(path)
+        return path.with_name(f"{path.stem}-vectors.npy"), path.with_name(f"{path.stem}-index")
+
     def save(self, path: str | Path) -> None:
         """Write the gallery as an ``.npz`` (no pickled objects). A gallery with an on-disk index keeps its
         vectors in ``<name>-vectors.npy`` beside it (memory-mapped when loaded) and its index in ``<name>-index/``."""
@@ -216,19 +222,18 @@ class Gallery:
                 paths=np.array(self.paths, dtype=str),
             )
         if ondisk:
-            np.save(path.with_name(f"{path.stem}-vectors.npy"), self.embeddings)
-            index = path.with_name(f"{path.stem}-index")
+            vectors, index = self.ondisk_files(path)
+            np.save(vectors, self.embeddings)
             if Path(str(self.ondisk_dir)).resolve() != index.resolve():
                 shutil.copytree(str(self.ondisk_dir), index, dirs_exist_ok=True)
 
     @classmethod
     def load(cls, path: str | Path, **options) -> Gallery:
         """Read a gallery written by :meth:`save`; ``options`` are ``index_threshold`` and ``nprobe``."""
-        path = Path(path)
-        index = path.with_name(f"{path.stem}-index")
+        vectors, index = cls.ondisk_files(path)
         with np.load(path, allow_pickle=False) as data:
             embeddings = data["embeddings"]
             if index.is_dir():
-                embeddings = np.load(path.with_name(f"{path.stem}-vectors.npy"), mmap_mode="r")
+                embeddings = np.load(vectors, mmap_mode="r")
                 options["ondisk_dir"] = str(index)
             return cls(embeddings, data["labels"], data["class_names"].tolist(), data["paths"].tolist(), **options)

@@ -23,7 +23,7 @@ from .model import load_embedding
 
 BUNDLE_FORMAT = 1
 MODEL_FILE, GALLERY_FILE, CONFIG_FILE, METADATA_FILE = "model.keras", "gallery.npz", "config.json", "metadata.json"
-ONDISK_INDEX_DIR = "gallery-index"  # beside gallery.npz (and gallery-vectors.npy) in a bundle of a large gallery
+ONDISK_INDEX_DIR = Gallery.ondisk_files(GALLERY_FILE)[1].name  # a large gallery's index, beside gallery.npz
 
 
 def _versions() -> dict[str, str]:

@@ -28,11 +28,8 @@ _active: contextvars.ContextVar[tuple[Mapper, int] | None] = contextvars.Context
 
 
 @contextmanager
-def sharded(mapper: Mapper | None, shard_size: int = DEFAULT_SHARD_SIZE) -> Iterator[None]:
-    """Embed file lists in shards through ``mapper`` inside the block (``None``: leave things as they are)."""
-    if mapper is None:
-        yield
-        return
+def sharded(mapper: Mapper, shard_size: int = DEFAULT_SHARD_SIZE) -> Iterator[None]:
+    """Embed file lists in shards through ``mapper`` inside the block."""
     token = _active.set((mapper, shard_size))
     try:
         yield

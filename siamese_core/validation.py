@@ -175,8 +175,9 @@ def validate_dataset(
     add = report.findings.append
     folders = _scan_splits({"train": train_dir, "test": test_dir}, add)
     paths = [p for folder in folders.values() for p in folder.paths]
+    limit = max_pixels or max_image_pixels()  # read once, not once per image
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        infos = {i.path: i for i in pool.map(lambda p: inspect_image(p, max_pixels or max_image_pixels()), paths)}
+        infos = {i.path: i for i in pool.map(lambda p: inspect_image(p, limit), paths)}
     _image_findings(infos, add)
     train, test = folders.get("train"), folders.get("test")
     if train is not None:
