@@ -43,7 +43,7 @@ def run(images: int, mode: str, input_size: int = 64) -> dict:
         before = status_mb("VmRSS")
         start = time.perf_counter()
         if mode == "library":
-            recognizer = SiameseRecognizer(model, build_gallery(model, folder, 64), config)
+            recognizer = SiameseRecognizer(model, build_gallery(model, folder), config)
             top1 = evaluate(recognizer, folder)["top1"]
         else:
             embeddings = model.predict(decode_all(folder.paths, input_size).astype(np.float32), verbose=0)

@@ -2,10 +2,13 @@
 
 Usage: python benchmarks/omniglot.py [--data DIR] [--mode closed|fewshot] [--preset fast-cpu]
        [--train-per-class N] [--split alphabet|class] [--heldout-classes N] [--train-classes N]
-       [--set key=value ...] [--save DIR]
+       [--set key=value ...] [--save DIR] [--load DIR]
 Prints a JSON report with raw-pixel and untrained-network baselines beside the trained network.
 In fewshot mode, whole alphabets (or, with --split class, random classes; at least 40) are
-held out of training, and every epoch logs its 20-way one-shot accuracy on them.
+held out of training, and every epoch logs its 20-way one-shot accuracy on them. The trained
+network is scored as the product answers: a recogniser with the config's ``evaluate`` settings
+(test-time views, class means) enrols each episode's classes and classifies its queries;
+``ms_per_query`` is the time it takes to embed one query image on this machine.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from pipelines.params import preset_config
 from siamese_core.config import Config, apply_overrides, parse_set_options
 from siamese_core.data import scan_folder
 from siamese_core.embed import decode_all, embed_images
+from siamese_core.evaluation import evaluate
 from siamese_core.gallery import Gallery
-from siamese_core.metrics import accuracy_report, few_shot_accuracy
-from siamese_core.model import build_embedding_model
+from siamese_core.metrics import accuracy_report, few_shot_accuracy, few_shot_report
+from siamese_core.model import build_embedding_model, load_embedding
+from siamese_core.recognizer import SiameseRecognizer, build_gallery
 from siamese_core.train import train
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared/datasets/omniglot-background-small"
@@ -78,6 +83,15 @@ def raw_pixels(paths: list[str], size: int) -> np.ndarray:
     return decode_all(paths, size)[..., 0].reshape(len(paths), -1).astype(np.float32) / 255.0
 
 
+def ms_per_query(recognizer: SiameseRecognizer, image: str, repeats: int = 30) -> float:
+    """Milliseconds to embed one query image, after a warm-up call."""
+    recognizer.embed([image])
+    start = time.perf_counter()
+    for _ in range(repeats):
+        recognizer.embed([image])
+    return round((time.perf_counter() - start) / repeats * 1000, 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -90,7 +104,10 @@ def main() -> None:
     parser.add_argument("--heldout-classes", type=int, default=40, help="fewshot mode: at least this many unseen classes")
     parser.add_argument("--train-classes", type=int, help="train on this many of the other classes (default: all)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--save", type=Path, help="keep the trained network (model.keras) and the held-out split here")
+    parser.add_argument("--save", type=Path, help="keep the trained network (model.keras), this report and the held-out "
+                        "split here")
+    parser.add_argument("--load", type=Path, help="do not train: score the network a --save run kept there (same split "
+                        "options) with this run's evaluate settings; its training time and baselines are copied")
     args = parser.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"{args.data}: dataset not found")
@@ -115,19 +132,34 @@ def main() -> None:
             report["heldout_classes"] = len(held.class_names)
             return few_shot_accuracy(embed(held.paths), held.labels, n_way=20, k_shot=1, episodes=args.episodes)
 
-        report["raw_pixels"] = score(lambda paths: raw_pixels(paths, size))
-        untrained = build_embedding_model(config.model)
-        report["untrained"] = score(lambda paths: embed_images(untrained, paths, 128))
-        start = time.perf_counter()
-        result = train(config, folders["train"], folders.get("test"), verbose=2, heldout_dir=folders.get("heldout"))
-        report["train_seconds"] = round(time.perf_counter() - start, 1)
-        report["triplets_per_epoch"] = len(result.triplets)
-        report["history"] = result.history
-        report["best_epoch"] = result.best_epoch
-        report["trained"] = score(lambda paths: embed_images(result.embedding, paths, 128))
+        if args.load:  # score a network trained before, on the same split, with this config's evaluate settings
+            network = load_embedding(args.load / "model.keras")
+            trained_report = json.loads((args.load / "report.json").read_text())
+            report.update({key: trained_report[key] for key in ("config", "train_seconds", "raw_pixels", "untrained")})
+            report["loaded_from"] = str(args.load)
+        else:
+            report["raw_pixels"] = score(lambda paths: raw_pixels(paths, size))
+            untrained = build_embedding_model(config.model)
+            report["untrained"] = score(lambda paths: embed_images(untrained, paths, 128))
+            start = time.perf_counter()
+            result = train(config, folders["train"], folders.get("test"), verbose=2, heldout_dir=folders.get("heldout"))
+            report["train_seconds"] = round(time.perf_counter() - start, 1)
+            report.update(history=result.history, best_epoch=result.best_epoch)
+            network = result.embedding
+        report["evaluate"] = config.evaluate.model_dump()
+        recognizer = SiameseRecognizer(network, build_gallery(network, train_folder, config.evaluate), config)
+        if args.mode == "closed":
+            scores = evaluate(recognizer, test_folder, top_k=5)
+            report["trained"] = {key: scores[key] for key in ("top1", "top5", "class_avg_accuracy")}
+        else:
+            held = scan_folder(folders["heldout"])
+            report["trained"] = few_shot_report(recognizer.embed(held.paths), held.labels, 20, [1, 5], args.episodes,
+                                                classify=recognizer.classify_among)[0]
+        report["ms_per_query"] = ms_per_query(recognizer, train_folder.paths[0])
         if args.save:
             args.save.mkdir(parents=True, exist_ok=True)
-            result.embedding.save(args.save / "model.keras")
+            network.save(args.save / "model.keras")
+            (args.save / "report.json").write_text(json.dumps(report, indent=1))
             if "heldout" in folders:
                 shutil.copytree(folders["heldout"], args.save / "heldout", dirs_exist_ok=True)
     print(json.dumps(report, indent=1))

@@ -115,7 +115,8 @@ def train(
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Training epochs.")] = None,
     params: Annotated[Path | None, typer.Option("--params", help="A params.yaml to start from.")] = None,
     preset: Annotated[str | None, typer.Option(
-        "--preset", help="seed (the original ResNet50 model) or fast-cpu (small CNN, online mining).")] = None,
+        "--preset", help="seed (the original ResNet50 model), fast-cpu (small CNN, online mining) or fewshot-cpu "
+                         "(fast-cpu plus test-time views and class means, for new classes).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last epoch.")] = False,
     set_: SetOption = None,
 ) -> None:

@@ -74,7 +74,7 @@ class PipelineParams(Config):
     """The whole params.yaml: the library's sections plus data, register and schedule."""
 
     preset: str | None = Field(
-        None, description="A file of pipelines/presets/ (seed, fast-cpu) whose keys replace those of params.yaml."
+        None, description="A file of pipelines/presets/ (seed, fast-cpu, fewshot-cpu) whose keys replace those of params.yaml."
     )
     data: DataConfig = Field(default_factory=DataConfig)
     register: RegisterConfig = Field(default_factory=RegisterConfig)
@@ -99,13 +99,18 @@ def _merge(base: dict, top: dict) -> dict:
 
 
 def with_preset(data: dict[str, Any], name: str | None) -> dict[str, Any]:
-    """``data`` (params sections as dicts) with the keys of preset ``name`` replacing its own."""
+    """``data`` (params sections as dicts) with the keys of preset ``name`` replacing its own
+    (a preset that ``extends`` another applies that one first)."""
     if not name:
         return data
     path = PRESETS / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"preset: unknown preset '{name}', expected one of {preset_names()}")
-    return _merge(data, yaml.safe_load(path.read_text(encoding="utf-8")))
+    keys = yaml.safe_load(path.read_text(encoding="utf-8"))
+    base = keys.pop("extends", None)
+    if base == name:
+        raise ConfigError(f"preset {name}: it extends itself")
+    return _merge(with_preset(data, base), keys)
 
 
 def preset_config(base: Config, name: str | None) -> Config:

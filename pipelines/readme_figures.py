@@ -1,7 +1,9 @@
-"""The README's demo figures, generated from metrics.json so that they never drift from what a run measures.
+"""The README's measured figures, generated so that they never drift from what a run measured.
 
-``python -m pipelines.readme_figures`` rewrites the block between the markers in README.md
-from the metrics.json that ``dvc repro`` wrote; a test fails when the two disagree.
+``python -m pipelines.readme_figures`` rewrites the blocks between markers in README.md: the demo
+table from the metrics.json that ``dvc repro`` wrote, and the learning-quality tables from the
+JSON reports of ``benchmarks/omniglot.py`` and ``benchmarks/enrolment_levers.py`` kept in
+``benchmarks/results/``. A test fails when README and sources disagree.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from pathlib import Path
 
 START, END = "<!-- demo figures: generated from metrics.json by python -m pipelines.readme_figures -->", \
     "<!-- end of demo figures -->"
+QUALITY_START, QUALITY_END = ("<!-- learning quality: generated from benchmarks/results/ by python -m pipelines.readme_figures -->",
+                              "<!-- end of learning quality -->")
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 COLUMNS = ("", "baseline_raw_pixels.", "baseline_untrained.")
 
 
@@ -46,14 +51,80 @@ def render(metrics: dict) -> str:
     return "\n".join([START, *lines, END])
 
 
+# Held out by alphabet, one option at a time: (option, report file, lever key or None for the report's
+# "trained" figures, views whose query time applies). Lever rows use the network of alphabet-fast-cpu.json.
+OPTIONS = [
+    ("`fast-cpu` before this round: four augmentation layers in a row", "alphabet-fast-cpu-four-layers.json", None, 1),
+    ("**`fast-cpu` now**: one affine transform per batch", "alphabet-fast-cpu.json", None, 1),
+    ("input 112 px, first convolution with stride 2", "alphabet-stem-112px-stride-2.json", None, 1),
+    ("generalized-mean (GeM) pooling instead of average", "alphabet-gem-pooling.json", None, 1),
+    ("test-time views: the image and 4 shifted copies", "alphabet-levers.json", "tta_5_views", 5),
+    ("test-time views: the image and 8 shifted copies", "alphabet-levers.json", "tta_9_views", 9),
+    ("5 views of the enrolled images only", "alphabet-levers.json", "tta_5_views_enrolled_side_only", 1),
+    ("each enrolled image augmented into 16 random copies, averaged", "alphabet-levers.json",
+     "one_image_augmented_16x_enrolled_side", 1),
+    ("class means (prototypes) instead of the nearest image", "alphabet-levers.json", "class_mean", 1),
+    ("5 views and class means", "alphabet-levers.json", "tta_5_views_class_mean", 5),
+    ("k-reciprocal re-ranking against the enrolled images", "alphabet-levers.json", "k_reciprocal_rerank", 1),
+    ("two networks' embeddings concatenated (twice the training)", "alphabet-levers.json", "ensemble_2_models_1_views", 2),
+    ("two networks, 5 views each", "alphabet-levers.json", "ensemble_2_models_5_views", 10),
+]
+PRESET_RUNS = [("fast-cpu", "alphabet"), ("fast-cpu", "class"), ("fewshot-cpu", "alphabet"), ("fewshot-cpu", "class")]
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text(encoding="utf-8"))
+
+
+def _shot(result: dict | None, shots: int) -> str:
+    figure = (result or {}).get(f"{shots}shot")
+    return f"{100 * figure['mean']:.1f} % ± {100 * figure['ci95']:.1f}" if figure else "-"
+
+
+def _minutes(seconds: float | None) -> str:
+    return f"{seconds / 60:.1f} min" if seconds else "-"
+
+
+def render_quality() -> str:
+    """The learning-quality tables (options one at a time; the presets on both splits) from benchmarks/results/."""
+    plain_ms = _load("alphabet-levers.json")["ms_per_query"]["1_views"]
+    trained = _load("alphabet-fast-cpu.json")
+    lines = ["| option (held out by alphabet) | 20-way 1-shot | 20-way 5-shot | training | embedding one query |",
+             "|---|---|---|---|---|"]
+    for title, name, lever, views in OPTIONS:
+        report = _load(name)
+        if lever is None:
+            result, seconds, ms = report["trained"], report["train_seconds"], report["ms_per_query"]
+        else:
+            result, seconds = report[lever], trained["train_seconds"] * (2 if lever.startswith("ensemble") else 1)
+            ms = report["ms_per_query"].get(f"{views}_views", plain_ms * views)
+        lines.append(f"| {title} | {_shot(result, 1)} | {_shot(result, 5)} | {_minutes(seconds)} | {ms:.1f} ms |")
+    tuning = _load("alphabet-levers.json")["episode_fine_tuning"]
+    lines += ["", f"Episode-time fine-tuning of the last dense layer ({tuning['steps']} Adam steps on the enrolled "
+                  f"images and {tuning['copies']} augmented copies of each, {tuning['1shot']['episodes']} episodes): "
+                  f"1-shot {_shot(tuning, 1)}, against {_shot(tuning['plain_on_the_same_episodes'], 1)} without it on "
+                  f"the same episodes; it costs {tuning['ms_per_enrolled_class']:.0f} ms per enrolled class.",
+              "", "| preset | held out by | 20-way 1-shot | 20-way 5-shot | training | embedding one query |",
+              "|---|---|---|---|---|---|"]
+    for preset, split in PRESET_RUNS:
+        report = _load(f"{split}-{preset}.json")
+        lines.append(f"| `{preset}` | {split} ({report['heldout_classes']} classes) | **{_shot(report['trained'], 1)}** | "
+                     f"{_shot(report['trained'], 5)} | {_minutes(report['train_seconds'])} | {report['ms_per_query']:.1f} ms |")
+    return "\n".join([QUALITY_START, *lines, QUALITY_END])
+
+
+def _replace_block(text: str, start: str, end: str, block: str, readme: Path) -> str:
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme}: no generated block (the markers {start!r} ... {end!r})")
+    before, rest = text.split(start, 1)
+    return before + block + rest.split(end, 1)[1]
+
+
 def update(readme: Path, metrics_file: Path) -> bool:
-    """Rewrite the generated block of ``readme``; returns whether it changed."""
+    """Rewrite the generated blocks of ``readme``; returns whether it changed."""
     text = readme.read_text(encoding="utf-8")
-    if START not in text or END not in text:
-        raise SystemExit(f"{readme}: no generated block (the markers {START!r} ... {END!r})")
-    before, rest = text.split(START, 1)
-    after = rest.split(END, 1)[1]
-    new = before + render(json.loads(metrics_file.read_text(encoding="utf-8"))) + after
+    new = _replace_block(text, START, END, render(json.loads(metrics_file.read_text(encoding="utf-8"))), readme)
+    new = _replace_block(new, QUALITY_START, QUALITY_END, render_quality(), readme)
     readme.write_text(new, encoding="utf-8")
     return new != text
 

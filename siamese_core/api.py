@@ -71,7 +71,7 @@ def _recognizer_with_gallery(model_path: str, train_dataset_path: str, key: str)
         recognizer.gallery = Gallery.load(cache)
     else:
         folder = scan_folder(train_dataset_path)
-        recognizer.gallery = build_gallery(recognizer.embedding, folder, recognizer.config.evaluate.embed_batch_size)
+        recognizer.gallery = build_gallery(recognizer.embedding, folder, recognizer.config.evaluate)
         with atomic_path(cache) as tmp:
             recognizer.gallery.save(tmp)
     return recognizer

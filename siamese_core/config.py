@@ -33,9 +33,10 @@ class ModelConfig(Section):
         description="'imagenet' (Keras cache), a path to a local weights file, or null.",
     )
     input_size: int = Field(200, ge=16, le=1024, description="Square input side in pixels.")
-    pooling: Literal["none", "avg"] = Field(
+    pooling: Literal["none", "avg", "gem"] = Field(
         "none", description="Between backbone and head: none flattens the feature map (the seed's), "
-        "avg averages it over positions (smaller head, no spatial layout).",
+        "avg averages it over positions (smaller head, no spatial layout), gem takes the generalized "
+        "mean (mean of x^p, then the p-th root, p learned from 3), between average and max.",
     )
     head_units: list[int] = Field(default_factory=lambda: [512, 256])
     embedding_dim: int = Field(256, ge=2)
@@ -44,6 +45,10 @@ class ModelConfig(Section):
         description="First backbone layer left trainable; earlier layers are frozen. "
         "'auto': conv5_block1_out for resnet50 (the seed's choice), the whole network "
         "for small_cnn. null trains the whole backbone.",
+    )
+    stem_stride: int = Field(
+        1, ge=1, le=4, description="small_cnn only: stride of the first convolution. 2 reads images "
+        "at twice the side for about the cost of stride 1 at the side itself.",
     )
     l2_normalize: bool = False
     margin: float = Field(0.5, gt=0)
@@ -151,6 +156,14 @@ class EvaluateConfig(Section):
     fewshot_way: int = Field(20, ge=2, description="N of the N-way k-shot episodes on held-out classes.")
     fewshot_shots: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 5], description="The k values of the episodes.")
     fewshot_episodes: int = Field(500, ge=1)
+    test_time_views: int = Field(
+        1, ge=1, le=9, description="Test-time augmentation: every image, enrolled or queried, is embedded as the "
+        "mean over itself and views - 1 copies shifted by test_time_shift of the side (diagonal shifts first, "
+        "then axial). 1 is off; 5 costs five forward passes per image.")
+    test_time_shift: float = Field(0.05, gt=0, lt=0.5, description="The shift of the test-time views, as a fraction of the side.")
+    match: Literal["nearest_image", "class_mean"] = Field(
+        "nearest_image", description="A query's class: that of its nearest gallery image, or that of the nearest class "
+        "mean (the prototype of a class's gallery images, back to unit length when they are).")
     exact_search_max_rows: int = Field(
         EXACT_SEARCH_MAX_ROWS, ge=0, description="Galleries with more rows are searched through an approximate "
         "faiss IVF index of sqrt(rows) lists; below it the exact NumPy search answers in milliseconds.")

@@ -73,36 +73,68 @@ def _padded_size(n: int, batch_size: int) -> int:
     return min(batch_size, 1 << max(n - 1, 0).bit_length())
 
 
-def _predict_batch(model, batch: np.ndarray, batch_size: int) -> np.ndarray:
-    """``model`` on one batch, padded to :func:`_padded_size` rows."""
+# Test-time views: offsets in steps of the shift, identity first, then the 4 diagonal and the 4 axial neighbours.
+VIEW_OFFSETS = ((0, 0), (-1, -1), (-1, 1), (1, -1), (1, 1), (-1, 0), (1, 0), (0, -1), (0, 1))
+VIEW_SHIFT = 0.05
+
+
+def shifted_views(images: np.ndarray, views: int, shift: float = VIEW_SHIFT) -> list[np.ndarray]:
+    """The images and ``views - 1`` copies moved by ``shift`` of the side (diagonally first; edges
+    repeated): the inputs whose embeddings test-time augmentation averages."""
+    side = images.shape[1]
+    step = max(1, round(side * shift))
+    padded = np.pad(images, ((0, 0), (step, step), (step, step), (0, 0)), mode="edge")
+    return [padded[:, step + dy * step : step + dy * step + side, step + dx * step : step + dx * step + side]
+            for dy, dx in VIEW_OFFSETS[:views]]
+
+
+def _unit_length(model) -> bool:
+    import keras
+
+    return isinstance(model.layers[-1], keras.layers.UnitNormalization)
+
+
+def _predict_batch(model, batch: np.ndarray, batch_size: int, views: int = 1, shift: float = VIEW_SHIFT) -> np.ndarray:
+    """``model`` on one batch, padded to :func:`_padded_size` rows; with ``views`` > 1, the mean
+    embedding of the :func:`shifted_views` (back to unit length when the model's are)."""
     n = len(batch)
     padded = _padded_size(n, batch_size)
     if n < padded:
         batch = np.concatenate([batch, np.zeros((padded - n, *batch.shape[1:]), batch.dtype)])
-    return np.asarray(model.predict_on_batch(batch.astype(np.float32)))[:n]
+    if views == 1:
+        return np.asarray(model.predict_on_batch(batch.astype(np.float32)))[:n]
+    mean = np.mean([model.predict_on_batch(view.astype(np.float32)) for view in shifted_views(batch, views, shift)],
+                   axis=0)[:n]
+    if _unit_length(model):
+        mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+    return mean
 
 
-def predict_array(model, rows: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Run ``model`` over an in-memory array (images or features) in batches; float32 out."""
+def predict_array(model, rows: np.ndarray, batch_size: int = 64, views: int = 1, shift: float = VIEW_SHIFT) -> np.ndarray:
+    """Run ``model`` over an in-memory array (images or features) in batches; float32 out.
+    ``views`` > 1 averages that many :func:`shifted_views` of each image."""
     out = np.empty((len(rows), *model.output_shape[1:]), dtype=np.float32)
     for start in range(0, len(rows), batch_size):
-        out[start : start + batch_size] = _predict_batch(model, rows[start : start + batch_size], batch_size)
+        out[start : start + batch_size] = _predict_batch(model, rows[start : start + batch_size], batch_size, views, shift)
     return out
 
 
 def embed_images(model, sources: Sequence[ImageSource], batch_size: int = 64, progress: bool = False,
-                 shardable: bool = True) -> np.ndarray:
+                 shardable: bool = True, views: int = 1, shift: float = VIEW_SHIFT) -> np.ndarray:
     """Embed images with ``model`` in batches; returns ``(n, dim)`` float32.
 
-    Inside :func:`siamese_core.sharding.sharded`, image files embedded by a network loaded
-    from a file go out in shards to the mapper (a Dask cluster); the rows come back in order.
+    ``views`` > 1 is test-time augmentation: each image's embedding is the mean over the image and
+    ``views - 1`` copies shifted by ``shift`` of the side (:func:`shifted_views`), at ``views``
+    times the cost. Inside :func:`siamese_core.sharding.sharded`, image files embedded by a network
+    loaded from a file go out in shards to the mapper (a Dask cluster); the rows come back in order.
     """
     in_force = sharding.active()
     source_file = getattr(model, "source_file", None)
     if (shardable and in_force and source_file and len(sources) > in_force[1]
             and all(isinstance(s, (str, os.PathLike)) for s in sources)):
         mapper, shard_size = in_force
-        tasks = [(str(source_file), shard, batch_size) for shard in sharding.shards([str(s) for s in sources], shard_size)]
+        tasks = [(str(source_file), shard, batch_size, views, shift)
+                 for shard in sharding.shards([str(s) for s in sources], shard_size)]
         return np.concatenate(mapper(embed_shard, tasks)).astype(np.float32, copy=False)
     size = int(model.input_shape[1])
     out = np.empty((len(sources), int(model.output_shape[-1])), dtype=np.float32)
@@ -113,17 +145,18 @@ def embed_images(model, sources: Sequence[ImageSource], batch_size: int = 64, pr
         batches = tqdm(batches, total=-(-len(sources) // batch_size), desc="embedding", unit="batch")
     start = 0
     for batch in batches:
-        out[start : start + len(batch)] = _predict_batch(model, batch, batch_size)
+        out[start : start + len(batch)] = _predict_batch(model, batch, batch_size, views, shift)
         start += len(batch)
     return out
 
 
-def embed_shard(task: tuple[str, list[str], int]) -> np.ndarray:
+def embed_shard(task: tuple[str, list[str], int, int, float]) -> np.ndarray:
     """Where a mapper runs it (a Dask worker): embed one shard of image files with the network saved at
-    ``task[0]``, loaded once per process."""
-    model_file, paths, batch_size = task
+    ``task[0]`` (loaded once per process), in batches of ``task[2]``, with ``task[3]`` views shifted by ``task[4]``."""
+    model_file, paths, batch_size, views, shift = task
     stat = os.stat(model_file)
-    return embed_images(_network(model_file, stat.st_size, stat.st_mtime_ns), paths, batch_size, shardable=False)
+    return embed_images(_network(model_file, stat.st_size, stat.st_mtime_ns), paths, batch_size, shardable=False,
+                        views=views, shift=shift)
 
 
 @functools.lru_cache(maxsize=2)

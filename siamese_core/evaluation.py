@@ -151,8 +151,9 @@ def assess(
         if "calibration" in report:
             report["open_set"] = open_set_report(result.nearest_distances, result.correct, result.unknown_distances,
                                                  report["calibration"]["threshold"], out_of_fold)
-        report["fewshot"], fewshot_notes = few_shot_report(
-            unknown, heldout.labels, settings.fewshot_way, settings.fewshot_shots, settings.fewshot_episodes, seed)
+        report["fewshot"], fewshot_notes = few_shot_report(  # enrolled and searched as the product does
+            unknown, heldout.labels, settings.fewshot_way, settings.fewshot_shots, settings.fewshot_episodes, seed,
+            classify=recognizer.classify_among)
         notes.extend(fewshot_notes)
     report["notes"] = notes
     return result

@@ -49,7 +49,9 @@ class Gallery:
     Above ``index_threshold`` rows, search goes through a faiss IVF index (built on
     first use) that visits ``nprobe`` of its ``sqrt(rows)`` lists per query. With
     ``ondisk_dir`` it goes through the IVF-PQ index on disk there (:mod:`siamese_core.ondisk`),
-    and ``embeddings`` may be a memory-mapped array that is never read whole.
+    and ``embeddings`` may be a memory-mapped array that is never read whole. With ``class_means``
+    a query's distance to a class is its distance to the class's mean row (exact search over the
+    means; the nearest path is the nearest image of the best class).
     """
 
     embeddings: np.ndarray
@@ -59,6 +61,7 @@ class Gallery:
     index_threshold: int = EXACT_SEARCH_MAX_ROWS
     nprobe: int = NPROBE
     ondisk_dir: str | None = None
+    class_means: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.embeddings, np.ndarray) and self.embeddings.dtype == np.float32):
@@ -76,6 +79,7 @@ class Gallery:
                              f"got labels {present[:10].tolist()}")
         self._class_starts = np.searchsorted(self.labels, np.arange(len(self.class_names)))
         self._index = None
+        self._means: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -116,12 +120,36 @@ class Gallery:
         shards = (np.asarray(self.embeddings[i : i + shard_rows]) for i in range(0, rows, shard_rows))
         build_ondisk_index(shards, sample, rows, Path(folder))
         return Gallery(self.embeddings, self.labels, list(self.class_names), list(self.paths), self.index_threshold,
-                       self.nprobe, str(folder))
+                       self.nprobe, str(folder), self.class_means)
+
+    def means(self) -> np.ndarray:
+        """Each class's mean row ``(classes, dim)``, scaled back to unit length when the rows are; computed once."""
+        if self._means is None:
+            sums = np.zeros((len(self.class_names), self.embeddings.shape[1]))
+            for start in range(0, len(self), 65536):  # in chunks: a memory-mapped gallery is never read whole
+                np.add.at(sums, self.labels[start : start + 65536], self.embeddings[start : start + 65536])
+            means = sums / np.diff(np.append(self._class_starts, len(self)))[:, None]
+            sample = np.linalg.norm(self.embeddings[:: max(1, len(self) // 1000)], axis=1)
+            if np.allclose(sample, 1.0, atol=1e-3):
+                means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+            self._means = means.astype(np.float32)
+        return self._means
 
     def class_distances(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per-class nearest distance ``(q, classes)`` and the index of each query's nearest row (exact)."""
+        """Per-class distance ``(q, classes)`` (to the nearest row, or with ``class_means`` to the mean row)
+        and the index of each query's nearest row (of the nearest class, with ``class_means``); exact."""
+        if self.class_means:
+            per_class = squared_distances(queries, self.means())
+            best = per_class.argmin(axis=1)
+            nearest = [self._class_starts[c] + squared_distances(q[None], self._rows_of(c))[0].argmin()
+                       for q, c in zip(queries, best)]
+            return per_class, np.asarray(nearest, dtype=np.int64)
         distances = squared_distances(queries, self.embeddings)
         return np.minimum.reduceat(distances, self._class_starts, axis=1), distances.argmin(axis=1)
+
+    def _rows_of(self, label: int) -> np.ndarray:
+        end = self._class_starts[label + 1] if label + 1 < len(self._class_starts) else len(self)
+        return np.asarray(self.embeddings[self._class_starts[label] : end])
 
     def _exact_search(self, queries: np.ndarray, k: int) -> list[tuple[list[tuple[int, float]], int]]:
         per_class, nearest = self.class_distances(queries)
@@ -157,9 +185,9 @@ class Gallery:
         so memory stays bounded however large the gallery.
         """
         k = min(top_k, len(self.class_names))
-        chunk = chunk or max(1, 4_000_000 // len(self))
+        chunk = chunk or max(1, 4_000_000 // (len(self.class_names) if self.class_means else len(self)))
         queries = np.asarray(queries, dtype=np.float32)
-        find = self._index_search if self.uses_index else self._exact_search
+        find = self._index_search if self.uses_index and not self.class_means else self._exact_search
         matches: list[Match] = []
         for start in range(0, len(queries), chunk):
             for ranked, near in find(queries[start : start + chunk], k):
@@ -200,6 +228,7 @@ class Gallery:
             list(self.paths) + list(paths),
             self.index_threshold,
             self.nprobe,
+            class_means=self.class_means,
         )
 
     @staticmethod

@@ -6,7 +6,7 @@ few-shot episodes, and the flat form of a report. Nothing here builds or runs a 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -215,13 +215,15 @@ def few_shot_accuracy(
     episodes: int = 500,
     queries_per_class: int = 1,
     seed: int = 0,
+    classify: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> dict:
     """N-way k-shot accuracy over random episodes, from embeddings computed once.
 
     Each episode draws ``n_way`` classes, ``k_shot`` gallery images and
-    ``queries_per_class`` other images per class; a query is right when its
-    nearest gallery image is of its class. Returns the mean and a 95% interval
-    (normal approximation over episodes).
+    ``queries_per_class`` other images per class; a query is right when
+    ``classify(gallery embeddings, their labels, query embeddings)`` gives its class
+    (by default: the class of its nearest gallery image). Returns the mean and a
+    95% interval (normal approximation over episodes).
     """
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
@@ -236,14 +238,18 @@ def few_shot_accuracy(
         picks = [rng.choice(members[c], size=k_shot + queries_per_class, replace=False) for c in classes]
         support = np.concatenate([p[:k_shot] for p in picks])
         query = np.concatenate([p[k_shot:] for p in picks])
-        nearest = squared_distances(embeddings[query], embeddings[support]).argmin(axis=1)
-        scores[episode] = np.mean(nearest // k_shot == np.repeat(np.arange(n_way), queries_per_class))
+        if classify is None:
+            found = labels[support][squared_distances(embeddings[query], embeddings[support]).argmin(axis=1)]
+        else:
+            found = classify(embeddings[support], labels[support], embeddings[query])
+        scores[episode] = np.mean(found == labels[query])
     half_width = 1.96 * scores.std(ddof=1) / np.sqrt(episodes) if episodes > 1 else 0.0
     return {"mean": float(scores.mean()), "ci95": float(half_width), "episodes": episodes, "n_way": n_way, "k_shot": k_shot}
 
 
-def few_shot_report(embeddings, labels, n_way: int, shots: list[int], episodes: int, seed: int = 0) -> tuple[dict, list[str]]:
-    """:func:`few_shot_accuracy` for each k in ``shots`` as ``{"<k>shot": ...}``, and notes.
+def few_shot_report(embeddings, labels, n_way: int, shots: list[int], episodes: int, seed: int = 0,
+                    classify: Callable | None = None) -> tuple[dict, list[str]]:
+    """:func:`few_shot_accuracy` (with ``classify``) for each k in ``shots`` as ``{"<k>shot": ...}``, and notes.
 
     When fewer than ``n_way`` classes have k + 1 images, the episodes use as many
     ways as there are such classes, and a note says so; under 2 classes, k is skipped.
@@ -259,7 +265,8 @@ def few_shot_report(embeddings, labels, n_way: int, shots: list[int], episodes: 
         if eligible < n_way:
             notes.append(f"{k}-shot: {eligible}-way instead of {n_way}-way, only {eligible} held-out classes "
                          f"have {k + 1} or more images")
-        results[f"{k}shot"] = few_shot_accuracy(embeddings, labels, min(n_way, eligible), k, episodes, seed=seed)
+        results[f"{k}shot"] = few_shot_accuracy(embeddings, labels, min(n_way, eligible), k, episodes, seed=seed,
+                                                classify=classify)
     return results, notes
 
 

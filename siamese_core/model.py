@@ -47,17 +47,44 @@ class DistanceLayer(layers.Layer):
         return row_squared_distances(anchor, positive), row_squared_distances(anchor, negative)
 
 
+@keras.saving.register_keras_serializable(package="siamese_core")
+class GeneralizedMeanPooling(layers.Layer):
+    """Generalized-mean (GeM) pooling over positions: (mean of x^p)^(1/p), with p learned (Radenovic et al., 2018).
+
+    p = 1 is average pooling; a large p approaches max pooling. Inputs are clipped at ``epsilon``.
+    """
+
+    def __init__(self, p: float = 3.0, epsilon: float = 1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.initial_p, self.epsilon = p, epsilon
+
+    def build(self, input_shape):
+        self.p = self.add_weight(shape=(), initializer=keras.initializers.Constant(self.initial_p), name="p")
+
+    def call(self, inputs):
+        powered = ops.power(ops.maximum(inputs, self.epsilon), self.p)
+        return ops.power(ops.mean(powered, axis=(1, 2)), 1.0 / self.p)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "p": self.initial_p, "epsilon": self.epsilon}
+
+
 def triplet_loss(ap_distance, an_distance, margin: float):
     """Per-triplet loss max(d(A,P) - d(A,N) + margin, 0) (Schroff et al., FaceNet, 2015)."""
     return ops.maximum(ap_distance - an_distance + margin, 0.0)
 
 
-def _small_cnn(input_size: int, synchronized: bool = False) -> keras.Model:
-    """A four-block CNN (conv-BN-ReLU, max-pooling after the first three) for small or greyscale images on CPU."""
+def _small_cnn(input_size: int, synchronized: bool = False, stem_stride: int = 1) -> keras.Model:
+    """A four-block CNN (conv-BN-ReLU, max-pooling after the first three) for small or greyscale images
+    on CPU; the first convolution moves ``stem_stride`` pixels at a time."""
     inputs = keras.Input((input_size, input_size, 3), name="image")
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
     for i, filters in enumerate((32, 64, 128, 256)):
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{i + 1}_conv")(x)
+        stride = stem_stride if i == 0 else 1
+        x = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=f"block{i + 1}_conv")(x)
         x = layers.BatchNormalization(synchronized=synchronized, name=f"block{i + 1}_bn")(x)
         x = layers.Activation("relu", name=f"block{i + 1}_relu")(x)
         x = layers.MaxPooling2D(2, name=f"block{i + 1}_pool")(x) if i < 3 else x
@@ -119,9 +146,11 @@ def build_backbone(config: ModelConfig, synchronized: bool = False) -> keras.Mod
     if config.backbone == "small_cnn":
         if config.weights == "imagenet":
             raise WeightsUnavailableError("small_cnn has no ImageNet weights; use weights=null or a local file")
-        backbone = _small_cnn(config.input_size, synchronized)
+        backbone = _small_cnn(config.input_size, synchronized, config.stem_stride)
         if config.weights is not None:
             backbone.load_weights(config.weights)
+    elif config.stem_stride != 1:
+        raise ConfigError(f"stem_stride: only small_cnn has a stride to set, not {config.backbone}")
     else:
         backbone = _pretrained(config)
     first = AUTO_TRAINABLE_FROM[config.backbone] if config.trainable_from == "auto" else config.trainable_from
@@ -141,6 +170,8 @@ def build_embedding_model(config: ModelConfig, synchronized: bool = False) -> ke
     x = backbone(x)
     if config.pooling == "avg":
         x = layers.GlobalAveragePooling2D(name="pool")(x)
+    elif config.pooling == "gem":
+        x = GeneralizedMeanPooling(name="pool")(x)
     x = layers.Flatten(name="flatten")(x)
     for i, units in enumerate(config.head_units):
         x = layers.Dense(units, activation="relu", name=f"dense{i + 1}")(x)

@@ -13,7 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from .config import Config, validate_config
+from .config import Config, EvaluateConfig, validate_config
 from .data import UNKNOWN, ImageFolder, scan_folder
 from .embed import ImageSource, embed_images
 from .errors import BundleError, ConfigError, DatasetError
@@ -40,16 +40,19 @@ def _versions() -> dict[str, str]:
     }
 
 
-def build_gallery(embedding: keras.Model, folder: ImageFolder, batch_size: int = 64, progress: bool = False) -> Gallery:
-    """Embed every image of a class folder once, in batches, into a gallery."""
-    embeddings = embed_images(embedding, folder.paths, batch_size, progress=progress)
+def build_gallery(embedding: keras.Model, folder: ImageFolder, settings: EvaluateConfig | None = None,
+                  progress: bool = False) -> Gallery:
+    """Embed every image of a class folder once, in batches (with the test-time views of ``settings``), into a gallery."""
+    settings = settings or EvaluateConfig()
+    embeddings = embed_images(embedding, folder.paths, settings.embed_batch_size, progress=progress,
+                              views=settings.test_time_views, shift=settings.test_time_shift)
     return Gallery(embeddings, folder.labels, list(folder.class_names), list(folder.paths))
 
 
 def save_trained_bundle(embedding: keras.Model, train_folder: ImageFolder, config: Config, path: str | os.PathLike,
                         metadata: dict | None = None, progress: bool = False) -> SiameseRecognizer:
     """The one way from a training to a bundle: embed the training images into the gallery and save it all at ``path``."""
-    gallery = build_gallery(embedding, train_folder, config.evaluate.embed_batch_size, progress)
+    gallery = build_gallery(embedding, train_folder, config.evaluate, progress)
     recognizer = SiameseRecognizer(embedding, gallery, config)
     recognizer.save(path, metadata)
     return recognizer
@@ -66,14 +69,19 @@ class SiameseRecognizer:
 
     @property
     def gallery(self) -> Gallery:
-        """The reference embeddings; searched with the config's exact-search limit and ``nprobe``."""
+        """The reference embeddings; searched with the config's exact-search limit, ``nprobe`` and ``match``."""
         return self._gallery
 
     @gallery.setter
     def gallery(self, gallery: Gallery) -> None:
+        self._gallery = self.searched(gallery)
+
+    def searched(self, gallery: Gallery) -> Gallery:
+        """``gallery``, set to be searched the way this recogniser searches (``config.evaluate``)."""
         gallery.index_threshold = self.config.evaluate.exact_search_max_rows
         gallery.nprobe = self.config.evaluate.nprobe
-        self._gallery = gallery
+        gallery.class_means = self.config.evaluate.match == "class_mean"
+        return gallery
 
     @property
     def input_size(self) -> int:
@@ -81,8 +89,19 @@ class SiameseRecognizer:
         return int(self.embedding.input_shape[1])
 
     def embed(self, images: Sequence[ImageSource]) -> np.ndarray:
-        """Embed image paths, encoded bytes or uint8 arrays, in batches."""
-        return embed_images(self.embedding, list(images), self.config.evaluate.embed_batch_size)
+        """Embed image paths, encoded bytes or uint8 arrays, in batches, with the config's test-time views."""
+        settings = self.config.evaluate
+        return embed_images(self.embedding, list(images), settings.embed_batch_size,
+                            views=settings.test_time_views, shift=settings.test_time_shift)
+
+    def classify_among(self, enrolled: np.ndarray, enrolled_labels: np.ndarray, queries: np.ndarray) -> np.ndarray:
+        """The label of each query embedding among a set of enrolled embeddings, searched as this recogniser
+        searches its gallery: the few-shot episodes' path, the same as :meth:`enroll` then :meth:`predict`."""
+        classes = np.unique(enrolled_labels)
+        gallery = Gallery(enrolled, np.searchsorted(classes, enrolled_labels), [str(c) for c in classes],
+                          [""] * len(enrolled))
+        found = [int(m.label) for m in self.searched(gallery).search(queries, 1)]
+        return np.asarray(found, dtype=np.asarray(enrolled_labels).dtype)
 
     @property
     def threshold(self) -> float | None:
@@ -124,7 +143,7 @@ class SiameseRecognizer:
     def with_gallery(self, folder: str | os.PathLike | ImageFolder, progress: bool = False) -> SiameseRecognizer:
         """A recogniser with the same network and a gallery built from ``folder``."""
         folder = folder if isinstance(folder, ImageFolder) else scan_folder(folder)
-        gallery = build_gallery(self.embedding, folder, self.config.evaluate.embed_batch_size, progress)
+        gallery = build_gallery(self.embedding, folder, self.config.evaluate, progress)
         return SiameseRecognizer(self.embedding, gallery, self.config, dict(self.metadata))
 
     def save(self, path: str | os.PathLike, extra_metadata: dict | None = None) -> Path:

@@ -87,7 +87,12 @@ def test_presets_replace_the_keys_they_name_and_set_wins(tmp_path):
     assert fast.train.mining == "batch_all" and fast.train.augment.rotations_as_classes
     assert fast.train.epochs == 2  # --set beats the preset
 
-    with pytest.raises(ConfigError, match=r"unknown preset 'fastest', expected one of \['fast-cpu', 'seed'\]"):
+    fewshot = load_params(REPO / "params.yaml", {"preset": "fewshot-cpu", "evaluate.test_time_views": 3})
+    assert fewshot.model.input_size == 56 and fewshot.train.mining == "batch_all"  # fast-cpu's, which it extends
+    assert fewshot.evaluate.match == "class_mean" and fewshot.evaluate.test_time_views == 3  # its own; --set wins
+    assert fewshot.evaluate.top_k == 5  # keys neither preset names stay
+
+    with pytest.raises(ConfigError, match=r"unknown preset 'fastest', expected one of \['fast-cpu', 'fewshot-cpu', 'seed'\]"):
         load_params(REPO / "params.yaml", {"preset": "fastest"})
 
 

@@ -12,7 +12,7 @@ from images import make_digits_dataset
 from tiny import TINY_NETWORK
 
 from siamese_core import sharding
-from siamese_core.config import ModelConfig
+from siamese_core.config import EvaluateConfig, ModelConfig
 from siamese_core.data import scan_folder
 from siamese_core.embed import embed_images
 from siamese_core.model import build_embedding_model, load_embedding
@@ -38,9 +38,9 @@ def network_and_images(tmp_path_factory):
 
 def test_a_sharded_gallery_is_the_in_process_gallery(cluster, network_and_images):
     network, folder = network_and_images
-    local = build_gallery(network, folder, batch_size=16)
+    local = build_gallery(network, folder, EvaluateConfig(embed_batch_size=16))
     with sharding.dask_mapper(cluster.scheduler_address) as mapper, sharding.sharded(mapper, shard_size=16):
-        sharded = build_gallery(network, folder, batch_size=16)
+        sharded = build_gallery(network, folder, EvaluateConfig(embed_batch_size=16))
     assert len(folder) == 120  # 8 shards over 2 workers
     assert sharded.paths == local.paths and sharded.labels.tolist() == local.labels.tolist()
     np.testing.assert_allclose(sharded.embeddings, local.embeddings, rtol=1e-5, atol=1e-6)
