@@ -153,6 +153,7 @@ def main() -> None:
             report["trained"] = {key: scores[key] for key in ("top1", "top5", "class_avg_accuracy")}
         else:
             held = scan_folder(folders["heldout"])
+            report["heldout_classes"] = len(held.class_names)
             report["trained"] = few_shot_report(recognizer.embed(held.paths), held.labels, 20, [1, 5], args.episodes,
                                                 classify=recognizer.classify_among)[0]
         report["ms_per_query"] = ms_per_query(recognizer, train_folder.paths[0])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -230,14 +231,19 @@ def evaluate(
         heldout = scan_folder(heldout_dir) if heldout_dir else None
         gallery_images = recognizer.gallery.image_folder() if baselines else None
         with sharding.on_dask(sharding.dask_address(dask_address)):
-            report = assess(recognizer, scan_folder(test_dir), gallery_images, heldout,
-                            seed=recognizer.config.train.seed).report
+            result = assess(recognizer, scan_folder(test_dir), gallery_images, heldout, seed=recognizer.config.train.seed)
         if as_json:
-            typer.echo(json.dumps(report, ensure_ascii=False))
+            typer.echo(json.dumps(result.report, ensure_ascii=False))
             return
-        typer.echo(_evaluation_text(report, settings.top_k))
+        typer.echo(_evaluation_text(result.report, settings.top_k))
+        typer.echo(f"query time           {result.ms_per_query:.1f} ms per image on this machine, with "
+                   f"{_views(settings.test_time_views)} and match {settings.match}")
 
     _run(body)
+
+
+def _views(count: int) -> str:
+    return "no test-time views" if count == 1 else f"{count} test-time views (one forward pass each)"
 
 
 def _evaluation_text(report: dict, top_k: int) -> str:
@@ -313,9 +319,13 @@ def enroll(
             _fail("--promote is for a registry model (models:/NAME@ALIAS)")
         from siamese_core.recognizer import SiameseRecognizer
 
-        recognizer = SiameseRecognizer.load(model).enroll(folder)
+        recognizer = SiameseRecognizer.load(model)
+        before, start = len(recognizer.gallery), time.perf_counter()
+        recognizer.enroll(folder)
+        ms = (time.perf_counter() - start) * 1000 / max(1, len(recognizer.gallery) - before)
         recognizer.save(out or model)
-        typer.echo(f"gallery now {len(recognizer.gallery)} images in {len(recognizer.gallery.class_names)} classes")
+        typer.echo(f"gallery now {len(recognizer.gallery)} images in {len(recognizer.gallery.class_names)} classes; "
+                   f"enrolling took {ms:.1f} ms per image with {_views(recognizer.config.evaluate.test_time_views)}")
 
     _run(body)
 

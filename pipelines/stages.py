@@ -195,9 +195,9 @@ def evaluate(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
     write_json(root / METRICS, metrics)
     for note in report["notes"]:
         log.warning("evaluate: %s", note)
-    log.info("evaluate: top1 %.4f%s", metrics["top1"], "".join(
+    log.info("evaluate: top1 %.4f%s; %.1f ms per query with %d test-time view(s)", metrics["top1"], "".join(
         f", {k}-shot {metrics[f'fewshot.{k}shot.mean']:.4f}" for k in params.evaluate.fewshot_shots
-        if f"fewshot.{k}shot.mean" in metrics))
+        if f"fewshot.{k}shot.mean" in metrics), assessment.ms_per_query, params.evaluate.test_time_views)
     return metrics
 
 

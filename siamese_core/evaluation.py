@@ -4,6 +4,7 @@ of ``siamese_core.metrics``, and run the two baselines (raw pixels, the untraine
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +93,7 @@ class Assessment:
     matches: list[Match]
     heldout: ImageFolder | None = None
     unknown_distances: np.ndarray | None = None
+    ms_per_query: float = 0.0  # reading and embedding one test image, test-time views included (not a metric: it varies)
 
     @property
     def nearest_distances(self) -> np.ndarray:
@@ -128,9 +130,11 @@ def assess(
         or skipped. Raises DatasetError when a held-out class is in the gallery.
     """
     settings = recognizer.config.evaluate
+    start = time.perf_counter()
     queries = recognizer.embed(test.paths)
+    ms_per_query = (time.perf_counter() - start) * 1000 / max(1, len(test))
     report, matches = score_queries(queries, test.label_names, recognizer.gallery, settings.top_k)
-    result = Assessment(report, test, queries, matches)
+    result = Assessment(report, test, queries, matches, ms_per_query=ms_per_query)
     notes: list[str] = []
     out_of_fold = None
     try:

@@ -97,11 +97,9 @@ class SiameseRecognizer:
     def classify_among(self, enrolled: np.ndarray, enrolled_labels: np.ndarray, queries: np.ndarray) -> np.ndarray:
         """The label of each query embedding among a set of enrolled embeddings, searched as this recogniser
         searches its gallery: the few-shot episodes' path, the same as :meth:`enroll` then :meth:`predict`."""
-        classes = np.unique(enrolled_labels)
-        gallery = Gallery(enrolled, np.searchsorted(classes, enrolled_labels), [str(c) for c in classes],
-                          [""] * len(enrolled))
-        found = [int(m.label) for m in self.searched(gallery).search(queries, 1)]
-        return np.asarray(found, dtype=np.asarray(enrolled_labels).dtype)
+        classes, labels = np.unique(enrolled_labels, return_inverse=True)
+        gallery = Gallery(enrolled, labels, [str(i) for i in range(len(classes))], [""] * len(enrolled))
+        return classes[[int(m.label) for m in self.searched(gallery).search(queries, 1)]]
 
     @property
     def threshold(self) -> float | None:

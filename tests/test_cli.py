@@ -1,6 +1,7 @@
 """The siamese command line, end to end on tiny digits."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -75,6 +76,8 @@ def test_evaluate_reports_what_the_pipeline_reports(trained):
     assert lines[0].startswith(f"model                top1 {report['top1']:.4f}  top5 {report['top5']:.4f}")
     assert lines[1].startswith(f"raw pixels           top1 {report['baseline_raw_pixels']['top1']:.4f}")
     assert lines[2].startswith(f"untrained            top1 {report['baseline_untrained']['top1']:.4f}")
+    assert re.fullmatch(r"query time           [0-9.]+ ms per image on this machine, with no test-time views and match "
+                        r"nearest_image", lines[-1])
     bare = runner.invoke(app, ["evaluate", "--model", str(bundle), "--test", str(test_dir), "--no-baselines", "--json"])
     assert bare.exit_code == 0 and not {"baseline_raw_pixels", "baseline_untrained"} & set(json.loads(bare.stdout))
 
@@ -86,6 +89,7 @@ def test_enroll_adds_classes(trained, tmp_path):
     result = runner.invoke(app, ["enroll", str(new_dir), "--model", str(bundle), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "5 classes" in result.output
+    assert re.search(r"enrolling took [0-9.]+ ms per image with no test-time views", result.output)
     assert json.loads((out / "metadata.json").read_text())["class_names"][-2:] == ["digit 3", "digit 4"]
 
 

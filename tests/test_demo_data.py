@@ -53,3 +53,21 @@ def test_the_readme_demo_figures_are_the_committed_metrics():
     metrics = json.loads((REPO / "metrics.json").read_text(encoding="utf-8"))
     assert block == render(metrics), "run: python -m pipelines.readme_figures"
     assert f"**{100 * metrics['top1']:.1f} %**" in block
+
+
+def test_the_readme_learning_quality_tables_are_the_committed_benchmark_reports():
+    """The learning-quality tables are generated from benchmarks/results/*.json: a typed figure that drifts fails here."""
+    from pipelines.readme_figures import QUALITY_END, QUALITY_START, RESULTS, render_quality
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index(QUALITY_START):readme.index(QUALITY_END) + len(QUALITY_END)]
+    assert block == render_quality(), "run: python -m pipelines.readme_figures"
+    from pipelines.params import preset_config
+    from siamese_core.config import Config
+
+    shipped = json.loads((RESULTS / "alphabet-fast-cpu.json").read_text(encoding="utf-8"))
+    preset = json.loads(preset_config(Config(), "fast-cpu").model_dump_json())
+    for name in ("alphabet-fast-cpu.json", "class-fast-cpu.json"):  # measured with the preset as it ships
+        config = json.loads((RESULTS / name).read_text(encoding="utf-8"))["config"]
+        assert (config["model"], config["train"]) == (preset["model"], preset["train"]), f"re-measure {name}"
+    assert f"**{100 * shipped['trained']['1shot']['mean']:.1f} % ± {100 * shipped['trained']['1shot']['ci95']:.1f}**" in block

@@ -9,8 +9,10 @@ from siamese_core.config import ModelConfig
 from siamese_core.errors import WeightsUnavailableError
 from siamese_core.model import (
     DistanceLayer,
+    GeneralizedMeanPooling,
     SiameseModel,
     build_embedding_model,
+    load_embedding,
     triplet_loss,
 )
 
@@ -102,3 +104,19 @@ def test_imagenet_without_cache_or_network_is_one_clear_line(tmp_path, monkeypat
 def test_missing_local_weights_file_is_named(tmp_path):
     with pytest.raises(WeightsUnavailableError, match="missing.h5: weights file not found"):
         build_embedding_model(ModelConfig(weights=str(tmp_path / "missing.h5"), input_size=32))
+
+
+def test_generalized_mean_pooling_spans_average_to_max_and_learns_p(tmp_path):
+    features = np.random.default_rng(0).uniform(0, 2, (3, 4, 4, 5)).astype(np.float32)
+    average, largest = features.mean(axis=(1, 2)), features.max(axis=(1, 2))
+    np.testing.assert_allclose(GeneralizedMeanPooling(p=1.0)(features), average, rtol=1e-5)
+    cubic = np.asarray(GeneralizedMeanPooling()(features))
+    np.testing.assert_allclose(cubic, np.cbrt((features ** 3).mean(axis=(1, 2))), rtol=1e-5)
+    assert np.all(cubic > average) and np.all(cubic < largest)
+    np.testing.assert_allclose(GeneralizedMeanPooling(p=60.0)(features), largest, rtol=0.05)
+    model = build_embedding_model(ModelConfig(**{**TINY, "pooling": "gem"}))
+    assert [w.name for w in model.get_layer("pool").trainable_weights] == ["p"]
+    model.save(tmp_path / "gem.keras")
+    images = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(load_embedding(tmp_path / "gem.keras").predict_on_batch(images),
+                               model.predict_on_batch(images), atol=1e-6)

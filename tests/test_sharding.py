@@ -38,12 +38,14 @@ def network_and_images(tmp_path_factory):
 
 def test_a_sharded_gallery_is_the_in_process_gallery(cluster, network_and_images):
     network, folder = network_and_images
-    local = build_gallery(network, folder, EvaluateConfig(embed_batch_size=16))
+    settings = EvaluateConfig(embed_batch_size=16, test_time_views=3)  # the workers average the same views
+    local = build_gallery(network, folder, settings)
     with sharding.dask_mapper(cluster.scheduler_address) as mapper, sharding.sharded(mapper, shard_size=16):
-        sharded = build_gallery(network, folder, EvaluateConfig(embed_batch_size=16))
+        sharded = build_gallery(network, folder, settings)
     assert len(folder) == 120  # 8 shards over 2 workers
     assert sharded.paths == local.paths and sharded.labels.tolist() == local.labels.tolist()
     np.testing.assert_allclose(sharded.embeddings, local.embeddings, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(local.embeddings, build_gallery(network, folder).embeddings, atol=1e-4)
 
 
 def test_a_worker_killed_mid_shard_loses_and_repeats_nothing(cluster, network_and_images):

@@ -142,3 +142,16 @@ def test_a_strided_stem_reads_twice_the_side_for_the_same_feature_map():
     with pytest.raises(ConfigError, match="stem_stride"):
         build_embedding_model(apply_overrides(tiny_config(), {"backbone": "resnet50", "weights": None,
                                                               "stem_stride": 2}).model)
+
+
+def test_a_bundle_with_test_time_views_finds_its_own_gallery_image_at_distance_zero(untrained, tmp_path):
+    recognizer, train, test, heldout = untrained
+    product = with_evaluate(recognizer, test_time_views=5).with_gallery(train)
+    np.testing.assert_allclose(product.gallery.embeddings, embed_images(recognizer.embedding, train.paths, 8, views=5),
+                               atol=1e-6)
+    product.save(tmp_path / "bundle")
+    loaded = SiameseRecognizer.load(tmp_path / "bundle")
+    assert loaded.config.evaluate.test_time_views == 5
+    for path, label in list(zip(train.paths, train.label_names))[::5]:
+        match = loaded.predict_one(path)
+        assert match.label == label and match.distance == pytest.approx(0.0, abs=1e-6) and match.nearest_path == path
