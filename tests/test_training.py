@@ -1,5 +1,6 @@
 """Training on real digits, the bundle round trip, enrolment and the seed's two functions."""
 
+import keras
 import numpy as np
 import pytest
 from images import make_digits_dataset
@@ -47,12 +48,14 @@ def test_training_lowers_the_loss_and_raises_top1(digits, trained):
     assert min(result.history["val_loss"]) < result.history["val_loss"][0]
     assert len(result.triplets) == 5 * 28  # every pair of 8 images, per class
 
+    keras.utils.set_random_seed(config.train.seed)  # the network as training starts it, whatever ran before
     untrained = build_embedding_model(config.model)
     folder = scan_folder(train_dir)
-    before = evaluate(SiameseRecognizer(untrained, build_gallery(untrained, folder), config), test_dir)["top1"]
+    before = evaluate(SiameseRecognizer(untrained, build_gallery(untrained, folder), config), test_dir)
     after = evaluate(SiameseRecognizer(result.embedding, build_gallery(result.embedding, folder), config), test_dir)
-    assert after["top1"] > before
-    assert after["top1"] >= 0.9
+    # top-1 on five easy digits can be perfect before training; MAP@R ranks every reference, so it cannot
+    assert after["map_at_r"] > before["map_at_r"]
+    assert after["top1"] >= before["top1"] and after["top1"] >= 0.9
     assert after["top5"] >= after["top1"]
     assert set(after["per_class_accuracy"]) == {f"digit {i}" for i in range(5)}
 
