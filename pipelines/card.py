@@ -24,19 +24,26 @@ def changed_params(params: PipelineParams) -> dict[str, tuple]:
 
 def model_card(
     params: PipelineParams, metrics: dict, data: dict[str, dict], lineage: dict[str, str],
-    version: str, decision: str, previous: float | None,
+    version: str, decision: str, previous: float | None, reason: str = "", evaluation: dict | None = None,
 ) -> str:
     """Markdown: decision, data version, metrics beside the baselines, changed params, threshold, use and limits.
 
     ``metrics`` are the flat figures of metrics.json; ``data`` maps a split to its folder, DVC
-    digest and profile; ``lineage`` holds the run, commit and orchestration ids.
+    digest and profile; ``lineage`` holds the run, commit and orchestration ids; ``reason`` is the gate's
+    decision in words and ``evaluation`` the whole report (its ``baseline_check`` and ``calibration``).
     """
     metric = params.register.metric
+    evaluation = evaluation or {}
+    calibration = evaluation.get("calibration", {})
+    rejection_on = params.evaluate.reject_unknown is True or (
+        params.evaluate.reject_unknown == "auto" and bool(calibration.get("target_met")))
     lines = [
         f"# {params.register.model_name} version {version}",
         "",
         f"**Gate:** {decision} on `{metric}` = {_figure(metrics.get(metric))} "
-        f"(champion before: {_figure(previous)}).",
+        f"(champion before, on the same queries: {_figure(previous)}). {reason}",
+        "",
+        f"**Baselines:** {evaluation.get('baseline_check', {}).get('sentence', 'not checked.')}",
         "",
         "## Data",
         "",
@@ -54,9 +61,14 @@ def model_card(
         if any(value is not None for value in row):
             lines.append(f"| {key} | " + " | ".join(_figure(v) for v in row) + " |")
     threshold = metrics.get("calibration.threshold")
-    lines += ["", "## Unknown-class threshold", ""]
-    lines.append(f"Squared distance {_figure(threshold)} ({params.evaluate.threshold_target}); beyond it an image "
-                 "is `unknown` when rejection is on." if threshold is not None else "Not calibrated.")
+    lines += ["", "## Unknown classes", ""]
+    lines.append(
+        f"Unknown score `{calibration.get('score', 'nearest')}` above {_figure(threshold)} answers `unknown`: cross-fitted on classes "
+        f"left out of the gallery, {_figure(metrics.get('calibration.known_accepted'))} of known queries accepted and "
+        f"{_figure(metrics.get('calibration.unknown_rejected'))} of unknown ones rejected (AUROC "
+        f"{_figure(metrics.get('calibration.auroc'))}); rejection "
+        f"{'is on' if rejection_on else 'is off: the calibration missed its target or reject_unknown is false'}."
+        if threshold is not None else "Not calibrated.")
     changed = changed_params(params)
     lines += ["", "## Params that differ from the defaults", "", "| key | value | default |", "|---|---|---|",
               *[f"| `{key}` | `{value}` | `{default}` |" for key, (value, default) in sorted(changed.items())]]

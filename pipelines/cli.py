@@ -133,10 +133,12 @@ def train(
 
         from filelock import FileLock, Timeout
 
+        from siamese_core.data import scan_folder
         from siamese_core.distribute import is_chief, worker_slice
         from siamese_core.errors import ConfigError
+        from siamese_core.evaluation import check_baselines
         from siamese_core.io import ensure_writable
-        from siamese_core.recognizer import save_trained_bundle
+        from siamese_core.recognizer import SiameseRecognizer, save_trained_bundle
         from siamese_core.train import train as run_training
 
         extra = [*(set_ or []), *([f"train.epochs={epochs}"] if epochs else [])]
@@ -161,8 +163,10 @@ def train(
             save_trained_bundle(result.embedding, result.train_folder, config, out,
                                 {"history": result.history, "best_epoch": result.best_epoch}, progress=True)
             shutil.rmtree(checkpoint, ignore_errors=True)
-        last = {k: round(v[-1], 4) for k, v in result.history.items()}
-        typer.echo(f"saved {out} (best epoch {result.best_epoch}, last epoch {last})")
+        last = ", ".join(f"{key} {values[-1]:.4g}" for key, values in result.history.items())
+        typer.echo(f"saved {out}: kept the weights of epoch {result.best_epoch} ({result.kept_because}); "
+                   f"last epoch: {last}")
+        typer.echo(check_baselines(SiameseRecognizer.load(out), result.train_folder, scan_folder(test_dir))["sentence"])
 
     _run(body)
 
@@ -259,12 +263,15 @@ def _evaluation_text(report: dict, top_k: int) -> str:
             lines.append(f"{name.removeprefix('baseline_').replace('_', ' '):<21}{figures(report[name])}")
     if "calibration" in report:
         c = report["calibration"]
-        lines.append(f"unknown-class threshold {c['threshold']:.4f} ({c['target']}): precision {c['precision']:.4f}, "
-                     f"recall {c['recall']:.4f}, accept rate {c['accept_rate']:.4f}; {c['method']}")
+        lines.append(f"unknown classes      score {c['score']} above {c['threshold']:.4g} is unknown; cross-fitted on "
+                     f"classes left out of the gallery: known accepted {c['known_accepted']:.4f}, unknown rejected "
+                     f"{c['unknown_rejected']:.4f}, AUROC {c['auroc']:.4f}; target "
+                     f"{'met' if c['target_met'] else 'missed'}")
     if "open_set" in report:
         o = report["open_set"]
-        lines.append(f"known vs unknown     AUROC {o['auroc']:.4f}, unknown rejected {o['unknown_rejected']:.4f}, "
-                     f"known accepted {o['known_accepted']:.4f}")
+        lines.append(f"held-out classes     AUROC {o['auroc']:.4f}, unknown rejected {o['unknown_rejected']:.4f}, "
+                     f"known accepted {o['known_accepted']:.4f}, accuracy with rejection "
+                     f"{o['accuracy_with_rejection']:.4f}")
     for shots, result in report.get("fewshot", {}).items():
         others = "".join(f", {name.removeprefix('baseline_').replace('_', ' ')} {report[name]['fewshot'][shots]['mean']:.4f}"
                          for name in ("baseline_raw_pixels", "baseline_untrained")
@@ -272,6 +279,8 @@ def _evaluation_text(report: dict, top_k: int) -> str:
         label = f"{result['n_way']}-way {result['k_shot']}-shot"
         lines.append(f"{label:<21}{result['mean']:.4f} ± {result['ci95']:.4f}{others}")
     lines.extend(f"note: {note}" for note in report.get("notes", []))
+    if "baseline_check" in report:
+        lines.append(report["baseline_check"]["sentence"])
     lines.append("per class:")
     lines.extend(f"  {name}\t{accuracy:.4f}" for name, accuracy in report["per_class_accuracy"].items())
     return "\n".join(lines)

@@ -147,7 +147,9 @@ def publish_artifacts(record: dict, workspace: Path, experiment_id: str) -> None
         f"# {record['model_name']} version {record['version']}: {record['decision']}",
         "",
         f"`{record['metric']}` {record['value']:.4f} against the champion's "
-        f"{'(none before)' if previous is None else f'{previous:.4f}'}.",
+        f"{'(none before)' if previous is None else f'{previous:.4f}'} on the same test queries. {record['reason']}",
+        "",
+        stages.read_json(workspace / stages.EVALUATION).get("baseline_check", {}).get("sentence", ""),
         "",
         "| metric | model | raw pixels | untrained network |",
         "|---|---|---|---|",

@@ -20,6 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "image")]),
-    outputs=Schema([ColSpec("string", "label"), ColSpec("double", "distance"), ColSpec("string", "top_k")]),
+    outputs=Schema([ColSpec("string", "label"), ColSpec("double", "distance"), ColSpec("string", "top_k"),
+                    ColSpec("double", "unknown_score", required=False)]),
 )
 
 # Largest accepted image, in bytes after base64 decoding ($SIAMESE_MAX_IMAGE_BYTES overrides it).
@@ -158,7 +160,8 @@ class SiameseBundleModel(mlflow.pyfunc.PythonModel):
         self.recognizer = SiameseRecognizer.load(context.artifacts["bundle"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        """One row per image: the nearest class, its squared distance, and the top-k classes as JSON."""
+        """One row per image: the nearest class (``unknown`` when rejected), its squared distance, the top-k
+        classes as JSON, and the unknown score (NaN when rejection is off)."""
         try:
             matches = self._recognise(model_input)
         except USER_ERRORS as exc:
@@ -176,6 +179,8 @@ class SiameseBundleModel(mlflow.pyfunc.PythonModel):
                     [json.dumps([{"label": label, "distance": d} for label, d in m.top_k]) for m in matches],
                     dtype=object,
                 ),
+                "unknown_score": pd.Series([np.nan if m.unknown_score is None else m.unknown_score for m in matches],
+                                           dtype="float64"),
             }
         )
 

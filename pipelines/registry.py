@@ -14,12 +14,14 @@ import math
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
 from filelock import FileLock
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -142,35 +144,76 @@ def _make_champion(mlflow_client: MlflowClient, model_name: str, version: str, a
     return None if old is None else str(old.version)
 
 
-def _champion_value(mlflow_client: MlflowClient, model_name: str, metric: str) -> tuple[str | None, float | None]:
-    """The champion version and its figure on ``metric`` (from its run), or ``(None, None)``."""
-    champion = alias_version(model_name, CHAMPION)
+ChampionScorer = Callable[[ModelVersion], "float | None"]
+
+
+def same_queries_scorer(train_dir: str | os.PathLike, test_dir: str | os.PathLike, metric: str) -> ChampionScorer:
+    """Score a champion version as this run's model was scored: its network embeds this run's gallery
+    images (``train_dir``) and test queries (``test_dir``), searched with its own settings.
+
+    Returns None for a champion whose gallery serves other classes than ``train_dir`` holds: it belongs
+    to another data lineage, and its figures on this data would say nothing about what it serves.
+    """
+
+    def score(champion: ModelVersion) -> float | None:
+        from siamese_core.data import scan_folder
+        from siamese_core.evaluation import evaluate
+        from siamese_core.recognizer import SiameseRecognizer
+
+        recognizer = SiameseRecognizer.load(download_bundle(f"models:/{champion.name}/{champion.version}"))
+        gallery = scan_folder(train_dir)
+        if sorted(recognizer.gallery.class_names) != sorted(gallery.class_names):
+            return None
+        return float(evaluate(recognizer.with_gallery(gallery), test_dir, recognizer.config.evaluate.top_k)[metric])
+
+    return score
+
+
+def logged_scorer(metric: str) -> ChampionScorer:
+    """A champion's own logged figure on ``metric``: only for runs known to share one test split."""
+    return lambda champion: client().get_run(champion.run_id).data.metrics.get(metric) if champion.run_id else None
+
+
+def _decide(champion: ModelVersion | None, value: float, metric: str, greater_is_better: bool,
+            score_champion: ChampionScorer, baselines: dict | None) -> tuple[bool, float | None, str]:
+    """Whether the new version becomes champion, the champion's figure on the same queries, and why, in words."""
+    if baselines is not None and not baselines.get("passed"):
+        return False, None, baselines.get("sentence", "it does not beat its baselines")
     if champion is None:
-        return None, None
-    value = mlflow_client.get_run(champion.run_id).data.metrics.get(metric) if champion.run_id else None
-    return str(champion.version), value
+        return True, None, f"{metric} {value:.4f}; there was no champion before"
+    previous = score_champion(champion)
+    if previous is None:
+        return True, None, (f"champion version {champion.version} serves other classes (another data lineage), so the "
+                            f"two are not compared; this version serves this data and beats its baselines, and "
+                            f"version {champion.version} stays reachable as 'previous'")
+    wins = value > previous if greater_is_better else value < previous
+    return wins, previous, (f"{metric} {value:.4f} against champion version {champion.version}'s {previous:.4f} "
+                            f"on the same test queries and gallery: {'better' if wins else 'not better'}")
 
 
 def apply_gate(
     mlflow_client: MlflowClient, run_id: str, model_name: str, version: str, metric: str, value: float,
-    greater_is_better: bool,
-) -> tuple[str, float | None]:
-    """Give ``version`` the champion alias if ``value`` strictly beats the champion's, else challenger.
+    greater_is_better: bool, score_champion: ChampionScorer, baselines: dict | None = None,
+) -> tuple[str, float | None, str]:
+    """Give ``version`` the champion alias if it beats its baselines and the champion on the same queries, else challenger.
 
-    The read-compare-move runs under a lock, so two runs finishing at once cannot both
-    compare against the same old champion and leave the worse one in place. The replaced
-    champion keeps the alias ``previous``. The decision and both figures are logged on run
-    ``run_id`` and on the version. Returns ``(decision, previous champion value)``.
+    ``score_champion(champion)`` scores the current champion on this run's queries (None: it serves other
+    classes, and a version that beats its baselines replaces it); ``baselines`` is the evaluation's
+    ``baseline_check``. The read-compare-move runs under a lock, so two runs finishing at once cannot both
+    compare against the same old champion and leave the worse one in place. The replaced champion keeps
+    the alias ``previous``. The decision, both figures and the reason are logged on run ``run_id`` and on
+    the version. Returns ``(decision, champion's figure on the same queries, reason)``.
     """
     with _gate_lock(model_name):
-        previous_version, previous = _champion_value(mlflow_client, model_name, metric)
-        wins = previous is None or (value > previous if greater_is_better else value < previous)
+        champion = alias_version(model_name, CHAMPION)
+        wins, previous, reason = _decide(champion, value, metric, greater_is_better, score_champion, baselines)
         decision = CHAMPION if wins else CHALLENGER
         gate = {
             "gate.decision": decision,
+            "gate.reason": reason,
             "gate.metric": metric,
             "gate.value": str(value),
-            "gate.previous_champion_version": str(previous_version),
+            "gate.previous_champion_version": str(None if champion is None else champion.version),
             "gate.previous_champion_value": str(previous),
         }
         for key, tag in gate.items():
@@ -179,11 +222,10 @@ def apply_gate(
         if previous is not None:
             mlflow_client.log_metric(run_id, f"previous_champion.{metric}", previous)
         if wins:
-            comparison = "no champion before" if previous is None else f"{previous} {'<' if greater_is_better else '>'} {value}"
-            _make_champion(mlflow_client, model_name, version, "gate", f"{metric} {value} ({comparison})")
+            _make_champion(mlflow_client, model_name, version, "gate", reason)
         else:
             mlflow_client.set_registered_model_alias(model_name, CHALLENGER, version)
-    return decision, previous
+    return decision, previous, reason
 
 
 def set_champion(model_name: str, version: str, reason: str, action: str = "promote") -> dict:
@@ -242,14 +284,18 @@ def log_and_register(
     tags: dict[str, str],
     run: PipelineRun | None = None,
     card=None,
+    *,
+    score_champion: ChampionScorer,
+    baselines: dict | None = None,
 ) -> dict:
     """Log the evaluation and artifacts to the pipeline run, register the bundle, apply the gate, end the run.
 
     Without ``run`` a new run is opened and ``history`` logged into it (one point per epoch);
     the pipeline's own run already holds its history, logged live. The new version takes
-    ``champion`` only when its ``register.metric`` strictly beats the current champion's
-    (a champion without that metric, or no champion, counts as beaten), else ``challenger``.
-    ``card(version, decision, previous)`` returns the version's description (a model card).
+    ``champion`` only when it beats its baselines (``baselines``, the evaluation's ``baseline_check``) and
+    its ``register.metric`` strictly beats the current champion's on the same queries
+    (``score_champion``, see :func:`apply_gate`), else ``challenger``.
+    ``card(version, decision, previous, reason)`` returns the version's description (a model card).
     Anything failing before the decision marks the run FAILED and moves no alias.
     """
     register = params.register
@@ -275,11 +321,11 @@ def log_and_register(
             version = str(mlflow.register_model(info.model_uri, register.model_name).version)
             if not run.client.get_registered_model(register.model_name).description:
                 run.client.update_registered_model(register.model_name, MODEL_DESCRIPTION)
-            decision, previous = apply_gate(
-                run.client, run.run_id, register.model_name, version, register.metric, value, register.greater_is_better
-            )
+            decision, previous, reason = apply_gate(
+                run.client, run.run_id, register.model_name, version, register.metric, value, register.greater_is_better,
+                score_champion, baselines)
             if card is not None:
-                run.client.update_model_version(register.model_name, version, description=card(version, decision, previous))
+                run.client.update_model_version(register.model_name, version, description=card(version, decision, previous, reason))
     return {
         "run_id": run.run_id,
         "run_name": run.info.run_name,
@@ -289,6 +335,7 @@ def log_and_register(
         "metric": register.metric,
         "value": value,
         "previous_champion_value": previous,
+        "reason": reason,
     }
 
 

@@ -129,8 +129,8 @@ def train(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
             write_json(tmp / HISTORY_FILE, {"best_epoch": result.best_epoch, "history": result.history})
             write_json(tmp / RUN_FILE, {"run_id": run.run_id})
     last = {key: values[-1] for key, values in result.history.items()}
-    log.info("train: kept the weights of epoch %d; last epoch: %s", result.best_epoch,
-             ", ".join(f"{key} {value:.4f}" for key, value in last.items()))
+    log.info("train: kept the weights of epoch %d (%s); last epoch: %s", result.best_epoch, result.kept_because,
+             ", ".join(f"{key} {value:.4g}" for key, value in last.items()))
     return {"best_epoch": result.best_epoch, **last}
 
 
@@ -195,6 +195,8 @@ def evaluate(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
     write_json(root / METRICS, metrics)
     for note in report["notes"]:
         log.warning("evaluate: %s", note)
+    check = report["baseline_check"]
+    log.log(logging.INFO if check["passed"] else logging.WARNING, "evaluate: %s", check["sentence"])
     log.info("evaluate: top1 %.4f%s; %.1f ms per query with %d test-time view(s)", metrics["top1"], "".join(
         f", {k}-shot {metrics[f'fewshot.{k}shot.mean']:.4f}" for k in params.evaluate.fewshot_shots
         if f"fewshot.{k}shot.mean" in metrics), assessment.ms_per_query, params.evaluate.test_time_views)
@@ -278,16 +280,19 @@ def register(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
             key: value for key, value in mlflow_run.data.tags.items()
             if key in ("git_commit", "dvc.experiment", "prefect.flow_run_url", "training_run_id")}}
 
-        def card(version, decision, previous):
-            return model_card(params, metrics, profiles, lineage, version, decision, previous)
+        def card(version, decision, previous, reason):
+            return model_card(params, metrics, profiles, lineage, version, decision, previous, reason, evaluation)
 
         with tempfile.TemporaryDirectory() as tmp:
             bundle = Path(tmp) / BUNDLE.name
             shutil.copytree(root / BUNDLE, bundle)
             if "calibration" in evaluation:
                 store_threshold(bundle, evaluation["calibration"]["threshold"], evaluation["calibration"])
-            result = registry.log_and_register(params, bundle, metrics, history, artifacts,
-                                               {"data_hash": data}, run=run, card=card)
+            result = registry.log_and_register(
+                params, bundle, metrics, history, artifacts, {"data_hash": data}, run=run, card=card,
+                score_champion=registry.same_queries_scorer(params.data.train_dir, params.data.test_dir,
+                                                            params.register.metric),
+                baselines=evaluation.get("baseline_check"))
     record = {**result, "git_commit": tracking.git_commit(), "data_hash": data, "data_versions": versions}
     from siamese_core.report import report_images
 
@@ -304,8 +309,9 @@ def register(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
     record["sample_prediction"] = sample
     write_json(root / REGISTRATION, record)
     previous = result["previous_champion_value"]
-    log.info("%s version %s is %s: %s %.4f (champion before: %s)", result["model_name"], result["version"],
-             result["decision"], result["metric"], result["value"], "none" if previous is None else f"{previous:.4f}")
+    log.info("%s version %s is %s: %s %.4f (champion before, on the same queries: %s). %s", result["model_name"],
+             result["version"], result["decision"], result["metric"], result["value"],
+             "none" if previous is None else f"{previous:.4f}", result["reason"])
     log.info("champion predicts %s (a '%s') as '%s' at distance %.4f",
              sample["image"], sample["true_label"], sample["label"], sample["distance"])
     return record

@@ -1,5 +1,5 @@
-"""The callbacks of a training run: keep the best weights, checkpoint each epoch, measure few-shot
-accuracy on held-out classes, and stop an embedding that collapses."""
+"""The callbacks of a training run: re-estimate batch normalisation statistics, keep the best weights,
+checkpoint each epoch, measure few-shot accuracy on held-out classes, and stop an embedding that collapses."""
 
 from __future__ import annotations
 
@@ -10,12 +10,30 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from .batchnorm import recalibrate_batch_norm
 from .embed import predict_array
 from .errors import ConfigError
 from .io import atomic_dir
 from .metrics import few_shot_accuracy
 
 log = logging.getLogger(__name__)
+
+
+class PreciseBatchNorm(keras.callbacks.Callback):
+    """At the end of each epoch's last training step, before Keras validates, set the moving statistics
+    of batch normalisation to those of the epoch's final weights on training images (see
+    :mod:`siamese_core.batchnorm`), so validation, few-shot figures and the kept weights all use the
+    statistics inference will use."""
+
+    def __init__(self, embedding: keras.Model, inputs: np.ndarray, batch_size: int, steps_per_epoch: int,
+                 max_images: int, seed: int = 0):
+        super().__init__()
+        self.embedding, self.inputs, self.batch_size = embedding, inputs, batch_size
+        self.steps_per_epoch, self.max_images, self.seed = steps_per_epoch, max_images, seed
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (batch + 1) % self.steps_per_epoch == 0:
+            recalibrate_batch_norm(self.embedding, self.inputs, self.batch_size, self.max_images, self.seed)
 
 
 class KeepBestWeights(keras.callbacks.Callback):
@@ -44,6 +62,14 @@ class KeepBestWeights(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.best_weights is not None:
             self.embedding.set_weights(self.best_weights)
+
+    @property
+    def reason(self) -> str:
+        """Why the kept epoch was kept, in words."""
+        if self.monitor is None:
+            return ("online mining keeps the last epoch: its loss averages only the triplets still active, "
+                    "so losses of different epochs are not compared")
+        return f"lowest {self.monitor} ({self.best:.4g}), measured with batch statistics re-estimated for inference"
 
 
 class EpochCheckpoint(keras.callbacks.Callback):

@@ -125,6 +125,10 @@ class TrainConfig(Section):
     )
     collapse_patience: int = Field(2, ge=1, description="Epochs below collapse_min_gap before stopping.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    batchnorm_images: int = Field(
+        4096, ge=0, description="After every epoch, batch normalisation's moving statistics are re-estimated on "
+        "this many training images (un-augmented, in training batches), so inference normalises as training did "
+        "(0: Keras' moving averages alone, which lag behind on short runs).")
     cache_frozen_features: bool = Field(
         True,
         description="Compute the frozen backbone layers once per image and train only the layers after them.",
@@ -139,20 +143,32 @@ EXACT_SEARCH_MAX_ROWS = 100_000
 NPROBE = 8
 
 
+class OpenSetConfig(Section):
+    """How unknown classes are told apart: the score and the operating point of the threshold
+    (calibrated on classes left out of the gallery, see siamese_core.openset)."""
+
+    score: Literal["auto", "nearest", "ratio", "class_mean", "class_scaled"] = Field(
+        "auto", description="The unknown score; auto takes the one that separates simulated unknowns best (AUROC).")
+    fit_to: Literal["known_accept", "unknown_reject"] = Field(
+        "known_accept", description="Which rate the threshold is fitted to reach; the other one is the check.")
+    known_accept: float = Field(0.9, gt=0, le=1, description="Share of known-class queries to accept.")
+    unknown_reject: float = Field(0.8, gt=0, le=1, description="Share of unknown-class queries to reject.")
+    folds: int = Field(5, ge=2, description="Folds of gallery classes left out in turn to simulate unknowns.")
+
+
 class EvaluateConfig(Section):
     """Evaluation and prediction settings."""
 
     top_k: int = Field(5, ge=1)
     embed_batch_size: int = Field(64, ge=1, description="Images per batch when embedding a gallery or queries.")
-    threshold_target: Literal["best_f1"] | Annotated[float, Field(gt=0, le=1)] = Field(
-        "best_f1",
-        description="How the unknown-class distance threshold is calibrated on the test queries: "
-        "'best_f1' of accepting correct answers, or a precision to reach (e.g. 0.99).",
-    )
-    reject_unknown: bool = Field(
-        False, description="predict answers 'unknown' beyond the calibrated threshold (bundle metadata 'threshold')."
-    )
+    reject_unknown: bool | Literal["auto"] = Field(
+        "auto", description="predict answers 'unknown' when an image's unknown score is above the calibrated "
+        "threshold (bundle metadata); auto: only when the calibration met its target (evaluate.open_set).")
+    open_set: OpenSetConfig = Field(default_factory=OpenSetConfig)
     baselines: bool = Field(True, description="Also score raw-pixel and untrained-network nearest neighbour.")
+    baseline_margin: float = Field(
+        0.0, ge=0, le=1, description="A model must beat both baselines by more than this on top-1 and MAP@R "
+        "(on its own test split) to count as trained; one that does not never becomes champion.")
     fewshot_way: int = Field(20, ge=2, description="N of the N-way k-shot episodes on held-out classes.")
     fewshot_shots: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 5], description="The k values of the episodes.")
     fewshot_episodes: int = Field(500, ge=1)

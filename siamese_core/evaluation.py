@@ -9,17 +9,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import openset
 from .config import Config
 from .data import ImageFolder, scan_folder
 from .errors import DatasetError
 from .gallery import Gallery, Match
-from .metrics import (
-    accuracy_report,
-    cross_fitted_calibration,
-    few_shot_report,
-    map_at_r,
-    open_set_report,
-)
+from .metrics import accuracy_report, few_shot_report, map_at_r
 
 # Raw-pixel baseline images are at most this side, so a 200 px model's baseline stays small in memory.
 RAW_PIXELS_MAX_SIZE = 64
@@ -83,6 +78,42 @@ def baseline_reports(config: Config, train: ImageFolder, test: ImageFolder, top_
     }
 
 
+BASELINE_METRICS = {"top1": "top-1", "map_at_r": "MAP@R"}
+BASELINE_NAMES = {"baseline_raw_pixels": "raw pixels", "baseline_untrained": "the untrained network"}
+
+
+def baseline_check(report: dict, margin: float = 0.0) -> dict:
+    """Whether the model beats both baselines by more than ``margin`` on top-1 and MAP@R, with one plain sentence.
+
+    ``passed`` is False when a baseline is missing (``evaluate.baselines`` off): an unchecked model
+    has not shown that training helped.
+    """
+    if any(name not in report for name in BASELINE_NAMES):
+        return {"passed": False, "margin": margin, "sentence": "The baselines were not scored "
+                "(evaluate.baselines is off), so nothing shows that training helped; it cannot become champion."}
+    shortfalls = [f"{label} {report[key]:.4f} against {BASELINE_NAMES[name]} {report[name][key]:.4f}"
+                  for key, label in BASELINE_METRICS.items() for name in BASELINE_NAMES
+                  if not report[key] > report[name][key] + margin]
+    by = f" by more than {margin:g}" if margin else ""
+    if shortfalls:
+        sentence = (f"The trained model does not beat its baselines{by} on its own test split ({'; '.join(shortfalls)}): "
+                    "training did not help on this data, so it cannot become champion.")
+    else:
+        best = {key: max(report[name][key] for name in BASELINE_NAMES) for key in BASELINE_METRICS}
+        sentence = (f"The trained model beats both baselines{by} on its own test split: " + ", ".join(
+            f"{label} {report[key]:.4f} against at best {best[key]:.4f}" for key, label in BASELINE_METRICS.items()) + ".")
+    return {"passed": not shortfalls, "margin": margin, "sentence": sentence}
+
+
+def check_baselines(recognizer, train: ImageFolder, test: ImageFolder) -> dict:
+    """:func:`baseline_check` of a recogniser on ``test`` against its gallery images ``train`` (no calibration,
+    no held-out classes): what ``siamese train`` reports after training."""
+    settings = recognizer.config.evaluate
+    report = evaluate(recognizer, test, settings.top_k)
+    report.update(baseline_reports(recognizer.config, train, test, settings.top_k))
+    return baseline_check(report, settings.baseline_margin)
+
+
 @dataclass
 class Assessment:
     """A full evaluation: the JSON-ready report and the arrays its plots are drawn from."""
@@ -93,6 +124,8 @@ class Assessment:
     matches: list[Match]
     heldout: ImageFolder | None = None
     unknown_distances: np.ndarray | None = None
+    known_scores: np.ndarray | None = None  # unknown scores of known and unknown queries, for the ROC curve
+    unknown_scores: np.ndarray | None = None
     ms_per_query: float = 0.0  # reading and embedding one test image, test-time views included (not a metric: it varies)
 
     @property
@@ -104,12 +137,59 @@ class Assessment:
         return np.array([m.label == t for m, t in zip(self.matches, self.test.label_names)])
 
 
+def _calibrate_open_set(recognizer, result: Assessment, unknowns: ImageFolder | None, seed: int,
+                        notes: list[str]) -> list[openset.Round]:
+    """Simulate unknowns by leaving folds of gallery classes out, and put the calibration in the report."""
+    settings = recognizer.config.evaluate
+    o = settings.open_set
+    extra = recognizer.embed(unknowns.paths) if unknowns is not None else None
+    try:
+        rounds = openset.simulate_unknowns(
+            recognizer.gallery, result.queries, result.test.label_names,
+            lambda gallery, queries: recognizer.searched(gallery).search(queries, max(2, settings.top_k)),
+            o.folds, seed, extra)
+        result.report["calibration"] = openset.calibrate(rounds, o.score, o.fit_to, o.known_accept, o.unknown_reject)
+    except ValueError as exc:
+        notes.append(f"no threshold: {exc}")
+        return []
+    return rounds
+
+
+def _heldout_open_set(recognizer, result: Assessment, unknown: np.ndarray, unknown_matches: list[Match],
+                      calibration: dict) -> dict:
+    """The held-out classes against the known test queries, judged by the calibrated score and threshold."""
+    kind, gallery = calibration["score"], recognizer.gallery
+    known_matches = result.matches if recognizer.config.evaluate.top_k >= 2 else gallery.search(result.queries, 2)
+    known = openset.unknown_scores(kind, gallery, result.queries, known_matches)
+    unknown_scores = openset.unknown_scores(kind, gallery, unknown, unknown_matches)
+    result.known_scores, result.unknown_scores = known, unknown_scores
+    return {
+        "score": kind,
+        "auroc": openset.auroc(known, unknown_scores),
+        "auroc_nearest_distance": openset.auroc(result.nearest_distances,
+                                                np.array([m.distance for m in unknown_matches])),
+        **openset.rates(known, result.correct, unknown_scores, calibration["threshold"]),
+        "n_known": len(known),
+        "n_unknown": len(unknown_scores),
+    }
+
+
+def _judge_target_on_heldout(calibration: dict, heldout: dict) -> None:
+    """Judge the calibration's target on the held-out classes, which the threshold never saw: unknowns of
+    another kind than the gallery's own classes, the closer estimate of what a served model meets."""
+    other, target = (("unknown_rejected", calibration["unknown_reject_target"]) if calibration["fit_to"] == "known_accept"
+                     else ("known_accepted", calibration["known_accept_target"]))
+    calibration["target_met"] = bool(heldout[other] >= target)
+    calibration["target_judged_on"] = f"held-out classes ({other} {heldout[other]:.4f})"
+
+
 def assess(
     recognizer,
     test: ImageFolder,
     train: ImageFolder | None = None,
     heldout: ImageFolder | None = None,
     seed: int = 0,
+    unknowns: ImageFolder | None = None,
 ) -> Assessment:
     """Score a recogniser on a test folder, with the settings of its ``config.evaluate``.
 
@@ -121,13 +201,15 @@ def assess(
         heldout: classes never trained on (none may be in the gallery): known against unknown
             classes, and few-shot episodes that enrol them k at a time.
         seed: the seed of the few-shot episodes and of the calibration folds.
+        unknowns: images of no gallery class (a user's ``unknown/`` folder), unknowns in every calibration round.
 
     Returns:
         An :class:`Assessment` whose ``report`` holds the accuracy report and MAP@R;
-        ``calibration`` (the unknown-class threshold, its figures cross-fitted: see
-        :func:`~siamese_core.metrics.cross_fitted_calibration`); ``baseline_raw_pixels`` and
-        ``baseline_untrained``; ``open_set`` and ``fewshot``; and ``notes`` on what was reduced
-        or skipped. Raises DatasetError when a held-out class is in the gallery.
+        ``calibration`` (the unknown score and threshold at the operating point of ``evaluate.open_set``,
+        calibrated on classes left out of the gallery, its rates cross-fitted: see
+        :func:`~siamese_core.openset.calibrate`); ``baseline_raw_pixels`` and ``baseline_untrained``;
+        ``open_set`` (the held-out classes judged by that threshold) and ``fewshot``; and ``notes`` on
+        what was reduced or skipped. Raises DatasetError when a held-out class is in the gallery.
     """
     settings = recognizer.config.evaluate
     start = time.perf_counter()
@@ -136,25 +218,25 @@ def assess(
     report, matches = score_queries(queries, test.label_names, recognizer.gallery, settings.top_k)
     result = Assessment(report, test, queries, matches, ms_per_query=ms_per_query)
     notes: list[str] = []
-    out_of_fold = None
-    try:
-        report["calibration"] = cross_fitted_calibration(result.nearest_distances, result.correct, test.labels,
-                                                         settings.threshold_target, seed=seed)
-        out_of_fold = report["calibration"].pop("out_of_fold_thresholds")
-    except ValueError as exc:
-        notes.append(f"no threshold: {exc}")
+    rounds = _calibrate_open_set(recognizer, result, unknowns, seed, notes)
     if train is not None and settings.baselines:
         report.update(baseline_reports(recognizer.config, train, test, settings.top_k, heldout, seed))
+    report["baseline_check"] = baseline_check(report, settings.baseline_margin)
+    if rounds and "calibration" in report:  # the ROC of the simulated unknowns, unless real held-out classes replace it
+        kind = report["calibration"]["score"]
+        result.known_scores = np.concatenate([r.known[kind] for r in rounds])
+        result.unknown_scores = np.concatenate([r.unknown[kind] for r in rounds])
     if heldout is not None:
         shared = sorted(set(heldout.class_names) & set(recognizer.gallery.class_names))
         if shared:
             raise DatasetError(f"{heldout.root}: held-out classes must be new, but {shared[:5]} are in the gallery")
         unknown = recognizer.embed(heldout.paths)
         result.heldout = heldout
-        result.unknown_distances = np.array([m.distance for m in recognizer.gallery.search(unknown, 1)])
+        unknown_matches = recognizer.gallery.search(unknown, 2)
+        result.unknown_distances = np.array([m.distance for m in unknown_matches])
         if "calibration" in report:
-            report["open_set"] = open_set_report(result.nearest_distances, result.correct, result.unknown_distances,
-                                                 report["calibration"]["threshold"], out_of_fold)
+            report["open_set"] = _heldout_open_set(recognizer, result, unknown, unknown_matches, report["calibration"])
+            _judge_target_on_heldout(report["calibration"], report["open_set"])
         report["fewshot"], fewshot_notes = few_shot_report(  # enrolled and searched as the product does
             unknown, heldout.labels, settings.fewshot_way, settings.fewshot_shots, settings.fewshot_episodes, seed,
             classify=recognizer.classify_among)

@@ -23,12 +23,14 @@ def faiss_ivf(index):
 
 @dataclass
 class Match:
-    """One recognised image: the nearest class, its squared distance, and the top-k classes."""
+    """One recognised image: the nearest class, its squared distance, the top-k classes, and (when unknowns
+    are rejected) its unknown score, compared with the calibrated threshold (see :mod:`siamese_core.openset`)."""
 
     label: str
     distance: float
     top_k: list[tuple[str, float]] = field(default_factory=list)
     nearest_path: str = ""
+    unknown_score: float | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -37,6 +39,7 @@ class Match:
             "distance": self.distance,
             "top_k": [{"label": label, "distance": d} for label, d in self.top_k],
             "nearest_path": self.nearest_path,
+            **({} if self.unknown_score is None else {"unknown_score": self.unknown_score}),
         }
 
 

@@ -1,6 +1,5 @@
 """The figures of an evaluation, each computed from plain arrays by a function that can be checked by hand:
-accuracy, retrieval quality (MAP@R), the unknown-class threshold, known against unknown classes,
-few-shot episodes, and the flat form of a report. Nothing here builds or runs a model;
+accuracy, retrieval quality (MAP@R), few-shot episodes, and the flat form of a report. Nothing here builds or runs a model;
 ``siamese_core.evaluation`` does, and calls these.
 """
 
@@ -92,119 +91,6 @@ def map_at_r(queries: np.ndarray, query_labels, references: np.ndarray, referenc
         for i in range(0, len(queries), chunk)
     ]) if len(queries) else np.array([])
     return float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
-
-
-def calibrate_threshold(distances, correct, target: str | float = "best_f1") -> dict:
-    """The squared-distance threshold up to which answers are accepted (``distance <= threshold``).
-
-    ``distances`` are the nearest-gallery distances of labelled queries and ``correct``
-    whether each answer was right; "accept when correct" is the positive class.
-    ``target`` "best_f1" maximises F1 (the smallest such threshold); a float is a
-    precision to reach with the most recall (if no threshold reaches it, the one with
-    the best precision is taken and ``target_met`` is false).
-    """
-    distances, correct = np.asarray(distances, dtype=np.float64), np.asarray(correct, dtype=bool)
-    if not correct.any():
-        raise ValueError("threshold calibration needs at least one correct answer")
-    order = np.argsort(distances, kind="stable")
-    distances, correct = distances[order], correct[order]
-    last = np.r_[distances[1:] != distances[:-1], True]  # a threshold accepts a whole group of equal distances
-    accepted = np.arange(1, len(distances) + 1)[last]
-    true_accepts = np.cumsum(correct)[last]
-    precision, recall = true_accepts / accepted, true_accepts / correct.sum()
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision),
-                   where=precision + recall > 0)
-    if target == "best_f1":
-        best, met = int(np.argmax(f1)), True
-    else:
-        reached = np.flatnonzero(precision >= float(target))
-        met = len(reached) > 0
-        best = int(reached[-1]) if met else int(np.argmax(precision))
-    return {
-        "threshold": float(distances[last][best]),
-        "target": target,
-        "target_met": met,
-        "precision": float(precision[best]),
-        "recall": float(recall[best]),
-        "f1": float(f1[best]),
-        "accept_rate": float(accepted[best] / len(distances)),
-    }
-
-
-def cross_fitted_calibration(distances, correct, labels, target: str | float = "best_f1", folds: int = 2,
-                             seed: int = 0) -> dict:
-    """The threshold calibrated on all queries, with figures measured on queries it was not fitted on.
-
-    The queries are split into ``folds`` parts, stratified by class (``labels``). Each part
-    is judged with the threshold :func:`calibrate_threshold` fits on the other parts;
-    ``precision``, ``recall``, ``f1`` and ``accept_rate`` pool those out-of-fold decisions,
-    and ``out_of_fold_thresholds`` holds each query's threshold, for :func:`open_set_report`.
-    ``threshold`` (the one a bundle stores) is fitted on all queries. When some part's
-    complement has no correct answer to calibrate on, the figures are measured in-sample and
-    ``method`` says so. Raises ValueError when no answer at all is correct.
-    """
-    distances, correct = np.asarray(distances, dtype=np.float64), np.asarray(correct, dtype=bool)
-    labels = np.asarray(labels)
-    fold = np.empty(len(distances), dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    for label in np.unique(labels):  # each class's queries dealt round the folds, from a random start
-        members = rng.permutation(np.flatnonzero(labels == label))
-        fold[members] = (np.arange(len(members)) + rng.integers(folds)) % folds
-    fitted = calibrate_threshold(distances, correct, target)
-    thresholds = np.empty(len(distances))
-    method = (f"{folds}-fold cross-fitting on the test queries, stratified by class: each query is judged by a "
-              "threshold fitted on the other folds; the stored threshold is fitted on all of them")
-    try:
-        for part in range(folds):
-            held = fold == part
-            if held.any():
-                thresholds[held] = calibrate_threshold(distances[~held], correct[~held], target)["threshold"]
-    except ValueError:
-        thresholds[:] = fitted["threshold"]
-        method = ("in-sample, optimistic: fitted and measured on the same test queries, too few of which are "
-                  "answered correctly to cross-fit")
-    accepted = distances <= thresholds
-    true_accepts = np.sum(accepted & correct)
-    precision = true_accepts / accepted.sum() if accepted.any() else 0.0
-    recall = true_accepts / correct.sum()
-    return {
-        "threshold": fitted["threshold"],
-        "target": target,
-        "target_met": fitted["target_met"],
-        "method": method,
-        "precision": float(precision),
-        "recall": float(recall),
-        "f1": float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0,
-        "accept_rate": float(accepted.mean()),
-        "out_of_fold_thresholds": thresholds,
-    }
-
-
-def open_set_report(known_distances, known_correct, unknown_distances, threshold: float,
-                    known_thresholds=None) -> dict:
-    """Known against unknown classes, with the nearest distance as the score.
-
-    ``auroc``: the chance that a random known query is nearer its match than a random
-    unknown one (ties count half). ``accuracy_with_rejection``: known queries answered
-    correctly and accepted, plus unknown queries rejected, over all queries. Unknown queries
-    are judged by ``threshold``; known ones by ``known_thresholds`` (one per query, e.g.
-    out-of-fold thresholds that were not fitted on them) when given, else by ``threshold``.
-    """
-    from sklearn.metrics import roc_auc_score
-
-    known, unknown = np.asarray(known_distances, float), np.asarray(unknown_distances, float)
-    truth = np.r_[np.ones(len(known)), np.zeros(len(unknown))]
-    accepted_known = known <= (threshold if known_thresholds is None else np.asarray(known_thresholds, float))
-    rejected_unknown = unknown > threshold
-    right = np.sum(accepted_known & np.asarray(known_correct, bool)) + np.sum(rejected_unknown)
-    return {
-        "auroc": float(roc_auc_score(truth, -np.r_[known, unknown])),
-        "accuracy_with_rejection": float(right / (len(known) + len(unknown))),
-        "known_accepted": float(accepted_known.mean()),
-        "unknown_rejected": float(rejected_unknown.mean()),
-        "n_known": len(known),
-        "n_unknown": len(unknown),
-    }
 
 
 def few_shot_accuracy(

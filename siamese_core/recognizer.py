@@ -20,6 +20,7 @@ from .errors import BundleError, ConfigError, DatasetError
 from .gallery import Gallery, Match
 from .io import atomic_dir, atomic_path
 from .model import load_embedding
+from .openset import class_scales, unknown_scores
 
 BUNDLE_FORMAT = 1
 MODEL_FILE, GALLERY_FILE, CONFIG_FILE, METADATA_FILE = "model.keras", "gallery.npz", "config.json", "metadata.json"
@@ -75,6 +76,7 @@ class SiameseRecognizer:
     @gallery.setter
     def gallery(self, gallery: Gallery) -> None:
         self._gallery = self.searched(gallery)
+        self._scales: np.ndarray | None = None  # per-class scales of the class_scaled unknown score, computed on use
 
     def searched(self, gallery: Gallery) -> Gallery:
         """``gallery``, set to be searched the way this recogniser searches (``config.evaluate``)."""
@@ -103,26 +105,49 @@ class SiameseRecognizer:
 
     @property
     def threshold(self) -> float | None:
-        """The calibrated squared-distance threshold beyond which an image is of an unknown class, if any."""
+        """The calibrated threshold on the unknown score beyond which an image is of an unknown class, if any."""
         value = self.metadata.get("threshold")
         return None if value is None else float(value)
 
+    @property
+    def calibration(self) -> dict:
+        """How :attr:`threshold` was calibrated: its ``score``, operating point, rates and ``target_met``."""
+        return self.metadata.get("threshold_calibration") or {}
+
+    def rejects_unknown(self, reject: bool | str | None = None) -> bool:
+        """Whether predictions answer ``unknown``: ``reject``, else ``config.evaluate.reject_unknown``; "auto"
+        is on when the bundle's calibration met its target."""
+        setting = self.config.evaluate.reject_unknown if reject is None else reject
+        if setting == "auto":
+            return self.threshold is not None and bool(self.calibration.get("target_met"))
+        return bool(setting)
+
+    def unknown_scores(self, queries: np.ndarray, matches: list[Match]) -> np.ndarray:
+        """The calibrated unknown score of each query embedding (matches searched with at least two classes)."""
+        kind = self.calibration.get("score", "nearest")
+        if kind == "class_scaled" and self._scales is None:
+            self._scales = class_scales(self.gallery)
+        return unknown_scores(kind, self.gallery, queries, matches, self._scales)
+
     def predict(
-        self, images: Sequence[ImageSource], top_k: int | None = None, reject: bool | None = None
+        self, images: Sequence[ImageSource], top_k: int | None = None, reject: bool | str | None = None
     ) -> list[Match]:
         """The nearest gallery class of each image, with its squared distance and the top-k classes.
 
-        With ``reject`` (default: ``config.evaluate.reject_unknown``) an image farther than
-        :attr:`threshold` from every gallery image gets the label ``UNKNOWN``; its
-        distance and top-k classes are kept.
+        When unknowns are rejected (:meth:`rejects_unknown`), each match carries its unknown score and an
+        image scoring above :attr:`threshold` gets the label ``UNKNOWN``; its distance and top-k are kept.
         """
-        matches = self.gallery.search(self.embed(images), top_k or self.config.evaluate.top_k)
-        if not (self.config.evaluate.reject_unknown if reject is None else reject):
-            return matches
+        k = top_k or self.config.evaluate.top_k
+        queries = self.embed(images)
+        matches = self.gallery.search(queries, max(k, 2))  # the ratio score reads the second class
+        if not self.rejects_unknown(reject):
+            return [replace(m, top_k=m.top_k[:k]) for m in matches]
         if self.threshold is None:
             raise BundleError("rejecting unknown classes needs a calibrated threshold in the bundle's metadata; "
                               "run the evaluate stage or set one with store_threshold")
-        return [replace(m, label=UNKNOWN) if m.distance > self.threshold else m for m in matches]
+        return [replace(m, label=UNKNOWN if score > self.threshold else m.label, top_k=m.top_k[:k],
+                        unknown_score=float(score))
+                for m, score in zip(matches, self.unknown_scores(queries, matches))]
 
     def predict_one(self, image: ImageSource, top_k: int | None = None, reject: bool | None = None) -> Match:
         """Recognise a single image."""

@@ -183,27 +183,56 @@ def distance_figure(assessment: Assessment, gallery: Gallery, threshold: float |
     return figure
 
 
+def roc_figure(assessment: Assessment, calibration: dict) -> Figure:
+    """Known against unknown queries on the calibrated score: the ROC curve (log scale of unknowns accepted,
+    as a DET plot reads) with the operating point of the stored threshold."""
+    from .openset import rates, roc_points
+
+    known, unknown = assessment.known_scores, assessment.unknown_scores
+    figure = Figure(figsize=(5.5, 4.5))
+    ax = figure.subplots()
+    if known is None or unknown is None or not len(known) or not len(unknown):
+        ax.text(0.5, 0.5, "no unknown queries to draw", ha="center", va="center")
+        return figure
+    points = roc_points(known, unknown)
+    floor = 0.5 / len(unknown)
+    ax.plot(np.maximum(points["unknown_accepted"], floor), points["known_accepted"], color="tab:blue",
+            label=f"{calibration['score']} score")
+    at = rates(known, np.ones(len(known), bool), unknown, calibration["threshold"])
+    ax.plot([max(1 - at["unknown_rejected"], floor)], [at["known_accepted"]], "o", color="black",
+            label=f"threshold {calibration['threshold']:.3g}")
+    source = "held-out classes" if assessment.heldout is not None else "classes left out of the gallery"
+    ax.set(xscale="log", xlabel="unknown queries accepted (log)", ylabel="known queries accepted", ylim=(0, 1.02),
+           title=f"Known vs unknown ({source})")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return figure
+
+
 PLOT_FILES = {
     "Training loss": "loss.png",
     "Confusion matrix": "confusion.png",
     "Nearest neighbours of sample queries": "neighbours.png",
     "Gallery embeddings (PCA)": "embedding.png",
     "Distances and threshold": "distances.png",
+    "Known vs unknown classes (ROC)": "unknown_roc.png",
 }
 
 
 def write_plots(assessment: Assessment, gallery: Gallery, history: dict, size: int, folder: str | os.PathLike
                 ) -> dict[str, Path]:
-    """Write the five evaluation plots (``PLOT_FILES``) into ``folder``; returns ``{title: path}``."""
+    """Write the evaluation plots (``PLOT_FILES``) into ``folder``; returns ``{title: path}``."""
     folder = Path(folder)
     report = assessment.report
-    threshold = report.get("calibration", {}).get("threshold")
+    calibration = report.get("calibration", {})
+    threshold = calibration.get("threshold") if calibration.get("score") == "nearest" else None  # a distance
     figures = {
         "Training loss": lambda: loss_figure(history),
         "Confusion matrix": lambda: confusion_figure(**report["confusion_matrix"]),
         "Nearest neighbours of sample queries": lambda: neighbours_figure(assessment, gallery, size),
         "Gallery embeddings (PCA)": lambda: projection_figure(gallery),
         "Distances and threshold": lambda: distance_figure(assessment, gallery, threshold),
+        **({"Known vs unknown classes (ROC)": lambda: roc_figure(assessment, calibration)} if calibration else {}),
     }
     return {title: save_png(make(), folder / PLOT_FILES[title]) for title, make in figures.items()}
 
@@ -236,11 +265,22 @@ def _sections(report: dict) -> list[str]:
              _table(["metric", *[m for m, _ in models]], [[key, *[r.get(key, "") for _, r in models]] for key in metrics]),
              (f"<p>{report['n_queries']} queries. MAP@R: mean average precision at R, R = gallery images of the "
              "query's class (Musgrave et al., <i>A Metric Learning Reality Check</i>, 2020).</p>")]
+    if "baseline_check" in report:
+        check = report["baseline_check"]
+        parts.append(f"<p class='{'pass' if check['passed'] else 'flag'}'>{html.escape(check['sentence'])}</p>")
     if "calibration" in report:
-        parts += ["<h2>Unknown-class threshold</h2>",
-                  _table(["", "value"], [[k, v] for k, v in report["calibration"].items()])]
+        c = report["calibration"]
+        parts += ["<h2>Unknown classes: threshold and operating points</h2>",
+                  f"<p>Score <b>{html.escape(c['score'])}</b>, threshold {c['threshold']:.4g}, fitted to "
+                  f"{html.escape(c['fit_to'])}; target {'met' if c['target_met'] else 'missed'}. "
+                  f"{html.escape(c['method'])}. AUROC by score: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in c["auroc_by_score"].items()) + ".</p>",
+                  _table(["known accept target", "threshold", "known accepted", "unknown rejected",
+                          "accuracy with rejection"],
+                         [[p["known_accept_target"], p["threshold"], p["known_accepted"], p["unknown_rejected"],
+                           p["accuracy_with_rejection"]] for p in c["operating_points"]])]
     if "open_set" in report:
-        parts += ["<h2>Known vs held-out classes</h2>",
+        parts += ["<h2>Known vs held-out classes (threshold fitted without them)</h2>",
                   _table(["", "value"], [[k, v] for k, v in report["open_set"].items()])]
     if report.get("fewshot"):
         def accuracy(result: dict, key: str) -> str:
@@ -278,7 +318,9 @@ def write_html(path: str | os.PathLike, report: dict, images: dict[str, Path], t
         f"<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>",
         ("<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:1.5em 0}</style></head><body>"),
+        "td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:1.5em 0}"
+        ".flag{background:#fde2e1;border-left:5px solid #c0392b;padding:0.6em}"
+        ".pass{background:#e3f4e1;border-left:5px solid #2e7d32;padding:0.6em}</style></head><body>"),
         f"<h1>{html.escape(title)}</h1>",
         _table(["", ""], [[key, value] for key, value in (header or {}).items()]) if header else "",
         *_sections(report),

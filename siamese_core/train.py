@@ -28,6 +28,7 @@ from .callbacks import (
     EpochCheckpoint,
     FewShotEvaluation,
     KeepBestWeights,
+    PreciseBatchNorm,
 )
 from .config import Config, TrainConfig
 from .data import ImageFolder, scan_folder
@@ -52,7 +53,8 @@ log = logging.getLogger(__name__)
 class TrainResult:
     """What training returns: the trained embedding model, the per-epoch history, the triplet
     table (a record, empty for online mining), the epoch whose weights were kept, the training
-    folder, and the epoch at which a collapsing embedding stopped training (None if it did not)."""
+    folder, the epoch at which a collapsing embedding stopped training (None if it did not), and
+    why the kept epoch was kept."""
 
     embedding: keras.Model
     history: dict[str, list[float]]
@@ -60,6 +62,7 @@ class TrainResult:
     best_epoch: int
     train_folder: ImageFolder
     collapsed_at: int | None = None
+    kept_because: str = ""
 
 
 def learning_rate(config: TrainConfig, steps_per_epoch: int):
@@ -240,8 +243,9 @@ def _augmenter(config: Config):
 
 
 def _fit(config: Config, plan: _Plan, embedding: keras.Model, data: _Data, batches: _Batches, done: int,
-         checkpoint_dir: Path | None, callbacks: list[keras.callbacks.Callback], verbose) -> tuple[dict, int, int | None]:
-    """Compile, restore a checkpoint when resuming, fit; returns (history, kept epoch, collapse epoch)."""
+         checkpoint_dir: Path | None, callbacks: list[keras.callbacks.Callback],
+         verbose) -> tuple[dict, KeepBestWeights, int | None]:
+    """Compile, restore a checkpoint when resuming, fit; returns (history, what kept the weights, collapse epoch)."""
     online = config.train.mining != "offline"
     model = plan.model
     keep_best = KeepBestWeights(embedding, None if online else "val_loss" if batches.validation is not None else "loss")
@@ -252,7 +256,10 @@ def _fit(config: Config, plan: _Plan, embedding: keras.Model, data: _Data, batch
         done, history = EpochCheckpoint.restore(checkpoint_dir, model, keep_best)
         log.info("resuming from epoch %d of %d", done, config.train.epochs)
     # order matters: few-shot adds to the logs, keep_best updates before the checkpoint saves
-    own: list[keras.callbacks.Callback] = []
+    t = config.train
+    images_per_step = t.classes_per_batch * t.images_per_class if online else 3 * t.batch_size
+    own: list[keras.callbacks.Callback] = [
+        PreciseBatchNorm(model.embedding, data.inputs, images_per_step, batches.steps, t.batchnorm_images, t.seed)]
     if data.heldout is not None:
         heldout_folder, heldout_images = data.heldout
         own.append(FewShotEvaluation(embedding, heldout_images, heldout_folder.labels, n_way=config.evaluate.fewshot_way))
@@ -267,7 +274,7 @@ def _fit(config: Config, plan: _Plan, embedding: keras.Model, data: _Data, batch
                        verbose=verbose, shuffle=False)  # the tf.data pipeline shuffles, seeded
     if checkpoint_dir is None or not is_chief():
         history = {key: [float(v) for v in values] for key, values in fitted.history.items()}
-    return history, keep_best.best_epoch, guard.collapsed_at
+    return history, keep_best, guard.collapsed_at
 
 
 def train(
@@ -286,7 +293,8 @@ def train(
     ``train.mining`` chooses the batches: ``offline`` trains on the triplet table, ``batch_all``,
     ``batch_hard`` or ``semihard`` sample P classes x K images per batch and mine inside it.
     Offline, the weights of the epoch with the lowest validation loss are kept; online, the last
-    epoch's. ``train.augment`` transforms training batches on the fly. With
+    epoch's. After every epoch, batch normalisation's statistics are re-estimated on training images
+    (``train.batchnorm_images``), so inference normalises as training did. ``train.augment`` transforms training batches on the fly. With
     ``train.cache_frozen_features`` the frozen backbone layers run once per image; with
     ``train.unique_batch_images`` each distinct image of a triplet batch is embedded once.
 
@@ -324,9 +332,9 @@ def train(
         data = _prepare_data(config, plan, train_dir, test_dir, heldout_dir, triplets)
         done = EpochCheckpoint.saved_epochs(checkpoint) if resume and checkpoint is not None else 0
         batches = _online_batches(config, data, done) if online else _offline_batches(config, plan, data)
-        history, best_epoch, collapsed_at = _fit(config, plan, embedding, data, batches, done, checkpoint,
+        history, kept, collapsed_at = _fit(config, plan, embedding, data, batches, done, checkpoint,
                                                  callbacks or [], verbose)
     if distributed:  # a plain single-device copy: the chief embeds its gallery and saves it alone
         trained, embedding = embedding, build_embedding_model(config.model)
         embedding.set_weights(trained.get_weights())
-    return TrainResult(embedding, history, data.triplets, best_epoch, data.folder, collapsed_at)
+    return TrainResult(embedding, history, data.triplets, kept.best_epoch, data.folder, collapsed_at, kept.reason)

@@ -72,6 +72,13 @@ def use_sqlite_store(monkeypatch, root: Path) -> str:
     return uri
 
 
+def logged_scorer(metric: str = "top1"):
+    """A champion scorer for registrations that share one test split: the champion's own logged figure."""
+    from pipelines.tracking import client
+
+    return lambda champion: client().get_run(champion.run_id).data.metrics.get(metric)
+
+
 def pipeline_params(model_name: str = "tiny-recognizer", **register) -> PipelineParams:
     """Pipeline params with the tiny model and the given ``register`` options."""
     overrides = {**TINY_MODEL, "register.model_name": model_name}

@@ -6,20 +6,18 @@ import numpy as np
 import pytest
 from mlflow_fixtures import untrained_recognizer
 
+from siamese_core import openset
 from siamese_core.config import apply_overrides
 from siamese_core.distance import squared_distances
 from siamese_core.errors import BundleError, DatasetError
-from siamese_core.evaluation import assess
-from siamese_core.gallery import Match
+from siamese_core.evaluation import assess, baseline_check
+from siamese_core.gallery import Gallery, Match
 from siamese_core.metrics import (
     accuracy_report,
     average_precision_at_r,
-    calibrate_threshold,
-    cross_fitted_calibration,
     few_shot_report,
     flat_metrics,
     map_at_r,
-    open_set_report,
 )
 from siamese_core.recognizer import (
     UNKNOWN,
@@ -59,54 +57,80 @@ def test_precision_and_recall_per_class():
     assert report["macro_precision"] == pytest.approx(1 / 3)
 
 
-def test_open_set_auroc_and_accuracy_with_rejection():
-    report = open_set_report([0.1, 0.3], [True, False], [0.2, 0.5], threshold=0.25)
-    # known nearer than unknown in 3 of the 4 (known, unknown) pairs
-    assert report["auroc"] == pytest.approx(0.75)
+def test_open_set_rates_and_auroc_by_hand():
+    known, correct, unknown = np.array([0.1, 0.3]), np.array([True, False]), np.array([0.2, 0.5])
+    # known scored lower than unknown in 3 of the 4 (known, unknown) pairs
+    assert openset.auroc(known, unknown) == pytest.approx(0.75)
+    assert openset.auroc(np.array([0.2]), np.array([0.2])) == 0.5  # a tie counts half
     # right: the accepted correct known query and the rejected unknown one
-    assert report["accuracy_with_rejection"] == 0.5
-    assert (report["known_accepted"], report["unknown_rejected"]) == (0.5, 0.5)
-    assert open_set_report([0.2], [True], [0.2], 0.1)["auroc"] == 0.5  # a tie counts half
-    # known queries judged by their own (out-of-fold) thresholds: the 0.3 one is now accepted, and wrong
-    per_query = open_set_report([0.1, 0.3], [True, False], [0.2, 0.5], threshold=0.25, known_thresholds=[0.2, 0.35])
+    assert openset.rates(known, correct, unknown, 0.25) == {
+        "known_accepted": 0.5, "unknown_rejected": 0.5, "accuracy_with_rejection": 0.5}
+    # per-query thresholds: the 0.3 known query is now accepted, and wrong
+    per_query = openset.rates(known, correct, unknown, (np.array([0.2, 0.35]), np.array([0.25, 0.25])))
     assert per_query["known_accepted"] == 1.0 and per_query["accuracy_with_rejection"] == 0.5
 
 
-def test_cross_fitted_calibration_judges_each_query_by_a_threshold_not_fitted_on_it():
-    # two classes, four queries each; class a's right answers are near, b's wrong ones far
-    distances = np.array([0.1, 0.2, 0.3, 0.9, 0.15, 0.25, 0.8, 0.7])
-    correct = np.array([True, True, True, False, True, True, False, False])
-    labels = np.array(list("aaaabbbb"))
-    result = cross_fitted_calibration(distances, correct, labels, "best_f1", folds=2, seed=3)
-    thresholds = result["out_of_fold_thresholds"]
-    assert result["threshold"] == calibrate_threshold(distances, correct)["threshold"] == 0.3
-    for value in np.unique(thresholds):  # each fold's threshold is what the other fold alone gives
-        judged = thresholds == value
-        assert value == calibrate_threshold(distances[~judged], correct[~judged])["threshold"]
-        assert sorted(labels[judged]) == list("aabb")  # stratified: two queries of each class per fold
-    accepted = distances <= thresholds
-    assert result["accept_rate"] == accepted.mean()
-    assert result["recall"] == np.sum(accepted & correct) / correct.sum()
-    assert result["method"].startswith("2-fold cross-fitting")
-    # one correct answer cannot be cross-fitted: the figures are in-sample, and say so
-    few = cross_fitted_calibration([0.1, 0.5], [True, False], ["a", "b"])
-    assert few["method"].startswith("in-sample") and few["precision"] == 1.0 and few["accept_rate"] == 0.5
+def test_fit_threshold_reaches_the_stated_rate_and_no_more():
+    known, unknown = np.array([0.5, 0.1, 0.4, 0.2, 0.3]), np.array([0.35, 0.9, 0.6, 0.8])
+    for rate in (0.2, 0.6, 0.8, 0.9, 1.0):
+        t = openset.fit_threshold(known, unknown, "known_accept", rate)
+        assert np.mean(known <= t) >= rate and t in known  # the smallest known score that reaches it
+        lower = known[known < t]
+        assert not len(lower) or np.mean(known <= lower.max()) < rate
+        u = openset.fit_threshold(known, unknown, "unknown_reject", rate)
+        assert np.mean(unknown > u) >= rate
+        assert np.mean(unknown > np.nextafter(u, np.inf)) < rate or u >= unknown.max()  # the largest such threshold
+    assert openset.fit_threshold(known, unknown, "known_accept", 0.6) == 0.3
 
 
-def test_threshold_calibration_on_constructed_distances():
-    distances, correct = [0.5, 0.1, 0.4, 0.2, 0.3], [False, True, True, True, False]
-    best = calibrate_threshold(distances, correct, "best_f1")
-    assert best["threshold"] == 0.4 and best["precision"] == 0.75 and best["recall"] == 1.0
-    assert best["f1"] == pytest.approx(6 / 7) and best["accept_rate"] == 0.8
-    strict = calibrate_threshold(distances, correct, 0.9)
-    assert strict["threshold"] == 0.2 and strict["recall"] == pytest.approx(2 / 3) and strict["target_met"]
-    assert calibrate_threshold(distances, correct, 0.7)["threshold"] == 0.4
+def test_unknown_scores_by_hand():
+    gallery = Gallery(np.array([[0.0, 0.0], [0.0, 2.0], [4.0, 0.0], [4.0, 1.0], [4.0, 3.0]], np.float32),
+                      [0, 0, 1, 1, 1], ["a", "b"], list("pqrst"))
+    query = np.array([[1.0, 0.0]], np.float32)
+    matches = gallery.search(query, 2)
+    assert openset.unknown_scores("nearest", gallery, query, matches)[0] == pytest.approx(1.0)
+    assert openset.unknown_scores("ratio", gallery, query, matches)[0] == pytest.approx(1.0 / 9.0)
+    # class a's mean is (0, 1): distance 1 + 1
+    assert openset.unknown_scores("class_mean", gallery, query, matches)[0] == pytest.approx(2.0)
+    # class b's nearest-neighbour distances are 1, 1 and 4: scale 1; class a has 2 images: the median scale
+    scales = openset.class_scales(gallery)
+    assert scales.tolist() == [1.0, 1.0]
+    assert openset.unknown_scores("class_scaled", gallery, query, matches, scales)[0] == pytest.approx(1.0)
 
-    # equal distances are accepted together: the tie at 0.1 is half right, not 100% precise
-    tied = calibrate_threshold([0.1, 0.1, 0.2], [True, False, False], 1.0)
-    assert tied["threshold"] == 0.1 and tied["precision"] == 0.5 and not tied["target_met"]
-    with pytest.raises(ValueError, match="at least one correct"):
-        calibrate_threshold([0.1], [False])
+
+def test_simulated_unknowns_leave_each_class_fold_out_and_cross_fit():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 8)) * 4
+    labels = np.repeat(np.arange(6), 5)
+    gallery = Gallery((centres[labels] + rng.normal(size=(30, 8))).astype(np.float32), labels,
+                      [f"c{i}" for i in range(6)], [str(i) for i in range(30)])
+    query_labels = np.repeat(np.arange(6), 2)
+    queries = (centres[query_labels] + rng.normal(size=(12, 8))).astype(np.float32)
+    names = [f"c{i}" for i in query_labels]
+    rounds = openset.simulate_unknowns(gallery, queries, names, lambda g, q: g.search(q, 2), folds=3, seed=1)
+    assert len(rounds) == 3
+    assert sum(len(r.unknown["nearest"]) for r in rounds) == 12  # each query is unknown in exactly one round
+    assert all(len(r.known["nearest"]) == 8 and r.correct.all() for r in rounds)  # well-separated classes
+    result = openset.calibrate(rounds, "auto", "known_accept", 0.9, 0.8)
+    assert result["score"] in openset.SCORES and result["auroc"] == max(result["auroc_by_score"].values())
+    known = np.concatenate([r.known[result["score"]] for r in rounds])
+    assert np.mean(known <= result["threshold"]) >= 0.9
+    assert result["unknown_rejected"] > 0.9 and result["target_met"]  # far-apart classes are easy to reject
+    assert [p["known_accept_target"] for p in result["operating_points"]] == list(openset.OPERATING_POINTS)
+    with pytest.raises(ValueError, match="at least two classes"):
+        openset.simulate_unknowns(Gallery(queries[:2], [0, 0], ["a"], ["x", "y"]), queries, names,
+                                  lambda g, q: g.search(q, 2))
+
+
+def test_baseline_check_names_the_shortfall_in_one_sentence():
+    report = {"top1": 0.786, "map_at_r": 0.6, "baseline_raw_pixels": {"top1": 0.957, "map_at_r": 0.5},
+              "baseline_untrained": {"top1": 0.7, "map_at_r": 0.4}}
+    check = baseline_check(report)
+    assert not check["passed"] and "top-1 0.7860 against raw pixels 0.9570" in check["sentence"]
+    assert "cannot become champion" in check["sentence"] and check["sentence"].count(".") >= 1
+    report["top1"] = 0.99
+    assert baseline_check(report)["passed"] and not baseline_check(report, margin=0.05)["passed"]
+    assert not baseline_check({"top1": 1.0, "map_at_r": 1.0})["passed"]  # baselines not scored
 
 
 def test_few_shot_falls_back_to_fewer_ways_and_says_so():
@@ -121,7 +145,7 @@ def test_few_shot_falls_back_to_fewer_ways_and_says_so():
 
 def test_flat_metrics_keeps_numbers_and_drops_tables():
     report = {"top1": 0.5, "n_queries": 4, "per_class_accuracy": {"a": 1.0}, "confusion_matrix": {"labels": ["a"]},
-              "baseline_untrained": {"top1": 0.25}, "calibration": {"threshold": 0.3, "target": "best_f1",
+              "baseline_untrained": {"top1": 0.25}, "calibration": {"threshold": 0.3, "score": "ratio",
                                                                     "target_met": True},
               "fewshot": {"1shot": {"mean": 0.9, "n_way": 5}}, "notes": ["x"]}
     assert flat_metrics(report) == {"top1": 0.5, "n_queries": 4, "baseline_untrained.top1": 0.25,
@@ -142,15 +166,22 @@ def test_reject_answers_unknown_beyond_the_threshold(untrained, tmp_path):
 
     threshold = float(np.median([m.distance for m in plain]))
     recognizer.save(tmp_path / "bundle")
-    store_threshold(tmp_path / "bundle", threshold, {"target": "best_f1"})
+    store_threshold(tmp_path / "bundle", threshold, {"score": "nearest", "target_met": False})
     loaded = SiameseRecognizer.load(tmp_path / "bundle")
-    assert loaded.threshold == threshold and loaded.metadata["threshold_calibration"] == {"target": "best_f1"}
+    assert loaded.threshold == threshold and loaded.calibration == {"score": "nearest", "target_met": False}
     rejected = loaded.predict(test.paths, reject=True)
     for before, after in zip(plain, rejected):
         assert after.label == (UNKNOWN if before.distance > threshold else before.label)
+        assert after.unknown_score == pytest.approx(before.distance, abs=1e-6)  # the nearest-distance score
         assert after.distance == pytest.approx(before.distance, abs=1e-6) and len(after.top_k) == len(before.top_k)
     assert {m.label for m in rejected} >= {UNKNOWN} and len({m.label for m in rejected}) > 1
-    assert [m.label for m in loaded.predict(test.paths)] == [m.label for m in plain]  # reject_unknown is off
+    # reject_unknown: auto stays off while the calibration missed its target, and turns on when it met it
+    assert [m.label for m in loaded.predict(test.paths)] == [m.label for m in plain]
+    store_threshold(tmp_path / "bundle", threshold, {"score": "nearest", "target_met": True})
+    assert [m.label for m in SiameseRecognizer.load(tmp_path / "bundle").predict(test.paths)] == [
+        m.label for m in rejected]
+    loaded.config = apply_overrides(loaded.config, {"reject_unknown": False})
+    assert [m.label for m in loaded.predict(test.paths)] == [m.label for m in plain]
     loaded.config = apply_overrides(loaded.config, {"reject_unknown": True})
     assert [m.label for m in loaded.predict(test.paths)] == [m.label for m in rejected]
 
@@ -168,10 +199,10 @@ def test_assess_scores_baselines_open_set_and_few_shot(untrained):
     assert set(report["baseline_raw_pixels"]) >= {"top1", "top5", "map_at_r"}
     # the untrained baseline is this very network: the same figures
     assert report["baseline_untrained"]["top1"] == report["top1"]
-    nearest = [m.distance for m in gallery.search(queries, 1)]
-    correct = [m.label == t for m, t in zip(gallery.search(queries, 1), test.label_names)]
-    assert report["calibration"]["threshold"] == calibrate_threshold(nearest, correct)["threshold"]
-    assert report["open_set"]["n_unknown"] == len(heldout)
+    assert report["calibration"]["rounds"] == 3  # 3 gallery classes: each left out once
+    assert report["open_set"]["n_unknown"] == len(heldout) and report["open_set"]["score"] == report["calibration"]["score"]
+    assert len(result.known_scores) == len(test) and len(result.unknown_scores) == len(heldout)
+    assert report["baseline_check"]["passed"] is False  # the untrained network cannot beat itself
     assert report["fewshot"]["1shot"]["n_way"] == 2 and report["fewshot"]["5shot"]["n_way"] == 2
     assert any("2-way instead of 20-way" in note for note in report["notes"])
     assert len(result.unknown_distances) == len(heldout) and result.correct.shape == (len(test),)

@@ -14,8 +14,9 @@ from siamese_core.distance import (
     squared_distances,
 )
 from siamese_core.gallery import Gallery
-from siamese_core.metrics import average_precision_at_r, calibrate_threshold
+from siamese_core.metrics import average_precision_at_r
 from siamese_core.mining import LOSSES
+from siamese_core.openset import fit_threshold
 from siamese_core.triplets import pick_negatives
 
 CASES = 40
@@ -123,36 +124,24 @@ def test_average_precision_at_r_matches_a_loop_with_ties():
             assert got[q] == pytest.approx(total / r_count)
 
 
-def _loop_calibration(distances, correct, target):
-    candidates = []
-    for t in sorted(set(distances)):
-        accepted = [d <= t for d in distances]
-        true_accepts = sum(a and c for a, c in zip(accepted, correct))
-        precision, recall = true_accepts / sum(accepted), true_accepts / sum(correct)
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        candidates.append((t, precision, recall, f1, sum(accepted) / len(distances)))
-    if target == "best_f1":
-        return max(candidates, key=lambda c: (c[3], -c[0]))  # the best F1, the smallest threshold on a tie
-    reaching = [c for c in candidates if c[1] >= target]
-    if reaching:
-        return max(reaching, key=lambda c: c[0])  # the most recall: the largest such threshold
-    return max(candidates, key=lambda c: (c[1], -c[0]))
+def _loop_threshold(known, unknown, fit_to, rate):
+    """The threshold by trying every candidate: the smallest accepting ``rate`` of known scores, or the
+    largest rejecting ``rate`` of unknown ones."""
+    if fit_to == "known_accept":
+        return min(t for t in known if sum(k <= t for k in known) >= rate * len(known))
+    candidates = sorted({*unknown, *(np.nextafter(u, -np.inf) for u in unknown)})
+    return max(t for t in candidates if sum(u > t for u in unknown) >= rate * len(unknown))
 
 
-def test_calibrate_threshold_matches_a_loop_over_every_threshold():
+def test_fit_threshold_matches_a_loop_over_every_threshold():
     rng = np.random.default_rng(4)
     for _ in range(CASES):
-        n = int(rng.integers(1, 20))
-        distances = rng.integers(0, 8, size=n) / 4.0  # ties on purpose
-        correct = rng.random(n) < 0.6
-        if not correct.any():
-            correct[0] = True
-        for target in ("best_f1", 0.5, 0.9, 1.0):
-            t, precision, recall, f1, accept_rate = _loop_calibration(distances.tolist(), correct.tolist(), target)
-            got = calibrate_threshold(distances, correct, target)
-            assert got["threshold"] == t, (distances.tolist(), correct.tolist(), target)
-            assert (got["precision"], got["recall"], got["accept_rate"]) == pytest.approx((precision, recall, accept_rate))
-            assert got["f1"] == pytest.approx(f1)
+        known = rng.integers(0, 8, size=int(rng.integers(1, 20))) / 4.0  # ties on purpose
+        unknown = rng.integers(0, 8, size=int(rng.integers(1, 20))) / 4.0
+        for fit_to in ("known_accept", "unknown_reject"):
+            for rate in (0.1, 0.5, 0.9, 1.0):
+                got = fit_threshold(known, unknown, fit_to, rate)
+                assert got == _loop_threshold(known.tolist(), unknown.tolist(), fit_to, rate), (known, unknown, fit_to)
 
 
 def _loop_search(gallery: Gallery, query: np.ndarray, k: int):

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from messy import png_claiming
 from mlflow import MlflowClient
-from mlflow_fixtures import make_tiny_bundle, pipeline_params, use_sqlite_store
+from mlflow_fixtures import logged_scorer, make_tiny_bundle, pipeline_params, use_sqlite_store
 
 from pipelines import registry, tracking
 from pipelines.pyfunc_model import RequestError, ServerError, encode_image
@@ -36,7 +36,8 @@ def _log(bundle, top1, params=None, artifacts=(), bundle_dir=None):
         "confusion_matrix": {"labels": ["a"], "matrix": [[1]]},
     }
     return registry.log_and_register(
-        params or pipeline_params(), bundle_dir or bundle.path, metrics, bundle.history, list(artifacts), TAGS
+        params or pipeline_params(), bundle_dir or bundle.path, metrics, bundle.history, list(artifacts), TAGS,
+        score_champion=logged_scorer(),
     )
 
 
@@ -209,14 +210,15 @@ def test_concurrent_gates_leave_the_best_version_champion(store):
         client.set_terminated(run.info.run_id)
         runs[value] = run.info.run_id
         versions[value] = client.create_model_version("race", f"runs:/{run.info.run_id}/model", run.info.run_id).version
-    registry.apply_gate(client, runs[0.7], "race", versions[0.7], "top1", 0.7, True)
+    registry.apply_gate(client, runs[0.7], "race", versions[0.7], "top1", 0.7, True, logged_scorer())
 
     barrier = threading.Barrier(2)
     decisions = {}
 
     def finish(value):
         barrier.wait()
-        decisions[value] = registry.apply_gate(client, runs[value], "race", versions[value], "top1", value, True)[0]
+        decisions[value] = registry.apply_gate(client, runs[value], "race", versions[value], "top1", value, True,
+                                               logged_scorer())[0]
 
     threads = [threading.Thread(target=finish, args=(v,)) for v in (0.8, 0.95)]
     for t in threads:

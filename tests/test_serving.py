@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from mlflow_fixtures import make_tiny_bundle, pipeline_params, use_sqlite_store
+from mlflow_fixtures import logged_scorer, make_tiny_bundle, pipeline_params, use_sqlite_store
 from PIL import Image
 
 from pipelines import registry
@@ -84,7 +84,8 @@ def _serve(tmp_path, monkeypatch):
     uri = use_sqlite_store(monkeypatch, tmp_path)
     bundle = make_tiny_bundle(tmp_path)
     metrics = {"top1": 1.0}
-    registry.log_and_register(pipeline_params("served"), bundle.path, metrics, bundle.history, [], {})
+    registry.log_and_register(pipeline_params("served"), bundle.path, metrics, bundle.history, [], {},
+                                       score_champion=logged_scorer())
     port = _free_port()
     log_path = tmp_path / "serve.log"
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", registry.champion_uri("served"),

@@ -221,7 +221,7 @@ def _assert_same_tree(left: Path, right: Path) -> None:
 @pytest.mark.slow  # two full stack start-ups, about 2 minutes: run with -m slow
 def test_basic_auth_refuses_anonymous_requests_and_the_registry_survives_a_restart(tmp_path, monkeypatch):
     from mlflow.exceptions import MlflowException
-    from mlflow_fixtures import make_tiny_bundle, pipeline_params
+    from mlflow_fixtures import logged_scorer, make_tiny_bundle, pipeline_params
 
     from pipelines import registry, tracking
 
@@ -245,7 +245,8 @@ def test_basic_auth_refuses_anonymous_requests_and_the_registry_survives_a_resta
         assert tracking.ensure_experiment("siamese-auth-check")
         monkeypatch.chdir(tmp_path)
         bundle = make_tiny_bundle(tmp_path)
-        done = registry.log_and_register(pipeline_params("secured"), bundle.path, {"top1": 1.0}, bundle.history, [], {})
+        done = registry.log_and_register(pipeline_params("secured"), bundle.path, {"top1": 1.0}, bundle.history, [], {},
+                                       score_champion=logged_scorer())
         assert done["decision"] == "champion"
         before = shutil.copytree(registry.download_bundle(registry.champion_uri("secured")), tmp_path / "before")
 

@@ -186,3 +186,31 @@ def test_two_runs_of_one_config_give_identical_weights(digits):
     assert runs[0].history == runs[1].history
     for a, b in zip(runs[0].embedding.get_weights(), runs[1].embedding.get_weights()):
         assert np.array_equal(a, b)
+
+
+def _pair_distances(embeddings: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Mean squared distance of same-class and of other-class pairs."""
+    distances = ((embeddings[:, None] - embeddings[None]) ** 2).sum(-1)
+    same, other = labels[:, None] == labels[None], ~np.eye(len(labels), dtype=bool)
+    return float(distances[same & other].mean()), float(distances[~same].mean())
+
+
+@pytest.mark.parametrize("mining", ["offline", "batch_all"])
+def test_inference_distances_agree_with_training_mode_on_few_steps(digits, mining):
+    """Batch normalisation at inference uses statistics re-estimated for the final weights: a short run (a few
+    steps per epoch) gives the same distances on a batch in inference mode as in training mode. With the
+    re-estimation off, Keras' moving averages still hold much of their initial values and the check fails."""
+    from siamese_core.embed import decode_all
+
+    folder = scan_folder(digits[0])
+    images = decode_all(folder.paths, 32)
+    overrides = {**TINY, "mining": mining, "classes_per_batch": 5, "images_per_class": 4, "epochs": 3}
+    agreement = {}
+    for images_to_use in (4096, 0):
+        config = apply_overrides(Config(), {**overrides, "train.batchnorm_images": images_to_use})
+        embedding = train(config, *digits, verbose=0).embedding
+        trained_mode = _pair_distances(np.asarray(embedding(images, training=True)), folder.labels)
+        inference = _pair_distances(np.asarray(embedding(images, training=False)), folder.labels)
+        agreement[images_to_use] = [i / t for i, t in zip(inference, trained_mode)]
+    assert all(0.8 < ratio < 1.25 for ratio in agreement[4096]), agreement
+    assert not all(0.8 < ratio < 1.25 for ratio in agreement[0]), agreement  # the check sees the disagreement
