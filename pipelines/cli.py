@@ -207,6 +207,9 @@ def evaluate(
     test_dir: Annotated[Path, typer.Option("--test", help="Test folder: <dir>/<class>/<image>.")],
     heldout_dir: Annotated[Path | None, typer.Option(
         "--heldout", help="Classes never trained on: adds the open-set (unknown class) and few-shot figures.")] = None,
+    unknown_dir: Annotated[Path | None, typer.Option(
+        "--unknown", help="Images of no known class, in sub-folders as the others (unknown/<kind>/<image>): "
+        "unknowns in every fold of the threshold's calibration.")] = None,
     baselines: Annotated[bool, typer.Option(
         "--baselines/--no-baselines", help="Also score raw pixels and the untrained network on the same gallery.")
     ] = True,
@@ -235,7 +238,8 @@ def evaluate(
         heldout = scan_folder(heldout_dir) if heldout_dir else None
         gallery_images = recognizer.gallery.image_folder() if baselines else None
         with sharding.on_dask(sharding.dask_address(dask_address)):
-            result = assess(recognizer, scan_folder(test_dir), gallery_images, heldout, seed=recognizer.config.train.seed)
+            result = assess(recognizer, scan_folder(test_dir), gallery_images, heldout, seed=recognizer.config.train.seed,
+                            unknowns=scan_folder(unknown_dir) if unknown_dir else None)
         if as_json:
             typer.echo(json.dumps(result.report, ensure_ascii=False))
             return

@@ -167,8 +167,9 @@ class EvaluateConfig(Section):
     open_set: OpenSetConfig = Field(default_factory=OpenSetConfig)
     baselines: bool = Field(True, description="Also score raw-pixel and untrained-network nearest neighbour.")
     baseline_margin: float = Field(
-        0.0, ge=0, le=1, description="A model must beat both baselines by more than this on top-1 and MAP@R "
-        "(on its own test split) to count as trained; one that does not never becomes champion.")
+        0.0, ge=-1, le=1, description="A model must beat both baselines by more than this on top-1 and MAP@R "
+        "(on its own test split) to count as trained; one that does not never becomes champion. A negative "
+        "margin lets a model that is up to that much worse through.")
     fewshot_way: int = Field(20, ge=2, description="N of the N-way k-shot episodes on held-out classes.")
     fewshot_shots: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 5], description="The k values of the episodes.")
     fewshot_episodes: int = Field(500, ge=1)

@@ -83,7 +83,8 @@ BASELINE_NAMES = {"baseline_raw_pixels": "raw pixels", "baseline_untrained": "th
 
 
 def baseline_check(report: dict, margin: float = 0.0) -> dict:
-    """Whether the model beats both baselines by more than ``margin`` on top-1 and MAP@R, with one plain sentence.
+    """Whether the model beats both baselines by more than ``margin`` on top-1 and MAP@R (or is perfect on one),
+    with one plain sentence.
 
     ``passed`` is False when a baseline is missing (``evaluate.baselines`` off): an unchecked model
     has not shown that training helped.
@@ -93,8 +94,8 @@ def baseline_check(report: dict, margin: float = 0.0) -> dict:
                 "(evaluate.baselines is off), so nothing shows that training helped; it cannot become champion."}
     shortfalls = [f"{label} {report[key]:.4f} against {BASELINE_NAMES[name]} {report[name][key]:.4f}"
                   for key, label in BASELINE_METRICS.items() for name in BASELINE_NAMES
-                  if not report[key] > report[name][key] + margin]
-    by = f" by more than {margin:g}" if margin else ""
+                  if not (report[key] > report[name][key] + margin or report[key] >= 1.0)]  # perfect is not beaten
+    by = (f" by more than {margin:g}" if margin > 0 else f" (allowing {-margin:g} worse)" if margin < 0 else "")
     if shortfalls:
         sentence = (f"The trained model does not beat its baselines{by} on its own test split ({'; '.join(shortfalls)}): "
                     "training did not help on this data, so it cannot become champion.")

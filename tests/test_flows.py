@@ -167,3 +167,24 @@ def test_retraining_skips_unchanged_data_and_trains_on_added_data(project):
     train_input = next(d.dataset for d in run.inputs.dataset_inputs if d.dataset.name == "demo-train")
     assert train_input.digest == content_hash("data/demo/train").removesuffix(".dir")
     assert (some_class / "added.png").is_file(), "no run rewrites the data"
+
+
+def test_from_the_demo_to_your_own_data_your_model_is_the_champion(project, write_params, tmp_path):
+    """The README's walk-through: the demo, then params.yaml pointed at your own data. The new model serves at
+    models:/siamese-recognizer@champion without a hand promotion, and the gate says why."""
+    from images import make_digits_dataset
+
+    demo = training_flow()
+    assert demo["decision"] == "champion"
+    train_dir, test_dir = make_digits_dataset(tmp_path / "my-data", classes=4, train_per_class=6, test_per_class=3)
+    heldout_dir, _ = make_digits_dataset(tmp_path / "my-heldout", classes=2, test_per_class=0, first=4)
+    write_params(tmp_path / "params.yaml", {"data.train_dir": str(train_dir), "data.test_dir": str(test_dir),
+                                            "data.heldout_dir": str(heldout_dir)})
+    own = training_flow()
+    assert own["decision"] == "champion" and "serves other classes" in own["reason"], own["reason"]
+    assert own["previous_champion_value"] is None  # the demo's figures are not compared with these
+    aliases = project.get_registered_model(NAME).aliases
+    assert (aliases["champion"], aliases["previous"]) == (int(own["version"]), int(demo["version"]))
+    image = sorted(Path(train_dir).glob("*/*.png"))[0]
+    [answer] = predict_flow([str(image)])
+    assert answer["label"] == image.parent.name and answer["distance"] < 1e-3  # a digit, not an Omniglot character

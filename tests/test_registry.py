@@ -92,6 +92,42 @@ def test_equal_run_does_not_move_champion(bundle, store):
     assert _aliases() == {"champion": 1, "challenger": 2}
 
 
+def test_a_model_that_does_not_beat_its_baselines_never_becomes_champion(bundle, store):
+    sentence = "The trained model does not beat its baselines on its own test split (top-1 0.7860 against raw pixels 0.9570)"
+    result = registry.log_and_register(pipeline_params(), bundle.path, {"top1": 0.786}, bundle.history, [], TAGS,
+                                       score_champion=logged_scorer(), baselines={"passed": False, "sentence": sentence})
+    assert result["decision"] == "challenger" and result["reason"] == sentence  # even with no champion at all
+    assert _aliases() == {"challenger": 1}
+    tags = MlflowClient().get_model_version("tiny-recognizer", "1").tags
+    assert tags["gate.reason"] == sentence and tags["gate.decision"] == "challenger"
+
+
+def test_the_champion_is_scored_on_this_runs_queries_and_one_of_other_classes_is_replaced(bundle, store, tmp_path):
+    from images import make_digits_dataset
+
+    from siamese_core.data import scan_folder
+    from siamese_core.evaluation import evaluate
+    from siamese_core.recognizer import SiameseRecognizer
+
+    _log(bundle, 0.5)
+    champion = registry.alias_version("tiny-recognizer")
+    train_dir, test_dir = bundle.path.parent / "data/train", bundle.path.parent / "data/test"
+    on_same_queries = registry.same_queries_scorer(train_dir, test_dir, "map_at_r")(champion)
+    recognizer = SiameseRecognizer.load(bundle.path).with_gallery(scan_folder(train_dir))
+    assert on_same_queries == pytest.approx(evaluate(recognizer, test_dir)["map_at_r"])
+    assert on_same_queries != 0.5  # measured, not read from the champion's run
+
+    other_train, other_test = make_digits_dataset(tmp_path / "other", classes=3, first=5)
+    assert registry.same_queries_scorer(other_train, other_test, "top1")(champion) is None
+    result = registry.log_and_register(
+        pipeline_params(), bundle.path, {"top1": 0.1}, bundle.history, [], TAGS,
+        score_champion=registry.same_queries_scorer(other_train, other_test, "top1"),
+        baselines={"passed": True, "sentence": "beats both"})
+    assert result["decision"] == "champion" and "serves other classes" in result["reason"]
+    assert result["previous_champion_value"] is None  # figures from other data are never compared
+    assert _aliases() == {"champion": 2, "previous": 1}
+
+
 def test_lower_is_better_metric(bundle, store):
     params = pipeline_params(metric="top1", greater_is_better=False)
     _log(bundle, 0.7, params)
@@ -140,8 +176,8 @@ def test_load_champion_recognises_a_gallery_image(bundle, store):
     label = "digit 1"
     image = bundle.gallery_images[label][0]
     out = model.predict(pd.DataFrame({"image": [encode_image(image), encode_image(Path(image).read_bytes())]}))
-    assert list(out.columns) == ["label", "distance", "top_k"]
-    assert out["label"].tolist() == [label, label]
+    assert list(out.columns) == ["label", "distance", "top_k", "unknown_score"]
+    assert out["label"].tolist() == [label, label] and out["unknown_score"].isna().all()  # no threshold: no rejection
     assert out["distance"].max() < 1e-4
     top_k = json.loads(out["top_k"][0])
     assert top_k[0]["label"] == label and {"label", "distance"} == set(top_k[0])
@@ -282,15 +318,20 @@ def test_model_card_shows_data_metrics_beside_baselines_threshold_and_changed_pa
     from pipelines.card import model_card
 
     metrics = {"top1": 0.9, "baseline_raw_pixels.top1": 0.5, "baseline_untrained.top1": 0.25,
-               "fewshot.1shot.mean": 0.8, "baseline_raw_pixels.fewshot.1shot.mean": 0.4, "calibration.threshold": 0.7}
+               "fewshot.1shot.mean": 0.8, "baseline_raw_pixels.fewshot.1shot.mean": 0.4, "calibration.threshold": 0.7,
+               "calibration.known_accepted": 0.9, "calibration.unknown_rejected": 0.85}
     data = {"train": {"path": "data/demo/train", "md5": "0123abcd.dir", "classes": 40, "images": 560}}
-    card = model_card(pipeline_params(), metrics, data, {"MLflow run": "demo-run (abc)"}, "3", "champion", 0.85)
+    evaluation = {"baseline_check": {"passed": True, "sentence": "The trained model beats both baselines."},
+                  "calibration": {"score": "class_mean", "target_met": True}}
+    card = model_card(pipeline_params(), metrics, data, {"MLflow run": "demo-run (abc)"}, "3", "champion", 0.85,
+                      "top1 0.9000 against champion version 2's 0.8500 on the same test queries", evaluation)
     assert card.startswith("# tiny-recognizer version 3")
-    assert "**Gate:** champion on `top1` = 0.9000 (champion before: 0.8500)" in card
+    assert "**Gate:** champion on `top1` = 0.9000 (champion before, on the same queries: 0.8500)" in card
+    assert "**Baselines:** The trained model beats both baselines." in card
     assert "| train | `data/demo/train` | `0123abcd.dir` | 40 | 560 |" in card
     assert "| top1 | 0.9000 | 0.5000 | 0.2500 |" in card
     assert "| fewshot.1shot.mean | 0.8000 | 0.4000 | - |" in card
-    assert "Squared distance 0.7000" in card
+    assert "Unknown score `class_mean` above 0.7000 answers `unknown`" in card and "rejection is on" in card
     assert "| `model.backbone` | `small_cnn` | `resnet50` |" in card
     assert "## Intended use" in card and "## Limits" in card and "- MLflow run: `demo-run (abc)`" in card
 

@@ -29,7 +29,7 @@ def test_plots_are_valid_pngs_and_the_report_embeds_them(assessment, tmp_path):
     history = {"loss": [0.5, 0.3], "val_loss": [0.6, 0.4]}
     images = write_plots(result, recognizer.gallery, history, recognizer.input_size, tmp_path / "plots")
     assert sorted(p.name for p in images.values()) == [
-        "confusion.png", "distances.png", "embedding.png", "loss.png", "neighbours.png"]
+        "confusion.png", "distances.png", "embedding.png", "loss.png", "neighbours.png", "unknown_roc.png"]
     for path in images.values():
         with Image.open(path) as image:
             assert image.format == "PNG" and min(image.size) > 100
