@@ -189,6 +189,7 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - no network, no file: report and go on
                 entry["skipped"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
                 print(f"{name}: skipped ({entry['skipped']})", flush=True)
+                args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
                 continue
             entry.pop("skipped", None)
             entry["classes"] = {split: len(list((folder / split).iterdir())) for split in ("train", "heldout")}

@@ -181,7 +181,8 @@ def predict(
         "--top-k", min=1, help="Number of nearest classes to list (default: the bundle's evaluate.top_k).")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Recognise images: the nearest gallery class and its squared distance."""
+    """Recognise images: the nearest gallery class and its squared distance (and, when the bundle rejects
+    unknown classes, the unknown score; above the threshold the class is 'unknown')."""
 
     def body():
         from siamese_core.recognizer import SiameseRecognizer
@@ -195,7 +196,8 @@ def predict(
             return
         for path, match in zip(images, matches):
             others = ", ".join(f"{label} {d:.4f}" for label, d in match.top_k[1:])
-            typer.echo(f"{path}\t{match.label}\t{match.distance:.4f}" + (f"\t(next: {others})" if others else ""))
+            score = "" if match.unknown_score is None else f"\tunknown score {match.unknown_score:.4g}"
+            typer.echo(f"{path}\t{match.label}\t{match.distance:.4f}{score}" + (f"\t(next: {others})" if others else ""))
 
     _run(body)
 

@@ -152,7 +152,7 @@ def render_small_data() -> str:
     skipped = []
     for name, data in results.items():
         if "skipped" in data:
-            skipped.append(f"{name} ({data['description']}): {data['skipped']}")
+            skipped.append(f"{name} ({data['description']})")
             continue
         title = f"{name}: {data['description']} ({data['classes']['train']} + {data['classes']['heldout']})"
         for preset, entry in data["presets"].items():
@@ -164,7 +164,8 @@ def render_small_data() -> str:
                          f"{entry['train_seconds']:.0f} s |")
             title = ""
     if skipped:
-        lines += ["", "Not measured on the machine that wrote this table: " + "; ".join(skipped) + "."]
+        lines += ["", "Not measured: " + ", ".join(skipped) + ". The benchmark fetches them, and the machine that "
+                      "wrote this table could not (the reason is in `benchmarks/results/small-data.json`)."]
     return "\n".join([SMALL_START, *lines, SMALL_END])
 
 

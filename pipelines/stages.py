@@ -160,8 +160,9 @@ def embed(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
 def evaluate(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
     """Score the bundle on the test folder against its gallery, beside two baselines.
 
-    Calibrates the unknown-class threshold on the test queries and, when ``data.heldout_dir``
-    is set, scores known vs held-out classes and few-shot enrolment of the held-out classes
+    Says whether the model beats both baselines, calibrates the unknown-class threshold on classes left
+    out of the gallery (``evaluate.open_set``) and, when ``data.heldout_dir`` is set, scores known vs
+    held-out classes and few-shot enrolment of the held-out classes
     (for the baselines too). Writes metrics.json (flat figures), artifacts/evaluation.json
     (the whole report), plots/*.csv and the PNGs in plots/images/.
     """

@@ -71,3 +71,20 @@ def test_the_readme_learning_quality_tables_are_the_committed_benchmark_reports(
         config = json.loads((RESULTS / name).read_text(encoding="utf-8"))["config"]
         assert (config["model"], config["train"]) == (preset["model"], preset["train"]), f"re-measure {name}"
     assert f"**{100 * shipped['trained']['1shot']['mean']:.1f} % ± {100 * shipped['trained']['1shot']['ci95']:.1f}**" in block
+
+
+def test_the_readme_small_data_table_is_the_committed_benchmark_report():
+    """The small-data table is generated from benchmarks/results/small-data.json; the recommended preset beats
+    both baselines on MAP@R and 1-shot on every data set measured."""
+    from pipelines.readme_figures import RESULTS, SMALL_END, SMALL_START, render_small_data
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert readme[readme.index(SMALL_START):readme.index(SMALL_END) + len(SMALL_END)] == render_small_data()
+    measured = {name: data for name, data in json.loads((RESULTS / "small-data.json").read_text()).items()
+                if "presets" in data}
+    assert len(measured) >= 3
+    for name, data in measured.items():
+        figures = data["presets"]["fast-cpu"]
+        for key in ("map_at_r", "fewshot_1shot"):
+            assert figures["model"][key] > max(figures["raw_pixels"][key], figures["untrained"][key]), (name, key)
+        assert figures["model"]["top1"] >= max(figures["raw_pixels"]["top1"], figures["untrained"]["top1"]), name

@@ -120,3 +120,30 @@ def test_generalized_mean_pooling_spans_average_to_max_and_learns_p(tmp_path):
     images = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     np.testing.assert_allclose(load_embedding(tmp_path / "gem.keras").predict_on_batch(images),
                                model.predict_on_batch(images), atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v3_small", "resnet50"])
+def test_batch_norm_recalibration_reaches_nested_backbones(backbone):
+    """After re-estimation on one batch, inference normalises that batch exactly as training mode does, for the
+    batch normalisation layers inside a pretrained-style backbone; frozen ones (ResNet50 before conv5) are left
+    alone, as training leaves them."""
+    import keras
+    import numpy as np
+
+    from siamese_core.batchnorm import recalibrate_batch_norm, trainable_batch_norms
+    from siamese_core.config import ModelConfig
+    from siamese_core.model import build_embedding_model
+
+    keras.utils.set_random_seed(0)
+    model = build_embedding_model(ModelConfig(backbone=backbone, weights=None, input_size=32, head_units=[16],
+                                              embedding_dim=8, pooling="avg", l2_normalize=True))
+    layers = trainable_batch_norms(model)
+    frozen = [v for layer in model.layers for v in getattr(layer, "non_trainable_weights", [])
+              if "moving" in v.path and not any(v is w for bn in layers for w in bn.weights)]
+    frozen_before, momenta = [np.array(v) for v in frozen], [layer.momentum for layer in layers]
+    images = np.random.default_rng(0).uniform(0, 255, size=(16, 32, 32, 3)).astype("float32")
+    assert layers and np.abs(np.asarray(model(images, training=False)) - np.asarray(model(images, training=True))).max() > 1e-2
+    assert recalibrate_batch_norm(model, images, batch_size=16, max_images=16) == 1
+    np.testing.assert_allclose(model(images, training=False), model(images, training=True), atol=1e-3, rtol=1e-3)
+    assert all(np.array_equal(before, np.array(v)) for before, v in zip(frozen_before, frozen))
+    assert [layer.momentum for layer in layers] == momenta  # the layers' own momentum is put back

@@ -92,6 +92,23 @@ def test_equal_run_does_not_move_champion(bundle, store):
     assert _aliases() == {"champion": 1, "challenger": 2}
 
 
+def test_the_served_model_answers_unknown_with_its_score_when_rejection_is_on(bundle, store, tmp_path):
+    import shutil
+
+    from siamese_core.recognizer import store_threshold
+
+    calibrated = shutil.copytree(bundle.path, tmp_path / "calibrated")
+    store_threshold(calibrated, 1e-3, {"score": "nearest", "target_met": True})  # reject_unknown: auto turns it on
+    _log(bundle, 0.5, bundle_dir=calibrated)
+    image = bundle.gallery_images["digit 1"][0]
+    other = bundle.path.parent / "data/test/digit 2"
+    out = registry.load_champion("tiny-recognizer").predict(
+        pd.DataFrame({"image": [encode_image(image), encode_image(sorted(other.iterdir())[0])]}))
+    assert out["label"][0] == "digit 1" and out["unknown_score"][0] < 1e-3  # a gallery image: known
+    assert out["label"][1] == "unknown" and out["unknown_score"][1] > 1e-3 and out["distance"][1] > 1e-3
+    assert json.loads(out["top_k"][1])[0]["label"].startswith("digit")  # its nearest classes are kept
+
+
 def test_a_model_that_does_not_beat_its_baselines_never_becomes_champion(bundle, store):
     sentence = "The trained model does not beat its baselines on its own test split (top-1 0.7860 against raw pixels 0.9570)"
     result = registry.log_and_register(pipeline_params(), bundle.path, {"top1": 0.786}, bundle.history, [], TAGS,

@@ -40,9 +40,11 @@ def test_plots_are_valid_pngs_and_the_report_embeds_them(assessment, tmp_path):
     assert len(embedded) == len(images)
     assert Image.open(io.BytesIO(base64.b64decode(embedded[0]))).format == "PNG"
     for text in ("top1", "top5", "map_at_r", "class_avg_accuracy", "raw pixels", "untrained", "auroc",
-                 "accuracy_with_rejection", "2-way 1-shot", "Unknown-class threshold", "digit 2"):
+                 "accuracy_with_rejection", "2-way 1-shot", "Unknown classes: threshold and operating points",
+                 "known accept target", "digit 2", "does not beat its baselines"):
         assert text in page, text
     assert "2-way instead of 20-way" in page  # the few-shot fallback note
+    assert "class='flag'" in page  # the untrained network does not beat itself: flagged
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
 
 
