@@ -20,7 +20,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -161,7 +160,7 @@ class SiameseBundleModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         """One row per image: the nearest class (``unknown`` when rejected), its squared distance, the top-k
-        classes as JSON, and the unknown score (NaN when rejection is off)."""
+        classes as JSON, and, when the bundle rejects unknown classes, the unknown score."""
         try:
             matches = self._recognise(model_input)
         except USER_ERRORS as exc:
@@ -171,7 +170,7 @@ class SiameseBundleModel(mlflow.pyfunc.PythonModel):
         except Exception:
             log.exception("prediction failed")
             raise ServerError() from None
-        return pd.DataFrame(
+        answers = pd.DataFrame(
             {
                 "label": pd.Series([m.label for m in matches], dtype=object),
                 "distance": pd.Series([m.distance for m in matches], dtype="float64"),
@@ -179,10 +178,11 @@ class SiameseBundleModel(mlflow.pyfunc.PythonModel):
                     [json.dumps([{"label": label, "distance": d} for label, d in m.top_k]) for m in matches],
                     dtype=object,
                 ),
-                "unknown_score": pd.Series([np.nan if m.unknown_score is None else m.unknown_score for m in matches],
-                                           dtype="float64"),
             }
         )
+        if any(m.unknown_score is not None for m in matches):
+            answers["unknown_score"] = pd.Series([m.unknown_score for m in matches], dtype="float64")
+        return answers
 
     def _recognise(self, model_input) -> list:
         """Decode and recognise the images batch by batch, stopping at the server's time limit."""

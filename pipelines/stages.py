@@ -309,10 +309,7 @@ def register(params: PipelineParams, root: Path = Path("."), run=None) -> dict:
               "label": answer["label"], "distance": float(answer["distance"])}
     record["sample_prediction"] = sample
     write_json(root / REGISTRATION, record)
-    previous = result["previous_champion_value"]
-    log.info("%s version %s is %s: %s %.4f (champion before, on the same queries: %s). %s", result["model_name"],
-             result["version"], result["decision"], result["metric"], result["value"],
-             "none" if previous is None else f"{previous:.4f}", result["reason"])
+    log.info("%s version %s is %s: %s", result["model_name"], result["version"], result["decision"], result["reason"])
     log.info("champion predicts %s (a '%s') as '%s' at distance %.4f",
              sample["image"], sample["true_label"], sample["label"], sample["distance"])
     return record

@@ -193,8 +193,8 @@ def test_load_champion_recognises_a_gallery_image(bundle, store):
     label = "digit 1"
     image = bundle.gallery_images[label][0]
     out = model.predict(pd.DataFrame({"image": [encode_image(image), encode_image(Path(image).read_bytes())]}))
-    assert list(out.columns) == ["label", "distance", "top_k", "unknown_score"]
-    assert out["label"].tolist() == [label, label] and out["unknown_score"].isna().all()  # no threshold: no rejection
+    assert list(out.columns) == ["label", "distance", "top_k"]  # no threshold: no rejection, no unknown score
+    assert out["label"].tolist() == [label, label]
     assert out["distance"].max() < 1e-4
     top_k = json.loads(out["top_k"][0])
     assert top_k[0]["label"] == label and {"label", "distance"} == set(top_k[0])

@@ -116,8 +116,7 @@ def test_served_champion_recognises_images_and_refuses_paths(server):
         status, body = _post(f"{base}/invocations", payload)
         assert status == 200, body
         first = body["predictions"][0]
-        assert set(first) == {"label", "distance", "top_k", "unknown_score"}
-        assert first["unknown_score"] is None  # no calibrated threshold in this bundle: no rejection
+        assert set(first) == {"label", "distance", "top_k"}  # no threshold in this bundle: no unknown score
         assert first["label"] == label and first["distance"] < 1e-4
         assert json.loads(first["top_k"])[0]["label"] == label
     assert body["predictions"][1]["label"] == "digit 0"
