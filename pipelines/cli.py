@@ -127,11 +127,9 @@ def train(
     """
 
     def body():
-        import hashlib
         import shutil
-        import tempfile
 
-        from filelock import FileLock, Timeout
+        from filelock import Timeout
 
         from siamese_core.data import scan_folder
         from siamese_core.distribute import is_chief, worker_slice
@@ -153,8 +151,7 @@ def train(
             return
         ensure_writable(out.parent, "the bundle and its checkpoints")
         try:  # one training per bundle path: the checkpoint and the bundle are its alone
-            key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
-            lock = FileLock(Path(tempfile.gettempdir()) / f"siamese-train-{key}.lock", timeout=0).acquire()
+            lock = _bundle_lock(out, timeout=0).acquire()
         except Timeout:
             raise ConfigError(f"{out}: another 'siamese train' is writing this bundle; wait for it or choose "
                               "another --out") from None
@@ -292,6 +289,14 @@ def _evaluation_text(report: dict, top_k: int) -> str:
     return "\n".join(lines)
 
 
+def _bundle_lock(bundle: Path, timeout: float):
+    """The lock of a bundle folder, a file beside it: one writer at a time, from any process on any machine
+    that sees the folder ('siamese train' and 'siamese enroll' take it)."""
+    from filelock import FileLock
+
+    return FileLock(bundle.parent / f".{bundle.name}.lock", timeout=timeout)
+
+
 @app.command()
 def enroll(
     folder: Annotated[Path, typer.Argument(help="Class folder(s) to add: <dir>/<class>/<image>.")],
@@ -334,11 +339,12 @@ def enroll(
             _fail("--promote is for a registry model (models:/NAME@ALIAS)")
         from siamese_core.recognizer import SiameseRecognizer
 
-        recognizer = SiameseRecognizer.load(model)
-        before, start = len(recognizer.gallery), time.perf_counter()
-        recognizer.enroll(folder)
-        ms = (time.perf_counter() - start) * 1000 / max(1, len(recognizer.gallery) - before)
-        recognizer.save(out or model)
+        with _bundle_lock(Path(out or model), timeout=-1):  # another enrolment into it finishes first, then this one
+            recognizer = SiameseRecognizer.load(model)
+            before, start = len(recognizer.gallery), time.perf_counter()
+            recognizer.enroll(folder)
+            ms = (time.perf_counter() - start) * 1000 / max(1, len(recognizer.gallery) - before)
+            recognizer.save(out or model)
         typer.echo(f"gallery now {len(recognizer.gallery)} images in {len(recognizer.gallery.class_names)} classes; "
                    f"enrolling took {ms:.1f} ms per image with {_views(recognizer.config.evaluate.test_time_views)}")
 

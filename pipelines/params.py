@@ -103,9 +103,9 @@ def with_preset(data: dict[str, Any], name: str | None) -> dict[str, Any]:
     (a preset that ``extends`` another applies that one first)."""
     if not name:
         return data
-    path = PRESETS / f"{name}.yaml"
-    if not path.is_file():
+    if name not in preset_names():  # a name, never a path: nothing outside pipelines/presets/ is read
         raise ConfigError(f"preset: unknown preset '{name}', expected one of {preset_names()}")
+    path = PRESETS / f"{name}.yaml"
     keys = yaml.safe_load(path.read_text(encoding="utf-8"))
     base = keys.pop("extends", None)
     if base == name:

@@ -228,10 +228,19 @@ def apply_gate(
     return decision, previous, reason
 
 
+def version_number(version: str | int) -> str:
+    """A model version as MLflow writes it (``"03"`` is ``"3"``); RegistryError unless a positive whole number."""
+    text = str(version).strip()
+    if not text.isdigit() or len(text) > 18 or int(text) < 1:
+        raise RegistryError(f"a model version is a positive whole number, got '{str(version)[:40]}'")
+    return str(int(text))
+
+
 def set_champion(model_name: str, version: str, reason: str, action: str = "promote") -> dict:
     """Make ``version`` the champion by hand, recording ``reason``; the old champion becomes ``previous``."""
     if not reason.strip():
         raise RegistryError("a reason is required: it is recorded on the version")
+    version = version_number(version)
     mlflow_client = client()
     try:
         mlflow_client.get_model_version(model_name, str(version))

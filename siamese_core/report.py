@@ -272,7 +272,8 @@ def _sections(report: dict) -> list[str]:
         c = report["calibration"]
         parts += ["<h2>Unknown classes: threshold and operating points</h2>",
                   f"<p>Score <b>{html.escape(c['score'])}</b>, threshold {c['threshold']:.4g}, fitted to "
-                  f"{html.escape(c['fit_to'])}; target {'met' if c['target_met'] else 'missed'}. "
+                  f"{html.escape(c['fit_to'])}; target {'met' if c['target_met'] else 'missed'}, judged on "
+                  f"{html.escape(c.get('target_judged_on', ''))}. "
                   f"{html.escape(c['method'])}. AUROC by score: "
                   + ", ".join(f"{k} {v:.4f}" for k, v in c["auroc_by_score"].items()) + ".</p>",
                   _table(["known accept target", "threshold", "known accepted", "unknown rejected",

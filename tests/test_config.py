@@ -57,3 +57,13 @@ def test_set_options_are_read_as_yaml():
     }
     with pytest.raises(ConfigError, match="key=value"):
         parse_set_options(["epochs"])
+
+
+@pytest.mark.parametrize("key", ["learning_rate", "margin", "weight_decay", "collapse_min_gap"])
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_infinite_and_nan_values_are_refused_in_one_line(key, value):
+    from siamese_core.config import parse_set_options
+
+    with pytest.raises(ConfigError, match=key) as caught:
+        apply_overrides(Config(), parse_set_options([f"{key}={value}"]))
+    assert str(caught.value).endswith("Input should be a finite number") and "\n" not in str(caught.value)

@@ -81,7 +81,8 @@ def test_a_two_process_multi_worker_run_trains_and_the_chief_writes_the_bundle(t
     outputs = [worker.communicate(timeout=300) for worker in workers]
     for worker, (_, stderr) in zip(workers, outputs):
         assert worker.returncode == 0, stderr[-3000:]
-    assert outputs[0][0].strip().splitlines()[-1].startswith(f"saved {out}")
+    chief = outputs[0][0].strip().splitlines()
+    assert chief[-2].startswith(f"saved {out}") and "baselines on its own test split" in chief[-1]
     assert outputs[1][0].strip().splitlines()[-1] == f"worker 1 of 2: trained 2 epochs; the chief writes {out}"
 
     from siamese_core.recognizer import SiameseRecognizer

@@ -1,6 +1,7 @@
 """Enrolling new classes without retraining: in the library, and as a new registered version (MLflow on SQLite)."""
 
 import json
+import os
 
 import mlflow
 import numpy as np
@@ -84,3 +85,24 @@ def test_enrolment_registers_a_new_version_and_moves_aliases_as_documented(bundl
 
     wrong = CliRunner().invoke(app, ["enroll", str(more), "--model", f"models:/{NAME}/1", "--out", str(tmp_path / "x")])
     assert wrong.exit_code == 1 and "--out is for a bundle folder" in wrong.output
+
+
+def test_two_enrolments_into_one_bundle_at_once_both_land(bundle, tmp_path):
+    """Two 'siamese enroll' processes on one bundle folder: the second waits for the first, then enrols into
+    its result, so neither class is lost (each process loads, enrols and saves under the bundle's lock)."""
+    import shutil
+    import subprocess
+    import sys
+
+    target = shutil.copytree(bundle.path, tmp_path / "shared-bundle")
+    folders = [make_digits_dataset(tmp_path / f"new{digit}", classes=1, train_per_class=3, test_per_class=0,
+                                   first=digit)[0] for digit in (7, 8)]
+    command = [sys.executable, "-m", "pipelines.cli", "enroll"]
+    runs = [subprocess.Popen([*command, str(folder), "--model", str(target)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+            for folder in folders]
+    for run in runs:
+        _, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr[-2000:]
+    classes = SiameseRecognizer.load(target).gallery.class_names
+    assert {"digit 7", "digit 8"} <= set(classes) and len(classes) == 5

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipelines.dvcfile import load_stages, param_value
-from pipelines.params import PipelineParams, load_params
+from pipelines.params import PRESETS, PipelineParams, load_params, with_preset
 from siamese_core.config import apply_overrides, parse_set_options
 from siamese_core.errors import ConfigError
 
@@ -102,3 +103,12 @@ def test_cli_preset_starts_from_the_preset(tmp_path):
     config = _config(None, "fast-cpu", ["epochs=1"])
     assert config.model.backbone == "small_cnn" and config.train.mining == "batch_all" and config.train.epochs == 1
     assert _config(None, None, []).model.backbone == "resnet50"  # without a preset: the seed's defaults
+
+
+def test_a_preset_is_a_name_never_a_path(tmp_path):
+    outside = tmp_path / "x.yaml"
+    outside.write_text("model:\n  backbone: resnet50\n", encoding="utf-8")
+    relative = os.path.relpath(outside.with_suffix(""), PRESETS)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        with_preset({}, relative)
+    assert with_preset({"model": {}}, "fast-cpu")["model"]["backbone"] == "small_cnn"

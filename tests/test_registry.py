@@ -326,6 +326,11 @@ def test_gate_keeps_the_replaced_champion_as_previous_and_the_cli_rolls_back_and
     assert client.get_model_version("tiny-recognizer", "2").tags["promote.reason"] == "retrained scanner fixed"
     again = runner.invoke(app, ["promote", "tiny-recognizer", "2", "--reason", "again"])
     assert again.exit_code == 1 and "already the champion" in again.output
+    padded = runner.invoke(app, ["promote", "tiny-recognizer", "02", "--reason", "the same version, written 02"])
+    assert padded.exit_code == 1 and "already the champion" in padded.output  # 'previous' is not overwritten
+    for bad in ("1" * 23, "two", "0"):
+        refused = runner.invoke(app, ["promote", "tiny-recognizer", bad, "--reason", "typo"])
+        assert refused.exit_code == 1 and "positive whole number" in refused.output and "Traceback" not in refused.output
     missing = runner.invoke(app, ["promote", "tiny-recognizer", "9", "--reason", "typo"])
     assert missing.exit_code == 1 and "no version 9" in missing.output
     assert _aliases() == {"champion": 2, "previous": 1}
