@@ -13,6 +13,8 @@ from .data import scan_folder
 from .gallery import Gallery
 from .io import atomic_path
 from .recognizer import (
+    CONFIG_FILE,
+    GALLERY_FILE,
     METADATA_FILE,
     MODEL_FILE,
     SiameseRecognizer,
@@ -45,15 +47,20 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+def _file_identity(path) -> str:
+    """A file's path, inode, size and change and modification times: a rewrite changes the change time
+    (ctime), which no tool can set back, even when it restores the size and modification time."""
+    stat = os.stat(path)
+    return f"{os.path.realpath(path)}|{stat.st_ino}|{stat.st_size}|{stat.st_ctime_ns}|{stat.st_mtime_ns}\n"
+
+
 def _gallery_cache_key(model_path: Path, folder) -> str:
-    """Hash of the bundle's identity and the gallery folder's files, sizes and modification times."""
+    """Hash of the bundle's own files and the gallery folder's files (see :func:`_file_identity`)."""
     digest = hashlib.sha256()
-    for name in (MODEL_FILE, METADATA_FILE):
-        stat = (model_path / name).stat()
-        digest.update(f"{(model_path / name).resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    for name in (MODEL_FILE, METADATA_FILE, CONFIG_FILE, GALLERY_FILE):
+        digest.update(_file_identity(model_path / name).encode())
     for path in folder.paths:
-        stat = os.stat(path)
-        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        digest.update(_file_identity(path).encode())
     digest.update(json.dumps(folder.class_names).encode())
     return digest.hexdigest()[:32]
 

@@ -1,5 +1,7 @@
 """Training on real digits, the bundle round trip, enrolment and the seed's two functions."""
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -150,6 +152,35 @@ def test_seed_functions_train_save_and_predict_with_a_cached_gallery(digits, tmp
     SiameseRecognizer.load(tmp_path / "seed").save(tmp_path / "seed")  # the bundle changes: not served stale
     assert siamese_core.test_prediction(image, str(tmp_path / "seed"), str(train_dir))[0] == "digit 0"
     assert len(loads) == 3 and len(calls) == 1  # reloaded, and its gallery embedded again
+
+
+
+def test_seed_prediction_follows_gallery_contents_even_with_sizes_and_times_put_back(digits, tmp_path, monkeypatch):
+    """Swap two gallery images of one size between classes and put their modification times back: the
+    cached recogniser is not reused, in this process or from the disk cache."""
+    from PIL import Image
+
+    monkeypatch.setenv("SIAMESE_CACHE_DIR", str(tmp_path / "cache"))
+    overrides = {k: v for k, v in TINY.items() if k != "epochs"}
+    siamese_core.generate_model(str(digits[1]), str(digits[0]), str(tmp_path / "seed"), 1, **overrides)
+    train_dir, _ = make_digits_dataset(tmp_path / "gallery", classes=2, train_per_class=2, test_per_class=0)
+    first, other = (sorted((train_dir / name).iterdir())[0] for name in ("digit 0", "digit 1"))
+    for path in (first, other):  # uncompressed: every 32 px image has one size
+        Image.open(path).save(path, compress_level=0)
+    assert first.stat().st_size == other.stat().st_size
+    query = tmp_path / "query.png"
+    query.write_bytes(first.read_bytes())
+    assert siamese_core.test_prediction(query, str(tmp_path / "seed"), str(train_dir))[0] == "digit 0"
+
+    times = [(p.stat().st_atime_ns, p.stat().st_mtime_ns) for p in (first, other)]
+    contents = first.read_bytes(), other.read_bytes()
+    first.write_bytes(contents[1])
+    other.write_bytes(contents[0])
+    for path, (atime, mtime) in zip((first, other), times):
+        os.utime(path, ns=(atime, mtime))
+    assert siamese_core.test_prediction(query, str(tmp_path / "seed"), str(train_dir))[0] == "digit 1"
+    siamese_core.api._recognizer_with_gallery.cache_clear()
+    assert siamese_core.test_prediction(query, str(tmp_path / "seed"), str(train_dir))[0] == "digit 1"
 
 
 def test_resume_with_another_model_config_is_a_clear_error(digits, tmp_path):
