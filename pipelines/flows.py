@@ -104,7 +104,8 @@ def dask_sharding(params: PipelineParams) -> Iterator[None]:
     from prefect.utilities.annotations import unmapped
     from prefect_dask import DaskTaskRunner
 
-    with DaskTaskRunner(address=address) as runner:
+    sharding.connect(address, params.compute.dask_connect_timeout).close()  # a scheduler that is not there: one line
+    with DaskTaskRunner(address=address, client_kwargs={"timeout": params.compute.dask_connect_timeout}) as runner:
 
         def mapper(function: Callable, items: list) -> list:
             futures = runner.map(embed_shard_task, parameters={"function": unmapped(function), "item": items})

@@ -18,7 +18,7 @@ from siamese_core.config import (
     validate_config,
 )
 from siamese_core.errors import ConfigError
-from siamese_core.sharding import DEFAULT_SHARD_SIZE
+from siamese_core.sharding import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_SHARD_SIZE
 from siamese_core.validation import IMBALANCE_RATIO, MIN_SIDE
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -57,6 +57,9 @@ class ComputeConfig(Section):
         None, description="Dask scheduler address (tcp://host:8786) for gallery, evaluation and enrolment "
         "embedding; $SIAMESE_DASK_ADDRESS overrides it; null runs in this process.")
     shard_size: int = Field(DEFAULT_SHARD_SIZE, ge=1, description="Image files per shard sent to a worker.")
+    dask_connect_timeout: float = Field(
+        DEFAULT_CONNECT_TIMEOUT_S, gt=0, le=600,
+        description="Seconds to wait for the Dask scheduler to answer; then a one-line error names the address.")
 
 
 class ScheduleConfig(Section):

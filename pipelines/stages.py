@@ -140,7 +140,8 @@ def sharded_embedding(params: PipelineParams) -> Iterator[None]:
     inside the block, unless the caller (a flow, on its Dask task runner) already shards them."""
     from siamese_core import sharding
 
-    with sharding.on_dask(sharding.dask_address(params.compute.dask_address), params.compute.shard_size):
+    with sharding.on_dask(sharding.dask_address(params.compute.dask_address), params.compute.shard_size,
+                          params.compute.dask_connect_timeout):
         yield
 
 

@@ -19,9 +19,12 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+from .errors import ConfigError
+
 # mapper(function, items) -> [function(item) for item in items], computed wherever the mapper runs them
 Mapper = Callable[[Callable, list], list]
 DEFAULT_SHARD_SIZE = 512
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
 ADDRESS_VARIABLE = "SIAMESE_DASK_ADDRESS"
 
 _active: contextvars.ContextVar[tuple[Mapper, int] | None] = contextvars.ContextVar("siamese_mapper", default=None)
@@ -47,13 +50,36 @@ def dask_address(configured: str | None) -> str | None:
     return os.environ.get(ADDRESS_VARIABLE) or configured or None
 
 
-@contextmanager
-def dask_mapper(address: str) -> Iterator[Mapper]:
-    """A mapper over the ``dask.distributed`` cluster at ``address``, for the block; a shard lost
-    with its worker is run again on another (Dask reschedules it; two retries on errors)."""
-    from distributed import Client
+def connect(address: str, timeout: float = DEFAULT_CONNECT_TIMEOUT_S):
+    """A ``dask.distributed`` client of the scheduler at ``address``; ConfigError naming the address when
+    none answers within ``timeout`` seconds (a closed port, a listener that never speaks Dask)."""
+    import asyncio
 
-    with Client(address, set_as_default=False) as client:
+    from distributed import Client
+    from distributed.comm import connect as open_comm
+    from distributed.core import send_recv
+
+    async def identity() -> None:  # the connect timeout covers the TCP connection, not a peer that never answers
+        comm = await open_comm(address, timeout=timeout)
+        try:
+            await send_recv(comm, op="identity")
+        finally:
+            comm.abort()
+
+    try:
+        asyncio.run(asyncio.wait_for(identity(), timeout))
+        return Client(address, set_as_default=False, timeout=timeout)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ConfigError(f"{address}: no Dask scheduler answered within {timeout:g} s ({type(exc).__name__}); "
+                          f"check compute.dask_address or ${ADDRESS_VARIABLE}") from None
+
+
+@contextmanager
+def dask_mapper(address: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> Iterator[Mapper]:
+    """A mapper over the ``dask.distributed`` cluster at ``address``, for the block; a shard lost
+    with its worker is run again on another (Dask reschedules it; two retries on errors). A scheduler
+    that does not answer within ``connect_timeout`` seconds is a one-line ConfigError naming the address."""
+    with connect(address, connect_timeout) as client:
 
         def run(function: Callable, items: list) -> list:
             return client.gather(client.map(function, items, retries=2, pure=False))
@@ -62,13 +88,14 @@ def dask_mapper(address: str) -> Iterator[Mapper]:
 
 
 @contextmanager
-def on_dask(address: str | None, shard_size: int = DEFAULT_SHARD_SIZE) -> Iterator[None]:
+def on_dask(address: str | None, shard_size: int = DEFAULT_SHARD_SIZE,
+            connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> Iterator[None]:
     """Inside the block, embed large file lists on the Dask cluster at ``address`` (``None``: in this
     process), unless a mapper is already in force (a flow's, on its Dask task runner)."""
     if address is None or active() is not None:
         yield
         return
-    with dask_mapper(address) as mapper, sharded(mapper, shard_size):
+    with dask_mapper(address, connect_timeout) as mapper, sharded(mapper, shard_size):
         yield
 
 

@@ -101,3 +101,28 @@ def test_the_flow_runs_shards_as_tasks_on_the_dask_task_runner(cluster, network_
         runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
     shards = [r for r in runs if r.name.startswith("embed-shard")]
     assert len(shards) == 4 and all(r.state.is_completed() for r in shards)
+
+
+def test_a_missing_or_silent_scheduler_is_one_line_within_the_timeout():
+    """A closed port, and a listener that accepts connections but never speaks Dask: each a ConfigError
+    naming the address, after about the connect timeout, not a traceback or a hang."""
+    import socket
+
+    from siamese_core.errors import ConfigError
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    try:
+        for address in (f"tcp://127.0.0.1:{closed_port}", f"tcp://127.0.0.1:{silent.getsockname()[1]}"):
+            started = time.monotonic()
+            with pytest.raises(ConfigError, match=f"{address}: no Dask scheduler answered within 2 s"):
+                with sharding.on_dask(address, connect_timeout=2):
+                    pass
+            assert time.monotonic() - started < 30, address
+    finally:
+        silent.close()
