@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from .config import EXACT_SEARCH_MAX_ROWS, NPROBE
 from .distance import squared_distances
-from .errors import DatasetError
+from .errors import BundleError, DatasetError
 
 
 def faiss_ivf(index):
@@ -263,9 +264,16 @@ class Gallery:
     def load(cls, path: str | Path, **options) -> Gallery:
         """Read a gallery written by :meth:`save`; ``options`` are ``index_threshold`` and ``nprobe``."""
         vectors, index = cls.ondisk_files(path)
-        with np.load(path, allow_pickle=False) as data:
-            embeddings = data["embeddings"]
-            if index.is_dir():
-                embeddings = np.load(vectors, mmap_mode="r")
-                options["ondisk_dir"] = str(index)
-            return cls(embeddings, data["labels"], data["class_names"].tolist(), data["paths"].tolist(), **options)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                embeddings = data["embeddings"]
+                if index.is_dir():
+                    embeddings = np.load(vectors, mmap_mode="r")
+                    options["ondisk_dir"] = str(index)
+                gallery = cls(embeddings, data["labels"], data["class_names"].tolist(), data["paths"].tolist(), **options)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise BundleError(f"{path}: not a readable gallery ({type(exc).__name__}: {str(exc)[:120]}); the bundle "
+                              "is damaged: copy it again or rebuild it") from None
+        if gallery.ondisk_dir is None and not np.isfinite(gallery.embeddings).all():
+            raise BundleError(f"{path}: the gallery holds non-finite embeddings (NaN or infinity); rebuild it")
+        return gallery

@@ -206,17 +206,33 @@ class SiameseRecognizer:
         missing = [name for name in (MODEL_FILE, GALLERY_FILE, CONFIG_FILE, METADATA_FILE) if not (path / name).is_file()]
         if missing:
             raise BundleError(f"{path}: not a model bundle (missing {', '.join(missing)})")
-        metadata = json.loads((path / METADATA_FILE).read_text(encoding="utf-8"))
+        metadata = _read_json_object(path / METADATA_FILE)
         if metadata.get("format") != BUNDLE_FORMAT:
             raise BundleError(
                 f"{path}: bundle format {metadata.get('format')} is not supported by this version "
                 f"(format {BUNDLE_FORMAT}); retrain it with 'siamese train'"
             )
         try:
-            config = validate_config(Config, json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
+            config = validate_config(Config, _read_json_object(path / CONFIG_FILE))
         except ConfigError as exc:
             raise BundleError(f"{path}: its config.json does not fit this version ({exc}); retrain it") from None
-        return cls(load_embedding(path / MODEL_FILE), Gallery.load(path / GALLERY_FILE), config, metadata)
+        try:
+            embedding = load_embedding(path / MODEL_FILE)
+        except Exception as exc:  # Keras reports a damaged zip in many ways (BadZipFile, KeyError, "File not found")
+            raise BundleError(f"{path / MODEL_FILE}: not a readable Keras model ({type(exc).__name__}); the bundle is "
+                              "damaged: copy it again or retrain") from None
+        return cls(embedding, Gallery.load(path / GALLERY_FILE), config, metadata)
+
+
+def _read_json_object(file: Path) -> dict:
+    """A bundle's JSON file as a dict; BundleError naming the file when it is not one."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{file}: not valid JSON ({type(exc).__name__}); the bundle is damaged") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{file}: expected a JSON object, found {type(data).__name__}; the bundle is damaged")
+    return data
 
 
 def store_threshold(path: str | os.PathLike, threshold: float, calibration: dict | None = None) -> None:

@@ -263,3 +263,47 @@ def test_fast_cpu_beats_both_baselines_on_a_small_real_dataset(tmp_path):
     check = baseline_check(report)
     assert check["passed"], check["sentence"]
     assert report["map_at_r"] > max(report["baseline_raw_pixels"]["map_at_r"], report["baseline_untrained"]["map_at_r"])
+
+
+def _corruptions():
+    """(file, how) pairs: each a damage a copied or half-written bundle can show."""
+    from siamese_core.recognizer import CONFIG_FILE, GALLERY_FILE, METADATA_FILE, MODEL_FILE
+
+    def truncate(path):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    def empty(path):
+        path.write_bytes(b"")
+
+    def garbage(path):
+        path.write_bytes(bytes(range(256)) * 8)
+
+    def json_list(path):
+        path.write_text("[1, 2]")
+
+    def nan_row(path):
+        with np.load(path) as data:
+            arrays = dict(data)
+        arrays["embeddings"][0, 0] = np.nan
+        np.savez(path, **arrays)
+
+    def no_labels(path):
+        with np.load(path) as data:
+            arrays = {key: value for key, value in data.items() if key != "labels"}
+        np.savez(path, **arrays)
+
+    every = [truncate, empty, garbage]
+    return ([(MODEL_FILE, how) for how in every] + [(GALLERY_FILE, how) for how in [*every, nan_row, no_labels]]
+            + [(name, how) for name in (CONFIG_FILE, METADATA_FILE) for how in [*every, json_list]])
+
+
+@pytest.mark.parametrize(("name", "damage"), _corruptions(), ids=lambda v: getattr(v, "__name__", v))
+def test_a_damaged_bundle_is_one_line_naming_the_file(bundle, tmp_path, name, damage):
+    import shutil
+
+    copy = shutil.copytree(bundle, tmp_path / "copy")
+    damage(copy / name)
+    with pytest.raises(BundleError) as caught:
+        SiameseRecognizer.load(copy)
+    message = str(caught.value)
+    assert name in message and "\n" not in message, message
