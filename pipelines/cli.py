@@ -79,8 +79,10 @@ def _config(params: Path | None, preset: str | None, overrides: list[str] | None
     from pipelines.params import load_params, preset_config
     from siamese_core.config import Config, apply_overrides, parse_set_options
 
+    settings = parse_set_options(overrides or [])
+    preset = settings.pop("preset", preset)  # --set preset=NAME, as params.yaml and dvc exp run -S take it
     base = load_params(params).core() if params else Config()
-    return apply_overrides(preset_config(base, preset), parse_set_options(overrides or []))
+    return apply_overrides(preset_config(base, preset), settings)
 
 
 def _check_dataset(train_dir: Path, test_dir: Path, params: Path | None) -> None:

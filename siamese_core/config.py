@@ -38,8 +38,8 @@ class ModelConfig(Section):
         "avg averages it over positions (smaller head, no spatial layout), gem takes the generalized "
         "mean (mean of x^p, then the p-th root, p learned from 3), between average and max.",
     )
-    head_units: list[int] = Field(default_factory=lambda: [512, 256])
-    embedding_dim: int = Field(256, ge=2)
+    head_units: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default_factory=lambda: [512, 256])
+    embedding_dim: int = Field(256, ge=2, le=65536)
     trainable_from: str | None = Field(
         "auto",
         description="First backbone layer left trainable; earlier layers are frozen. "
@@ -103,7 +103,7 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (0: off).")
     batch_size: int = Field(32, ge=1, description="Triplets per batch (offline mining).")
     epochs: int = Field(10, ge=1)
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32, description="Seeds weights, shuffling and triplet sampling.")
     distribute: Literal["none", "mirrored", "multi_worker"] = Field(
         "none", description="none: one device; mirrored: this machine's GPUs; multi_worker: several processes or "
         "machines (TF_CONFIG). Each global batch is split across them, with mining, loss and batch normalisation "
@@ -118,7 +118,8 @@ class TrainConfig(Section):
     )
     classes_per_batch: int = Field(32, ge=2, description="P of online mining.")
     images_per_class: int = Field(4, ge=2, description="K of online mining.")
-    steps_per_epoch: int | None = Field(None, ge=1, description="Online batches per epoch; null: images / (P*K).")
+    steps_per_epoch: int | None = Field(None, ge=1, le=100_000,
+                                        description="Online batches per epoch; null: images / (P*K).")
     collapse_min_gap: float = Field(
         0.05, ge=0, description="Online mining: warn, then stop, when neg - pos distance falls below this fraction of neg "
         "or of the margin."

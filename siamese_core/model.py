@@ -91,6 +91,17 @@ def _small_cnn(input_size: int, synchronized: bool = False, stem_stride: int = 1
     return keras.Model(inputs, x, name="small_cnn")
 
 
+def _load_weights_file(model: keras.Model, path: str) -> None:
+    """Load a local weights file into ``model``, or a one-line WeightsUnavailableError naming it."""
+    if not Path(path).is_file():
+        raise WeightsUnavailableError(f"{path}: weights file not found")
+    try:
+        model.load_weights(path)
+    except Exception as exc:  # not an HDF5/.weights.h5 file, or weights of another architecture
+        raise WeightsUnavailableError(f"{path}: not weights for this {model.name} ({type(exc).__name__}); use the "
+                                      "file saved for the same backbone and input size, or weights=null") from None
+
+
 def _keras_home() -> Path:
     return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
 
@@ -102,13 +113,15 @@ def _pretrained(config: ModelConfig) -> keras.Model:
         cached = _keras_home() / "models" / IMAGENET_WEIGHT_FILES[config.backbone]
         if not cached.exists():
             weights = _download_imagenet_weights(config.backbone, cached)
-    elif weights is not None and not Path(weights).is_file():
-        raise WeightsUnavailableError(f"{weights}: weights file not found")
+    local = weights not in (None, "imagenet")
     if config.backbone == "resnet50":
-        return keras.applications.ResNet50(include_top=False, weights=weights, input_shape=shape)
-    return keras.applications.MobileNetV3Small(
-        include_top=False, weights=weights, input_shape=shape, include_preprocessing=True
-    )
+        model = keras.applications.ResNet50(include_top=False, weights=None if local else weights, input_shape=shape)
+    else:
+        model = keras.applications.MobileNetV3Small(
+            include_top=False, weights=None if local else weights, input_shape=shape, include_preprocessing=True)
+    if local:
+        _load_weights_file(model, str(weights))
+    return model
 
 
 def _download_imagenet_weights(backbone: str, cached: Path) -> str:
@@ -148,7 +161,7 @@ def build_backbone(config: ModelConfig, synchronized: bool = False) -> keras.Mod
             raise WeightsUnavailableError("small_cnn has no ImageNet weights; use weights=null or a local file")
         backbone = _small_cnn(config.input_size, synchronized, config.stem_stride)
         if config.weights is not None:
-            backbone.load_weights(config.weights)
+            _load_weights_file(backbone, config.weights)
     elif config.stem_stride != 1:
         raise ConfigError(f"stem_stride: only small_cnn has a stride to set, not {config.backbone}")
     else:

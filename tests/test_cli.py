@@ -186,3 +186,13 @@ def test_predict_into_a_pipe_closed_early_is_not_an_error(trained):
     done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(done.stdout.splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_set_preset_selects_a_preset_by_name_only(tmp_path):
+    """`--set preset=NAME` is the README's form; a path is not a preset name."""
+    train = ["train", "--train", str(tmp_path), "--test", str(tmp_path), "--out", str(tmp_path / "b")]
+    accepted = runner.invoke(app, [*train, "--set", "preset=fast-cpu", "--set", "model.input_size=0"])
+    assert accepted.exit_code == 1 and "input_size" in accepted.output and "preset" not in accepted.output
+    out = CliRunner().invoke(app, ["train", "--train", str(tmp_path), "--test", str(tmp_path), "--out",
+                                   str(tmp_path / "b"), "--set", "preset=../../../tmp/x"])
+    assert out.exit_code == 1 and "unknown preset '../../../tmp/x'" in out.output and "Traceback" not in out.output

@@ -67,3 +67,13 @@ def test_infinite_and_nan_values_are_refused_in_one_line(key, value):
     with pytest.raises(ConfigError, match=key) as caught:
         apply_overrides(Config(), parse_set_options([f"{key}={value}"]))
     assert str(caught.value).endswith("Input should be a finite number") and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("setting", ["head_units=[0]", "seed=-1", "embedding_dim=1e9", "steps_per_epoch=1e9",
+                                     "head_units=[100000000]"])
+def test_out_of_range_values_are_refused_in_one_line(setting):
+    from siamese_core.config import parse_set_options
+
+    with pytest.raises(ConfigError) as caught:
+        apply_overrides(Config(), parse_set_options([setting]))
+    assert setting.split("=")[0] in str(caught.value) and "\n" not in str(caught.value)

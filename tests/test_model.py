@@ -147,3 +147,12 @@ def test_batch_norm_recalibration_reaches_nested_backbones(backbone):
     np.testing.assert_allclose(model(images, training=False), model(images, training=True), atol=1e-3, rtol=1e-3)
     assert all(np.array_equal(before, np.array(v)) for before, v in zip(frozen_before, frozen))
     assert [layer.momentum for layer in layers] == momenta  # the layers' own momentum is put back
+
+
+@pytest.mark.parametrize("backbone", ["small_cnn", "mobilenet_v3_small"])
+def test_a_file_that_is_not_weights_is_one_line_naming_it(tmp_path, backbone):
+    bad = tmp_path / "passwd.weights.h5"
+    bad.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    config = ModelConfig(backbone=backbone, weights=str(bad), input_size=32, head_units=[8], embedding_dim=4)
+    with pytest.raises(WeightsUnavailableError, match=f"{bad}: not weights for this"):
+        build_embedding_model(config)
