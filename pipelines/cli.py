@@ -292,11 +292,16 @@ def _evaluation_text(report: dict, top_k: int) -> str:
 
 
 def _bundle_lock(bundle: Path, timeout: float):
-    """The lock of a bundle folder, a file beside it: one writer at a time, from any process on any machine
-    that sees the folder ('siamese train' and 'siamese enroll' take it)."""
+    """The lock of a bundle folder: one writer at a time among this machine's processes ('siamese train' and
+    'siamese enroll' take it). It lives in the temporary folder, keyed by the bundle's path, so the bundle's
+    folder holds nothing but bundles."""
+    import hashlib
+    import tempfile
+
     from filelock import FileLock
 
-    return FileLock(bundle.parent / f".{bundle.name}.lock", timeout=timeout)
+    key = hashlib.sha256(str(bundle.resolve()).encode()).hexdigest()[:16]
+    return FileLock(Path(tempfile.gettempdir()) / f"siamese-bundle-{key}.lock", timeout=timeout)
 
 
 @app.command()

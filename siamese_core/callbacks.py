@@ -78,9 +78,11 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     STATE, WEIGHTS, BEST = "state.json", "weights.npz", "best.npz"
 
-    def __init__(self, directory: Path, keep_best: KeepBestWeights, history: dict[str, list[float]]):
+    def __init__(self, directory: Path, keep_best: KeepBestWeights, history: dict[str, list[float]],
+                 fingerprint: dict[str, object] | None = None):
         super().__init__()
         self.directory, self.keep_best, self.history = Path(directory), keep_best, history
+        self.fingerprint = fingerprint or {}
 
     def on_epoch_end(self, epoch, logs=None):
         for key, value in (logs or {}).items():
@@ -90,7 +92,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
             if self.keep_best.best_weights is not None:
                 np.savez(tmp / self.BEST, *self.keep_best.best_weights)
             state = {"epoch": epoch + 1, "history": self.history, "best": self.keep_best.best,
-                     "best_epoch": self.keep_best.best_epoch}
+                     "best_epoch": self.keep_best.best_epoch, "fingerprint": self.fingerprint}
             (tmp / self.STATE).write_text(json.dumps(state), encoding="utf-8")
 
     @classmethod
@@ -102,9 +104,20 @@ class EpochCheckpoint(keras.callbacks.Callback):
         return json.loads(state_file.read_text(encoding="utf-8"))["epoch"]
 
     @classmethod
-    def restore(cls, directory: Path, model: keras.Model, keep_best: KeepBestWeights) -> tuple[int, dict]:
-        """Load a checkpoint into a compiled model; returns (epochs done, history so far)."""
+    def restore(cls, directory: Path, model: keras.Model, keep_best: KeepBestWeights,
+                fingerprint: dict[str, object] | None = None) -> tuple[int, dict]:
+        """Load a checkpoint into a compiled model; returns (epochs done, history so far). A checkpoint written
+        with another ``fingerprint`` (training settings and data, see :func:`~siamese_core.train.train`) is a
+        ConfigError naming the first key that differs."""
         state = json.loads((Path(directory) / cls.STATE).read_text(encoding="utf-8"))
+        saved, now = state.get("fingerprint", {}), fingerprint or {}
+        differing = sorted(key for key in {*saved, *now} if saved.get(key) != now.get(key))
+        if differing:
+            key = differing[0]
+            raise ConfigError(f"{directory}: the checkpoint was written by a run with another model config or data "
+                              f"({key}: {str(saved.get(key, 'not recorded'))[:60]} there, {str(now.get(key))[:60]} "
+                              "now), so it cannot resume this one; use the same settings and data, or train without "
+                              "--resume")
         model.optimizer.build(model.embedding.trainable_variables)
         variables = _saved_variables(model)
         arrays = _load_arrays(Path(directory) / cls.WEIGHTS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from dataclasses import dataclass, field
@@ -98,6 +99,15 @@ def _skip_reason(entry: Path, real_root: Path, want_dir: bool) -> str | None:
 def _worth_reporting(entry: Path, reason: str) -> bool:
     """Hidden files (.DS_Store, .gitignore) are passed over without a word; everything else is reported."""
     return not (reason == "hidden" and not entry.is_dir())
+
+
+def folder_digest(folder: ImageFolder) -> str:
+    """A short digest of a folder's images: their paths within it, labels, sizes and modification times."""
+    digest = hashlib.sha256()
+    for path, label in zip(folder.paths, folder.label_names):
+        stat = os.stat(path)
+        digest.update(f"{os.path.relpath(path, folder.root)}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def scan_folder(root: str | os.PathLike) -> ImageFolder:

@@ -31,11 +31,12 @@ from .callbacks import (
     PreciseBatchNorm,
 )
 from .config import Config, TrainConfig
-from .data import ImageFolder, scan_folder
+from .data import ImageFolder, folder_digest, scan_folder
 from .distribute import is_chief, strategy_for
 from .embed import decode_all, embed_images, predict_array
 from .errors import ConfigError, DatasetError
 from .io import ensure_writable
+from .metrics import flatten
 from .model import (
     OnlineTripletModel,
     SiameseModel,
@@ -242,6 +243,16 @@ def _augmenter(config: Config):
     return augmentation_layers(a.rotation, a.shift, a.zoom, a.shear, a.flip, seed=config.train.seed) if a.active else None
 
 
+def _fingerprint(config: Config, data: _Data) -> dict[str, object]:
+    """What a resumed run must share with the run that wrote the checkpoint: every model, triplet and training
+    setting but the number of epochs (a run may be extended), and the training and test files (paths,
+    sizes, modification times)."""
+    sections = {key: value for key, value in config.model_dump(mode="json").items() if key in ("model", "triplets", "train")}
+    settings = {key: value for key, value in flatten(sections).items() if key != "train.epochs"}
+    folders = {"data.train": data.folder, **({"data.test": data.test[0]} if data.test is not None else {})}
+    return {**settings, **{key: folder_digest(folder) for key, folder in folders.items()}}
+
+
 def _fit(config: Config, plan: _Plan, embedding: keras.Model, data: _Data, batches: _Batches, done: int,
          checkpoint_dir: Path | None, callbacks: list[keras.callbacks.Callback],
          verbose) -> tuple[dict, KeepBestWeights, int | None]:
@@ -253,7 +264,7 @@ def _fit(config: Config, plan: _Plan, embedding: keras.Model, data: _Data, batch
     model(plan.sample(np.zeros((1, *data.inputs.shape[1:]), np.float32)))  # build before fitting or loading
     history: dict[str, list[float]] = {}
     if done and checkpoint_dir is not None:
-        done, history = EpochCheckpoint.restore(checkpoint_dir, model, keep_best)
+        done, history = EpochCheckpoint.restore(checkpoint_dir, model, keep_best, _fingerprint(config, data))
         log.info("resuming from epoch %d of %d", done, config.train.epochs)
     # order matters: few-shot adds to the logs, keep_best updates before the checkpoint saves
     t = config.train
@@ -265,7 +276,7 @@ def _fit(config: Config, plan: _Plan, embedding: keras.Model, data: _Data, batch
         own.append(FewShotEvaluation(embedding, heldout_images, heldout_folder.labels, n_way=config.evaluate.fewshot_way))
     own.append(keep_best)
     if checkpoint_dir is not None and is_chief():  # every worker resumes from it; only the chief writes it
-        own.append(EpochCheckpoint(checkpoint_dir, keep_best, history))
+        own.append(EpochCheckpoint(checkpoint_dir, keep_best, history, _fingerprint(config, data)))
     guard = CollapseGuard(config.train.collapse_min_gap, config.train.collapse_patience, margin=config.model.margin)
     if online:
         own.append(guard)

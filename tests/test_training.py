@@ -193,6 +193,16 @@ def test_resume_with_another_model_config_is_a_clear_error(digits, tmp_path):
     other = apply_overrides(Config(), {**TINY, "epochs": 2, "embedding_dim": 24})
     with pytest.raises(ConfigError, match="written by a run with another model config"):
         train(other, train_dir, test_dir, verbose=0, checkpoint_dir=checkpoint, resume=True)
+    # same shapes, other settings or data: refused too, naming what differs
+    more = apply_overrides(Config(), {**TINY, "epochs": 2})
+    for key, value in (("margin", 0.3), ("learning_rate", 1e-2), ("seed", 7), ("input_size", 40)):
+        changed = apply_overrides(more, {key: value})
+        with pytest.raises(ConfigError, match=rf"another model config or data \(\w+\.{key}: "):
+            train(changed, train_dir, test_dir, verbose=0, checkpoint_dir=checkpoint, resume=True)
+    other_data, _ = make_digits_dataset(tmp_path / "other", classes=5, train_per_class=8, test_per_class=6, first=3)
+    with pytest.raises(ConfigError, match=r"\(data.train: "):
+        train(more, other_data, test_dir, verbose=0, checkpoint_dir=checkpoint, resume=True)
+    assert len(train(more, train_dir, test_dir, verbose=0, checkpoint_dir=checkpoint, resume=True).history["loss"]) == 2
 
 
 class _StopAfterFirstEpoch(__import__("keras").callbacks.Callback):
