@@ -18,6 +18,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from .errors import BundleError
+
 INDEX_FILE, LISTS_FILE, TRAINED_FILE = "index.faiss", "lists.ivfdata", "trained.faiss"
 
 
@@ -101,7 +103,25 @@ def build_ondisk_index(shards: Iterable[np.ndarray], sample: np.ndarray, rows: i
 
 
 def load_ondisk_index(folder: Path, nprobe: int):
-    """The index of ``folder``, its lists memory-mapped, searching ``nprobe`` lists per query."""
-    index = faiss.read_index(str(Path(folder) / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
-    faiss.extract_index_ivf(index).nprobe = nprobe
+    """The index of ``folder``, its lists memory-mapped, searching ``nprobe`` lists per query.
+
+    The lists file is checked against the size the index records before any list is read: a memory map
+    past the end of a truncated file would end the process with SIGBUS and no message.
+    """
+    folder = Path(folder)
+    try:
+        index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        ivf = faiss.extract_index_ivf(index)
+        if ivf.invlists is None:
+            raise RuntimeError("no inverted lists")
+        lists = faiss.downcast_InvertedLists(ivf.invlists)
+    except RuntimeError as exc:  # faiss's own check of a damaged or missing file
+        reason = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
+        raise BundleError(f"{folder / INDEX_FILE}: not a readable on-disk index ({reason}); rebuild the bundle") from None
+    needed = int(getattr(lists, "totsize", 0))
+    present = (folder / LISTS_FILE).stat().st_size if (folder / LISTS_FILE).is_file() else -1
+    if present < needed:
+        raise BundleError(f"{folder / LISTS_FILE}: {max(present, 0)} bytes, but the index needs {needed}: the file is "
+                          "missing or truncated; rebuild the bundle")
+    ivf.nprobe = nprobe
     return index

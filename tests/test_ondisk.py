@@ -57,3 +57,31 @@ def test_a_small_gallery_keeps_its_vectors_in_the_npz(tmp_path):
     bundle = SiameseRecognizer(network, gallery, config).save(tmp_path / "bundle")
     assert not (bundle / ONDISK_INDEX_DIR).exists()
     assert Gallery.load(bundle / GALLERY_FILE).ondisk_dir is None
+
+
+@pytest.mark.parametrize("damage", ["truncate_lists", "drop_lists", "garbage_index"])
+def test_a_damaged_ondisk_index_is_one_line_not_a_crash(tmp_path, damage):
+    """A truncated lists file used to end the process with SIGBUS; each damage is now a BundleError naming
+    the file. The search runs in a child process, so a crash fails this test instead of ending the run."""
+    import subprocess
+    import sys
+
+    train_dir, _ = make_digits_dataset(tmp_path / "digits", classes=10, train_per_class=30, test_per_class=0)
+    config = tiny_config(embedding_dim=16, ondisk_min_rows=0)
+    network = build_embedding_model(config.model)
+    bundle = SiameseRecognizer(network, build_gallery(network, scan_folder(train_dir)), config).save(tmp_path / "b")
+    index = bundle / ONDISK_INDEX_DIR
+    lists = index / LISTS_FILE
+    if damage == "truncate_lists":
+        lists.write_bytes(lists.read_bytes()[: lists.stat().st_size // 3])
+    elif damage == "drop_lists":
+        lists.unlink()
+    else:
+        (index / INDEX_FILE).write_bytes(b"not a faiss index" * 50)
+    script = ("import sys; from siamese_core.recognizer import SiameseRecognizer; from siamese_core.errors import "
+              "BundleError\ntry:\n    r = SiameseRecognizer.load(sys.argv[1]); r.gallery.search(r.gallery.embeddings[:2], 1)\n"
+              "except BundleError as exc:\n    print('REFUSED', exc)")
+    child = subprocess.run([sys.executable, "-c", script, str(bundle)], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, f"rc {child.returncode}: {child.stderr[-1500:]}"
+    [refused] = [line for line in child.stdout.splitlines() if line.startswith("REFUSED")]  # faiss prints a line too
+    assert str(index) in refused
