@@ -87,7 +87,15 @@ def download_bundle(model_uri: str) -> Path:
     name, _, alias = model_uri.removeprefix("models:/").partition("@")
     if alias:
         _require_alias(name, alias)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri()))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri()))
+    except Exception as exc:  # the store's own errors (MLflow's, HTTP, boto's): missing objects, no answer
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise RegistryError(f"{model_uri}: its artifacts could not be downloaded from the artifact store "
+                            f"({type(exc).__name__}: {reason})") from None
+    if not (local / "artifacts" / "bundle").is_dir():
+        raise RegistryError(f"{model_uri}: the downloaded model holds no bundle (artifacts/bundle); it was not "
+                            "registered by this project, or its artifacts are incomplete")
     return local / "artifacts" / "bundle"
 
 

@@ -371,3 +371,18 @@ def test_two_processes_creating_a_new_store_at_once_both_succeed(tmp_path):
         outputs = [p.communicate(timeout=120) for p in processes]
         assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
         assert outputs[0][0].split()[-1] == outputs[1][0].split()[-1], "both found the same experiment"
+
+
+def test_a_model_whose_artifacts_are_gone_is_one_line(bundle, store):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    _log(bundle, 0.5)
+    shutil.rmtree(store / "mlartifacts")  # the artifact store lost the objects the registry points at
+    image = bundle.gallery_images["digit 1"][0]
+    out = CliRunner().invoke(app, ["predict", image, "--model", "models:/tiny-recognizer@champion"])
+    assert out.exit_code == 1 and "its artifacts could not be downloaded" in out.output
+    assert "Traceback" not in out.output and len(out.output.strip().splitlines()) == 1
