@@ -426,9 +426,32 @@ def rollback(
     _run(body)
 
 
+registry_app = typer.Typer(help="Look after the model registry.", no_args_is_help=True)
+
+
+@registry_app.command("repair")
+def registry_repair(
+    model_name: Annotated[str, typer.Argument(help="Registered model name.")],
+    older_than: Annotated[float, typer.Option(
+        "--older-than", min=0, help="Seconds: younger versions without a gate decision may still be registering.")
+    ] = 3600,
+) -> None:
+    """Mark versions left by registrations killed midway: tag registration=incomplete, end their runs FAILED."""
+
+    def body():
+        from pipelines.registry import repair
+
+        marked = repair(model_name, older_than)
+        typer.echo(f"{model_name}: marked {len(marked)} incomplete version(s)" +
+                   (f": {', '.join(marked)}" if marked else ""))
+
+    _run(body)
+
+
 from pipelines.stack import stack_app  # the `siamese stack` commands
 
 app.add_typer(stack_app, name="stack")
+app.add_typer(registry_app, name="registry")
 
 if __name__ == "__main__":
     app(sys.argv[1:])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import logging
 import math
 import os
 import tempfile
@@ -38,6 +39,7 @@ from .tracking import (
     tracking_uri,
 )
 
+log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER, PREVIOUS, ENROLLED = "champion", "challenger", "previous", "enrolled"
 _PACKAGE_DIRS = [str(Path(__file__).resolve().parents[1] / name) for name in ("siamese_core", "pipelines")]
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
@@ -264,6 +266,31 @@ def set_champion(model_name: str, version: str, reason: str, action: str = "prom
     return {"model_name": model_name, "champion": str(version), "previous": old, "reason": reason}
 
 
+STALE_REGISTRATION_S = 3600  # a version this old with no gate decision was left by a registration that died
+
+
+def repair(model_name: str, older_than_s: float = STALE_REGISTRATION_S) -> list[str]:
+    """Mark what registrations killed midway left: versions of ``model_name`` older than ``older_than_s``
+    seconds with no gate decision (and not enrolled) get the tag ``registration=incomplete``, and their
+    runs, if still RUNNING, end FAILED. Returns the versions marked; a younger version may still be
+    registering, and is left alone."""
+    mlflow_client = client()
+    now_ms = datetime.now(UTC).timestamp() * 1000
+    marked = []
+    for version in mlflow_client.search_model_versions(f"name = '{model_name}'"):
+        tags = version.tags or {}
+        if "gate.decision" in tags or "enrolled_from" in tags or tags.get("registration") == "incomplete":
+            continue
+        if now_ms - (version.creation_timestamp or now_ms) < older_than_s * 1000:
+            continue
+        mlflow_client.set_model_version_tag(model_name, version.version, "registration", "incomplete")
+        if version.run_id and mlflow_client.get_run(version.run_id).info.status == "RUNNING":
+            mlflow_client.set_tag(version.run_id, "error", f"registration of version {version.version} was interrupted")
+            mlflow_client.set_terminated(version.run_id, "FAILED")
+        marked.append(str(version.version))
+    return marked
+
+
 def rollback(model_name: str, reason: str) -> dict:
     """Make the ``previous`` version the champion again; the one rolled back becomes ``previous``."""
     return set_champion(model_name, str(_require_alias(model_name, PREVIOUS).version), reason, "rollback")
@@ -327,6 +354,9 @@ def log_and_register(
         run = PipelineRun.start(params)
         run.log_history(history)
     with run.failing_on_error("register"):
+        for left in repair(register.model_name):
+            log.warning("version %s of %s was left by an interrupted registration: tagged registration=incomplete",
+                        left, register.model_name)
         run.set_tags(tags)
         run.log_metrics(figures)
         for path in map(Path, artifacts):

@@ -386,3 +386,23 @@ def test_a_model_whose_artifacts_are_gone_is_one_line(bundle, store):
     out = CliRunner().invoke(app, ["predict", image, "--model", "models:/tiny-recognizer@champion"])
     assert out.exit_code == 1 and "its artifacts could not be downloaded" in out.output
     assert "Traceback" not in out.output and len(out.output.strip().splitlines()) == 1
+
+
+def test_a_registration_killed_midway_is_found_and_marked(bundle, store):
+    """A version created by a registration that was killed before the gate (no decision, its run RUNNING):
+    `siamese registry repair` tags it incomplete and ends its run FAILED; decided versions are left alone."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    decided = _log(bundle, 0.5)
+    client = MlflowClient()
+    run = client.create_run(tracking.ensure_experiment("siamese"))
+    killed = client.create_model_version("tiny-recognizer", f"runs:/{run.info.run_id}/model", run.info.run_id).version
+    assert registry.repair("tiny-recognizer") == []  # too young: it may still be registering
+    out = CliRunner().invoke(app, ["registry", "repair", "tiny-recognizer", "--older-than", "0"])
+    assert out.exit_code == 0 and f"marked 1 incomplete version(s): {killed}" in out.output
+    assert client.get_model_version("tiny-recognizer", str(killed)).tags["registration"] == "incomplete"
+    assert client.get_run(run.info.run_id).info.status == "FAILED"
+    assert "registration" not in client.get_model_version("tiny-recognizer", decided["version"]).tags
+    assert _aliases() == {"champion": 1}
