@@ -104,6 +104,19 @@ def _check_dataset(train_dir: Path, test_dir: Path, params: Path | None) -> None
         typer.secho(f"warning [{finding.code}] {finding.message}", fg=typer.colors.YELLOW, err=True)
 
 
+def _check_gallery_folder(folder: Path) -> None:
+    """The checks a training folder gets, for a folder to enrol or search: every problem in one error."""
+    from siamese_core.errors import DatasetError
+    from siamese_core.validation import validate_folder
+
+    report = validate_folder(folder)
+    if not report.ok:
+        raise DatasetError(f"{folder}: {len(report.errors)} problems, nothing was enrolled or searched:\n"
+                           f"{report.text(max_paths=20)}")
+    for finding in report.warnings:
+        typer.secho(f"warning [{finding.code}] {finding.message}", fg=typer.colors.YELLOW, err=True)
+
+
 @app.callback()
 def main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False) -> None:
     """Siamese recogniser command line."""
@@ -186,6 +199,8 @@ def predict(
     def body():
         from siamese_core.recognizer import SiameseRecognizer
 
+        if gallery is not None:
+            _check_gallery_folder(gallery)
         recognizer = SiameseRecognizer.load(_bundle_path(model))
         if gallery is not None:
             recognizer = recognizer.with_gallery(gallery, progress=True)
@@ -329,6 +344,7 @@ def enroll(
             enrol()
 
     def enrol():
+        _check_gallery_folder(folder)
         if model.startswith("models:/"):
             if out is not None:
                 _fail("--out is for a bundle folder; a registry model gets a new version instead")

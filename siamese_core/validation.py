@@ -80,7 +80,7 @@ class ValidationReport:
 
     def text(self, max_paths: int = 5) -> str:
         """A readable summary: counts, then each finding with up to ``max_paths`` paths."""
-        lines = [f"dataset {self.train_dir} / {self.test_dir}: "
+        lines = [f"dataset {self.train_dir}{f' / {self.test_dir}' if self.test_dir else ''}: "
                  f"{'OK' if self.ok else 'FAILED'} ({len(self.errors)} errors, {len(self.warnings)} warnings)"]
         for split, info in self.summary.get("splits", {}).items():
             per_class = info["images_per_class"]
@@ -171,9 +171,24 @@ def validate_dataset(
         A :class:`ValidationReport`: ``ok`` when no finding is an error; the findings by code,
         each with its paths; a summary per split.
     """
-    report = ValidationReport(str(train_dir), str(test_dir))
+    return _validate(ValidationReport(str(train_dir), str(test_dir)), {"train": train_dir, "test": test_dir},
+                     open_set, strict, imbalance_ratio, min_side, max_pixels)
+
+
+def validate_folder(folder_dir: str | os.PathLike, min_side: int = MIN_SIDE,
+                    max_pixels: int | None = None) -> ValidationReport:
+    """Check one folder of class sub-folders that is enrolled or searched as a gallery, with the checks a
+    training folder gets (names, unreadable or refused images, passed-over entries, duplicates) but no
+    pairing and no minimum class size: a class of one image can be enrolled."""
+    return _validate(ValidationReport(str(folder_dir), ""), {"gallery": folder_dir}, False, False,
+                     IMBALANCE_RATIO, min_side, max_pixels)
+
+
+def _validate(report: ValidationReport, roots: dict[str, str | os.PathLike], open_set: bool, strict: bool,
+              imbalance_ratio: float, min_side: int, max_pixels: int | None) -> ValidationReport:
+    """Fill ``report`` with the findings of the split folders ``roots`` (train and test are paired)."""
     add = report.findings.append
-    folders = _scan_splits({"train": train_dir, "test": test_dir}, add)
+    folders = _scan_splits(roots, add)
     paths = [p for folder in folders.values() for p in folder.paths]
     limit = max_pixels or max_image_pixels()  # read once, not once per image
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:

@@ -106,3 +106,24 @@ def test_two_enrolments_into_one_bundle_at_once_both_land(bundle, tmp_path):
         assert run.returncode == 0, stderr[-2000:]
     classes = SiameseRecognizer.load(target).gallery.class_names
     assert {"digit 7", "digit 8"} <= set(classes) and len(classes) == 5
+
+
+@pytest.mark.parametrize("command", ["enroll", "predict"])
+def test_enroll_and_predict_gallery_check_the_folder_as_train_does(bundle, tmp_path, command):
+    """A class folder whose name is not UTF-8, and a class named 'unknown': refused by name in one error,
+    with nothing enrolled (enroll used to skip the first silently; predict --gallery took the second)."""
+    import shutil
+
+    target = shutil.copytree(bundle.path, tmp_path / "copy")
+    folder, _ = make_digits_dataset(tmp_path / "new", classes=2, train_per_class=2, test_per_class=0, first=7)
+    shutil.copytree(folder / "digit 7", folder / "unknown")
+    os.mkdir(os.fsencode(folder) + b"/caf\xe9")
+    shutil.copy(sorted((folder / "digit 8").iterdir())[0], os.fsencode(folder) + b"/caf\xe9/a.png")
+    before = (target / "gallery.npz").read_bytes()
+    image = str(sorted((folder / "digit 8").iterdir())[0])
+    args = ([command, str(folder), "--model", str(target)] if command == "enroll"
+            else [command, image, "--model", str(target), "--gallery", str(folder)])
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 1 and "bad_name" in out.output and "reserved_name" in out.output, out.output
+    assert "caf\\xe9" in out.output and "Traceback" not in out.output
+    assert (target / "gallery.npz").read_bytes() == before
