@@ -243,6 +243,38 @@ def _augmenter(config: Config):
     return augmentation_layers(a.rotation, a.shift, a.zoom, a.shear, a.flip, seed=config.train.seed) if a.active else None
 
 
+def activation_bytes(model: keras.Model) -> int:
+    """Bytes of float32 outputs one image leaves in a forward pass through ``model``'s layers (nested models
+    included): what a training step keeps per image for the backward pass, before gradients."""
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            total += activation_bytes(layer)
+            continue
+        for tensor in keras.tree.flatten(layer.output):
+            total += 4 * int(np.prod([d for d in tensor.shape[1:] if d is not None]))
+    return total
+
+
+def check_memory(config: Config, model: keras.Model, images: int) -> None:
+    """Refuse, in one line, a run whose decoded images and one training step would not fit in this machine's
+    free memory: TensorFlow would otherwise end the process inside ``fit`` without a message. ``model`` is the
+    part that trains (after a cached frozen trunk); a step counts twice its activations (the forward pass and
+    their gradients)."""
+    import psutil
+
+    t, side = config.train, config.model.input_size
+    online = t.mining != "offline"
+    copies = (1 + 3 * t.augment.rotations_as_classes) * (1 + t.augment.mirrors_as_classes) if online else 1
+    step_images = t.classes_per_batch * t.images_per_class if online else 3 * t.batch_size
+    needed = images * copies * side * side * 3 + 2 * step_images * activation_bytes(model)
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise ConfigError(f"model.input_size {side} needs about {needed / 2**30:.1f} GiB for {images * copies} decoded "
+                          f"images and a step of {step_images}, and this machine has {available / 2**30:.1f} GiB free; "
+                          "lower model.input_size or the images per step")
+
+
 def _fingerprint(config: Config, data: _Data) -> dict[str, object]:
     """What a resumed run must share with the run that wrote the checkpoint: every model, triplet and training
     setting but the number of epochs (a run may be extended), and the training and test files (paths,
@@ -340,6 +372,7 @@ def train(
     with strategy.scope():
         embedding = build_embedding_model(config.model, synchronized=distributed)
         plan = _plan(config, embedding)
+        check_memory(config, plan.model.embedding, len(scan_folder(train_dir)))
         data = _prepare_data(config, plan, train_dir, test_dir, heldout_dir, triplets)
         done = EpochCheckpoint.saved_epochs(checkpoint) if resume and checkpoint is not None else 0
         batches = _online_batches(config, data, done) if online else _offline_batches(config, plan, data)

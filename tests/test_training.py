@@ -317,3 +317,14 @@ def test_a_damaged_bundle_is_one_line_naming_the_file(bundle, tmp_path, name, da
         SiameseRecognizer.load(copy)
     message = str(caught.value)
     assert name in message and "\n" not in message, message
+
+
+def test_an_input_size_the_machine_cannot_hold_is_one_line_before_anything_is_decoded(digits):
+    """fast-cpu at 1024 px: a step of 128 images needs hundreds of GiB. It used to end the process inside fit
+    (segfault); now train refuses first, naming the key."""
+    from pipelines.params import preset_config
+    from siamese_core.errors import ConfigError
+
+    config = apply_overrides(preset_config(Config(), "fast-cpu"), {"input_size": 1024})
+    with pytest.raises(ConfigError, match=r"model.input_size 1024 needs about \d+\.\d GiB .* GiB free"):
+        train(config, *digits, verbose=0)
