@@ -382,7 +382,8 @@ def _start_mlflow(stack: dict, keys: dict, env: dict) -> None:
     """``mlflow server`` on PostgreSQL, artifacts proxied to ``s3://<bucket>/mlartifacts``; basic auth with --auth."""
     root, ml, pg = Path(stack["root"]), stack["services"]["mlflow"], stack["services"]["postgres"]
     backend = f"postgresql+psycopg2://mlflow:{keys['postgres_password']}@{HOST}:{pg['port']}/mlflow"
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+    env = {**env, "MLFLOW_BACKEND_STORE_URI": backend}  # in the environment, never on a command line (ps shows those)
+    command = [sys.executable, "-m", "mlflow", "server",
                "--serve-artifacts", "--artifacts-destination", f"s3://{BUCKET}/mlartifacts",
                "--host", HOST, "--port", str(ml["port"]), "--workers", "2"]
     if stack["auth"]:

@@ -137,6 +137,13 @@ def test_stack_comes_up_healthy_and_prints_how_to_use_it(shared_stack):
     again = runner.invoke(app, ["stack", "up", "--root", str(root)])
     assert again.exit_code == 1 and "already running" in again.output
 
+    import psutil  # no password on any command line of the stack's processes (ps shows them to every user)
+
+    password = json.loads((root / "secrets.json").read_text())["postgres_password"]
+    processes = [psutil.Process(s["pid"]) for s in saved["services"].values() if s.get("pid")]
+    processes += [child for process in list(processes) for child in process.children(recursive=True)]
+    assert processes and not [p.pid for p in processes if password in " ".join(p.cmdline())]
+
 
 @needs_stack
 def test_dvc_repro_against_the_stack_registers_a_champion_stored_in_the_bucket(shared_stack, pipeline):
