@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from siamese_core.metrics import flatten
+from siamese_core.openset import rejection_on
 
 from .params import PipelineParams
 
@@ -35,8 +36,7 @@ def model_card(
     metric = params.register.metric
     evaluation = evaluation or {}
     calibration = evaluation.get("calibration", {})
-    rejection_on = params.evaluate.reject_unknown is True or (
-        params.evaluate.reject_unknown == "auto" and bool(calibration.get("target_met")))
+    rejecting = rejection_on(params.evaluate.reject_unknown, calibration)
     lines = [
         f"# {params.register.model_name} version {version}",
         "",
@@ -67,7 +67,7 @@ def model_card(
         f"left out of the gallery, {_figure(metrics.get('calibration.known_accepted'))} of known queries accepted and "
         f"{_figure(metrics.get('calibration.unknown_rejected'))} of unknown ones rejected (AUROC "
         f"{_figure(metrics.get('calibration.auroc'))}); rejection "
-        f"{'is on' if rejection_on else 'is off: the calibration missed its target or reject_unknown is false'}."
+        f"{'is on' if rejecting else 'is off: the calibration missed its target or reject_unknown is false'}."
         if threshold is not None else "Not calibrated.")
     changed = changed_params(params)
     lines += ["", "## Params that differ from the defaults", "", "| key | value | default |", "|---|---|---|",

@@ -91,28 +91,29 @@ def _check_dataset(train_dir: Path, test_dir: Path, params: Path | None) -> None
     With a params file, its ``data`` section sets the levels and limits, as in the validate stage.
     """
     from pipelines.params import DataConfig, load_params
-    from siamese_core.errors import DatasetError
     from siamese_core.validation import validate_dataset
 
     data = load_params(params).data if params else DataConfig()
     report = validate_dataset(train_dir, test_dir, open_set=data.open_set, strict=data.strict,
                               imbalance_ratio=data.imbalance_ratio, min_side=data.min_side)
-    if not report.ok:
-        raise DatasetError(f"dataset validation failed with {len(report.errors)} errors "
-                           f"and {len(report.warnings)} warnings:\n{report.text(max_paths=20)}")
-    for finding in report.warnings:
-        typer.secho(f"warning [{finding.code}] {finding.message}", fg=typer.colors.YELLOW, err=True)
+    _refuse_or_warn(report, f"dataset validation failed with {len(report.errors)} errors "
+                            f"and {len(report.warnings)} warnings")
 
 
 def _check_gallery_folder(folder: Path) -> None:
     """The checks a training folder gets, for a folder to enrol or search: every problem in one error."""
-    from siamese_core.errors import DatasetError
     from siamese_core.validation import validate_folder
 
     report = validate_folder(folder)
+    _refuse_or_warn(report, f"{folder}: {len(report.errors)} problems, nothing was enrolled or searched")
+
+
+def _refuse_or_warn(report, headline: str) -> None:
+    """A DatasetError with ``headline`` and the report when it has errors; else its warnings on stderr."""
+    from siamese_core.errors import DatasetError
+
     if not report.ok:
-        raise DatasetError(f"{folder}: {len(report.errors)} problems, nothing was enrolled or searched:\n"
-                           f"{report.text(max_paths=20)}")
+        raise DatasetError(f"{headline}:\n{report.text(max_paths=20)}")
     for finding in report.warnings:
         typer.secho(f"warning [{finding.code}] {finding.message}", fg=typer.colors.YELLOW, err=True)
 

@@ -104,7 +104,7 @@ def dask_sharding(params: PipelineParams) -> Iterator[None]:
     from prefect.utilities.annotations import unmapped
     from prefect_dask import DaskTaskRunner
 
-    sharding.connect(address, params.compute.dask_connect_timeout).close()  # a scheduler that is not there: one line
+    sharding.check_scheduler(address, params.compute.dask_connect_timeout)  # a scheduler that is not there: one line
     with DaskTaskRunner(address=address, client_kwargs={"timeout": params.compute.dask_connect_timeout}) as runner:
 
         def mapper(function: Callable, items: list) -> list:

@@ -179,11 +179,6 @@ def same_queries_scorer(train_dir: str | os.PathLike, test_dir: str | os.PathLik
     return score
 
 
-def logged_scorer(metric: str) -> ChampionScorer:
-    """A champion's own logged figure on ``metric``: only for runs known to share one test split."""
-    return lambda champion: client().get_run(champion.run_id).data.metrics.get(metric) if champion.run_id else None
-
-
 def _decide(champion: ModelVersion | None, value: float, metric: str, greater_is_better: bool,
             score_champion: ChampionScorer, baselines: dict | None) -> tuple[bool, float | None, str]:
     """Whether the new version becomes champion, the champion's figure on the same queries, and why, in words."""

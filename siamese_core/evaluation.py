@@ -178,8 +178,8 @@ def _heldout_open_set(recognizer, result: Assessment, unknown: np.ndarray, unkno
 def _judge_target_on_heldout(calibration: dict, heldout: dict) -> None:
     """Judge the calibration's target on the held-out classes, which the threshold never saw: unknowns of
     another kind than the gallery's own classes, the closer estimate of what a served model meets."""
-    other, target = (("unknown_rejected", calibration["unknown_reject_target"]) if calibration["fit_to"] == "known_accept"
-                     else ("known_accepted", calibration["known_accept_target"]))
+    other, target = openset.checked_rate(calibration["fit_to"], calibration["known_accept_target"],
+                                         calibration["unknown_reject_target"])
     calibration["target_met"] = bool(heldout[other] >= target)
     calibration["target_judged_on"] = f"held-out classes ({other} {heldout[other]:.4f})"
 

@@ -161,6 +161,17 @@ def _pooled(rounds: list[Round], kind: str, skip: int | None = None) -> tuple[np
             np.concatenate([r.unknown[kind] for r in kept]))
 
 
+def checked_rate(fit_to: str, known_accept: float, unknown_reject: float) -> tuple[str, float]:
+    """The rate the threshold is not fitted to, and its target: the check of the operating point."""
+    return ("unknown_rejected", unknown_reject) if fit_to == "known_accept" else ("known_accepted", known_accept)
+
+
+def rejection_on(setting: bool | str, calibration: dict) -> bool:
+    """Whether unknowns are rejected: ``setting`` (``reject_unknown``), where "auto" is on when ``calibration``
+    (a bundle's stored one) met its target."""
+    return bool(calibration.get("target_met")) if setting == "auto" else bool(setting)
+
+
 def _cross_fitted(rounds: list[Round], kind: str, fit_to: str, rate: float) -> tuple[float, dict]:
     """The threshold fitted on all rounds, and the rates of each round judged by a threshold fitted on the others."""
     threshold = fit_threshold(*_pooled(rounds, kind)[::2], fit_to, rate)
@@ -191,7 +202,7 @@ def calibrate(rounds: list[Round], score: str = "auto", fit_to: str = "known_acc
     chosen = max(SCORES, key=lambda kind: aurocs[kind]) if score == "auto" else score
     rate = known_accept if fit_to == "known_accept" else unknown_reject
     threshold, crossed = _cross_fitted(rounds, chosen, fit_to, rate)
-    other, target = ("unknown_rejected", unknown_reject) if fit_to == "known_accept" else ("known_accepted", known_accept)
+    other, target = checked_rate(fit_to, known_accept, unknown_reject)
     table = []
     for point in OPERATING_POINTS:
         point_threshold, point_rates = _cross_fitted(rounds, chosen, "known_accept", point)

@@ -20,7 +20,7 @@ from .errors import BundleError, ConfigError, DatasetError
 from .gallery import Gallery, Match
 from .io import atomic_dir, atomic_path
 from .model import load_embedding
-from .openset import class_scales, unknown_scores
+from .openset import class_scales, rejection_on, unknown_scores
 
 BUNDLE_FORMAT = 1
 MODEL_FILE, GALLERY_FILE, CONFIG_FILE, METADATA_FILE = "model.keras", "gallery.npz", "config.json", "metadata.json"
@@ -118,9 +118,9 @@ class SiameseRecognizer:
         """Whether predictions answer ``unknown``: ``reject``, else ``config.evaluate.reject_unknown``; "auto"
         is on when the bundle's calibration met its target."""
         setting = self.config.evaluate.reject_unknown if reject is None else reject
-        if setting == "auto":
-            return self.threshold is not None and bool(self.calibration.get("target_met"))
-        return bool(setting)
+        if setting == "auto" and self.threshold is None:
+            return False
+        return rejection_on(setting, self.calibration)
 
     def unknown_scores(self, queries: np.ndarray, matches: list[Match]) -> np.ndarray:
         """The calibrated unknown score of each query embedding (matches searched with at least two classes)."""

@@ -50,12 +50,11 @@ def dask_address(configured: str | None) -> str | None:
     return os.environ.get(ADDRESS_VARIABLE) or configured or None
 
 
-def connect(address: str, timeout: float = DEFAULT_CONNECT_TIMEOUT_S):
-    """A ``dask.distributed`` client of the scheduler at ``address``; ConfigError naming the address when
-    none answers within ``timeout`` seconds (a closed port, a listener that never speaks Dask)."""
+def check_scheduler(address: str, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
+    """ConfigError naming the address unless a Dask scheduler there answers within ``timeout`` seconds
+    (a closed port, a listener that never speaks Dask)."""
     import asyncio
 
-    from distributed import Client
     from distributed.comm import connect as open_comm
     from distributed.core import send_recv
 
@@ -68,10 +67,17 @@ def connect(address: str, timeout: float = DEFAULT_CONNECT_TIMEOUT_S):
 
     try:
         asyncio.run(asyncio.wait_for(identity(), timeout))
-        return Client(address, set_as_default=False, timeout=timeout)
     except (OSError, TimeoutError, ValueError) as exc:
         raise ConfigError(f"{address}: no Dask scheduler answered within {timeout:g} s ({type(exc).__name__}); "
                           f"check compute.dask_address or ${ADDRESS_VARIABLE}") from None
+
+
+def connect(address: str, timeout: float = DEFAULT_CONNECT_TIMEOUT_S):
+    """A ``dask.distributed`` client of the scheduler at ``address``, checked first (:func:`check_scheduler`)."""
+    from distributed import Client
+
+    check_scheduler(address, timeout)
+    return Client(address, set_as_default=False, timeout=timeout)
 
 
 @contextmanager

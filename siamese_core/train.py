@@ -174,6 +174,7 @@ def _prepare_data(config: Config, plan: _Plan, train_dir, test_dir, heldout_dir,
     """Decode every image once, add transformed classes, run the frozen trunk, mine the triplet table."""
     size = config.model.input_size
     folder = scan_folder(train_dir)
+    check_memory(config, plan.model.embedding, len(folder))  # before anything is decoded
     images, labels = decode_all(folder.paths, size), folder.labels
     augment = config.train.augment
     if augment.rotations_as_classes or augment.mirrors_as_classes:
@@ -372,7 +373,6 @@ def train(
     with strategy.scope():
         embedding = build_embedding_model(config.model, synchronized=distributed)
         plan = _plan(config, embedding)
-        check_memory(config, plan.model.embedding, len(scan_folder(train_dir)))
         data = _prepare_data(config, plan, train_dir, test_dir, heldout_dir, triplets)
         done = EpochCheckpoint.saved_epochs(checkpoint) if resume and checkpoint is not None else 0
         batches = _online_batches(config, data, done) if online else _offline_batches(config, plan, data)
