@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import keras
 import numpy as np
 
 from pipelines.demo_data import write_demo_data
@@ -31,7 +30,7 @@ from siamese_core.embed import decode_all, embed_images
 from siamese_core.evaluation import assess
 from siamese_core.gallery import Gallery
 from siamese_core.metrics import accuracy_report, few_shot_report
-from siamese_core.model import build_embedding_model
+from siamese_core.model import initial_embedding_model
 from siamese_core.recognizer import SiameseRecognizer, build_gallery
 from siamese_core.train import train
 
@@ -74,8 +73,7 @@ def closed_top1(train_vectors: np.ndarray, test_vectors: np.ndarray, train_folde
 def baselines(config: Config, folders: dict) -> dict[str, dict]:
     """Raw pixels (at the input size, as the pipeline's baseline) and the untrained network."""
     size, batch = config.model.input_size, config.evaluate.embed_batch_size
-    keras.utils.set_random_seed(config.train.seed)
-    untrained = build_embedding_model(config.model)
+    untrained = initial_embedding_model(config)
     embedders = {
         "raw_pixels": lambda f: decode_all(f.paths, size, batch).reshape(len(f), -1).astype(np.float32),
         "untrained": lambda f: embed_images(untrained, f.paths, batch),

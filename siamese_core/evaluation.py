@@ -34,16 +34,6 @@ def evaluate(recognizer, test: str | os.PathLike | ImageFolder, top_k: int = 5) 
     return score_queries(recognizer.embed(folder.paths), folder.label_names, recognizer.gallery, top_k)[0]
 
 
-def _untrained_embedding(config: Config):
-    """The network as training starts it: same config and seed, weights as built."""
-    import keras
-
-    from .model import build_embedding_model
-
-    keras.utils.set_random_seed(config.train.seed)
-    return build_embedding_model(config.model)
-
-
 def baseline_reports(config: Config, train: ImageFolder, test: ImageFolder, top_k: int,
                      heldout: ImageFolder | None = None, seed: int = 0) -> dict:
     """What training bought: the same scores for nearest neighbour on raw pixels and for the untrained network.
@@ -52,6 +42,7 @@ def baseline_reports(config: Config, train: ImageFolder, test: ImageFolder, top_
     With ``heldout``, each baseline also gets ``fewshot``: the same episodes (same seed) as the model's.
     """
     from .embed import decode_all, embed_images
+    from .model import initial_embedding_model
 
     size = min(config.model.input_size, RAW_PIXELS_MAX_SIZE)
     batch = config.evaluate.embed_batch_size
@@ -71,7 +62,7 @@ def baseline_reports(config: Config, train: ImageFolder, test: ImageFolder, top_
     def pixels(folder: ImageFolder) -> np.ndarray:
         return decode_all(folder.paths, size, batch).reshape(len(folder), -1).astype(np.float32)
 
-    untrained = _untrained_embedding(config)
+    untrained = initial_embedding_model(config)
     return {
         "baseline_raw_pixels": {**scores(pixels), "size": size},
         "baseline_untrained": scores(lambda folder: embed_images(untrained, folder.paths, batch)),

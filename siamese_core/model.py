@@ -14,11 +14,12 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from .config import ModelConfig
+from .config import Config, ModelConfig
 from .distance import row_squared_distances
 from .distribute import gather, replicas, step_logs
 from .errors import ConfigError, WeightsUnavailableError
 from .mining import LOSSES, mean_pair_distances
+from .seeding import seeded
 
 IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
 # First trainable layer when ``trainable_from`` is "auto": the seed's choice for
@@ -193,6 +194,12 @@ def build_embedding_model(config: ModelConfig, synchronized: bool = False) -> ke
     if config.l2_normalize:
         x = layers.UnitNormalization(name="l2_normalize")(x)
     return keras.Model(inputs, x, name="embedding")
+
+
+def initial_embedding_model(config: Config) -> keras.Model:
+    """The embedding model as training starts it: built under the training seed (``train.seed``)."""
+    with seeded(config.train.seed):
+        return build_embedding_model(config.model)
 
 
 def _frozen_cut(backbone: keras.Model) -> list | None:

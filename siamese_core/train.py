@@ -44,6 +44,7 @@ from .model import (
     build_embedding_model,
     split_frozen_trunk,
 )
+from .seeding import seeded
 from .triplets import COLUMNS as TRIPLET_COLUMNS
 from .triplets import generate_triplets
 
@@ -366,11 +367,10 @@ def train(
     checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if checkpoint is not None and is_chief():
         ensure_writable(checkpoint.parent, "checkpoints")
-    keras.utils.set_random_seed(config.train.seed)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
 
-    with strategy.scope():
+    with seeded(config.train.seed), strategy.scope():
         embedding = build_embedding_model(config.model, synchronized=distributed)
         plan = _plan(config, embedding)
         data = _prepare_data(config, plan, train_dir, test_dir, heldout_dir, triplets)

@@ -6,14 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import keras
 from images import make_digits_dataset
 from tiny import TINY_NETWORK
 
 from pipelines.params import PipelineParams
 from siamese_core.config import Config, apply_overrides
 from siamese_core.data import ImageFolder, scan_folder
-from siamese_core.model import build_embedding_model
+from siamese_core.model import initial_embedding_model
 from siamese_core.recognizer import SiameseRecognizer, build_gallery
 from siamese_core.train import train
 
@@ -58,8 +57,7 @@ def untrained_recognizer(
     train_dir, test_dir = make_digits_dataset(root / "known", classes=3)
     heldout_dir, _ = make_digits_dataset(root / "new", classes=2, train_per_class=6, test_per_class=0, first=3)
     config = apply_overrides(Config(), {**TINY_MODEL, **overrides})
-    keras.utils.set_random_seed(config.train.seed)
-    embedding = build_embedding_model(config.model)
+    embedding = initial_embedding_model(config)
     train_folder = scan_folder(train_dir)
     recognizer = SiameseRecognizer(embedding, build_gallery(embedding, train_folder), config)
     return recognizer, train_folder, scan_folder(test_dir), scan_folder(heldout_dir)

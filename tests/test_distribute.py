@@ -24,7 +24,7 @@ ONE_STEP = textwrap.dedent("""
     import keras
     import numpy as np
     from siamese_core.config import Config, apply_overrides
-    from siamese_core.model import build_embedding_model
+    from siamese_core.model import initial_embedding_model
     from siamese_core.train import train
 
     overrides, train_dir = json.loads(sys.argv[1]), sys.argv[2]
@@ -32,8 +32,7 @@ ONE_STEP = textwrap.dedent("""
     for distribute in ("none", "mirrored"):
         config = apply_overrides(Config(), {**overrides, "train.distribute": distribute})
         weights[distribute] = train(config, train_dir, verbose=0).embedding.get_weights()
-    keras.utils.set_random_seed(config.train.seed)  # the weights both runs started from
-    initial = build_embedding_model(config.model).get_weights()
+    initial = initial_embedding_model(config).get_weights()  # the weights both runs started from
     print(json.dumps({"replicas": len(tf.config.list_logical_devices("CPU")),
                       "max_difference": max(float(np.abs(a - b).max()) for a, b in zip(*weights.values())),
                       "max_update": max(float(np.abs(a - b).max()) for a, b in zip(weights["none"], initial))}))

@@ -12,6 +12,7 @@ from siamese_core.model import (
     SiameseModel,
     UniqueTripletModel,
     build_embedding_model,
+    initial_embedding_model,
     split_frozen_trunk,
 )
 from siamese_core.train import train
@@ -117,14 +118,12 @@ def test_index_search_widens_when_the_nearest_rows_hold_too_few_classes():
 
 
 def test_hard_mining_inside_training_uses_the_cached_trunk_and_mines_the_same_triplets(digits):
-    import keras
 
     from siamese_core.data import scan_folder
     from siamese_core.train import mine_triplets
 
     config = apply_overrides(Config(), dict(FROZEN, epochs=1, batch_size=8, seed=3, strategy="hard"))
     result = train(config, digits[0], verbose=0)
-    keras.utils.set_random_seed(config.train.seed)
-    standalone = mine_triplets(config, scan_folder(digits[0]), build_embedding_model(config.model))
+    standalone = mine_triplets(config, scan_folder(digits[0]), initial_embedding_model(config))
     assert result.triplets.equals(standalone)
 
