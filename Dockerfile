@@ -42,4 +42,4 @@ COPY data/demo.dvc data/demo.dvc
 RUN dvc config --local core.no_scm true && siamese demo-data
 
 EXPOSE 8080
-CMD ["sh", "-c", "exec mlflow models serve -m \"models:/${MODEL_NAME}@champion\" --env-manager local -h 0.0.0.0 -p 8080"]
+CMD ["sh", "-c", "exec siamese serve --model \"models:/${MODEL_NAME}@champion\" --host 0.0.0.0 --port 8080"]

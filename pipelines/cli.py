@@ -427,6 +427,26 @@ def promote(
 
 
 @app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="models:/NAME@alias, models:/NAME/VERSION or a local MLflow model folder.")]
+    = "models:/siamese-recognizer@champion",
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 5001,
+) -> None:
+    """Serve a registered model over HTTP with MLflow's scoring protocol (/invocations, /ping, /version),
+    its artifacts checked against those registered, request bodies bounded (SIAMESE_MAX_BODY_BYTES)."""
+
+    def body():
+        import_tensorflow_quietly()
+        from pipelines.serving import serve as run_server
+
+        typer.echo(f"serving {model} on http://{host}:{port}/invocations", err=True)
+        run_server(model, host, port)
+
+    _run(body)
+
+
+@app.command()
 def rollback(
     model_name: Annotated[str, typer.Argument(help="Registered model name.")],
     reason: ReasonOption,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -54,6 +55,17 @@ def content_hash(path: str | os.PathLike) -> str:
                 tree.add(file.relative_to(path).parts, None, HashInfo("md5", file_md5(str(file))))
     tree.digest()
     return tree.hash_info.value
+
+
+def tree_sha256(path: str | os.PathLike, leave_out: frozenset[str] = frozenset()) -> str:
+    """The sha256 of a folder: of every file in it, with its relative path, but those in ``leave_out``
+    (relative POSIX paths)."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() not in leave_out):
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def _link_or_copy(source: str, target: str) -> None:

@@ -3,7 +3,8 @@
 A request carries the image bytes themselves, base64-encoded in a string column
 ``image``; the server never opens a path named in a request. Every request is bounded:
 bytes per image, pixels per image (checked from the header, before decoding), rows per
-request, and, under ``mlflow models serve``, the server's time limit, at which the work stops.
+request, pixels decoded at once across the requests of the process (they wait their turn),
+and the server's time limit, at which the work stops.
 A bad request gets HTTP 400 with one line saying what is wrong, and no stack trace.
 """
 
@@ -26,6 +27,7 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
+from siamese_core.data import PixelBudget, max_image_pixels
 from siamese_core.errors import USER_ERRORS, ImageError
 
 log = logging.getLogger(__name__)
@@ -157,6 +159,8 @@ class SiameseBundleModel(mlflow.pyfunc.PythonModel):
         from siamese_core.recognizer import SiameseRecognizer
 
         self.recognizer = SiameseRecognizer.load(context.artifacts["bundle"])
+        # Pixels decoded at once across all requests of the process: by default one image at the per-image limit.
+        self.decoding = PixelBudget(_limit("SIAMESE_MAX_DECODING_PIXELS", max_image_pixels()))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         """One row per image: the nearest class (``unknown`` when rejected), its squared distance, the top-k
@@ -200,7 +204,7 @@ class SiameseBundleModel(mlflow.pyfunc.PythonModel):
                     raise RequestError(f"stopped at image {row} of {len(encoded)}: the request ran past the "
                                        f"server's time limit of {timeout} s ({SERVER_TIMEOUT_VARIABLE})")
                 try:
-                    arrays.append(decode_image(encoded[row], self.recognizer.input_size))
+                    arrays.append(decode_image(encoded[row], self.recognizer.input_size, budget=self.decoding))
                 except ImageError as exc:
                     raise ImageError(f"row {row}: {str(exc).removeprefix('<bytes>: ')}") from None
             matches.extend(self.recognizer.predict(arrays))

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import math
 import os
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from siamese_core.errors import ConfigError
 from siamese_core.metrics import flatten
 
 from .errors import NoChampionError, RegistryError
+from .files import tree_sha256
 from .params import PipelineParams
 from .tracking import (
     PipelineRun,
@@ -41,6 +43,10 @@ from .tracking import (
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER, PREVIOUS, ENROLLED = "champion", "challenger", "previous", "enrolled"
+# The sha256 of a version's artifacts as registered (files.tree_sha256), kept in the tracking database.
+ARTIFACTS_DIGEST_TAG = "artifacts_sha256"
+# Written by MLflow into the stored model when the version is registered (its name and number, as YAML data).
+_REGISTRATION_FILES = frozenset({"registered_model_meta"})
 _PACKAGE_DIRS = [str(Path(__file__).resolve().parents[1] / name) for name in ("siamese_core", "pipelines")]
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 GATE_TIMEOUT_S = 600
@@ -79,26 +85,64 @@ def _require_alias(model_name: str, alias: str = CHAMPION):
 
 
 def load_champion(model_name: str):
-    """The champion version of ``model_name`` as a pyfunc model (NoChampionError when there is none)."""
+    """The champion version of ``model_name`` as a pyfunc model, its artifacts checked first
+    (NoChampionError when there is none, RegistryError when they differ from those registered)."""
     _require_alias(model_name)
-    return mlflow.pyfunc.load_model(champion_uri(model_name))
+    return mlflow.pyfunc.load_model(str(verified_download(champion_uri(model_name))))
 
 
 def download_bundle(model_uri: str) -> Path:
-    """The model bundle folder of a registered model, e.g. ``models:/name@champion``, downloaded locally."""
-    name, _, alias = model_uri.removeprefix("models:/").partition("@")
-    if alias:
-        _require_alias(name, alias)
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri()))
-    except Exception as exc:  # the store's own errors (MLflow's, HTTP, boto's): missing objects, no answer
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise RegistryError(f"{model_uri}: its artifacts could not be downloaded from the artifact store "
-                            f"({type(exc).__name__}: {reason})") from None
+    """The model bundle folder of a registered model, e.g. ``models:/name@champion``, downloaded locally
+    and checked against the digest recorded at registration."""
+    local = verified_download(model_uri)
     if not (local / "artifacts" / "bundle").is_dir():
         raise RegistryError(f"{model_uri}: the downloaded model holds no bundle (artifacts/bundle); it was not "
                             "registered by this project, or its artifacts are incomplete")
     return local / "artifacts" / "bundle"
+
+
+def verified_download(model_uri: str) -> Path:
+    """A fresh local copy of a registered version (``models:/name/3`` or ``models:/name@alias``) whose files
+    match the sha256 recorded on the version when it was registered (tag ``artifacts_sha256``).
+
+    The digest lives in the tracking database, the files in the artifact store: a file changed in the
+    store is refused in one line (RegistryError), before any of its code runs.
+    """
+    name, _, rest = model_uri.removeprefix("models:/").partition("/")
+    name, _, alias = name.partition("@")
+    version = _require_alias(name, alias) if alias else client().get_model_version(name, version_number(rest))
+    expected = version.tags.get(ARTIFACTS_DIGEST_TAG)
+    if not expected:
+        raise RegistryError(f"{model_uri}: version {version.version} has no '{ARTIFACTS_DIGEST_TAG}' tag, so its "
+                            "artifacts cannot be checked (it was registered before the artifacts were signed, or "
+                            "not by this project); register it again")
+    local = _download(f"models:/{name}/{version.version}")
+    found = tree_sha256(local, _REGISTRATION_FILES)
+    if found != expected:
+        raise RegistryError(f"{model_uri}: the artifacts of version {version.version} differ from those registered "
+                            f"(sha256 {found[:12]}... against {expected[:12]}... recorded); refusing to load them")
+    return local
+
+
+def _download(model_uri: str) -> Path:
+    """The artifacts of ``model_uri`` in a new temporary folder, or a one-line RegistryError."""
+    target = tempfile.mkdtemp(prefix="siamese-model-")
+    quiet = logging.getLogger("mlflow.store.artifact.artifact_repo")  # its INFO line when nothing is found
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=target,
+                                                         tracking_uri=tracking_uri()))
+    except Exception as exc:  # the store's own errors (MLflow's, HTTP, boto's): missing objects, no answer
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise RegistryError(f"{model_uri}: its artifacts could not be downloaded from the artifact store "
+                            f"({type(exc).__name__}: {reason})") from None
+    finally:
+        quiet.setLevel(level)
+    if not any(p.is_file() for p in local.rglob("*")):
+        raise RegistryError(f"{model_uri}: its artifacts could not be downloaded from the artifact store "
+                            "(none found where the version points)")
+    return local
 
 
 @contextmanager
@@ -291,27 +335,26 @@ def rollback(model_name: str, reason: str) -> dict:
     return set_champion(model_name, str(_require_alias(model_name, PREVIOUS).version), reason, "rollback")
 
 
-def _log_bundle_model(bundle_dir: str | os.PathLike):
-    """Log a bundle folder as the pyfunc model ``model`` of the active run, checked to serve its example."""
-    from .pyfunc_model import (
-        SIGNATURE,
-        SiameseBundleModel,
-        input_example,
-        pip_requirements,
-    )
+def _log_bundle_model(bundle_dir: str | os.PathLike) -> tuple[str, str]:
+    """Log a bundle folder as the pyfunc model ``model`` of the active run (models-from-code, no pickle),
+    checked to serve its example. Returns its model URI and the sha256 of its artifacts as stored."""
+    from .pyfunc_model import SIGNATURE, input_example, pip_requirements
 
     info = mlflow.pyfunc.log_model(
         name="model",
-        python_model=SiameseBundleModel(),
+        python_model=str(Path(__file__).with_name("served_model.py")),
         artifacts={"bundle": str(bundle_dir)},
         code_paths=_PACKAGE_DIRS,
         signature=SIGNATURE,
         input_example=input_example(),
         pip_requirements=pip_requirements(),
     )
+    stored = _download(info.model_uri)
+    digest = tree_sha256(stored, _REGISTRATION_FILES)
     # MLflow only warns when the input example fails; a model that cannot serve is not registered.
-    mlflow.pyfunc.load_model(info.model_uri).predict(input_example())
-    return info
+    mlflow.pyfunc.load_model(str(stored)).predict(input_example())
+    shutil.rmtree(stored, ignore_errors=True)
+    return info.model_uri, digest
 
 
 def log_and_register(
@@ -359,8 +402,9 @@ def log_and_register(
         if not Path(bundle_dir).is_dir():
             raise FileNotFoundError(f"{bundle_dir}: model bundle folder does not exist")
         with mlflow.start_run(run_id=run.run_id):  # the model is logged through the (thread-local) active run
-            info = _log_bundle_model(bundle_dir)
-            version = str(mlflow.register_model(info.model_uri, register.model_name).version)
+            model_uri, digest = _log_bundle_model(bundle_dir)
+            version = str(mlflow.register_model(model_uri, register.model_name,
+                                                tags={ARTIFACTS_DIGEST_TAG: digest}).version)
             if not run.client.get_registered_model(register.model_name).description:
                 run.client.update_registered_model(register.model_name, MODEL_DESCRIPTION)
             decision, previous, reason = apply_gate(
@@ -416,8 +460,8 @@ def enroll_and_register(model_name: str, folder: str | os.PathLike, source: str 
         mlflow.log_dict({"folder": str(folder), "new_classes": new_classes,
                          "images": dict(Counter(images.label_names))},
                         "enrolment.json")
-        info = _log_bundle_model(bundle)
-        version = str(mlflow.register_model(info.model_uri, model_name, tags=tags).version)
+        model_uri, digest = _log_bundle_model(bundle)
+        version = str(mlflow.register_model(model_uri, model_name, tags={**tags, ARTIFACTS_DIGEST_TAG: digest}).version)
     mlflow_client.update_model_version(model_name, version, description=(
         f"Version {base.version} with {len(images)} images of `{folder}` enrolled into its gallery "
         f"(new classes: {', '.join(new_classes) or 'none'}). Same network, no retraining."))

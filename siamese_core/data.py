@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +44,31 @@ def max_image_pixels() -> int:
         return int(value) if value else DEFAULT_MAX_IMAGE_PIXELS
     except ValueError:
         raise ImageError(f"SIAMESE_MAX_IMAGE_PIXELS={value!r} is not a whole number of pixels") from None
+
+
+class PixelBudget:
+    """A bound on the pixels being decoded at once, across threads: each decoding holds its image's
+    pixels and waits until they fit. An image larger than the whole budget waits to decode alone."""
+
+    def __init__(self, pixels: int):
+        if pixels < 1:
+            raise ImageError(f"a pixel budget must be at least 1 pixel, got {pixels}")
+        self.capacity = self._free = pixels
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        """Hold ``pixels`` of the budget for the block."""
+        pixels = min(pixels, self.capacity)
+        with self._changed:
+            self._changed.wait_for(lambda: self._free >= pixels)
+            self._free -= pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._free += pixels
+                self._changed.notify_all()
 
 
 def printable(path: str | os.PathLike) -> str:
@@ -158,13 +186,33 @@ def scan_folder(root: str | os.PathLike) -> ImageFolder:
     return ImageFolder(root, paths, np.asarray(labels, dtype=np.int64), names, skipped)
 
 
-def decode_image(source: str | os.PathLike | bytes, size: int, max_pixels: int | None = None) -> np.ndarray:
+def _to_rgb_array(image: Image.Image, size: int) -> np.ndarray:
+    image.draft("RGB", (size, size))  # JPEG: decode at the smallest scale still >= size
+    ImageOps.exif_transpose(image, in_place=True)  # a copy would hold the full-size image twice
+    if image.mode in ("L", "RGB"):  # resize first: the full-size image is never converted
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() or 1.0
+        image = Image.fromarray((array * (255.0 / peak)).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def decode_image(source: str | os.PathLike | bytes, size: int, max_pixels: int | None = None,
+                 budget: PixelBudget | None = None) -> np.ndarray:
     """Decode an image to a ``(size, size, 3)`` uint8 RGB array.
 
     ``source`` is a path or the encoded bytes. An image of more than ``max_pixels``
-    (default :func:`max_image_pixels`) is refused from its header, before decoding; a JPEG
-    is decoded at the smallest scale still at least ``size``. EXIF orientation is applied,
-    any mode (greyscale, palette, RGBA, 16-bit, CMYK) becomes RGB.
+    (default :func:`max_image_pixels`) is refused from its header, before decoding; with
+    ``budget``, decoding waits until the image's pixels fit in it. A JPEG is decoded at the
+    smallest scale still at least ``size``; greyscale and RGB images are resized before any
+    conversion, so a large one is held once, at one byte per pixel and channel. EXIF
+    orientation is applied, any mode (greyscale, palette, RGBA, 16-bit, CMYK) becomes RGB.
     """
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else printable(source)
     limit = max_pixels or max_image_pixels()
@@ -174,18 +222,8 @@ def decode_image(source: str | os.PathLike | bytes, size: int, max_pixels: int |
             if image.width * image.height > limit:
                 raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels, over the limit of "
                                                    f"{limit} (SIAMESE_MAX_IMAGE_PIXELS)")
-            image.draft("RGB", (size, size))  # JPEG: decode at the smallest scale still >= size
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                array = np.asarray(image, dtype=np.float64)
-                peak = array.max() or 1.0
-                image = Image.fromarray((array * (255.0 / peak)).astype(np.uint8))
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                image = Image.alpha_composite(background, rgba)
-            image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
+            with budget.hold(image.width * image.height) if budget is not None else nullcontext():
+                return _to_rgb_array(image, size)
     except FileNotFoundError:
         raise ImageError(f"{name}: file not found") from None
     except UnidentifiedImageError:

@@ -406,3 +406,33 @@ def test_a_registration_killed_midway_is_found_and_marked(bundle, store):
     assert client.get_run(run.info.run_id).info.status == "FAILED"
     assert "registration" not in client.get_model_version("tiny-recognizer", decided["version"]).tags
     assert _aliases() == {"champion": 1}
+
+
+def test_a_version_is_stored_as_code_and_a_swapped_artifact_is_refused_before_it_runs(bundle, store, tmp_path):
+    """No pickle is stored; each registered file is covered by the sha256 kept on the version, so code
+    written into the artifact store is refused in one line and never executed."""
+    _log(bundle, 0.5)
+    stored = {p.relative_to(store / "mlartifacts").as_posix(): p for p in (store / "mlartifacts").rglob("*") if p.is_file()}
+    assert not [name for name in stored if name.endswith((".pkl", ".pickle"))]
+    assert registry.load_champion("tiny-recognizer") is not None  # untouched: loads
+
+    marker = tmp_path / "executed"
+    code = next(p for name, p in stored.items() if name.endswith("/served_model.py"))
+    code.write_text(f"open({str(marker)!r}, 'w').close()\n" + code.read_text())
+    for load in (lambda: registry.load_champion("tiny-recognizer"),
+                 lambda: registry.download_bundle("models:/tiny-recognizer/1")):
+        with pytest.raises(registry.RegistryError, match="differ from those registered") as error:
+            load()
+        assert len(str(error.value).splitlines()) == 1
+    assert not marker.exists()
+
+    config = next(p for name, p in stored.items() if name.endswith("/bundle/config.json"))
+    code.write_text(code.read_text().split("\n", 1)[1])  # the code restored; now the bundle's data changes
+    registry.load_champion("tiny-recognizer")
+    config.write_text(config.read_text().replace('"margin"', '"margin" ', 1))
+    with pytest.raises(registry.RegistryError, match="differ from those registered"):
+        registry.download_bundle("models:/tiny-recognizer@champion")
+
+    MlflowClient().delete_model_version_tag("tiny-recognizer", "1", registry.ARTIFACTS_DIGEST_TAG)
+    with pytest.raises(registry.RegistryError, match="has no 'artifacts_sha256' tag"):
+        registry.load_champion("tiny-recognizer")

@@ -1,5 +1,7 @@
-"""Serving the champion with `mlflow models serve` and calling it over HTTP on the loopback interface."""
+"""Serving the champion with `siamese serve` and with `mlflow models serve`, called over HTTP on the loopback
+interface: the same protocol from both, and the limits only the project's own server can set."""
 
+import http.client
 import io
 import json
 import os
@@ -25,6 +27,8 @@ HOST = "127.0.0.1"
 SERVER_PIDS: dict[str, int] = {}  # base URL -> the `mlflow models serve` process
 STARTUP_TIMEOUT_S = 120
 MAX_IMAGE_BYTES = 200_000  # over the 9000x9000 PNG of the memory test
+MAX_BODY_BYTES = 1_000_000  # siamese serve only
+MAX_IMAGE_PIXELS = 16_000_000  # a 4000x4000 image is near it
 
 
 def _free_port() -> int:
@@ -73,40 +77,52 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """Register a tiny champion in a fresh store and serve it; yields (base URL, gallery images)."""
-    tmp_path = tmp_path_factory.mktemp("serve")
+def registered(tmp_path_factory):
+    """A tiny champion in a fresh store: (tracking URI, bundle)."""
+    tmp_path = tmp_path_factory.mktemp("registry")
     with pytest.MonkeyPatch.context() as monkeypatch:
-        yield from _serve(tmp_path, monkeypatch)
+        uri = use_sqlite_store(monkeypatch, tmp_path)
+        bundle = make_tiny_bundle(tmp_path)
+        registry.log_and_register(pipeline_params("served"), bundle.path, {"top1": 1.0}, bundle.history, [], {},
+                                  score_champion=logged_scorer())
+    return uri, bundle
 
 
-def _serve(tmp_path, monkeypatch):
-    uri = use_sqlite_store(monkeypatch, tmp_path)
-    bundle = make_tiny_bundle(tmp_path)
-    metrics = {"top1": 1.0}
-    registry.log_and_register(pipeline_params("served"), bundle.path, metrics, bundle.history, [], {},
-                                       score_champion=logged_scorer())
+@pytest.fixture(scope="module", params=["siamese serve", "mlflow models serve"])
+def server(request, registered, tmp_path_factory):
+    """The champion served by one of the two servers; yields (base URL, gallery images, server name)."""
+    uri, bundle = registered
+    bin_dir = os.path.dirname(sys.executable)
+    command = {
+        "siamese serve": [os.path.join(bin_dir, "siamese"), "serve", "--model", registry.champion_uri("served")],
+        "mlflow models serve": [sys.executable, "-m", "mlflow", "models", "serve", "-m",
+                                registry.champion_uri("served"), "--env-manager", "local"],
+    }[request.param]
+    yield from _serve(tmp_path_factory.mktemp("serve"), command, uri, bundle, request.param)
+
+
+def _serve(tmp_path, command, uri, bundle, name):
     port = _free_port()
     log_path = tmp_path / "serve.log"
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", registry.champion_uri("served"),
-               "--env-manager", "local", "-h", HOST, "-p", str(port)]  # fmt: skip
-    # The CLI starts `uvicorn` by name: the interpreter's bin folder must be on PATH.
+    command = [*command, "--host", HOST, "--port", str(port)]
+    # The MLflow CLI starts `uvicorn` by name: the interpreter's bin folder must be on PATH.
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": uri, "TF_CPP_MIN_LOG_LEVEL": "3",
-           "SIAMESE_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES)}
+           "SIAMESE_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES), "SIAMESE_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
+           "SIAMESE_MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS)}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://{HOST}:{port}"
         _wait_until_ready(base, process, log_path)
         SERVER_PIDS[base] = process.pid
-        yield base, bundle.gallery_images
+        yield base, bundle.gallery_images, name
     finally:
         _stop(process)
 
 
 def test_served_champion_recognises_images_and_refuses_paths(server):
-    base, gallery = server
+    base, gallery, name = server
     label, image = "digit 2", gallery["digit 2"][0]
     b64 = encode_image(image)
     for payload in (
@@ -128,7 +144,7 @@ def test_served_champion_recognises_images_and_refuses_paths(server):
 
 
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server):
-    base, gallery = server
+    base, gallery, name = server
     oversized = encode_image(os.urandom(MAX_IMAGE_BYTES + 1000))
     for payload, message in (
         ({"dataframe_split": {"columns": ["image"], "data": [[oversized]]}}, f"row 0: image of about {MAX_IMAGE_BYTES + 1000} bytes is over"),
@@ -138,9 +154,11 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server):
         status, body = _post(f"{base}/invocations", payload)
         assert status == 400 and "stack_trace" not in body, body
         assert body["message"].startswith(message) and "\n" not in body["message"]
-    # MLflow checks the signature before the model sees the request: its message, still without a trace
+    # the column is checked before the model sees the request (by MLflow's signature check, or ours)
     status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["picture"], "data": [["x"]]}})
-    assert status == 400 and "stack_trace" not in body and "Model is missing inputs ['image']" in body["message"]
+    assert status == 400 and "stack_trace" not in body
+    assert {"mlflow models serve": "Model is missing inputs ['image']",
+            "siamese serve": "the request needs a column 'image'"}[name] in body["message"]
     status, body = _post(f"{base}/invocations", {"dataframe_records": [{"image": encode_image(gallery["digit 1"][0])}]})
     assert status == 200 and body["predictions"][0]["label"] == "digit 1"
 
@@ -158,7 +176,7 @@ def _worker_memory(server_pid: int) -> tuple[int, int]:
 
 
 def test_concurrent_huge_images_are_refused_before_decoding_and_memory_stays_flat(server):
-    base, gallery = server
+    base, gallery, name = server
     buffer = io.BytesIO()
     Image.new("L", (9000, 9000)).save(buffer, format="PNG")  # 81 megapixels in a small file
     huge = encode_image(buffer.getvalue())
@@ -175,3 +193,84 @@ def test_concurrent_huge_images_are_refused_before_decoding_and_memory_stays_fla
         assert status == 400 and "9000x9000 pixels, over the limit of" in body["message"], body
     assert peak_after - peak_before < 100 * 2**20
     assert _post(f"{base}/invocations", warm)[0] == 200
+
+
+def test_concurrent_near_limit_images_are_decoded_within_the_pixel_budget_and_memory_comes_back(server):
+    """Six requests of three images just under the pixel limit at once: decoding holds the process-wide
+    pixel budget (SIAMESE_MAX_DECODING_PIXELS, by default one image at the limit), so the server grows
+    by about one decoded image, not eighteen, and gives it back."""
+    base, gallery, name = server
+    buffer = io.BytesIO()
+    Image.new("RGB", (3990, 3990), (90, 140, 200)).save(buffer, format="PNG")  # 15.9 MP, 64 MB decoded
+    near_limit = encode_image(buffer.getvalue())
+    warm = {"dataframe_records": [{"image": encode_image(gallery["digit 1"][0])}]}
+    assert _post(f"{base}/invocations", warm)[0] == 200
+    rss_before, peak_before = _worker_memory(SERVER_PIDS[base])
+    requests = [{"dataframe_records": [{"image": near_limit}] * 3}] * 6
+    with ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(lambda payload: _post(f"{base}/invocations", payload), requests))
+    rss_after, peak_after = _worker_memory(SERVER_PIDS[base])
+    print(f"{name}: 6 requests of 3 images of 3990x3990 at once: peak {peak_before / 2**20:.0f} -> "
+          f"{peak_after / 2**20:.0f} MiB, resident {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB")
+    assert [status for status, _ in answers] == [200] * 6, answers[0]
+    assert peak_after - peak_before < 200 * 2**20  # 18 images decoded at once would take 1.1 GiB
+    assert rss_after - rss_before < 100 * 2**20
+
+
+@pytest.mark.parametrize("server", ["siamese serve"], indirect=True)
+def test_a_body_over_the_limit_is_refused_before_it_is_parsed(server):
+    base, gallery, _ = server
+    image = encode_image(gallery["digit 1"][0])
+    status, body = _post(f"{base}/invocations", {"dataframe_records": [{"image": image}] * 2000})  # about 1.5 MB
+    assert status == 413 and body["message"].startswith("request body of ") and "SIAMESE_MAX_BODY_BYTES" in body["message"]
+
+    # no Content-Length: the body arrives in chunks, refused once past the limit
+    connection = http.client.HTTPConnection(HOST, int(base.rsplit(":", 1)[1]), timeout=60)
+    chunks = (b'{"dataframe_records": [' + b"{\"image\": \"%s\"}, " % image.encode() * 200 for _ in range(20))
+    try:
+        connection.request("POST", "/invocations", body=chunks, headers={"Content-Type": "application/json"},
+                           encode_chunked=True)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server answered and closed before the client finished sending
+    response = connection.getresponse()
+    assert response.status == 413 and "over the limit of" in json.loads(response.read())["message"]
+    connection.close()
+    assert _post(f"{base}/invocations", {"dataframe_records": [{"image": image}]})[0] == 200
+
+
+@pytest.mark.parametrize("server", ["siamese serve"], indirect=True)
+def test_deep_requests_and_huge_keys_get_a_short_400(server):
+    base, gallery, _ = server
+    deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    huge = "k" * 500_000
+    for payload, expected in ((deep, b"nested too deeply"), (json.dumps({huge: 1}).encode(), b"one key of"),
+                              (json.dumps({"dataframe_split": {"columns": [huge], "data": [["x"]]}}).encode(),
+                               b"needs a column 'image'")):
+        request = urllib.request.Request(f"{base}/invocations", data=payload,
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(request, timeout=60)
+        answer = error.value.read()
+        assert error.value.code == 400 and expected in answer and len(answer) < 600, answer[:600]
+    status, body = _post(f"{base}/invocations", {"dataframe_records": [{"image": encode_image(gallery["digit 1"][0])}]})
+    assert status == 200 and body["predictions"][0]["label"] == "digit 1"
+
+
+def test_siamese_serve_refuses_a_version_whose_artifacts_were_swapped(registered, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    uri, bundle = registered
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    store = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+    code = next(store.rglob("served_model.py"))
+    original = code.read_text()
+    marker = tmp_path / "executed"
+    code.write_text(f"open({str(marker)!r}, 'w').close()\n" + original)
+    try:
+        out = CliRunner().invoke(app, ["serve", "--model", registry.champion_uri("served"), "--port", "1"])
+    finally:
+        code.write_text(original)
+    assert out.exit_code == 1 and "differ from those registered" in out.output and not marker.exists()
+    assert "Traceback" not in out.output
