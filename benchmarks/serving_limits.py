@@ -101,7 +101,7 @@ def _serve(uri: str, env: dict, log: Path):
             return process, base
         except OSError:
             if process.poll() is not None:
-                raise SystemExit(log.read_text()[-2000:])
+                raise SystemExit(log.read_text()[-2000:]) from None
             time.sleep(0.5)
     raise SystemExit("server did not start")
 
