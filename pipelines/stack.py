@@ -27,6 +27,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import closing
 from pathlib import Path
 from typing import Annotated
 
@@ -41,6 +42,8 @@ SERVICES = ("postgres", "s3", "mlflow", "prefect", "worker")
 BUCKET = "siamese"
 WORK_POOL = "siamese"
 PIPELINE_USER = "siamese"
+PREFECT_USER = "siamese"  # the Prefect API's basic-auth login with --auth
+PG_ADMIN = "siamese_admin"  # PostgreSQL's superuser; the services log in as roles without privileges
 STARTUP_TIMEOUT_S = 180
 STOP_TIMEOUT_S = 20
 
@@ -130,12 +133,12 @@ def _write_private(path: Path, data: dict) -> None:
 def _secrets(root: Path) -> dict[str, str]:
     """The stack's passwords and keys, made once and kept in ``secrets.json``."""
     path = root / "secrets.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    made = {"postgres_password": secrets.token_urlsafe(18), "aws_access_key_id": "siamese-stack",
-            "aws_secret_access_key": secrets.token_urlsafe(24), "mlflow_admin_password": secrets.token_urlsafe(18),
-            "mlflow_user_password": secrets.token_urlsafe(18), "flask_secret_key": secrets.token_urlsafe(32)}
-    _write_private(path, made)
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    names = ("postgres_admin_password", "postgres_password", "prefect_db_password", "aws_secret_access_key",
+             "mlflow_admin_password", "mlflow_user_password", "prefect_api_password", "flask_secret_key")
+    made = {"aws_access_key_id": "siamese-stack", **{name: secrets.token_urlsafe(24) for name in names}, **kept}
+    if made != kept:  # a new stack, or one made before a key was added
+        _write_private(path, made)
     return made
 
 
@@ -252,16 +255,36 @@ def _check_postgres(stack: dict) -> str | None:
 
     pg, key = stack["services"]["postgres"], _secrets(Path(stack["root"]))["postgres_password"]
     try:
-        psycopg2.connect(host=HOST, port=pg["port"], user="mlflow", password=key, dbname="postgres",
+        psycopg2.connect(host=HOST, port=pg["port"], user="mlflow", password=key, dbname="mlflow",
                          connect_timeout=3).close()
     except psycopg2.Error as exc:
         return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return None
 
 
+def _s3_answers(stack: dict) -> str | None:
+    """The S3 server answers a signed request with the stack's keys (start-up: the bucket may not exist yet)."""
+    import botocore.exceptions
+
+    try:
+        _s3_client(stack).list_buckets()
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+        return f"no signed answer ({type(exc).__name__})"
+    return None
+
+
 def _check_s3(stack: dict) -> str | None:
-    status, _ = _http(stack["services"]["s3"]["url"] + "/moto-api/")
-    return None if status == 200 else f"GET /moto-api/ answered {status or 'nothing'}"
+    """The bucket answers a signed HEAD with the stack's keys (a server that lost it is not healthy)."""
+    import botocore.exceptions
+
+    try:
+        _s3_client(stack).head_bucket(Bucket=BUCKET)
+    except botocore.exceptions.ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "?")
+        return f"bucket '{BUCKET}' answered {code}" + (" (it is gone)" if code in ("404", "NoSuchBucket") else "")
+    except botocore.exceptions.BotoCoreError as exc:
+        return f"no answer ({type(exc).__name__})"
+    return None
 
 
 def _check_mlflow(stack: dict) -> str | None:
@@ -269,15 +292,21 @@ def _check_mlflow(stack: dict) -> str | None:
     return None if status == 200 else f"GET /health answered {status or 'nothing'} {body[:80]!r}"
 
 
+def _prefect_login(stack: dict) -> tuple[str, str] | None:
+    """The Prefect API's basic-auth login with --auth, else None."""
+    return (PREFECT_USER, _secrets(Path(stack["root"]))["prefect_api_password"]) if stack["auth"] else None
+
+
 def _check_prefect(stack: dict) -> str | None:
-    status, _ = _http(stack["services"]["prefect"]["url"] + "/api/health")
+    status, _ = _http(stack["services"]["prefect"]["url"] + "/api/health", auth=_prefect_login(stack))
     return None if status == 200 else f"GET /api/health answered {status or 'nothing'}"
 
 
 def _check_worker(stack: dict) -> str | None:
     if not _ours(stack["services"]["worker"]):
         return "worker process is not running"
-    status, body = _http(f"{stack['services']['prefect']['url']}/api/work_pools/{WORK_POOL}")
+    status, body = _http(f"{stack['services']['prefect']['url']}/api/work_pools/{WORK_POOL}",
+                         auth=_prefect_login(stack))
     if status != 200:
         return f"work pool '{WORK_POOL}' answered {status or 'nothing'}"
     pool_status = json.loads(body).get("status")
@@ -299,7 +328,6 @@ def _bin(name: str) -> str:
 def _start_postgres(stack: dict, keys: dict) -> None:
     """initdb once (user ``mlflow``, password auth on loopback), start on the port, create the two databases."""
     import psutil
-    import psycopg2
 
     root, pg = Path(stack["root"]), stack["services"]["postgres"]
     folder, data = root / "postgres", root / "postgres" / "data"
@@ -313,10 +341,11 @@ def _start_postgres(stack: dict, keys: dict) -> None:
                              "use a --root whose parent folders it can enter (mode 755)")
     if not (data / "PG_VERSION").exists():
         pwfile = folder / "pwfile"
-        pwfile.write_text(keys["postgres_password"] + "\n")
+        pwfile.write_text(keys["postgres_admin_password"] + "\n")
+        pwfile.chmod(0o600)
         if os.geteuid() == 0:
             shutil.chown(pwfile, "postgres", "postgres")
-        done = subprocess.run(_as_postgres([pg_bin("initdb"), "-D", str(data), "-U", "mlflow", f"--pwfile={pwfile}",
+        done = subprocess.run(_as_postgres([pg_bin("initdb"), "-D", str(data), "-U", PG_ADMIN, f"--pwfile={pwfile}",
                                             "--auth-host=scram-sha-256", "--auth-local=peer", "-E", "UTF8",
                                             "--locale=C"]),
                               capture_output=True, text=True, cwd=folder, check=False)
@@ -332,16 +361,45 @@ def _start_postgres(stack: dict, keys: dict) -> None:
                          f"last lines of {pg['log']}:\n{_tail(pg['log'])}")
     pg["pid"] = int((data / "postmaster.pid").read_text().split()[0])
     pg["started"] = psutil.Process(pg["pid"]).create_time()
+    _ensure_roles(pg["port"], keys)
     _wait("postgres", lambda: _check_postgres(stack), {}, Path(pg["log"]), 60)
-    connection = psycopg2.connect(host=HOST, port=pg["port"], user="mlflow", password=keys["postgres_password"],
-                                  dbname="postgres")
-    connection.autocommit = True
-    with connection.cursor() as cursor:
-        for database in ("mlflow", "prefect"):
-            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
+
+
+def _ensure_roles(port: int, keys: dict) -> None:
+    """One login role per database (``mlflow``, ``prefect``), owner of its database and nothing else: no
+    superuser, no CREATEDB or CREATEROLE, no CONNECT to the other's database. A cluster made before these
+    roles (its superuser was ``mlflow``) gets the admin role and loses the superuser on ``mlflow``."""
+    import psycopg2
+
+    def connect(user: str, password: str, database: str = "postgres"):
+        connection = psycopg2.connect(host=HOST, port=port, user=user, password=password, dbname=database,
+                                      connect_timeout=10)
+        connection.autocommit = True
+        return connection
+
+    earlier_layout = False
+    try:
+        admin = connect(PG_ADMIN, keys["postgres_admin_password"])
+    except psycopg2.OperationalError:  # the earlier layout: make the admin role as the old superuser
+        earlier_layout = True
+        with closing(connect("mlflow", keys["postgres_password"])) as old, old.cursor() as cursor:
+            cursor.execute(f"CREATE ROLE {PG_ADMIN} LOGIN SUPERUSER PASSWORD %s", (keys["postgres_admin_password"],))
+        admin = connect(PG_ADMIN, keys["postgres_admin_password"])
+    with closing(admin), admin.cursor() as cursor:
+        for role, password in (("mlflow", keys["postgres_password"]), ("prefect", keys["prefect_db_password"])):
+            cursor.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+            verb = "ALTER" if cursor.fetchone() else "CREATE"
+            cursor.execute(f"{verb} ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD %s", (password,))
+            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (role,))
             if cursor.fetchone() is None:
-                cursor.execute(f"CREATE DATABASE {database}")
-    connection.close()
+                cursor.execute(f"CREATE DATABASE {role} OWNER {role}")
+            cursor.execute(f"ALTER DATABASE {role} OWNER TO {role}")
+            cursor.execute(f"REVOKE ALL ON DATABASE {role} FROM PUBLIC")
+        cursor.execute("REVOKE ALL ON DATABASE postgres FROM PUBLIC")
+    if earlier_layout:  # Prefect's tables were made as mlflow
+        with closing(connect(PG_ADMIN, keys["postgres_admin_password"], "prefect")) as prefect, prefect.cursor() as cursor:
+            cursor.execute("REASSIGN OWNED BY mlflow TO prefect")
+            cursor.execute("ALTER DATABASE mlflow OWNER TO mlflow")  # REASSIGN moved the databases it owned too
 
 
 def _s3_client(stack: dict):
@@ -355,9 +413,9 @@ def _s3_client(stack: dict):
 def _start_s3(stack: dict, env: dict) -> None:
     """moto's S3 server; the bucket is made, with the objects ``down`` saved last time."""
     root, s3 = Path(stack["root"]), stack["services"]["s3"]
-    s3.update(_start([sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(s3["port"])],
+    s3.update(_start([sys.executable, "-m", "pipelines.s3server", HOST, str(s3["port"]), BUCKET],
                      Path(s3["log"]), env, root))
-    _wait("s3", lambda: _check_s3(stack), s3, Path(s3["log"]))
+    _wait("s3", lambda: _s3_answers(stack), s3, Path(s3["log"]))
     client, saved = _s3_client(stack), root / "s3" / "bucket"
     client.create_bucket(Bucket=BUCKET)
     for path in sorted(p for p in saved.rglob("*") if p.is_file()):
@@ -433,8 +491,10 @@ def _prefect_env(stack: dict, env: dict) -> dict:
 def _start_prefect(stack: dict, keys: dict, env: dict) -> None:
     """A Prefect server on the PostgreSQL database ``prefect``."""
     pf, pg = stack["services"]["prefect"], stack["services"]["postgres"]
-    database = f"postgresql+asyncpg://mlflow:{keys['postgres_password']}@{HOST}:{pg['port']}/prefect"
+    database = f"postgresql+asyncpg://prefect:{keys['prefect_db_password']}@{HOST}:{pg['port']}/prefect"
     env = {**_prefect_env(stack, env), "PREFECT_API_DATABASE_CONNECTION_URL": database}
+    if stack["auth"]:
+        env["PREFECT_SERVER_API_AUTH_STRING"] = f"{PREFECT_USER}:{keys['prefect_api_password']}"
     pf.update(_start([_bin("prefect"), "server", "start", "--host", HOST, "--port", str(pf["port"])],
                      Path(pf["log"]), env, Path(stack["root"])))
 
@@ -444,7 +504,7 @@ def _start_worker(stack: dict, env: dict) -> None:
     pf, wk = stack["services"]["prefect"], stack["services"]["worker"]
     env = {**_prefect_env(stack, env), **client_env(stack)}  # the flow runs it starts use the stack too
     _wait("prefect", lambda: _check_prefect(stack), pf, Path(pf["log"]))
-    status, _ = _http(f"{pf['url']}/api/work_pools/{WORK_POOL}")
+    status, _ = _http(f"{pf['url']}/api/work_pools/{WORK_POOL}", auth=_prefect_login(stack))
     if status != 200:
         done = subprocess.run([_bin("prefect"), "work-pool", "create", WORK_POOL, "--type", "process"],
                               env=env, capture_output=True, text=True, check=False, timeout=120)
@@ -472,7 +532,8 @@ def client_env(stack: dict) -> dict[str, str]:
            "AWS_ACCESS_KEY_ID": keys["aws_access_key_id"], "AWS_SECRET_ACCESS_KEY": keys["aws_secret_access_key"],
            "AWS_DEFAULT_REGION": "us-east-1", "PREFECT_API_URL": f"{services['prefect']['url']}/api"}
     if stack["auth"]:
-        env.update(MLFLOW_TRACKING_USERNAME=PIPELINE_USER, MLFLOW_TRACKING_PASSWORD=keys["mlflow_user_password"])
+        env.update(MLFLOW_TRACKING_USERNAME=PIPELINE_USER, MLFLOW_TRACKING_PASSWORD=keys["mlflow_user_password"],
+                   PREFECT_API_AUTH_STRING=f"{PREFECT_USER}:{keys['prefect_api_password']}")
     return env
 
 
@@ -518,7 +579,8 @@ def up(root: str | os.PathLike = DEFAULT_ROOT, auth: bool = False, base_port: in
            "AWS_SECRET_ACCESS_KEY": keys["aws_secret_access_key"], "AWS_DEFAULT_REGION": "us-east-1",
            "MLFLOW_S3_ENDPOINT_URL": services["s3"]["url"], "PATH": f"{Path(sys.executable).parent}{os.pathsep}"
            f"{os.environ.get('PATH', '')}"}
-    for name in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+    for name in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                 "PREFECT_API_AUTH_STRING"):
         env.pop(name, None)  # a user's earlier exports must not point the servers at another stack
     try:
         _start_postgres(stack, keys)

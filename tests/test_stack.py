@@ -146,6 +146,67 @@ def test_stack_comes_up_healthy_and_prints_how_to_use_it(shared_stack):
 
 
 @needs_stack
+def test_each_service_logs_in_to_postgres_as_a_role_without_privileges(shared_stack):
+    import psycopg2
+    import psycopg2.errors
+
+    keys = json.loads((Path(shared_stack["root"]) / "secrets.json").read_text())
+    port = shared_stack["services"]["postgres"]["port"]
+    logins = {"mlflow": keys["postgres_password"], "prefect": keys["prefect_db_password"]}
+
+    def connect(role, database):
+        return psycopg2.connect(host="127.0.0.1", port=port, user=role, password=logins[role], dbname=database)
+
+    for role, other in (("mlflow", "prefect"), ("prefect", "mlflow")):
+        with connect(role, role) as connection, connection.cursor() as cursor:
+            cursor.execute("SELECT rolsuper, rolcreatedb, rolcreaterole FROM pg_roles WHERE rolname = current_user")
+            assert cursor.fetchone() == (False, False, False)
+            with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+                cursor.execute("COPY (SELECT 1) TO PROGRAM 'true'")
+        connection.close()
+        with pytest.raises(psycopg2.OperationalError, match="permission denied"):
+            connect(role, other)  # no CONNECT on the other service's database
+
+
+@needs_stack
+def test_s3_answers_only_requests_signed_with_the_stacks_key_and_its_admin_api_is_closed(shared_stack):
+    import boto3
+    import botocore
+    from botocore.config import Config
+
+    env = stack.client_env(shared_stack)
+    url = env["MLFLOW_S3_ENDPOINT_URL"]
+
+    def client(key, secret, **options):
+        return boto3.client("s3", endpoint_url=url, aws_access_key_id=key, aws_secret_access_key=secret,
+                            region_name="us-east-1", **options)
+
+    good = client(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
+    good.put_object(Bucket=stack.BUCKET, Key="signed-check", Body=b"kept")
+    unsigned = client("any", "any", config=Config(signature_version=botocore.UNSIGNED))
+    for attempt, code in ((lambda: client(env["AWS_ACCESS_KEY_ID"], "wrong").list_objects_v2(Bucket=stack.BUCKET),
+                           "SignatureDoesNotMatch"),
+                          (lambda: client("someone-else", env["AWS_SECRET_ACCESS_KEY"]).list_objects_v2(
+                              Bucket=stack.BUCKET), "InvalidAccessKeyId"),
+                          (lambda: unsigned.list_objects_v2(Bucket=stack.BUCKET), "AccessDenied"),
+                          (lambda: unsigned.delete_object(Bucket=stack.BUCKET, Key="signed-check"), "AccessDenied"),
+                          (lambda: good.create_bucket(Bucket="another-bucket"), "AccessDenied")):  # its bucket only
+        with pytest.raises(botocore.exceptions.ClientError) as refused:
+            attempt()
+        assert refused.value.response["Error"]["Code"] == code
+    assert stack._http(f"{url}/moto-api/reset", method="POST")[0] == 404
+    assert good.get_object(Bucket=stack.BUCKET, Key="signed-check")["Body"].read() == b"kept"
+    good.delete_object(Bucket=stack.BUCKET, Key="signed-check")
+    assert stack.status(shared_stack["root"])["s3"] is None
+
+
+@needs_stack
+def test_stack_status_checks_the_bucket_not_just_the_port(shared_stack, monkeypatch):
+    monkeypatch.setattr(stack, "BUCKET", "not-the-stacks-bucket")  # as after a reset of the S3 server
+    assert stack.status(shared_stack["root"])["s3"] == "bucket 'not-the-stacks-bucket' answered 404 (it is gone)"
+
+
+@needs_stack
 def test_dvc_repro_against_the_stack_registers_a_champion_stored_in_the_bucket(shared_stack, pipeline):
     from mlflow import MlflowClient
 
@@ -242,6 +303,11 @@ def test_basic_auth_refuses_anonymous_requests_and_the_registry_survives_a_resta
         assert stack._http(search)[0] == 401
         assert stack._http(search, auth=(env["MLFLOW_TRACKING_USERNAME"], "not-the-password"))[0] == 401
         assert stack._http(search, auth=(env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]))[0] == 200
+        flows = env["PREFECT_API_URL"] + "/flows/filter"  # Prefect's API: no login, no access
+        user, password = env["PREFECT_API_AUTH_STRING"].split(":", 1)
+        assert stack._http(flows, method="POST")[0] == 401
+        assert stack._http(flows, auth=(user, "not-the-password"), method="POST")[0] == 401
+        assert stack._http(flows, auth=(user, password), method="POST")[0] == 200
 
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
