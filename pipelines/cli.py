@@ -466,6 +466,23 @@ def rollback(
 registry_app = typer.Typer(help="Look after the model registry.", no_args_is_help=True)
 
 
+@registry_app.command("sign")
+def registry_sign(
+    model_name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="A version registered before artifact digests were recorded.")],
+) -> None:
+    """Record the sha256 of a version's stored files, so it can be loaded and served: for versions registered
+    before digests were recorded, when you trust what the artifact store holds now."""
+
+    def body():
+        from pipelines.registry import sign
+
+        digest = sign(model_name, version)
+        typer.echo(f"{model_name} version {int(version)}: artifacts_sha256 {digest} recorded")
+
+    _run(body)
+
+
 @registry_app.command("repair")
 def registry_repair(
     model_name: Annotated[str, typer.Argument(help="Registered model name.")],

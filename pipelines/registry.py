@@ -93,32 +93,44 @@ def load_champion(model_name: str):
 
 def download_bundle(model_uri: str) -> Path:
     """The model bundle folder of a registered model, e.g. ``models:/name@champion``, downloaded locally
-    and checked against the digest recorded at registration."""
-    local = verified_download(model_uri)
+    and checked against the digest recorded at registration.
+
+    A bundle is data, read by safe loaders (no pickle, Keras' safe mode), so a version registered
+    before digests were recorded is still read, with a warning; its code never runs from here.
+    """
+    local = verified_download(model_uri, unsigned_ok=True)
     if not (local / "artifacts" / "bundle").is_dir():
         raise RegistryError(f"{model_uri}: the downloaded model holds no bundle (artifacts/bundle); it was not "
                             "registered by this project, or its artifacts are incomplete")
     return local / "artifacts" / "bundle"
 
 
-def verified_download(model_uri: str) -> Path:
+def _version_of(model_uri: str) -> ModelVersion:
+    """The version a ``models:/name/3`` or ``models:/name@alias`` URI names."""
+    name, _, rest = model_uri.removeprefix("models:/").partition("/")
+    name, _, alias = name.partition("@")
+    return _require_alias(name, alias) if alias else client().get_model_version(name, version_number(rest))
+
+
+def verified_download(model_uri: str, unsigned_ok: bool = False) -> Path:
     """A fresh local copy of a registered version (``models:/name/3`` or ``models:/name@alias``) whose files
     match the sha256 recorded on the version when it was registered (tag ``artifacts_sha256``).
 
     The digest lives in the tracking database, the files in the artifact store: a file changed in the
     store is refused in one line (RegistryError), before any of its code runs.
     """
-    name, _, rest = model_uri.removeprefix("models:/").partition("/")
-    name, _, alias = name.partition("@")
-    version = _require_alias(name, alias) if alias else client().get_model_version(name, version_number(rest))
+    version = _version_of(model_uri)
     expected = version.tags.get(ARTIFACTS_DIGEST_TAG)
-    if not expected:
-        raise RegistryError(f"{model_uri}: version {version.version} has no '{ARTIFACTS_DIGEST_TAG}' tag, so its "
-                            "artifacts cannot be checked (it was registered before the artifacts were signed, or "
-                            "not by this project); register it again")
-    local = _download(f"models:/{name}/{version.version}")
+    local = _download(f"models:/{version.name}/{version.version}")
     found = tree_sha256(local, _REGISTRATION_FILES)
-    if found != expected:
+    if not expected:
+        unsigned = (f"{model_uri}: version {version.version} has no '{ARTIFACTS_DIGEST_TAG}' tag (registered before "
+                    "digests were recorded), so its files cannot be checked")
+        if not unsigned_ok:
+            raise RegistryError(f"{unsigned}; if you trust what the artifact store holds, record it with "
+                                f"`siamese registry sign {version.name} {version.version}`, or register it again")
+        log.warning("%s; its bundle is read as data only", unsigned)
+    elif found != expected:
         raise RegistryError(f"{model_uri}: the artifacts of version {version.version} differ from those registered "
                             f"(sha256 {found[:12]}... against {expected[:12]}... recorded); refusing to load them")
     return local
@@ -328,6 +340,19 @@ def repair(model_name: str, older_than_s: float = STALE_REGISTRATION_S) -> list[
             mlflow_client.set_terminated(version.run_id, "FAILED")
         marked.append(str(version.version))
     return marked
+
+
+def sign(model_name: str, version: str) -> str:
+    """Record the sha256 of a version's stored files (tag ``artifacts_sha256``) for a version registered
+    before digests were recorded: trust on first use, by hand. A version that has one keeps it."""
+    found = _version_of(f"models:/{model_name}/{version_number(version)}")
+    if found.tags.get(ARTIFACTS_DIGEST_TAG):
+        raise RegistryError(f"version {found.version} of {model_name} already has its digest; nothing to do")
+    local = _download(f"models:/{model_name}/{found.version}")
+    digest = tree_sha256(local, _REGISTRATION_FILES)
+    shutil.rmtree(local, ignore_errors=True)
+    client().set_model_version_tag(model_name, found.version, ARTIFACTS_DIGEST_TAG, digest)
+    return digest
 
 
 def rollback(model_name: str, reason: str) -> dict:

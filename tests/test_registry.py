@@ -433,6 +433,21 @@ def test_a_version_is_stored_as_code_and_a_swapped_artifact_is_refused_before_it
     with pytest.raises(registry.RegistryError, match="differ from those registered"):
         registry.download_bundle("models:/tiny-recognizer@champion")
 
+    config.write_text(config.read_text().replace('"margin" ', '"margin"', 1))  # restored
+
+
+def test_a_version_registered_before_digests_is_read_as_data_and_served_only_once_signed(bundle, store):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    _log(bundle, 0.5)
     MlflowClient().delete_model_version_tag("tiny-recognizer", "1", registry.ARTIFACTS_DIGEST_TAG)
-    with pytest.raises(registry.RegistryError, match="has no 'artifacts_sha256' tag"):
-        registry.load_champion("tiny-recognizer")
+    with pytest.raises(registry.RegistryError, match="siamese registry sign tiny-recognizer 1"):
+        registry.load_champion("tiny-recognizer")  # its code would run: refused
+    assert (registry.download_bundle("models:/tiny-recognizer@champion") / "config.json").is_file()  # data: read
+    out = CliRunner().invoke(app, ["registry", "sign", "tiny-recognizer", "1"])
+    assert out.exit_code == 0 and "artifacts_sha256" in out.output
+    assert registry.load_champion("tiny-recognizer") is not None
+    again = CliRunner().invoke(app, ["registry", "sign", "tiny-recognizer", "1"])
+    assert again.exit_code == 1 and "already has its digest" in again.output
