@@ -267,9 +267,12 @@ def _s3_answers(stack: dict) -> str | None:
     import botocore.exceptions
 
     try:
-        _s3_client(stack).list_buckets()
-    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-        return f"no signed answer ({type(exc).__name__})"
+        _s3_client(stack).head_bucket(Bucket=BUCKET)
+    except botocore.exceptions.ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "?")
+        return None if code in ("404", "NoSuchBucket") else f"signed request refused ({code})"
+    except botocore.exceptions.BotoCoreError as exc:
+        return f"no answer ({type(exc).__name__})"
     return None
 
 

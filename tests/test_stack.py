@@ -201,9 +201,15 @@ def test_s3_answers_only_requests_signed_with_the_stacks_key_and_its_admin_api_i
 
 
 @needs_stack
-def test_stack_status_checks_the_bucket_not_just_the_port(shared_stack, monkeypatch):
-    monkeypatch.setattr(stack, "BUCKET", "not-the-stacks-bucket")  # as after a reset of the S3 server
-    assert stack.status(shared_stack["root"])["s3"] == "bucket 'not-the-stacks-bucket' answered 404 (it is gone)"
+def test_stack_status_checks_the_bucket_not_just_the_port(shared_stack):
+    s3 = _s3(shared_stack)
+    assert not _keys(shared_stack, ""), "runs before the pipeline fills the bucket"
+    s3.delete_bucket(Bucket=stack.BUCKET)  # as a reset of the S3 server would leave it: up, without the bucket
+    try:
+        assert stack.status(shared_stack["root"])["s3"] == f"bucket '{stack.BUCKET}' answered 404 (it is gone)"
+    finally:
+        s3.create_bucket(Bucket=stack.BUCKET)
+    assert stack.status(shared_stack["root"])["s3"] is None
 
 
 @needs_stack
