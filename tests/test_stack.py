@@ -169,38 +169,6 @@ def test_each_service_logs_in_to_postgres_as_a_role_without_privileges(shared_st
 
 
 @needs_stack
-def test_s3_answers_only_requests_signed_with_the_stacks_key_and_its_admin_api_is_closed(shared_stack):
-    import boto3
-    import botocore
-    from botocore.config import Config
-
-    env = stack.client_env(shared_stack)
-    url = env["MLFLOW_S3_ENDPOINT_URL"]
-
-    def client(key, secret, **options):
-        return boto3.client("s3", endpoint_url=url, aws_access_key_id=key, aws_secret_access_key=secret,
-                            region_name="us-east-1", **options)
-
-    good = client(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
-    good.put_object(Bucket=stack.BUCKET, Key="signed-check", Body=b"kept")
-    unsigned = client("any", "any", config=Config(signature_version=botocore.UNSIGNED))
-    for attempt, code in ((lambda: client(env["AWS_ACCESS_KEY_ID"], "wrong").list_objects_v2(Bucket=stack.BUCKET),
-                           "SignatureDoesNotMatch"),
-                          (lambda: client("someone-else", env["AWS_SECRET_ACCESS_KEY"]).list_objects_v2(
-                              Bucket=stack.BUCKET), "InvalidAccessKeyId"),
-                          (lambda: unsigned.list_objects_v2(Bucket=stack.BUCKET), "AccessDenied"),
-                          (lambda: unsigned.delete_object(Bucket=stack.BUCKET, Key="signed-check"), "AccessDenied"),
-                          (lambda: good.create_bucket(Bucket="another-bucket"), "AccessDenied")):  # its bucket only
-        with pytest.raises(botocore.exceptions.ClientError) as refused:
-            attempt()
-        assert refused.value.response["Error"]["Code"] == code
-    assert stack._http(f"{url}/moto-api/reset", method="POST")[0] == 404
-    assert good.get_object(Bucket=stack.BUCKET, Key="signed-check")["Body"].read() == b"kept"
-    good.delete_object(Bucket=stack.BUCKET, Key="signed-check")
-    assert stack.status(shared_stack["root"])["s3"] is None
-
-
-@needs_stack
 def test_stack_status_checks_the_bucket_not_just_the_port(shared_stack):
     s3 = _s3(shared_stack)
     assert not _keys(shared_stack, ""), "runs before the pipeline fills the bucket"
