@@ -64,7 +64,8 @@ def tree_sha256(path: str | os.PathLike, leave_out: frozenset[str] = frozenset()
     digest = hashlib.sha256()
     for file in sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() not in leave_out):
         digest.update(file.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(hashlib.sha256(file.read_bytes()).digest())
+        with open(file, "rb") as stream:  # in chunks: a model or gallery may be large
+            digest.update(hashlib.file_digest(stream, "sha256").digest())
     return digest.hexdigest()
 
 

@@ -23,6 +23,7 @@ import logging
 import os
 from importlib.metadata import version as package_version
 
+import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from starlette.applications import Starlette
@@ -152,8 +153,6 @@ def build_app(model, model_uri: str) -> Starlette:
 def load_for_serving(model_uri: str):
     """The pyfunc model of a registered version (``models:/NAME@alias`` or ``models:/NAME/3``), its artifacts
     checked against the digest recorded at registration, or of a local model folder."""
-    import mlflow
-
     from .registry import verified_download
 
     local = verified_download(model_uri) if model_uri.startswith("models:/") else model_uri

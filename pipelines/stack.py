@@ -45,6 +45,7 @@ PIPELINE_USER = "siamese"
 PREFECT_USER = "siamese"  # the Prefect API's basic-auth login with --auth
 PG_ADMIN = "siamese_admin"  # PostgreSQL's superuser; the services log in as roles without privileges
 STARTUP_TIMEOUT_S = 180
+_NO_BUCKET = ("404", "NoSuchBucket")
 STOP_TIMEOUT_S = 20
 
 
@@ -262,32 +263,30 @@ def _check_postgres(stack: dict) -> str | None:
     return None
 
 
-def _s3_answers(stack: dict) -> str | None:
-    """The S3 server answers a signed request with the stack's keys (start-up: the bucket may not exist yet)."""
+def _bucket_problem(stack: dict) -> tuple[str, str] | None:
+    """None when a HEAD of the bucket with the stack's keys succeeds, else (error code, what went wrong)."""
     import botocore.exceptions
 
     try:
         _s3_client(stack).head_bucket(Bucket=BUCKET)
     except botocore.exceptions.ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "?")
-        return None if code in ("404", "NoSuchBucket") else f"signed request refused ({code})"
+        return code, f"bucket '{BUCKET}' answered {code}" + (" (it is gone)" if code in _NO_BUCKET else "")
     except botocore.exceptions.BotoCoreError as exc:
-        return f"no answer ({type(exc).__name__})"
+        return "", f"no answer ({type(exc).__name__})"
     return None
+
+
+def _s3_answers(stack: dict) -> str | None:
+    """The S3 server answers the stack's keys (at start-up the bucket may not exist yet)."""
+    problem = _bucket_problem(stack)
+    return None if problem is None or problem[0] in _NO_BUCKET else problem[1]
 
 
 def _check_s3(stack: dict) -> str | None:
-    """The bucket answers a signed HEAD with the stack's keys (a server that lost it is not healthy)."""
-    import botocore.exceptions
-
-    try:
-        _s3_client(stack).head_bucket(Bucket=BUCKET)
-    except botocore.exceptions.ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "?")
-        return f"bucket '{BUCKET}' answered {code}" + (" (it is gone)" if code in ("404", "NoSuchBucket") else "")
-    except botocore.exceptions.BotoCoreError as exc:
-        return f"no answer ({type(exc).__name__})"
-    return None
+    """The bucket itself answers (a server that lost it is not healthy)."""
+    problem = _bucket_problem(stack)
+    return None if problem is None else problem[1]
 
 
 def _check_mlflow(stack: dict) -> str | None:
@@ -329,7 +328,8 @@ def _bin(name: str) -> str:
 
 
 def _start_postgres(stack: dict, keys: dict) -> None:
-    """initdb once (user ``mlflow``, password auth on loopback), start on the port, create the two databases."""
+    """initdb once (superuser ``siamese_admin``, password auth on loopback), start on the port, and give each
+    service its role and database (:func:`_ensure_roles`)."""
     import psutil
 
     root, pg = Path(stack["root"]), stack["services"]["postgres"]
