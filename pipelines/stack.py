@@ -416,7 +416,7 @@ def _s3_client(stack: dict):
 def _start_s3(stack: dict, env: dict) -> None:
     """moto's S3 server; the bucket is made, with the objects ``down`` saved last time."""
     root, s3 = Path(stack["root"]), stack["services"]["s3"]
-    s3.update(_start([sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(s3["port"])],
+    s3.update(_start([sys.executable, "-m", "pipelines.s3server", HOST, str(s3["port"])],
                      Path(s3["log"]), env, root))
     _wait("s3", lambda: _s3_answers(stack), s3, Path(s3["log"]))
     client, saved = _s3_client(stack), root / "s3" / "bucket"

@@ -169,6 +169,52 @@ def test_each_service_logs_in_to_postgres_as_a_role_without_privileges(shared_st
 
 
 @needs_stack
+def test_s3_answers_only_requests_signed_with_the_stacks_key_and_its_admin_api_is_closed(shared_stack):
+    import urllib.error
+    import urllib.request
+
+    import boto3
+    import botocore
+    from botocore.config import Config
+
+    env = stack.client_env(shared_stack)
+    url = env["MLFLOW_S3_ENDPOINT_URL"]
+
+    def client(key, secret, signature_version="s3v4"):
+        return boto3.client("s3", endpoint_url=url, aws_access_key_id=key, aws_secret_access_key=secret,
+                            region_name="us-east-1", config=Config(signature_version=signature_version))
+
+    good = client(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
+    good.put_object(Bucket=stack.BUCKET, Key="signed check/a+b.txt", Body=b"kept")
+    unsigned = client("any", "any", botocore.UNSIGNED)
+    for attempt, message in (
+        (lambda: client(env["AWS_ACCESS_KEY_ID"], "wrong").list_objects_v2(Bucket=stack.BUCKET), "does not match"),
+        (lambda: client("someone-else", env["AWS_SECRET_ACCESS_KEY"]).list_objects_v2(Bucket=stack.BUCKET),
+         "unknown access key"),
+        (lambda: unsigned.list_objects_v2(Bucket=stack.BUCKET), "must be signed"),
+        (lambda: unsigned.delete_object(Bucket=stack.BUCKET, Key="signed check/a+b.txt"), "must be signed"),
+    ):
+        with pytest.raises(botocore.exceptions.ClientError) as refused:
+            attempt()
+        assert refused.value.response["Error"]["Code"] == "AccessDenied"
+        assert message in refused.value.response["Error"]["Message"]
+
+    # presigned URLs (the MLflow server hands them out for downloads): the stack's key only, and not expired
+    params = {"Bucket": stack.BUCKET, "Key": "signed check/a+b.txt"}
+    assert urllib.request.urlopen(good.generate_presigned_url("get_object", Params=params)).read() == b"kept"
+    forged = client(env["AWS_ACCESS_KEY_ID"], "wrong").generate_presigned_url("get_object", Params=params)
+    expired = good.generate_presigned_url("get_object", Params=params, ExpiresIn=1)
+    time.sleep(2)
+    for refused_url in (forged, expired):
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(refused_url)
+        assert error.value.code == 403
+    assert stack._http(f"{url}/moto-api/reset", method="POST")[0] == 404  # the admin API is closed
+    assert good.get_object(**params)["Body"].read() == b"kept"
+    good.delete_object(**params)
+
+
+@needs_stack
 def test_stack_status_checks_the_bucket_not_just_the_port(shared_stack):
     s3 = _s3(shared_stack)
     assert not _keys(shared_stack, ""), "runs before the pipeline fills the bucket"
