@@ -15,6 +15,7 @@ back, so runs, models and DVC data outlive a restart (not a crash or ``kill -9``
 from __future__ import annotations
 
 import base64
+import getpass
 import glob
 import json
 import os
@@ -95,9 +96,35 @@ def _has_user(name: str) -> bool:
 # ---------------------------------------------------------------- small helpers
 
 
+def _as_user(user: str, command: list[str]) -> list[str]:
+    """``command`` run as ``user`` when this process is root and ``user`` is another; else as it is."""
+    return ["runuser", "-u", user, "--", *command] if os.geteuid() == 0 and user != getpass.getuser() else command
+
+
 def _as_postgres(command: list[str]) -> list[str]:
     """PostgreSQL refuses to run as root: run its programs as the ``postgres`` user then."""
-    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+    return _as_user("postgres", command)
+
+
+def worker_user(project: Path, requested: str | None) -> str:
+    """Who the Prefect worker, and so every flow it runs, runs as.
+
+    A stack started by a normal user runs it as that user. A stack started by root runs it as
+    ``requested``, else as the owner of the project folder (the checkout the flows write to); it
+    refuses to pick root itself: flows from the Prefect server would run with every privilege.
+    """
+    import pwd
+
+    if os.geteuid() != 0:
+        return getpass.getuser()
+    user = requested or pwd.getpwuid(project.stat().st_uid).pw_name
+    if user == "root" and requested != "root":
+        raise StackError(f"the stack runs as root and {project} belongs to root, so the worker would run every flow "
+                         "as root: pass --worker-user USER (a user who can write the project folder and run this "
+                         "Python), or --worker-user root to accept that")
+    if not _has_user(user):
+        raise StackError(f"--worker-user {user}: no such user on this machine")
+    return user
 
 
 def _port_free(port: int) -> bool:
@@ -514,8 +541,13 @@ def _start_worker(stack: dict, env: dict) -> None:
         if done.returncode != 0:
             output = (done.stdout + done.stderr).strip()[-500:]
             raise StackError(f"prefect work-pool create {WORK_POOL} failed: {output}")
-    wk.update(_start([_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process",
-                      "--install-policy", "never"], Path(wk["log"]), env, Path(stack["project"])))
+    if wk["user"] != getpass.getuser():  # its own Prefect home: the stack's is readable by the stack's user only
+        home = Path(stack["root"]) / "worker-home"
+        home.mkdir(mode=0o700, exist_ok=True)
+        shutil.chown(home, wk["user"])
+        env = {**env, "PREFECT_HOME": str(home), "HOME": str(home)}
+    command = [_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process", "--install-policy", "never"]
+    wk.update(_start(_as_user(wk["user"], command), Path(wk["log"]), env, Path(stack["project"])))
     _wait("worker", lambda: _check_worker(stack), wk, Path(wk["log"]))
 
 
@@ -546,11 +578,13 @@ def dvc_remote_commands(stack: dict, name: str = "stack") -> list[str]:
             f"dvc remote modify --local {name} endpointurl {stack['services']['s3']['url']}"]
 
 
-def up(root: str | os.PathLike = DEFAULT_ROOT, auth: bool = False, base_port: int | None = BASE_PORT) -> dict:
+def up(root: str | os.PathLike = DEFAULT_ROOT, auth: bool = False, base_port: int | None = BASE_PORT,
+       worker: str | None = None) -> dict:
     """Start every service under ``root`` and wait until each is healthy; return what ``stack.json`` holds.
 
     Ports: each service's port of the last run, else ``base_port + i``, else any free port
-    (``base_port=None``: any free port). On a failure the services already started are stopped.
+    (``base_port=None``: any free port). ``worker``: the user the worker runs flows as, when
+    root starts the stack (see :func:`worker_user`). On a failure the services already started are stopped.
     """
     reason = missing()
     if auth and not reason:
@@ -566,6 +600,7 @@ def up(root: str | os.PathLike = DEFAULT_ROOT, auth: bool = False, base_port: in
     previous = load(root)
     if previous and previous.get("state") == "up" and any(_ours(s) for s in previous["services"].values()):
         raise StackError(f"a stack is already running under {root}: see `siamese stack status --root {root}`")
+    runs_flows_as = worker_user(Path.cwd(), worker)
     keys = _secrets(root)
     ports = _pick_ports(base_port, {n: s["port"] for n, s in (previous or {}).get("services", {}).items()
                                     if s.get("port")})
@@ -575,7 +610,7 @@ def up(root: str | os.PathLike = DEFAULT_ROOT, auth: bool = False, base_port: in
                 for name, port in ports.items()}
     services["postgres"].update(url=f"postgresql://{HOST}:{ports['postgres']}",
                                 log=str(root / "postgres" / "postgres.log"))
-    services["worker"] = {"log": str(logs / "worker.log"), "pool": WORK_POOL}
+    services["worker"] = {"log": str(logs / "worker.log"), "pool": WORK_POOL, "user": runs_flows_as}
     stack = {"root": str(root), "project": str(Path.cwd()), "auth": auth, "state": "starting",
              "started_at": time.time(), "services": services}
     env = {**os.environ, "AWS_ACCESS_KEY_ID": keys["aws_access_key_id"],
@@ -676,10 +711,14 @@ def _or_fail(action):
 @stack_app.command("up")
 def up_command(root: RootOption = Path(DEFAULT_ROOT),
                auth: Annotated[bool, typer.Option("--auth", help="MLflow basic auth; the pipeline logs in "
-                                                  "as user 'siamese'.")] = False) -> None:
+                                                  "as user 'siamese'.")] = False,
+               worker: Annotated[str | None, typer.Option(
+                   "--worker-user", help="When root starts the stack: the user the worker runs flows as "
+                   "(default: the owner of this folder; root only when named).")] = None) -> None:
     """Start the services in the background, wait until each is healthy, print the variables to export."""
-    stack = _or_fail(lambda: up(root, auth=auth))
-    typer.echo(f"stack up in {stack['up_seconds']} s under {stack['root']} (logs in {stack['root']}/logs)")
+    stack = _or_fail(lambda: up(root, auth=auth, worker=worker))
+    typer.echo(f"stack up in {stack['up_seconds']} s under {stack['root']} (logs in {stack['root']}/logs); "
+               f"the worker runs flows as user '{stack['services']['worker']['user']}'")
     for name, service in stack["services"].items():
         typer.echo(f"  {name:<9}{service.get('url', 'pool ' + WORK_POOL):<32} pid {service.get('pid')}")
     if stack["auth"]:

@@ -5,6 +5,7 @@ on its bucket, and basic auth. Skipped, with the reason, where PostgreSQL's prog
 from __future__ import annotations
 
 import filecmp
+import getpass
 import json
 import os
 import shutil
@@ -57,6 +58,33 @@ def test_missing_postgres_is_one_line_reason(monkeypatch):
         stack.up("unused-root")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the worker's user is chosen only when root starts the stack")
+def test_as_root_the_worker_runs_flows_as_the_project_owner_and_never_picks_root_itself(tmp_path):
+    import pwd
+
+    project = tmp_path / "project"
+    project.mkdir()
+    with pytest.raises(stack.StackError, match="would run every flow as root: pass --worker-user USER"):
+        stack.worker_user(project, None)  # a root-owned checkout
+    assert stack.worker_user(project, "root") == "root"  # only when named
+    with pytest.raises(stack.StackError, match="no such user"):
+        stack.worker_user(project, "no-such-user-here")
+    someone = next(u.pw_name for u in pwd.getpwall() if u.pw_uid not in (0, os.geteuid()) and u.pw_name != "root")
+    os.chown(project, pwd.getpwnam(someone).pw_uid, -1)
+    assert stack.worker_user(project, None) == someone
+    assert stack._as_user(someone, ["prefect", "worker"]) == ["runuser", "-u", someone, "--", "prefect", "worker"]
+    assert stack._as_user("root", ["prefect"]) == ["prefect"]
+    with pytest.raises(stack.StackError, match="belongs to root"):  # `stack up` refuses before starting anything
+        os.chown(project, 0, -1)
+        cwd = os.getcwd()
+        os.chdir(project)
+        try:
+            stack.up(tmp_path / "stack-root")
+        finally:
+            os.chdir(cwd)
+    assert not (tmp_path / "stack-root" / "postgres").exists()
+
+
 def _stack_root() -> Path:
     """A fresh folder PostgreSQL can reach: as root it runs as user 'postgres', who cannot enter pytest's tmp."""
     base = Path(tempfile.mkdtemp(prefix="siamese-stack-"))
@@ -69,7 +97,7 @@ def shared_stack():
     """`siamese stack up` into a temporary folder, on free ports; `down` at the end."""
     base = _stack_root()
     started = time.monotonic()
-    up = stack.up(base / "stack", base_port=None)
+    up = stack.up(base / "stack", base_port=None, worker=getpass.getuser())  # as root: named, not picked
     up["measured_up_s"] = round(time.monotonic() - started, 1)
     print(f"\nstack up in {up['measured_up_s']} s: " + ", ".join(
         f"{name} {s['port']}" for name, s in up["services"].items() if s.get("port")))
@@ -317,7 +345,7 @@ def test_basic_auth_refuses_anonymous_requests_and_the_registry_survives_a_resta
     base = _stack_root()
     root = base / "stack"
     try:
-        env = stack.client_env(stack.up(root, auth=True, base_port=None))
+        env = stack.client_env(stack.up(root, auth=True, base_port=None, worker=getpass.getuser()))
         url = env["MLFLOW_TRACKING_URI"]
         search = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
         assert stack._http(search)[0] == 401
@@ -349,7 +377,7 @@ def test_basic_auth_refuses_anonymous_requests_and_the_registry_survives_a_resta
         assert any((root / "s3" / "bucket").rglob("*.keras")), "down did not save the bucket"
 
         # a restart: PostgreSQL keeps the registry and the users, the bucket comes back from s3/bucket/
-        assert stack.client_env(stack.up(root, auth=True, base_port=None)) == env  # same ports and credentials
+        assert stack.client_env(stack.up(root, auth=True, base_port=None, worker=getpass.getuser())) == env  # same ports and credentials
         assert stack._http(search)[0] == 401
         _assert_same_tree(before, registry.download_bundle(registry.champion_uri("secured")))
     finally:
