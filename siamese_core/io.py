@@ -6,7 +6,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +40,25 @@ def _write_errors_named(path: Path) -> Iterator[None]:
 
 
 @contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM received in the block take effect when it ends (Python runs signal handlers in the
+    main thread only, so elsewhere the block runs as it is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda number, frame: received.append(number))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for number in received:
+            signal.raise_signal(number)
+
+
+@contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path beside ``path``; it replaces ``path`` only on success."""
     path = Path(path)
@@ -64,13 +85,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~_umask())
         try:
             yield tmp
-            old = None
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            with _interrupts_deferred():  # the swap takes three steps: a signal between them would leave two
+                old = None
+                if path.exists():
+                    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                    os.replace(path, old)
+                os.replace(tmp, path)
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -51,3 +51,30 @@ def test_a_read_only_output_folder_fails_before_training(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {readonly}: cannot write the bundle and its checkpoints here (Read-only file system)")
     assert "Epoch" not in result.stdout
+
+
+def test_an_interrupt_during_a_folder_swap_takes_effect_after_it(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM that lands between the steps of replacing a folder (move the old one aside, move the
+    new one in, delete the old one) waits for the swap: the new folder is whole, no old copy is left."""
+    import os
+    import shutil
+    import signal
+
+    from siamese_core.io import atomic_dir
+
+    target = tmp_path / "bundle"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    remove = shutil.rmtree
+
+    def interrupted_rmtree(path, *args, **kwargs):
+        if ".old-" in str(path):
+            os.kill(os.getpid(), signal.SIGINT)  # arrives while the old copy is being removed
+        remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", interrupted_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(target) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
