@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # Largest request body ($SIAMESE_MAX_BODY_BYTES overrides it): 64 images of 1 MiB, base64-encoded, with room.
 DEFAULT_MAX_BODY_BYTES = 100 * 1024 * 1024
+# A refused body is read and dropped up to this many times the limit before the 413 is sent.
+DRAIN_FACTOR = 4
 # The most characters of a request that an error message repeats.
 ECHO_CHARS = 80
 INPUT_FORMATS = ("dataframe_split", "dataframe_records", "inputs", "instances")
@@ -64,19 +66,34 @@ def max_body_bytes() -> int:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused (413) from its declared length or once more than ``limit`` bytes have arrived."""
+    """The body, refused (413) from its declared length or once more than ``limit`` bytes have arrived.
+
+    A refused body is read on and dropped, up to ``DRAIN_FACTOR`` times the limit, so the client gets to
+    read the 413 (closing while it still sends makes it see a broken pipe instead); nothing is kept.
+    """
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
+        await _drop(request.stream(), DRAIN_FACTOR * limit)
         raise BadRequest(f"request body of {int(declared)} bytes is over the limit of {limit} "
                          "(SIAMESE_MAX_BODY_BYTES); send fewer or smaller images per request", 413)
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    async for chunk in stream:
         size += len(chunk)
         if size > limit:
+            await _drop(stream, DRAIN_FACTOR * limit - size)
             raise BadRequest(f"request body is over the limit of {limit} bytes (SIAMESE_MAX_BODY_BYTES); "
                              "send fewer or smaller images per request", 413)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _drop(stream, most: int) -> None:
+    """Read and discard up to about ``most`` bytes of ``stream``."""
+    async for chunk in stream:
+        most -= len(chunk)
+        if most <= 0:
+            return
 
 
 def parse_request(body: bytes) -> pd.DataFrame:
