@@ -45,6 +45,7 @@ def _register(root: Path) -> str:
     os.environ["MLFLOW_TRACKING_URI"] = uri
     from pipelines import registry
     from pipelines.params import PipelineParams
+    from pipelines.tracking import pipeline_run
     from siamese_core.config import apply_overrides
     from siamese_core.data import scan_folder
     from siamese_core.model import initial_embedding_model
@@ -63,7 +64,8 @@ def _register(root: Path) -> str:
     recognizer = SiameseRecognizer(embedding, build_gallery(embedding, scan_folder(root / "images")),
                                    params.core())
     bundle = recognizer.save(root / "bundle")
-    registry.log_and_register(params, bundle, {"top1": 1.0}, {}, [], {}, score_champion=lambda champion: None)
+    with pipeline_run(params) as scope:
+        registry.log_and_register(scope.run, params, bundle, {"top1": 1.0}, [], {}, score_champion=lambda champion: None)
     return uri
 
 

@@ -1,4 +1,5 @@
-"""The ``siamese`` command line: train, predict, evaluate and enrol.
+"""The ``siamese`` command line: train, predict, evaluate, enrol; the pipeline's stages and flows;
+the registry and the stack. Every command runs through one error boundary (:func:`pipelines.process.guarded`).
 
 TensorFlow is imported inside the commands, so ``siamese --help`` answers at once.
 """
@@ -6,25 +7,24 @@ TensorFlow is imported inside the commands, so ``siamese --help`` answers at onc
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import typer
 
-from pipelines.process import import_tensorflow_quietly, terminate_as_interrupt
+from pipelines.process import fail as _fail
+from pipelines.process import guarded as _run
+from pipelines.process import import_tensorflow_quietly
 
 app = typer.Typer(
     help="Siamese triplet-loss image recogniser: train on class folders, recognise new images "
     "by their nearest gallery class.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-state = {"debug": False}
 
 SetOption = Annotated[
     list[str] | None,
@@ -38,11 +38,8 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable
 DaskOption = Annotated[str | None, typer.Option(
     "--dask-address", help="Embed large image sets in shards on this Dask scheduler (tcp://host:8786); "
     "default $SIAMESE_DASK_ADDRESS, else in this process.")]
-
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
+ParamsOption = Annotated[Path | None, typer.Option(
+    "--params", help="The params file (default: $SIAMESE_PARAMS, else params.yaml).")]
 
 
 def _bundle_path(model: str) -> Path:
@@ -52,26 +49,6 @@ def _bundle_path(model: str) -> Path:
     from pipelines.registry import download_bundle
 
     return download_bundle(model)
-
-
-def _run(action):
-    """Run a command body; expected problems become a one-line error unless --debug."""
-    from pipelines.errors import PIPELINE_USER_ERRORS
-
-    terminate_as_interrupt()
-    if not state["debug"]:
-        import_tensorflow_quietly()
-    try:
-        return action()
-    except PIPELINE_USER_ERRORS as exc:
-        if state["debug"]:
-            raise
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        _fail("interrupted; existing outputs are untouched", 130)
-    except BrokenPipeError:  # the reader stopped early (`| head`): not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(0) from None
 
 
 def _config(params: Path | None, preset: str | None, overrides: list[str] | None):
@@ -91,11 +68,8 @@ def _check_dataset(train_dir: Path, test_dir: Path, params: Path | None) -> None
     With a params file, its ``data`` section sets the levels and limits, as in the validate stage.
     """
     from pipelines.params import DataConfig, load_params
-    from siamese_core.validation import validate_dataset
 
-    data = load_params(params).data if params else DataConfig()
-    report = validate_dataset(train_dir, test_dir, open_set=data.open_set, strict=data.strict,
-                              imbalance_ratio=data.imbalance_ratio, min_side=data.min_side)
+    report = (load_params(params).data if params else DataConfig()).validation(train_dir, test_dir)
     _refuse_or_warn(report, f"dataset validation failed with {len(report.errors)} errors "
                             f"and {len(report.warnings)} warnings")
 
@@ -121,7 +95,9 @@ def _refuse_or_warn(report, headline: str) -> None:
 @app.callback()
 def main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False) -> None:
     """Siamese recogniser command line."""
-    state["debug"] = debug
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up lines
 
 
 @app.command()
@@ -258,9 +234,9 @@ def evaluate(
             result = assess(recognizer, scan_folder(test_dir), gallery_images, heldout, seed=recognizer.config.train.seed,
                             unknowns=scan_folder(unknown_dir) if unknown_dir else None)
         if as_json:
-            typer.echo(json.dumps(result.report, ensure_ascii=False))
+            typer.echo(json.dumps(result.report.to_dict(), ensure_ascii=False))
             return
-        typer.echo(_evaluation_text(result.report, settings.top_k))
+        typer.echo(_evaluation_text(result.report))
         typer.echo(f"query time           {result.ms_per_query:.1f} ms per image on this machine, with "
                    f"{_views(settings.test_time_views)} and match {settings.match}")
 
@@ -271,39 +247,35 @@ def _views(count: int) -> str:
     return "no test-time views" if count == 1 else f"{count} test-time views (one forward pass each)"
 
 
-def _evaluation_text(report: dict, top_k: int) -> str:
-    """The evaluation report as the lines a person reads: figures, baselines, threshold, held-out classes."""
-    keys = ("top1", f"top{top_k}", "class_avg_accuracy", "map_at_r")
+def _evaluation_text(report) -> str:
+    """An :class:`~siamese_core.evaluation_report.EvaluationReport` as the lines a person reads: figures,
+    baselines, threshold, held-out classes."""
+    from siamese_core.evaluation_report import summary
 
-    def figures(scores: dict) -> str:
-        return "  ".join(f"{key} {scores[key]:.4f}" for key in keys if key in scores)
+    def figures(scores) -> str:
+        return "  ".join(f"{key} {value:.4f}" for key, value in summary(scores).items() if key != "macro_precision")
 
-    lines = [f"model                {figures(report)}  ({report['n_queries']} images)"]
-    for name in ("baseline_raw_pixels", "baseline_untrained"):
-        if name in report:
-            lines.append(f"{name.removeprefix('baseline_').replace('_', ' '):<21}{figures(report[name])}")
-    if "calibration" in report:
-        c = report["calibration"]
-        lines.append(f"unknown classes      score {c['score']} above {c['threshold']:.4g} is unknown; cross-fitted on "
-                     f"classes left out of the gallery: known accepted {c['known_accepted']:.4f}, unknown rejected "
-                     f"{c['unknown_rejected']:.4f}, AUROC {c['auroc']:.4f}; target "
-                     f"{'met' if c['target_met'] else 'missed'}")
-    if "open_set" in report:
-        o = report["open_set"]
-        lines.append(f"held-out classes     AUROC {o['auroc']:.4f}, unknown rejected {o['unknown_rejected']:.4f}, "
-                     f"known accepted {o['known_accepted']:.4f}, accuracy with rejection "
-                     f"{o['accuracy_with_rejection']:.4f}")
-    for shots, result in report.get("fewshot", {}).items():
-        others = "".join(f", {name.removeprefix('baseline_').replace('_', ' ')} {report[name]['fewshot'][shots]['mean']:.4f}"
-                         for name in ("baseline_raw_pixels", "baseline_untrained")
-                         if shots in report.get(name, {}).get("fewshot", {}))
-        label = f"{result['n_way']}-way {result['k_shot']}-shot"
-        lines.append(f"{label:<21}{result['mean']:.4f} ± {result['ci95']:.4f}{others}")
-    lines.extend(f"note: {note}" for note in report.get("notes", []))
-    if "baseline_check" in report:
-        lines.append(report["baseline_check"]["sentence"])
+    baselines = {"raw pixels": report.baseline_raw_pixels, "untrained": report.baseline_untrained}
+    lines = [f"model                {figures(report)}  ({report.n_queries} images)"]
+    lines.extend(f"{name:<21}{figures(scores)}" for name, scores in baselines.items() if scores is not None)
+    if report.calibration is not None:
+        c = report.calibration
+        lines.append(f"unknown classes      score {c.score} above {c.threshold:.4g} is unknown; cross-fitted on "
+                     f"classes left out of the gallery: known accepted {c.known_accepted:.4f}, unknown rejected "
+                     f"{c.unknown_rejected:.4f}, AUROC {c.auroc:.4f}; target {'met' if c.target_met else 'missed'}")
+    if report.open_set is not None:
+        o = report.open_set
+        lines.append(f"held-out classes     AUROC {o.auroc:.4f}, unknown rejected {o.unknown_rejected:.4f}, "
+                     f"known accepted {o.known_accepted:.4f}, accuracy with rejection {o.accuracy_with_rejection:.4f}")
+    for shots, result in (report.fewshot or {}).items():
+        others = "".join(f", {name} {scores.fewshot[shots].mean:.4f}" for name, scores in baselines.items()
+                         if scores is not None and scores.fewshot and shots in scores.fewshot)
+        label = f"{result.n_way}-way {result.k_shot}-shot"
+        lines.append(f"{label:<21}{result.mean:.4f} ± {result.ci95:.4f}{others}")
+    lines.extend(f"note: {note}" for note in report.notes)
+    lines.append(report.baseline_check.sentence)
     lines.append("per class:")
-    lines.extend(f"  {name}\t{accuracy:.4f}" for name, accuracy in report["per_class_accuracy"].items())
+    lines.extend(f"  {name}\t{accuracy:.4f}" for name, accuracy in report.per_class_accuracy.items())
     return "\n".join(lines)
 
 
@@ -463,7 +435,7 @@ def rollback(
     _run(body)
 
 
-registry_app = typer.Typer(help="Look after the model registry.", no_args_is_help=True)
+registry_app = typer.Typer(help="Look after the model registry.", no_args_is_help=True, rich_markup_mode=None)
 
 
 @registry_app.command("sign")
@@ -502,10 +474,96 @@ def registry_repair(
     _run(body)
 
 
+def _stage_names() -> list[str]:
+    from pipelines.pipeline import STAGES
+
+    return list(STAGES)
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(
+        help="The stage to run: validate, triplets, train, embed, evaluate or register.",
+        autocompletion=_stage_names, show_default=False)],
+    params: ParamsOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Run one pipeline stage in this project, as dvc.yaml does.
+
+    It reads what the stage table says the stage reads and writes its outputs atomically.
+    The stages after train log to the MLflow run that trained the model; register ends it.
+    """
+
+    def body():
+        import logging
+
+        from pipelines.params import load_params
+        from pipelines.pipeline import STAGES
+        from pipelines.runner import run_alone
+        from siamese_core.config import parse_set_options
+        from siamese_core.errors import ConfigError
+
+        if name not in STAGES:
+            raise ConfigError(f"no stage '{name}': the stages are {', '.join(STAGES)}")
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        run_alone(name, load_params(params, parse_set_options(set_ or [])))
+
+    _run(body, tensorflow=name != "validate")
+
+
+@app.command("dvc-yaml")
+def dvc_yaml(
+    params: ParamsOption = None,
+    check: Annotated[bool, typer.Option(
+        "--check", help="Write nothing; exit with status 1 when dvc.yaml differs from what would be written.")
+    ] = False,
+) -> None:
+    """Write dvc.yaml from the stage table and params.yaml.
+
+    Each stage's deps are the code it imports, the data folders params.yaml sets and the
+    artifacts it reads. Run it again after setting an optional folder to null or back.
+    """
+
+    def body():
+        from pipelines.params import load_params
+        from pipelines.pipeline import dvc_yaml as render
+
+        text = render(load_params(params))
+        current = Path("dvc.yaml").read_text(encoding="utf-8") if Path("dvc.yaml").is_file() else ""
+        if check:
+            if current != text:
+                _fail("dvc.yaml is not what the stage table and params.yaml give: run 'siamese dvc-yaml'")
+            typer.echo("dvc.yaml is current")
+            return
+        Path("dvc.yaml").write_text(text, encoding="utf-8")
+        typer.echo("wrote dvc.yaml" + ("" if current == text else " (changed)"))
+
+    _run(body, tensorflow=False)
+
+
+flows_app = typer.Typer(help="Run the pipeline's Prefect flows.", no_args_is_help=True, rich_markup_mode=None)
+
+
+@flows_app.command("serve")
+def flows_serve(params: ParamsOption = None) -> None:
+    """Serve the retraining flow on the schedule of params.yaml, one run at a time.
+
+    It blocks until Ctrl-C. Scheduled runs need a Prefect server (PREFECT_API_URL set).
+    """
+
+    def body():
+        from pipelines.flows import serve as serve_flows
+
+        serve_flows(str(params or "params.yaml"))
+
+    _run(body, tensorflow=False)
+
+
 from pipelines.stack import stack_app  # the `siamese stack` commands
 
 app.add_typer(stack_app, name="stack")
 app.add_typer(registry_app, name="registry")
+app.add_typer(flows_app, name="flows")
 
 if __name__ == "__main__":
     app(sys.argv[1:])

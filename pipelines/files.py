@@ -54,7 +54,7 @@ def content_hash(path: str | os.PathLike) -> str:
                 file = Path(root, name)
                 tree.add(file.relative_to(path).parts, None, HashInfo("md5", file_md5(str(file))))
     tree.digest()
-    return tree.hash_info.value
+    return str(tree.hash_info.value)
 
 
 def tree_sha256(path: str | os.PathLike, leave_out: frozenset[str] = frozenset()) -> str:

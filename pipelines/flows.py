@@ -5,43 +5,36 @@ one MLflow run before validation and ends it with the registration (or FAILED wi
 error), so two flows started together in one checkout never touch each other's files and
 each registers its own model. Stages whose inputs are unchanged are reused from a shared
 content-addressed cache. Flows run in Prefect's ephemeral mode by default, and against a
-server when ``PREFECT_API_URL`` is set. ``python -m pipelines.flows serve`` serves the
-retraining flow on the ``schedule`` of params.yaml.
+server when ``PREFECT_API_URL`` is set. ``siamese flows serve`` serves the retraining flow
+on the ``schedule`` of params.yaml.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-# The temporary server Prefect starts without PREFECT_API_URL sends a telemetry heartbeat that, on
-# a new database, fails with "database is locked" and prints a long traceback; it is turned off.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from . import stagecache, stages
-from .dvcfile import load_stages
+from . import pipeline, runner
 from .errors import PIPELINE_USER_ERRORS
+from .files import read_json
 from .params import PipelineParams, load_params
 
 RUNS = Path("runs")
-READ_RETRIES = {"retries": 2, "retry_delay_seconds": 5}
 DEPLOYMENT_TAGS = ["siamese", "retraining"]
 
 
-def _send_stage_logs_to_prefect() -> None:
+def send_stage_logs_to_prefect() -> None:
     """Give the stages' loggers Prefect's handlers, so their lines reach the flow run's logs."""
     extra = logging.getLogger("prefect.extra")
     for name in ("pipelines", "siamese_core"):
@@ -50,9 +43,6 @@ def _send_stage_logs_to_prefect() -> None:
         for handler in extra.handlers:
             if handler not in logger.handlers:
                 logger.addHandler(handler)
-
-
-_send_stage_logs_to_prefect()
 
 
 def new_workspace() -> Path:
@@ -65,24 +55,9 @@ def new_workspace() -> Path:
 
 
 @task(cache_policy=NO_CACHE)
-def run_stage(name: str, params: PipelineParams, workspace: str, run_id: str) -> dict:
-    """Run one stage in the workspace, or link its outputs from the cache when its inputs are unchanged."""
-    from .tracking import PipelineRun
-
-    logger = get_run_logger()
-    specs = load_stages()
-    artifacts = {out for spec in specs.values() for out in spec.resolved_outs(params)}
-    spec, root, run = specs[name], Path(workspace), PipelineRun(run_id)
-    key = stagecache.stage_key(spec, params, root, artifacts)
-    cached = stagecache.restore(spec, key, params, root)
-    if cached is not None:
-        logger.info("%s: inputs unchanged, reusing outputs %s", name, key[:12])
-        if name == "train":  # this run did not train: record which run did, and its curve
-            stages.record_reused_training(run, root)
-        return {**cached, "cached": True}
-    result = stages.STAGE_FUNCTIONS[name](params, root, run)
-    stagecache.store(spec, key, params, root, result)
-    return result
+def stage_task(name: str, ctx: pipeline.StageContext) -> dict:
+    """One stage in the flow's workspace, or its outputs linked from the cache when its inputs are unchanged."""
+    return runner.run_cached(name, ctx)
 
 
 @task(name="embed-shard", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
@@ -115,14 +90,6 @@ def dask_sharding(params: PipelineParams) -> Iterator[None]:
             yield
 
 
-@task(name="register", cache_policy=NO_CACHE)
-def register_task(params: PipelineParams, workspace: str, run_id: str) -> dict:
-    """Log the evaluation, register the model behind the champion gate and end the MLflow run."""
-    from .tracking import PipelineRun
-
-    return stages.register(params, Path(workspace), PipelineRun(run_id))
-
-
 def _mlflow_ui() -> str:
     """Where the MLflow UI is: ``$MLFLOW_UI_URL``, the tracking server, or ``mlflow ui``'s default address."""
     from .tracking import tracking_uri
@@ -136,7 +103,7 @@ def publish_artifacts(record: dict, workspace: Path, experiment_id: str) -> None
     ui = _mlflow_ui()
     run_link = f"{ui}/#/experiments/{experiment_id}/runs/{record['run_id']}"
     version_link = f"{ui}/#/models/{record['model_name']}/versions/{record['version']}"
-    metrics = stages.read_json(workspace / stages.METRICS)
+    metrics = read_json(workspace / pipeline.METRICS)
     rows = [("top1", "top1"), ("top5", "top5"), ("map_at_r", "map_at_r"),
             ("1-shot (held-out classes)", "fewshot.1shot.mean"), ("5-shot (held-out classes)", "fewshot.5shot.mean")]
     table = "\n".join(
@@ -150,7 +117,7 @@ def publish_artifacts(record: dict, workspace: Path, experiment_id: str) -> None
         f"`{record['metric']}` {record['value']:.4f} against the champion's "
         f"{'(none before)' if previous is None else f'{previous:.4f}'} on the same test queries. {record['reason']}",
         "",
-        stages.read_json(workspace / stages.EVALUATION).get("baseline_check", {}).get("sentence", ""),
+        read_json(workspace / pipeline.EVALUATION).get("baseline_check", {}).get("sentence", ""),
         "",
         "| metric | model | raw pixels | untrained network |",
         "|---|---|---|---|",
@@ -159,11 +126,11 @@ def publish_artifacts(record: dict, workspace: Path, experiment_id: str) -> None
         f"- MLflow run: [{record['run_name']}]({run_link})",
         f"- Model version: [{record['model_name']} v{record['version']}]({version_link})",
         f"- Data: `{record['data_hash']}`, git commit `{record['git_commit']}`",
-        f"- Workspace: `{workspace}` (report: `{workspace / stages.REPORT}`)",
+        f"- Workspace: `{workspace}` (report: `{workspace / pipeline.REPORT}`)",
     ])
     create_markdown_artifact(markdown=markdown, key="siamese-registration",
                              description=f"Registration of {record['model_name']} v{record['version']}")
-    evaluation = stages.read_json(workspace / stages.EVALUATION)
+    evaluation = read_json(workspace / pipeline.EVALUATION)
     create_table_artifact(
         table=[{"class": name, "accuracy": round(accuracy, 4),
                 "precision": round(evaluation["per_class_precision"][name], 4)}
@@ -179,24 +146,19 @@ def training_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | 
     command, params and input contents are unchanged since some earlier run is reused from
     the cache. A failure ends the MLflow run FAILED with the error; nothing is registered.
     """
-    from .tracking import PipelineRun
+    from .tracking import pipeline_run
 
+    send_stage_logs_to_prefect()
     params = load_params(params_path, overrides)
-    specs = load_stages()
     workspace = new_workspace()
-    run = PipelineRun.start(params)
-    run.set_tags({"workspace": str(workspace.resolve())})
-    get_run_logger().info("workspace %s, MLflow run %s", workspace, run.run_id)
-    try:
+    with pipeline_run(params) as scope:
+        run = scope.run
+        run.set_tags({"workspace": str(workspace.resolve())})
+        get_run_logger().info("workspace %s, MLflow run %s", workspace, run.run_id)
+        ctx = pipeline.StageContext(params, workspace, scope)
         with run.system_metrics(), dask_sharding(params):
-            for name in specs:
-                if name != "register":
-                    run_stage.with_options(name=name)(name, params, str(workspace), run.run_id)
-            record = register_task(params, str(workspace), run.run_id)
-    except BaseException as exc:
-        if run.is_open:
-            run.fail(exc)
-        raise
+            for name in pipeline.STAGES:
+                record = stage_task.with_options(name=name)(name, ctx)
     publish_artifacts(record, workspace, run.info.experiment_id)
     return {**record, "workspace": str(workspace)}
 
@@ -209,9 +171,12 @@ def data_hash_task(params: PipelineParams) -> str:
     return data_hash(params)
 
 
-@task(name="champion-data-hash", **READ_RETRIES,
-      retry_condition_fn=lambda task, task_run, state: not isinstance(state.result(raise_on_failure=False),
-                                                                      PIPELINE_USER_ERRORS))
+def _worth_retrying(task, task_run, state) -> bool:
+    """A registry read is retried unless it failed on a user error (no such model, a bad name)."""
+    return not isinstance(state.result(raise_on_failure=False), PIPELINE_USER_ERRORS)
+
+
+@task(name="champion-data-hash", retries=2, retry_delay_seconds=5, retry_condition_fn=_worth_retrying)
 def champion_data_hash(model_name: str) -> tuple[str, str | None] | None:
     """The champion's version and the ``data_hash`` tag of its run, or None when there is no champion."""
     from .registry import alias_version
@@ -281,17 +246,3 @@ def serve(params_path: str = "params.yaml") -> None:
         tags=DEPLOYMENT_TAGS,
         global_limit=1,
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.flows", description="Prefect flows of the pipeline.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve_parser = commands.add_parser("serve", help="serve the retraining flow on params.yaml's schedule")
-    serve_parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    serve(args.params)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -40,6 +40,14 @@ class DataConfig(Section):
         "and enrols them in few-shot episodes; null skips both.",
     )
 
+    def validation(self, train_dir: str | os.PathLike | None = None, test_dir: str | os.PathLike | None = None):
+        """The dataset validation report of ``train_dir`` and ``test_dir`` (default: this section's folders),
+        with this section's levels and limits: what the validate stage and ``siamese train`` check."""
+        from siamese_core.validation import validate_dataset
+
+        return validate_dataset(train_dir or self.train_dir, test_dir or self.test_dir, open_set=self.open_set,
+                                strict=self.strict, imbalance_ratio=self.imbalance_ratio, min_side=self.min_side)
+
 
 class RegisterConfig(Section):
     """MLflow experiment, registered model name and the champion gate."""
@@ -126,9 +134,9 @@ def load_params(path: str | os.PathLike | None = None, overrides: dict[str, Any]
 
     A ``preset`` override selects a preset too; the other overrides win over the preset.
     """
-    path = Path(path or os.environ.get("SIAMESE_PARAMS", DEFAULT_PARAMS))
+    file = Path(path or os.environ.get("SIAMESE_PARAMS") or DEFAULT_PARAMS)
     overrides = dict(overrides or {})
-    data = load_config(path, PipelineParams).model_dump()
+    data = load_config(file, PipelineParams).model_dump()
     data["preset"] = overrides.pop("preset", data["preset"])
-    params = validate_config(PipelineParams, with_preset(data, data["preset"]), str(path))
+    params = validate_config(PipelineParams, with_preset(data, data["preset"]), str(file))
     return apply_overrides(params, overrides) if overrides else params

@@ -1,10 +1,19 @@
-"""Process set-up for the entry points (CLI, stages): SIGTERM handled like Ctrl-C, so an
-interrupted run unwinds and removes its temporary files; TensorFlow's start-up chatter hidden."""
+"""The entry points' process set-up and their one error boundary: SIGTERM handled like Ctrl-C (so an
+interrupted run unwinds and removes its temporary files), TensorFlow's start-up chatter hidden, and
+expected problems turned into one line on stderr and an exit status."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
+
+import click
+import typer
+
+T = TypeVar("T")
 
 
 def _interrupt(signum, frame):
@@ -27,3 +36,41 @@ def import_tensorflow_quietly() -> None:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """End the command with ``error: <message>`` on stderr and exit status ``code``."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _debugging() -> bool:
+    """Whether the command line asked for full tracebacks (``siamese --debug ...``)."""
+    context = click.get_current_context(silent=True)
+    return bool(context and context.find_root().params.get("debug"))
+
+
+def guarded(action: Callable[[], T], tensorflow: bool = True) -> T:
+    """Run a command body: the error boundary of every ``siamese`` command.
+
+    A user error (bad input, no champion, a registry refusal) is one line and exit status 1 (a
+    traceback with ``--debug``); an interrupt or SIGTERM is exit status 130, its outputs untouched; a
+    closed pipe (``| head``) is not an error.
+    """
+    from .errors import PIPELINE_USER_ERRORS
+
+    terminate_as_interrupt()
+    debug = _debugging()
+    if tensorflow and not debug:
+        import_tensorflow_quietly()
+    try:
+        return action()
+    except PIPELINE_USER_ERRORS as exc:
+        if debug:
+            raise
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted; existing outputs are untouched", 130)
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None

@@ -17,14 +17,13 @@ import json
 import logging
 import os
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
 from siamese_core.data import PixelBudget, max_image_pixels
@@ -84,10 +83,6 @@ def _limit(variable: str, default: int) -> int:
         log.error("%s=%r is not a whole number", variable, value)
         raise ServerError() from None
 
-# What the model needs at serving time; pinned to the versions installed when it is logged.
-RUNTIME_PACKAGES = ("mlflow", "tensorflow-cpu", "keras", "numpy", "pillow", "pandas", "pydantic", "pyyaml")
-
-
 def encode_image(source: str | os.PathLike | bytes) -> str:
     """Base64 text of an image file (read on the client) or of encoded image bytes."""
     data = bytes(source) if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
@@ -104,14 +99,11 @@ def input_example() -> pd.DataFrame:
 
 
 def pip_requirements() -> list[str]:
-    """The runtime packages, pinned to the installed versions (skipping any not installed)."""
-    pins = []
-    for package in RUNTIME_PACKAGES:
-        try:
-            pins.append(f"{package}=={version(package)}")
-        except PackageNotFoundError:
-            continue
-    return pins
+    """What the served model needs: the packages its code imports (followed through siamese_core),
+    pinned to the versions installed when it is logged."""
+    from .imports import requirements
+
+    return requirements("pipelines.served_model")
 
 
 def decode_base64_images(model_input) -> list[bytes]:
@@ -151,7 +143,7 @@ def decode_base64_images(model_input) -> list[bytes]:
     return images
 
 
-class SiameseBundleModel(mlflow.pyfunc.PythonModel):
+class SiameseBundleModel(PythonModel):
     """Recognises base64-encoded images with the model bundle logged as the artifact ``bundle``."""
 
     def load_context(self, context) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import mlflow
 from filelock import FileLock
+from mlflow.entities import Param
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -33,13 +34,7 @@ from siamese_core.metrics import flatten
 from .errors import NoChampionError, RegistryError
 from .files import tree_sha256
 from .params import PipelineParams
-from .tracking import (
-    PipelineRun,
-    client,
-    ensure_experiment,
-    metric_values,
-    tracking_uri,
-)
+from .tracking import PipelineRun, client, ensure_experiment, metric_values, tracked_run, tracking_uri
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER, PREVIOUS, ENROLLED = "champion", "challenger", "previous", "enrolled"
@@ -230,7 +225,8 @@ def same_queries_scorer(train_dir: str | os.PathLike, test_dir: str | os.PathLik
         gallery = scan_folder(train_dir)
         if sorted(recognizer.gallery.class_names) != sorted(gallery.class_names):
             return None
-        return float(evaluate(recognizer.with_gallery(gallery), test_dir, recognizer.config.evaluate.top_k)[metric])
+        scores = evaluate(recognizer.with_gallery(gallery), test_dir, recognizer.config.evaluate.top_k)
+        return float(scores.to_dict()[metric])
 
     return score
 
@@ -360,13 +356,18 @@ def rollback(model_name: str, reason: str) -> dict:
     return set_champion(model_name, str(_require_alias(model_name, PREVIOUS).version), reason, "rollback")
 
 
-def _log_bundle_model(bundle_dir: str | os.PathLike) -> tuple[str, str]:
-    """Log a bundle folder as the pyfunc model ``model`` of the active run (models-from-code, no pickle),
+def _log_bundle_model(run_id: str, bundle_dir: str | os.PathLike) -> tuple[str, str]:
+    """Log a bundle folder as the pyfunc model ``model`` of run ``run_id`` (models-from-code, no pickle),
     checked to serve its example. Returns its model URI and the sha256 of its artifacts as stored."""
     from .pyfunc_model import SIGNATURE, input_example, pip_requirements
 
-    info = mlflow.pyfunc.log_model(
+    if not Path(bundle_dir).is_dir():
+        raise FileNotFoundError(f"{bundle_dir}: model bundle folder does not exist")
+    info = mlflow.models.Model.log(
+        None,
         name="model",
+        flavor=mlflow.pyfunc,
+        run_id=run_id,
         python_model=str(Path(__file__).with_name("served_model.py")),
         artifacts={"bundle": str(bundle_dir)},
         code_paths=_PACKAGE_DIRS,
@@ -382,28 +383,34 @@ def _log_bundle_model(bundle_dir: str | os.PathLike) -> tuple[str, str]:
     return info.model_uri, digest
 
 
+def register_bundle(run_id: str, model_name: str, bundle_dir: str | os.PathLike, tags: dict[str, str] | None = None) -> str:
+    """Log ``bundle_dir`` as the model of run ``run_id`` and register it as a new version of ``model_name``,
+    with the sha256 of its stored files (tag ``artifacts_sha256``). Returns the version; moves no alias."""
+    model_uri, digest = _log_bundle_model(run_id, bundle_dir)
+    mlflow_client = client()
+    version = str(mlflow.register_model(model_uri, model_name, tags={**(tags or {}), ARTIFACTS_DIGEST_TAG: digest}).version)
+    if not mlflow_client.get_registered_model(model_name).description:
+        mlflow_client.update_registered_model(model_name, MODEL_DESCRIPTION)
+    return version
+
+
 def log_and_register(
+    run: PipelineRun,
     params: PipelineParams,
     bundle_dir: str | os.PathLike,
     metrics: dict,
-    history: dict[str, list[float]],
     artifacts: list[Path],
     tags: dict[str, str],
-    run: PipelineRun | None = None,
-    card=None,
     *,
     score_champion: ChampionScorer,
     baselines: dict | None = None,
 ) -> dict:
-    """Log the evaluation and artifacts to the pipeline run, register the bundle, apply the gate, end the run.
+    """Log the evaluation and artifacts to ``run``, register the bundle and apply the champion gate.
 
-    Without ``run`` a new run is opened and ``history`` logged into it (one point per epoch);
-    the pipeline's own run already holds its history, logged live. The new version takes
-    ``champion`` only when it beats its baselines (``baselines``, the evaluation's ``baseline_check``) and
-    its ``register.metric`` strictly beats the current champion's on the same queries
-    (``score_champion``, see :func:`apply_gate`), else ``challenger``.
-    ``card(version, decision, previous, reason)`` returns the version's description (a model card).
-    Anything failing before the decision marks the run FAILED and moves no alias.
+    The new version takes ``champion`` only when it beats its baselines (``baselines``, the evaluation's
+    ``baseline_check``) and its ``register.metric`` strictly beats the current champion's on the same
+    queries (``score_champion``, see :func:`apply_gate`), else ``challenger``. The run stays open: its
+    owner (:func:`pipelines.tracking.pipeline_run`) ends it, FAILED if anything here fails.
     """
     register = params.register
     figures = metric_values(metrics)
@@ -413,30 +420,17 @@ def log_and_register(
             f"register.metric '{register.metric}' needs a finite number among the evaluation metrics "
             f"{sorted(figures)}, got {value}"
         )
-    if run is None:
-        run = PipelineRun.start(params)
-        run.log_history(history)
-    with run.failing_on_error("register"):
-        for left in repair(register.model_name):
-            log.warning("version %s of %s was left by an interrupted registration: tagged registration=incomplete",
-                        left, register.model_name)
-        run.set_tags(tags)
-        run.log_metrics(figures)
-        for path in map(Path, artifacts):
-            run.log_artifact(path)
-        if not Path(bundle_dir).is_dir():
-            raise FileNotFoundError(f"{bundle_dir}: model bundle folder does not exist")
-        with mlflow.start_run(run_id=run.run_id):  # the model is logged through the (thread-local) active run
-            model_uri, digest = _log_bundle_model(bundle_dir)
-            version = str(mlflow.register_model(model_uri, register.model_name,
-                                                tags={ARTIFACTS_DIGEST_TAG: digest}).version)
-            if not run.client.get_registered_model(register.model_name).description:
-                run.client.update_registered_model(register.model_name, MODEL_DESCRIPTION)
-            decision, previous, reason = apply_gate(
-                run.client, run.run_id, register.model_name, version, register.metric, value, register.greater_is_better,
-                score_champion, baselines)
-            if card is not None:
-                run.client.update_model_version(register.model_name, version, description=card(version, decision, previous, reason))
+    for left in repair(register.model_name):
+        log.warning("version %s of %s was left by an interrupted registration: tagged registration=incomplete",
+                    left, register.model_name)
+    run.set_tags(tags)
+    run.log_metrics(figures)
+    for path in map(Path, artifacts):
+        run.log_artifact(path)
+    version = register_bundle(run.run_id, register.model_name, bundle_dir)
+    decision, previous, reason = apply_gate(
+        run.client, run.run_id, register.model_name, version, register.metric, value, register.greater_is_better,
+        score_champion, baselines)
     return {
         "run_id": run.run_id,
         "run_name": run.info.run_name,
@@ -448,6 +442,11 @@ def log_and_register(
         "previous_champion_value": previous,
         "reason": reason,
     }
+
+
+def describe_version(model_name: str, version: str, text: str) -> None:
+    """Set a version's description (its model card)."""
+    client().update_model_version(model_name, version, description=text)
 
 
 def enroll_and_register(model_name: str, folder: str | os.PathLike, source: str = CHAMPION, promote: bool = False) -> dict:
@@ -476,25 +475,25 @@ def enroll_and_register(model_name: str, folder: str | os.PathLike, source: str 
     tags = {"enrolled_from": str(base.version), "enrolled_folder": str(folder)}
     experiment_id = mlflow_client.get_run(base.run_id).info.experiment_id if base.run_id else ensure_experiment("siamese")
     run_name = f"enrol-{Path(folder).name}-into-v{base.version}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+    with tempfile.TemporaryDirectory() as tmp, tracked_run(lambda: PipelineRun.create(experiment_id, run_name, tags)) as scope:
+        scope.stage = "enrol"
+        run = scope.run
         bundle = recognizer.save(Path(tmp) / "bundle", {"enrolled_from": f"{model_name}/{base.version}"})
-        mlflow.set_tags(tags)
-        mlflow.log_params(flatten(recognizer.config.model_dump(mode="json")))
-        mlflow.log_metrics({"gallery_size": len(recognizer.gallery), "classes": len(recognizer.gallery.class_names),
-                            "enrolled_images": len(images), "new_classes": len(new_classes)})
-        mlflow.log_dict({"folder": str(folder), "new_classes": new_classes,
-                         "images": dict(Counter(images.label_names))},
-                        "enrolment.json")
-        model_uri, digest = _log_bundle_model(bundle)
-        version = str(mlflow.register_model(model_uri, model_name, tags={**tags, ARTIFACTS_DIGEST_TAG: digest}).version)
-    mlflow_client.update_model_version(model_name, version, description=(
-        f"Version {base.version} with {len(images)} images of `{folder}` enrolled into its gallery "
-        f"(new classes: {', '.join(new_classes) or 'none'}). Same network, no retraining."))
+        run.client.log_batch(run.run_id, params=[
+            Param(key, str(value)) for key, value in flatten(recognizer.config.model_dump(mode="json")).items()])
+        run.log_metrics({"gallery_size": len(recognizer.gallery), "classes": len(recognizer.gallery.class_names),
+                         "enrolled_images": len(images), "new_classes": len(new_classes)})
+        run.client.log_dict(run.run_id, {"folder": str(folder), "new_classes": new_classes,
+                                         "images": dict(Counter(images.label_names))}, "enrolment.json")
+        version = register_bundle(run.run_id, model_name, bundle, tags)
+        describe_version(model_name, version, (
+            f"Version {base.version} with {len(images)} images of `{folder}` enrolled into its gallery "
+            f"(new classes: {', '.join(new_classes) or 'none'}). Same network, no retraining."))
     with _gate_lock(model_name):
         if promote:
             _make_champion(mlflow_client, model_name, version, "promote", f"enrolled {folder} into version {base.version}")
         else:
             mlflow_client.set_registered_model_alias(model_name, ENROLLED, version)
-    return {"run_id": run.info.run_id, "model_name": model_name, "version": version,
+    return {"run_id": run.run_id, "model_name": model_name, "version": version,
             "alias": CHAMPION if promote else ENROLLED, "enrolled_from": str(base.version),
             "new_classes": new_classes, "gallery_size": len(recognizer.gallery)}

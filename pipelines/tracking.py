@@ -1,10 +1,9 @@
-"""MLflow tracking: one run per pipeline run, opened before training and closed at the end.
+"""MLflow tracking: one run per pipeline run, ended in one place (:func:`pipeline_run`).
 
-A :class:`PipelineRun` is created by whoever starts the pipeline run (the Prefect flow, or
-the train stage under ``dvc repro``) and attached to by the later stages, in this process
-or another. Metrics are logged as they happen (one point per epoch while training runs),
-the data enters as dataset inputs with their DVC digests, and a failure ends the run
-FAILED with the error. The registry side (versions, aliases, the gate) is in
+A :class:`PipelineRun` addresses a run by id, so any thread or process can log to it.
+Metrics are logged as they happen (one point per epoch while training runs), the data
+enters as dataset inputs with their DVC digests, and a failure ends the run FAILED with
+the stage and the error. The registry side (versions, aliases, the gate) is in
 :mod:`pipelines.registry`.
 """
 
@@ -20,6 +19,7 @@ import secrets
 import subprocess
 import traceback
 from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,13 +27,14 @@ from pathlib import Path
 import mlflow
 from filelock import FileLock
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
 from siamese_core.errors import ConfigError
 from siamese_core.metrics import flatten, is_number
 
-from .files import content_hash
+from .files import content_hash, read_json
 from .params import PipelineParams
 
 log = logging.getLogger("pipelines.tracking")
@@ -204,9 +205,12 @@ def data_profiles(params: PipelineParams, versions: dict[str, str] | None = None
     for split, digest in versions.items():
         if digest == "missing":
             continue
-        images = scan_folder(folders[split])
+        folder = folders[split]
+        if folder is None:
+            continue
+        images = scan_folder(folder)
         counts = Counter(images.label_names)
-        profiles[split] = {"path": str(folders[split]), "md5": digest, "classes": len(images.class_names),
+        profiles[split] = {"path": str(folder), "md5": digest, "classes": len(images.class_names),
                            "images": len(images), "images_per_class": dict(sorted(counts.items()))}
     return profiles
 
@@ -232,6 +236,12 @@ class PipelineRun:
     def __init__(self, run_id: str):
         self.run_id = run_id
         self.client = client()
+
+    @classmethod
+    def create(cls, experiment_id: str, name: str, tags: dict[str, str]) -> PipelineRun:
+        """Open a plain run (an enrolment's) with the context tags and ``tags``."""
+        run = client().create_run(experiment_id, run_name=name, tags={**context_tags(), **tags})
+        return cls(run.info.run_id)
 
     @classmethod
     def start(cls, params: PipelineParams, description: str = "") -> PipelineRun:
@@ -315,26 +325,91 @@ class PipelineRun:
         finally:
             monitor.finish()
 
-    def finish(self) -> None:
-        self.client.set_terminated(self.run_id, "FINISHED")
+    def record_reused_training(self, trained: Path) -> None:
+        """Tag the run with the run that trained the model in ``trained`` (artifacts/train) and copy its curve."""
+        self.set_tags({"training_run_id": read_json(trained / "run.json")["run_id"]})
+        self.log_history(read_json(trained / "history.json")["history"])
 
-    def fail(self, error: BaseException, stage: str | None = None) -> None:
-        """End the run FAILED (KILLED for an interrupt), with the error as tags and ``error.txt``."""
+    def end(self, error: BaseException | None = None, stage: str | None = None) -> None:
+        """End the run: FINISHED, or FAILED with the stage and the error as tags and ``error.txt``
+        (KILLED for an interrupt)."""
+        if error is None:
+            self.client.set_terminated(self.run_id, "FINISHED")
+            return
         killed = isinstance(error, KeyboardInterrupt)
         message = f"{type(error).__name__}: {error}"
         self.set_tags({"error": message[:5000], **({"failed_stage": stage} if stage else {})})
-        text = "".join(traceback.format_exception(error))
-        self.client.log_text(self.run_id, text, "error.txt")
+        self.client.log_text(self.run_id, "".join(traceback.format_exception(error)), "error.txt")
         self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.KILLED if killed else RunStatus.FAILED))
 
-    @contextmanager
-    def failing_on_error(self, stage: str):
-        """Run a stage; an exception ends this run FAILED with the error, then propagates."""
+
+class RunScope:
+    """The MLflow run of one pipeline run, as the stages see it: opened on first use (or attached to the
+    run that trained the model, while that run is open), and the stage now running, for a failure's tags."""
+
+    def __init__(self, open_run: Callable[[], PipelineRun], trained: Path | None = None):
+        self.open_run = open_run
+        self.trained = trained
+        self.stage: str | None = None
+        self._run: PipelineRun | None = None
+
+    @property
+    def run(self) -> PipelineRun:
+        """The run, opened (or attached to) now if no stage has used it yet."""
+        if self._run is None:
+            self._run = self._attach() or self.open_run()
+            if self.trained is not None and (self.trained / "run.json").is_file() \
+                    and read_json(self.trained / "run.json")["run_id"] != self._run.run_id:
+                self._run.record_reused_training(self.trained)
+        return self._run
+
+    @property
+    def used(self) -> bool:
+        return self._run is not None
+
+    def _attach(self) -> PipelineRun | None:
+        """The run that trained the model in ``trained``, if it is still open in this tracking store."""
+        if self.trained is None or not (self.trained / "run.json").is_file():
+            return None
+        run_id = read_json(self.trained / "run.json")["run_id"]
         try:
-            yield self
-        except BaseException as exc:
-            self.fail(exc, stage)
-            raise
+            run = PipelineRun(run_id)
+            return run if run.is_open else None
+        except MlflowException as exc:  # a run of another tracking store, or deleted since
+            log.info("training run %s not found (%s): opening a new run", run_id, exc)
+            return None
+
+    @contextmanager
+    def system_metrics(self):
+        """CPU, memory, disk and network figures logged to the run while the block runs."""
+        with self.run.system_metrics():
+            yield
+
+
+@contextmanager
+def tracked_run(open_run: Callable[[], PipelineRun], trained: Path | None = None, end: bool = True) -> Iterator[RunScope]:
+    """The one place a run ends. Inside the block the code uses ``scope.run`` (opened by ``open_run`` on
+    first use); an exception ends it FAILED with ``scope.stage`` and the error (opening a run to record
+    it if none was used yet) and propagates. Without one it ends FINISHED, when ``end`` is set and the
+    block used the run."""
+    scope = RunScope(open_run, trained)
+    try:
+        yield scope
+    except BaseException as exc:
+        scope.run.end(exc, scope.stage)
+        raise
+    if end and scope.used:
+        scope.run.end()
+
+
+def pipeline_run(params: PipelineParams, trained: Path | None = None, end: bool = True):
+    """:func:`tracked_run` for a pipeline run of ``params``.
+
+    The Prefect flow wraps all its stages in one block. Under ``dvc repro`` each stage is a process of
+    its own: the train stage opens the run, later stages attach to it through ``trained``
+    (artifacts/train/run.json) while it is open, and the register stage, the last, ends it (``end``).
+    """
+    return tracked_run(lambda: PipelineRun.start(params), trained, end)
 
 
 def _describe(params: PipelineParams) -> str:
@@ -343,12 +418,3 @@ def _describe(params: PipelineParams) -> str:
             f"{params.model.embedding_dim}-d embeddings, {params.train.mining} mining, {params.train.epochs} epochs; "
             f"trained on `{params.data.train_dir}`, scored on `{params.data.test_dir}`"
             + (f", few-shot on `{params.data.heldout_dir}`." if params.data.heldout_dir else "."))
-
-
-def log_failed_stage(params: PipelineParams, stage: str, artifacts: list[Path], error: BaseException) -> str:
-    """Record a stage that stopped the pipeline before any run was open, as a FAILED run with its reports."""
-    run = PipelineRun.start(params)
-    for path in artifacts:
-        run.log_artifact(path)
-    run.fail(error, stage)
-    return run.run_id

@@ -8,12 +8,14 @@ bare name belongs to exactly one section.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 Backbone = Literal["resnet50", "mobilenet_v3_small", "small_cnn"]
 
@@ -219,7 +221,10 @@ def _resolve_key(config: BaseModel, key: str) -> list[str]:
     raise ConfigError(f"ambiguous config key '{key}': use one of {[f'{o}.{key}' for o in owners]}")
 
 
-def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+ConfigT = TypeVar("ConfigT", bound=Config)
+
+
+def apply_overrides(config: ConfigT, overrides: dict[str, Any]) -> ConfigT:
     """Return a copy of ``config`` with ``{key: value}`` overrides applied and validated."""
     data = config.model_dump()
     for key, value in overrides.items():
@@ -235,7 +240,7 @@ def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
     return validate_config(type(config), data)
 
 
-def validate_config(cls: type[Config], data: dict[str, Any], source: str = "config") -> Config:
+def validate_config(cls: type[ModelT], data: dict[str, Any], source: str = "config") -> ModelT:
     """Validate a nested dict into ``cls``; errors name every bad key in one message."""
     try:
         return cls.model_validate(data)

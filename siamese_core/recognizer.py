@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -64,9 +65,22 @@ class SiameseRecognizer:
 
     def __init__(self, embedding: keras.Model, gallery: Gallery, config: Config, metadata: dict | None = None):
         self.embedding = embedding
-        self.config = config
+        self._config = config
         self.gallery = gallery
         self.metadata = metadata or {}
+
+    @property
+    def config(self) -> Config:
+        """The library config. Its search settings (``evaluate``) are fixed for this recogniser's life:
+        :meth:`with_settings` gives a recogniser that searches with others."""
+        return self._config
+
+    def with_settings(self, evaluate: EvaluateConfig | None = None, **changes: Any) -> SiameseRecognizer:
+        """A recogniser with the same network and embeddings that searches with ``evaluate`` (default: these
+        settings) with ``changes`` applied, e.g. ``with_settings(match="class_mean", top_k=3)``."""
+        settings = (evaluate or self.config.evaluate).model_dump()
+        config = self.config.model_copy(update={"evaluate": validate_config(EvaluateConfig, {**settings, **changes})})
+        return SiameseRecognizer(self.embedding, self._gallery, config, dict(self.metadata))
 
     @property
     def gallery(self) -> Gallery:
@@ -79,11 +93,13 @@ class SiameseRecognizer:
         self._scales: np.ndarray | None = None  # per-class scales of the class_scaled unknown score, computed on use
 
     def searched(self, gallery: Gallery) -> Gallery:
-        """``gallery``, set to be searched the way this recogniser searches (``config.evaluate``)."""
-        gallery.index_threshold = self.config.evaluate.exact_search_max_rows
-        gallery.nprobe = self.config.evaluate.nprobe
-        gallery.class_means = self.config.evaluate.match == "class_mean"
-        return gallery
+        """``gallery`` (a copy, when its settings differ) set to be searched the way this recogniser searches
+        (``config.evaluate``)."""
+        settings = self.config.evaluate
+        wanted = (settings.exact_search_max_rows, settings.nprobe, settings.match == "class_mean")
+        if (gallery.index_threshold, gallery.nprobe, gallery.class_means) == wanted:
+            return gallery
+        return replace(gallery, index_threshold=wanted[0], nprobe=wanted[1], class_means=wanted[2])
 
     @property
     def input_size(self) -> int:

@@ -82,3 +82,16 @@ def pipeline_params(model_name: str = "tiny-recognizer", **register) -> Pipeline
     overrides = {**TINY_MODEL, "register.model_name": model_name}
     overrides.update({f"register.{key}": value for key, value in register.items()})
     return apply_overrides(PipelineParams(), overrides)
+
+
+def register_bundle(params: PipelineParams, bundle_dir: Path, metrics: dict, history: dict[str, list[float]],
+                    artifacts: list, tags: dict[str, str], **gate) -> dict:
+    """Register a bundle as the register stage does, in a run of its own: opened, its training curve
+    logged, ended FINISHED (FAILED if registering fails). ``gate``: score_champion, baselines."""
+    from pipelines import registry
+    from pipelines.tracking import pipeline_run
+
+    with pipeline_run(params) as scope:
+        scope.stage = "register"
+        scope.run.log_history(history)
+        return registry.log_and_register(scope.run, params, bundle_dir, metrics, artifacts, tags, **gate)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from images import make_digits_dataset
 from mlflow import MlflowClient
-from mlflow_fixtures import logged_scorer, make_tiny_bundle, pipeline_params, use_sqlite_store
+from mlflow_fixtures import logged_scorer, make_tiny_bundle, pipeline_params, register_bundle, use_sqlite_store
 from typer.testing import CliRunner
 
 from pipelines import registry
@@ -56,7 +56,7 @@ def test_a_class_named_unknown_cannot_be_enrolled(bundle, new_class):
 def test_enrolment_registers_a_new_version_and_moves_aliases_as_documented(bundle, new_class, monkeypatch, tmp_path):
     use_sqlite_store(monkeypatch, tmp_path)
     metrics = {"top1": 0.5, "per_class_accuracy": {"digit 0": 0.5}}
-    registry.log_and_register(pipeline_params(NAME), bundle.path, metrics, bundle.history, [], {"git_commit": "x"},
+    register_bundle(pipeline_params(NAME), bundle.path, metrics, bundle.history, [], {"git_commit": "x"},
                               score_champion=logged_scorer())
 
     result = registry.enroll_and_register(NAME, new_class)

@@ -14,7 +14,7 @@ import yaml
 from conftest import write_tiny_demo_data
 from mlflow import MlflowClient
 
-from pipelines import stages
+from pipelines import pipeline
 from pipelines.files import content_hash
 from pipelines.flows import predict_flow, retraining_flow, training_flow
 from pipelines.params import load_params
@@ -76,8 +76,8 @@ def test_training_flow_tracks_one_run_and_registers_a_champion_that_predict_flow
     card = project.get_model_version(NAME, "1").description
     assert "## Data" in card and content_hash("data/demo/train") in card and "raw pixels" in card
     workspace = Path(result["workspace"])
-    assert workspace.parent.name == "runs" and (workspace / stages.BUNDLE / MODEL_FILE).is_file()
-    assert f"{NAME} version 1" in (workspace / stages.REPORT).read_text()
+    assert workspace.parent.name == "runs" and (workspace / pipeline.BUNDLE / MODEL_FILE).is_file()
+    assert f"{NAME} version 1" in (workspace / pipeline.REPORT).read_text()
 
     messages = _flow_logs(state.state_details.flow_run_id)
     assert any(m.startswith("evaluate: top1") for m in messages), "the stages' log lines reach the flow run"
@@ -96,8 +96,8 @@ def test_training_flow_tracks_one_run_and_registers_a_champion_that_predict_flow
     second = project.get_run(again["run_id"])
     assert second.data.tags["training_run_id"] == result["run_id"], "unchanged inputs: the training is reused"
     assert second.info.run_name != run.info.run_name
-    first_model = workspace / stages.TRAINED / MODEL_FILE
-    assert (Path(again["workspace"]) / stages.TRAINED / MODEL_FILE).read_bytes() == first_model.read_bytes()
+    first_model = workspace / pipeline.TRAINED / MODEL_FILE
+    assert (Path(again["workspace"]) / pipeline.TRAINED / MODEL_FILE).read_bytes() == first_model.read_bytes()
     assert len(project.get_metric_history(again["run_id"], "loss")) == 1, "the reused curve is logged on the new run"
 
 
@@ -121,7 +121,7 @@ def test_two_flows_started_together_each_register_their_own_model(project, tmp_p
     for version, result in results.items():
         run = project.get_run(project.get_model_version(NAME, version).run_id)
         epochs = int(run.data.params["train.epochs"])
-        history = json.loads((Path(result["workspace"]) / stages.TRAINED / stages.HISTORY_FILE).read_text())["history"]
+        history = json.loads((Path(result["workspace"]) / pipeline.TRAINED / pipeline.HISTORY_FILE).read_text())["history"]
         assert len(history["loss"]) == epochs, "the version carries the model its own run trained"
         assert len(project.get_metric_history(run.info.run_id, "loss")) == epochs
         downloaded = Path(project.download_artifacts(run.info.run_id, "model/artifacts/bundle/metadata.json"))

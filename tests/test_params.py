@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.dvcfile import load_stages, param_value
 from pipelines.params import PRESETS, PipelineParams, load_params, with_preset
+from pipelines.pipeline import STAGES, param_value
 from siamese_core.config import apply_overrides, parse_set_options
 from siamese_core.errors import ConfigError
 
@@ -66,9 +66,9 @@ def test_set_style_overrides():
 
 
 def test_dvc_style_dotted_keys():
-    """Every params key dvc.yaml declares exists; `dvc exp run -S section.key=value` keys apply."""
+    """Every params key the stage table declares exists; `dvc exp run -S section.key=value` keys apply."""
     params = load_params(REPO / "params.yaml")
-    declared = {key for stage in load_stages(REPO / "dvc.yaml").values() for key in stage.params}
+    declared = {key for stage in STAGES.values() for key in stage.params}
     assert {"train", "data.heldout_dir", "register"} <= declared
     for key in declared:
         param_value(params, key)

@@ -15,10 +15,10 @@ import yaml
 from conftest import write_tiny_demo_data
 from mlflow import MlflowClient
 
-from pipelines import stages
-from pipelines.dvcfile import load_stages
 from pipelines.params import load_params
+from pipelines.pipeline import STAGES, VALIDATION, VALIDATION_TEXT
 from pipelines.registry import download_bundle
+from pipelines.runner import run_alone
 from siamese_core.errors import DatasetError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def test_validate_lists_every_problem(tmp_path, monkeypatch, write_params):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     params = load_params(write_params(tmp_path / "params.yaml"))
     write_tiny_demo_data(tmp_path)
-    assert stages.validate(params) == {"train": 24, "test": 6, "classes": 6, "warnings": 0}
+    assert run_alone("validate", params) == {"train": 24, "test": 6, "classes": 6, "warnings": 0}
 
     train, test = Path(params.data.train_dir), Path(params.data.test_dir)
     one, two, three = sorted(p for p in train.iterdir())[:3]
@@ -38,15 +38,15 @@ def test_validate_lists_every_problem(tmp_path, monkeypatch, write_params):
     (two / "broken.png").write_bytes(b"not a png")
     shutil.copytree(test / three.name, test / "Nowhere__character99")
     with pytest.raises(DatasetError) as caught:
-        stages.validate(params)
-    report = json.loads(stages.VALIDATION.read_text())
+        run_alone("validate", params)
+    report = json.loads(VALIDATION.read_text())
     errors = {f["code"]: f for f in report["findings"] if f["level"] == "error"}
     assert not report["ok"] and set(errors) == {"corrupt", "small_class", "unknown_test_class"}
     assert errors["corrupt"]["paths"][0].startswith(str(two / "broken.png"))
     assert one.name in errors["small_class"]["message"]
     assert "Nowhere__character99" in errors["unknown_test_class"]["message"]
     assert "3 errors (corrupt, small_class, unknown_test_class)" in str(caught.value)
-    text = stages.VALIDATION_TEXT.read_text()
+    text = VALIDATION_TEXT.read_text()
     assert "FAILED" in text and "broken.png" in text
 
     [failed] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("siamese").experiment_id])
@@ -55,7 +55,7 @@ def test_validate_lists_every_problem(tmp_path, monkeypatch, write_params):
 
     missing = params.model_copy(update={"data": params.data.model_copy(update={"test_dir": "nowhere"})})
     with pytest.raises(DatasetError, match="nowhere: folder does not exist"):
-        stages.validate(missing)
+        run_alone("validate", missing)
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -111,7 +111,7 @@ def test_dvc_repro_tracks_one_run_and_reruns_only_what_a_param_change_touches(tm
     repo, run, dvc = _project(tmp_path, write_params)
     client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", _env(tmp_path)["MLFLOW_TRACKING_URI"])
-    names = set(load_stages(REPO / "dvc.yaml"))
+    names = set(STAGES)
 
     first = run(*dvc, "repro")
     assert _stages(r"Running stage '(\w+)'", first) == names
@@ -216,7 +216,7 @@ def test_queued_experiments_do_not_stack_and_log_to_the_project_store(tmp_path, 
 def test_stage_command_reports_a_user_error_without_a_traceback(tmp_path, write_params, option, message):
     write_params(tmp_path / "params.yaml")
     done = subprocess.run(
-        [sys.executable, "-m", "pipelines.stages", "validate", "--set", option],
+        [sys.executable, "-m", "pipelines.cli", "stage", "validate", "--set", option],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, check=False,
     )
     assert done.returncode == 1

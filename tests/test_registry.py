@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from messy import png_claiming
 from mlflow import MlflowClient
-from mlflow_fixtures import logged_scorer, make_tiny_bundle, pipeline_params, use_sqlite_store
+from mlflow_fixtures import logged_scorer, make_tiny_bundle, pipeline_params, register_bundle, use_sqlite_store
 
 from pipelines import registry, tracking
 from pipelines.pyfunc_model import RequestError, ServerError, encode_image
@@ -35,7 +35,7 @@ def _log(bundle, top1, params=None, artifacts=(), bundle_dir=None):
         "per_class_accuracy": {"digit 0": top1},
         "confusion_matrix": {"labels": ["a"], "matrix": [[1]]},
     }
-    return registry.log_and_register(
+    return register_bundle(
         params or pipeline_params(), bundle_dir or bundle.path, metrics, bundle.history, list(artifacts), TAGS,
         score_champion=logged_scorer(),
     )
@@ -111,7 +111,7 @@ def test_the_served_model_answers_unknown_with_its_score_when_rejection_is_on(bu
 
 def test_a_model_that_does_not_beat_its_baselines_never_becomes_champion(bundle, store):
     sentence = "The trained model does not beat its baselines on its own test split (top-1 0.7860 against raw pixels 0.9570)"
-    result = registry.log_and_register(pipeline_params(), bundle.path, {"top1": 0.786}, bundle.history, [], TAGS,
+    result = register_bundle(pipeline_params(), bundle.path, {"top1": 0.786}, bundle.history, [], TAGS,
                                        score_champion=logged_scorer(), baselines={"passed": False, "sentence": sentence})
     assert result["decision"] == "challenger" and result["reason"] == sentence  # even with no champion at all
     assert _aliases() == {"challenger": 1}
@@ -136,7 +136,7 @@ def test_the_champion_is_scored_on_this_runs_queries_and_one_of_other_classes_is
 
     other_train, other_test = make_digits_dataset(tmp_path / "other", classes=3, first=5)
     assert registry.same_queries_scorer(other_train, other_test, "top1")(champion) is None
-    result = registry.log_and_register(
+    result = register_bundle(
         pipeline_params(), bundle.path, {"top1": 0.1}, bundle.history, [], TAGS,
         score_champion=registry.same_queries_scorer(other_train, other_test, "top1"),
         baselines={"passed": True, "sentence": "beats both"})

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from mlflow_fixtures import logged_scorer, make_tiny_bundle, pipeline_params, use_sqlite_store
+from mlflow_fixtures import logged_scorer, make_tiny_bundle, pipeline_params, register_bundle, use_sqlite_store
 from PIL import Image
 
 from pipelines import registry
@@ -83,7 +83,7 @@ def registered(tmp_path_factory):
     with pytest.MonkeyPatch.context() as monkeypatch:
         uri = use_sqlite_store(monkeypatch, tmp_path)
         bundle = make_tiny_bundle(tmp_path)
-        registry.log_and_register(pipeline_params("served"), bundle.path, {"top1": 1.0}, bundle.history, [], {},
+        register_bundle(pipeline_params("served"), bundle.path, {"top1": 1.0}, bundle.history, [], {},
                                   score_champion=logged_scorer())
     return uri, bundle
 
