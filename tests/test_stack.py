@@ -9,6 +9,7 @@ import getpass
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -19,11 +20,11 @@ import pytest
 import yaml
 from conftest import TINY_PARAMS
 
-from pipelines import stack
+from pipelines import stack, stack_services, stack_state, supervisor
 from pipelines.cli import app
 from pipelines.files import content_hash
 
-MISSING = stack.missing()
+MISSING = stack_services.missing()
 needs_stack = pytest.mark.skipif(MISSING is not None, reason=f"shared stack not available: {MISSING}")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,12 +33,12 @@ MODEL = "siamese-recognizer"
 
 def test_start_up_failure_names_the_service_and_shows_its_log_tail(tmp_path):
     log = tmp_path / "demo.log"
-    service = stack._start([sys.executable, "-c", "print('port already in use'); raise SystemExit(3)"], log,
+    service = supervisor.start([sys.executable, "-c", "print('port already in use'); raise SystemExit(3)"], log,
                            dict(os.environ), tmp_path)
     expected = r"(?s)^demo exited during start-up \(not listening\); last lines of .*demo.log:\nport already in use"
     with pytest.raises(stack.StackError, match=expected):
-        stack._wait("demo", lambda: "not listening", service, log, timeout=30)
-    assert not stack._stop_group(service)  # already gone: nothing to stop
+        supervisor.wait_healthy("demo", lambda: "not listening", service, log, timeout=30)
+    assert not supervisor.stop(service)  # already gone: nothing to stop
 
 
 def test_ports_prefer_last_run_then_defaults_then_any_free_port():
@@ -47,13 +48,13 @@ def test_ports_prefer_last_run_then_defaults_then_any_free_port():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = taken.getsockname()[1]
-        ports = stack._pick_ports(busy, {"mlflow": busy})
+        ports = supervisor.pick_ports(stack_state.SERVERS, busy, {"mlflow": busy})
     assert ports["postgres"] != busy and ports["mlflow"] != busy and len(set(ports.values())) == 4
 
 
 def test_missing_postgres_is_one_line_reason(monkeypatch):
-    monkeypatch.setattr(stack, "pg_bin", lambda name: None)
-    assert stack.missing() == "PostgreSQL's initdb not found (on PATH or in /usr/lib/postgresql/*/bin)"
+    monkeypatch.setattr(stack_services, "pg_bin", lambda name: None)
+    assert stack_services.missing() == "PostgreSQL's initdb not found (on PATH or in /usr/lib/postgresql/*/bin)"
     with pytest.raises(stack.StackError, match="^cannot start the stack: PostgreSQL's initdb not found"):
         stack.up("unused-root")
 
@@ -65,15 +66,15 @@ def test_as_root_the_worker_runs_flows_as_the_project_owner_and_never_picks_root
     project = tmp_path / "project"
     project.mkdir()
     with pytest.raises(stack.StackError, match="would run every flow as root: pass --worker-user USER"):
-        stack.worker_user(project, None)  # a root-owned checkout
-    assert stack.worker_user(project, "root") == "root"  # only when named
+        stack_services.worker_user(project, None)  # a root-owned checkout
+    assert stack_services.worker_user(project, "root") == "root"  # only when named
     with pytest.raises(stack.StackError, match="no such user"):
-        stack.worker_user(project, "no-such-user-here")
+        stack_services.worker_user(project, "no-such-user-here")
     someone = next(u.pw_name for u in pwd.getpwall() if u.pw_uid not in (0, os.geteuid()) and u.pw_name != "root")
     os.chown(project, pwd.getpwnam(someone).pw_uid, -1)
-    assert stack.worker_user(project, None) == someone
-    assert stack._as_user(someone, ["prefect", "worker"]) == ["runuser", "-u", someone, "--", "prefect", "worker"]
-    assert stack._as_user("root", ["prefect"]) == ["prefect"]
+    assert stack_services.worker_user(project, None) == someone
+    assert supervisor.as_user(someone, ["prefect", "worker"]) == ["runuser", "-u", someone, "--", "prefect", "worker"]
+    assert supervisor.as_user("root", ["prefect"]) == ["prefect"]
     with pytest.raises(stack.StackError, match="belongs to root"):  # `stack up` refuses before starting anything
         os.chown(project, 0, -1)
         cwd = os.getcwd()
@@ -83,6 +84,85 @@ def test_as_root_the_worker_runs_flows_as_the_project_owner_and_never_picks_root
         finally:
             os.chdir(cwd)
     assert not (tmp_path / "stack-root" / "postgres").exists()
+
+
+def test_the_s3_journal_keeps_accepted_changes_in_order_and_drops_a_torn_last_record(tmp_path):
+    from pipelines.s3server import Journal, Journaled, call
+
+    applied = []
+
+    def app(environ, start_response):  # a stand-in for moto: /bucket/missing is refused
+        applied.append((environ["REQUEST_METHOD"], environ["PATH_INFO"], environ["wsgi.input"].read()))
+        start_response("404 Not Found" if environ["PATH_INFO"].endswith("missing") else "200 OK", [])
+        return [b""]
+
+    journal = Journal(tmp_path / "journal")
+    server = Journaled(app, journal)
+    for method, path, body in (("PUT", "/bucket/a", b"one"), ("GET", "/bucket/a", b""),
+                               ("DELETE", "/bucket/missing", b""), ("PUT", "/bucket/a", b"two")):
+        call(server, {"REQUEST_METHOD": method, "PATH_INFO": path}, body)
+    whole = journal.path.stat().st_size
+    with open(journal.path, "ab") as out:  # a kill -9 in the middle of a write
+        out.write(b'{"fields": {"REQUEST_METHOD": "PUT", "PATH_INFO": "/bucket/b"}, "body": 99}\nonly part')
+    applied.clear()
+    assert journal.replay(app) == 2
+    assert applied == [("PUT", "/bucket/a", b"one"), ("PUT", "/bucket/a", b"two")]
+    assert journal.path.stat().st_size == whole and oct(journal.path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_s3_objects_survive_kill_9_of_the_server_and_a_clean_restart(tmp_path):
+    """The stack's S3 recipe alone: what a signed client wrote comes back byte for byte after the server is
+    killed with SIGKILL and started again (from its journal), and after a stop and start (down, up)."""
+    for module in ("moto.server", "flask_cors", "boto3"):
+        pytest.importorskip(module, reason="the stack's S3 server needs moto[server] and boto3")
+    from boto3.s3.transfer import TransferConfig
+
+    root = tmp_path / "stack"
+    root.mkdir()
+    state = stack_state.new_stack(root, tmp_path, False, supervisor.pick_ports(stack_state.SERVERS, None, {}),
+                                  getpass.getuser())
+    earlier = root / "s3" / "bucket" / "saved by an earlier down.txt"  # how the stack kept the bucket before
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"saved")
+    s3 = stack_services.RECIPES["s3"]
+
+    def start() -> None:
+        s3.start(state, stack_state.server_env(state))
+        s3.ready(state)
+
+    start()
+    try:
+        assert not earlier.parent.exists(), "the earlier copy is in the journal now"
+        client = stack_services.s3_client(state)
+        big = os.urandom(11 * 2**20)  # three parts of a multipart upload
+        (tmp_path / "big").write_bytes(big)
+        client.upload_file(str(tmp_path / "big"), stack_state.BUCKET, "models/big.bin",
+                           Config=TransferConfig(multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20))
+        client.put_object(Bucket=stack_state.BUCKET, Key="a key/with é+x", Body=b"small", Metadata={"run": "7"})
+        client.copy_object(Bucket=stack_state.BUCKET, Key="copied", CopySource=f"{stack_state.BUCKET}/a key/with é+x")
+        client.put_object(Bucket=stack_state.BUCKET, Key="deleted", Body=b"gone")
+        client.delete_object(Bucket=stack_state.BUCKET, Key="deleted")
+
+        def read_back() -> None:
+            keys = [item["Key"] for item in client.list_objects_v2(Bucket=stack_state.BUCKET)["Contents"]]
+            assert sorted(keys) == ["a key/with é+x", "copied", "models/big.bin", earlier.name]
+            for key, data in (("models/big.bin", big), ("copied", b"small"), (earlier.name, b"saved")):
+                assert client.get_object(Bucket=stack_state.BUCKET, Key=key)["Body"].read() == data, key
+            small = client.get_object(Bucket=stack_state.BUCKET, Key="a key/with é+x")
+            assert small["Body"].read() == b"small" and small["Metadata"] == {"run": "7"}
+
+        os.kill(state["services"]["s3"]["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while supervisor.is_ours(state["services"]["s3"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert s3.check(state) is not None, "the killed server still answers"
+        start()
+        read_back()
+        assert s3.stop(state)
+        start()
+        read_back()
+    finally:
+        s3.stop(state)
 
 
 def _stack_root() -> Path:
@@ -121,7 +201,7 @@ def pipeline(shared_stack, tmp_path_factory):
     """The tiny project as a git + DVC clone, `dvc repro` run against the stack; (repo, run, dvc, env)."""
     from test_pipeline_dvc import _project
 
-    env = stack.client_env(shared_stack)
+    env = stack_state.client_env(shared_stack)
     repo, run, dvc = _project(tmp_path_factory.mktemp("stack-project"), _write_tiny_params, env)
     started = time.monotonic()
     run(*dvc, "repro")
@@ -132,13 +212,13 @@ def pipeline(shared_stack, tmp_path_factory):
 def _s3(stack_info: dict):
     import boto3
 
-    env = stack.client_env(stack_info)
+    env = stack_state.client_env(stack_info)
     return boto3.client("s3", endpoint_url=env["MLFLOW_S3_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
                         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
 
 
 def _keys(stack_info: dict, prefix: str) -> list[str]:
-    pages = _s3(stack_info).get_paginator("list_objects_v2").paginate(Bucket=stack.BUCKET, Prefix=prefix)
+    pages = _s3(stack_info).get_paginator("list_objects_v2").paginate(Bucket=stack_state.BUCKET, Prefix=prefix)
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
@@ -147,7 +227,7 @@ def test_stack_comes_up_healthy_and_prints_how_to_use_it(shared_stack):
     from typer.testing import CliRunner
 
     root = Path(shared_stack["root"])
-    assert stack.status(root) == dict.fromkeys(stack.SERVICES)
+    assert stack.status(root) == dict.fromkeys(stack_state.SERVICES)
     saved = json.loads((root / "stack.json").read_text())
     assert saved["state"] == "up" and oct((root / "stack.json").stat().st_mode & 0o777) == "0o600"
     ports = [saved["services"][name]["port"] for name in ("postgres", "s3", "mlflow", "prefect")]
@@ -205,7 +285,7 @@ def test_s3_answers_only_requests_signed_with_the_stacks_key_and_its_admin_api_i
     import botocore
     from botocore.config import Config
 
-    env = stack.client_env(shared_stack)
+    env = stack_state.client_env(shared_stack)
     url = env["MLFLOW_S3_ENDPOINT_URL"]
 
     def client(key, secret, signature_version="s3v4"):
@@ -213,14 +293,14 @@ def test_s3_answers_only_requests_signed_with_the_stacks_key_and_its_admin_api_i
                             region_name="us-east-1", config=Config(signature_version=signature_version))
 
     good = client(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
-    good.put_object(Bucket=stack.BUCKET, Key="signed check/a+b.txt", Body=b"kept")
+    good.put_object(Bucket=stack_state.BUCKET, Key="signed check/a+b.txt", Body=b"kept")
     unsigned = client("any", "any", botocore.UNSIGNED)
     for attempt, message in (
-        (lambda: client(env["AWS_ACCESS_KEY_ID"], "wrong").list_objects_v2(Bucket=stack.BUCKET), "does not match"),
-        (lambda: client("someone-else", env["AWS_SECRET_ACCESS_KEY"]).list_objects_v2(Bucket=stack.BUCKET),
+        (lambda: client(env["AWS_ACCESS_KEY_ID"], "wrong").list_objects_v2(Bucket=stack_state.BUCKET), "does not match"),
+        (lambda: client("someone-else", env["AWS_SECRET_ACCESS_KEY"]).list_objects_v2(Bucket=stack_state.BUCKET),
          "unknown access key"),
-        (lambda: unsigned.list_objects_v2(Bucket=stack.BUCKET), "must be signed"),
-        (lambda: unsigned.delete_object(Bucket=stack.BUCKET, Key="signed check/a+b.txt"), "must be signed"),
+        (lambda: unsigned.list_objects_v2(Bucket=stack_state.BUCKET), "must be signed"),
+        (lambda: unsigned.delete_object(Bucket=stack_state.BUCKET, Key="signed check/a+b.txt"), "must be signed"),
     ):
         with pytest.raises(botocore.exceptions.ClientError) as refused:
             attempt()
@@ -228,7 +308,7 @@ def test_s3_answers_only_requests_signed_with_the_stacks_key_and_its_admin_api_i
         assert message in refused.value.response["Error"]["Message"]
 
     # presigned URLs (the MLflow server hands them out for downloads): the stack's key only, and not expired
-    params = {"Bucket": stack.BUCKET, "Key": "signed check/a+b.txt"}
+    params = {"Bucket": stack_state.BUCKET, "Key": "signed check/a+b.txt"}
     assert urllib.request.urlopen(good.generate_presigned_url("get_object", Params=params)).read() == b"kept"
     forged = client(env["AWS_ACCESS_KEY_ID"], "wrong").generate_presigned_url("get_object", Params=params)
     expired = good.generate_presigned_url("get_object", Params=params, ExpiresIn=1)
@@ -237,7 +317,7 @@ def test_s3_answers_only_requests_signed_with_the_stacks_key_and_its_admin_api_i
         with pytest.raises(urllib.error.HTTPError) as error:
             urllib.request.urlopen(refused_url)
         assert error.value.code == 403
-    assert stack._http(f"{url}/moto-api/reset", method="POST")[0] == 404  # the admin API is closed
+    assert supervisor.http(f"{url}/moto-api/reset", method="POST")[0] == 404  # the admin API is closed
     assert good.get_object(**params)["Body"].read() == b"kept"
     good.delete_object(**params)
 
@@ -246,11 +326,11 @@ def test_s3_answers_only_requests_signed_with_the_stacks_key_and_its_admin_api_i
 def test_stack_status_checks_the_bucket_not_just_the_port(shared_stack):
     s3 = _s3(shared_stack)
     assert not _keys(shared_stack, ""), "runs before the pipeline fills the bucket"
-    s3.delete_bucket(Bucket=stack.BUCKET)  # as a reset of the S3 server would leave it: up, without the bucket
+    s3.delete_bucket(Bucket=stack_state.BUCKET)  # as a reset of the S3 server would leave it: up, without the bucket
     try:
-        assert stack.status(shared_stack["root"])["s3"] == f"bucket '{stack.BUCKET}' answered 404 (it is gone)"
+        assert stack.status(shared_stack["root"])["s3"] == f"bucket '{stack_state.BUCKET}' answered 404 (it is gone)"
     finally:
-        s3.create_bucket(Bucket=stack.BUCKET)
+        s3.create_bucket(Bucket=stack_state.BUCKET)
     assert stack.status(shared_stack["root"])["s3"] is None
 
 
@@ -305,7 +385,7 @@ def test_mlflow_models_serve_pulls_the_champion_from_the_object_store(pipeline):
 @needs_stack
 def test_dvc_push_and_pull_through_the_bucket_into_a_fresh_clone(shared_stack, pipeline):
     repo, run, dvc, env = pipeline
-    for command in stack.dvc_remote_commands(shared_stack):
+    for command in stack_state.dvc_remote_commands(shared_stack):
         run(*dvc, *command.split()[1:])
     assert "s3://siamese/dvc" in (repo / ".dvc/config.local").read_text()
     run("git", "add", "-A")
@@ -316,7 +396,7 @@ def test_dvc_push_and_pull_through_the_bucket_into_a_fresh_clone(shared_stack, p
     clone = repo.parent / "clone"
     run("git", "clone", "-q", str(repo), str(clone))
     assert not (clone / "data/demo").exists()
-    for command in stack.dvc_remote_commands(shared_stack):
+    for command in stack_state.dvc_remote_commands(shared_stack):
         subprocess.run([sys.executable, "-m", "dvc", *command.split()[1:]], cwd=clone, env={**os.environ, **env},
                        check=True, capture_output=True)
     pulled = subprocess.run([sys.executable, "-m", "dvc", "pull"], cwd=clone, env={**os.environ, **env},
@@ -345,17 +425,17 @@ def test_basic_auth_refuses_anonymous_requests_and_the_registry_survives_a_resta
     base = _stack_root()
     root = base / "stack"
     try:
-        env = stack.client_env(stack.up(root, auth=True, base_port=None, worker=getpass.getuser()))
+        env = stack_state.client_env(stack.up(root, auth=True, base_port=None, worker=getpass.getuser()))
         url = env["MLFLOW_TRACKING_URI"]
         search = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
-        assert stack._http(search)[0] == 401
-        assert stack._http(search, auth=(env["MLFLOW_TRACKING_USERNAME"], "not-the-password"))[0] == 401
-        assert stack._http(search, auth=(env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]))[0] == 200
+        assert supervisor.http(search)[0] == 401
+        assert supervisor.http(search, auth=(env["MLFLOW_TRACKING_USERNAME"], "not-the-password"))[0] == 401
+        assert supervisor.http(search, auth=(env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]))[0] == 200
         flows = env["PREFECT_API_URL"] + "/flows/filter"  # Prefect's API: no login, no access
         user, password = env["PREFECT_API_AUTH_STRING"].split(":", 1)
-        assert stack._http(flows, method="POST")[0] == 401
-        assert stack._http(flows, auth=(user, "not-the-password"), method="POST")[0] == 401
-        assert stack._http(flows, auth=(user, password), method="POST")[0] == 200
+        assert supervisor.http(flows, method="POST")[0] == 401
+        assert supervisor.http(flows, auth=(user, "not-the-password"), method="POST")[0] == 401
+        assert supervisor.http(flows, auth=(user, password), method="POST")[0] == 200
 
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
@@ -374,11 +454,11 @@ def test_basic_auth_refuses_anonymous_requests_and_the_registry_survives_a_resta
         assert "mlflow" in stack.down(root)
         assert stack.down(root) == []  # safe to call twice
         assert set(stack.status(root).values()) == {"stopped"}
-        assert any((root / "s3" / "bucket").rglob("*.keras")), "down did not save the bucket"
+        assert b".keras" in (root / "s3" / "journal").read_bytes(), "the S3 server's journal lacks the model"
 
-        # a restart: PostgreSQL keeps the registry and the users, the bucket comes back from s3/bucket/
-        assert stack.client_env(stack.up(root, auth=True, base_port=None, worker=getpass.getuser())) == env  # same ports and credentials
-        assert stack._http(search)[0] == 401
+        # a restart: PostgreSQL keeps the registry and the users, the bucket comes back from the journal
+        assert stack_state.client_env(stack.up(root, auth=True, base_port=None, worker=getpass.getuser())) == env  # same ports and credentials
+        assert supervisor.http(search)[0] == 401
         _assert_same_tree(before, registry.download_bundle(registry.champion_uri("secured")))
     finally:
         stack.down(root)
