@@ -68,7 +68,7 @@ def up(root: str | os.PathLike = DEFAULT_ROOT, auth: bool = False, base_port: in
     if previous and previous.get("state") == "up" and any(supervisor.is_ours(s) for s in previous["services"].values()):
         raise StackError(f"a stack is already running under {root}: see `siamese stack status --root {root}`")
     runs_flows_as = worker_user(Path.cwd(), worker)
-    secrets(root)
+    secrets(root)  # made now, before any server needs them
     earlier = {name: service["port"] for name, service in (previous or {}).get("services", {}).items()
                if service.get("port")}
     stack = new_stack(root, Path.cwd(), auth, supervisor.pick_ports(SERVERS, base_port, earlier), runs_flows_as)

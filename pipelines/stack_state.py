@@ -38,7 +38,7 @@ _CLIENT_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCES
 Stack = dict[str, Any]
 
 
-def write_private(path: Path, data: dict) -> None:
+def _write_private(path: Path, data: dict) -> None:
     """JSON readable by this user only (it holds passwords), replaced atomically."""
     with atomic_path(path) as tmp:
         tmp.chmod(0o600)
@@ -52,7 +52,7 @@ def secrets(root: Path | str) -> dict[str, str]:
     made = {"aws_access_key_id": "siamese-stack", **{name: tokens.token_urlsafe(24) for name in _SECRET_NAMES},
             **kept}
     if made != kept:  # a new stack, or one made before a key was added
-        write_private(path, made)
+        _write_private(path, made)
     return made
 
 
@@ -64,7 +64,7 @@ def load(root: str | os.PathLike = DEFAULT_ROOT) -> Stack | None:
 
 def save(stack: Stack) -> None:
     """Write ``stack`` to its ``stack.json``."""
-    write_private(Path(stack["root"]) / "stack.json", stack)
+    _write_private(Path(stack["root"]) / "stack.json", stack)
 
 
 def new_stack(root: Path, project: Path, auth: bool, ports: dict[str, int], worker_user: str) -> Stack:
