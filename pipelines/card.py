@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from siamese_core.evaluation_report import EvaluationReport
 from siamese_core.metrics import flatten
 from siamese_core.openset import rejection_on
 
@@ -25,7 +26,7 @@ def changed_params(params: PipelineParams) -> dict[str, tuple]:
 
 def model_card(
     params: PipelineParams, metrics: dict, data: dict[str, dict], lineage: dict[str, str],
-    version: str, decision: str, previous: float | None, reason: str = "", evaluation: dict | None = None,
+    version: str, decision: str, previous: float | None, reason: str = "", evaluation: EvaluationReport | None = None,
 ) -> str:
     """Markdown: decision, data version, metrics beside the baselines, changed params, threshold, use and limits.
 
@@ -34,16 +35,15 @@ def model_card(
     decision in words and ``evaluation`` the whole report (its ``baseline_check`` and ``calibration``).
     """
     metric = params.register.metric
-    evaluation = evaluation or {}
-    calibration = evaluation.get("calibration", {})
-    rejecting = rejection_on(params.evaluate.reject_unknown, calibration)
+    calibration = evaluation.calibration if evaluation else None
+    rejecting = rejection_on(params.evaluate.reject_unknown, {"target_met": calibration.target_met} if calibration else {})
     lines = [
         f"# {params.register.model_name} version {version}",
         "",
         f"**Gate:** {decision} on `{metric}` = {_figure(metrics.get(metric))} "
         f"(champion before, on the same queries: {_figure(previous)}). {reason}",
         "",
-        f"**Baselines:** {evaluation.get('baseline_check', {}).get('sentence', 'not checked.')}",
+        f"**Baselines:** {evaluation.baseline_check.sentence if evaluation else 'not checked.'}",
         "",
         "## Data",
         "",
@@ -63,7 +63,7 @@ def model_card(
     threshold = metrics.get("calibration.threshold")
     lines += ["", "## Unknown classes", ""]
     lines.append(
-        f"Unknown score `{calibration.get('score', 'nearest')}` above {_figure(threshold)} answers `unknown`: cross-fitted on classes "
+        f"Unknown score `{calibration.score if calibration else 'nearest'}` above {_figure(threshold)} answers `unknown`: cross-fitted on classes "
         f"left out of the gallery, {_figure(metrics.get('calibration.known_accepted'))} of known queries accepted and "
         f"{_figure(metrics.get('calibration.unknown_rejected'))} of unknown ones rejected (AUROC "
         f"{_figure(metrics.get('calibration.auroc'))}); rejection "

@@ -224,10 +224,9 @@ def evaluate(
         from siamese_core.evaluation import assess
         from siamese_core.recognizer import SiameseRecognizer
 
-        recognizer = SiameseRecognizer.load(_bundle_path(model))
-        settings = recognizer.config.evaluate.model_copy(
-            update={"baselines": baselines, **({"top_k": top_k} if top_k else {})})
-        recognizer.config = recognizer.config.model_copy(update={"evaluate": settings})
+        recognizer = SiameseRecognizer.load(_bundle_path(model)).with_settings(
+            baselines=baselines, **({"top_k": top_k} if top_k else {}))
+        settings = recognizer.config.evaluate
         heldout = scan_folder(heldout_dir) if heldout_dir else None
         gallery_images = recognizer.gallery.image_folder() if baselines else None
         with sharding.on_dask(sharding.dask_address(dask_address)):

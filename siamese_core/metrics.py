@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from .distance import squared_distances
+from .evaluation_report import QueryScores
 
 # Sections of a report that are tables, not figures: left out of the flat metrics.
 TABLES = ("per_class_accuracy", "per_class_precision", "per_class_recall", "confusion_matrix")
@@ -170,7 +171,9 @@ def flatten(data: dict, skip: Iterable[str] = (), prefix: str = "") -> dict:
     return flat
 
 
-def flat_metrics(report: dict) -> dict[str, float]:
-    """The numbers of a report as one level of dotted keys (``baseline_untrained.top1``); tables left out."""
+def flat_metrics(report: QueryScores) -> dict[str, float]:
+    """The numbers of a report (an :class:`~siamese_core.evaluation_report.EvaluationReport`, or the scores of
+    :func:`~siamese_core.evaluation.evaluate`) as one level of dotted keys (``baseline_untrained.top1``);
+    tables left out."""
     return {key: float(value) if isinstance(value, (float, np.floating)) else int(value)
-            for key, value in flatten(report, TABLES).items() if is_number(value)}
+            for key, value in flatten(report.to_dict(), TABLES).items() if is_number(value)}

@@ -15,12 +15,12 @@ from matplotlib.figure import Figure
 from .data import decode_image
 from .distance import squared_distances
 from .evaluation import Assessment
+from .evaluation_report import Baseline, Calibration, EvaluationReport, summary
 from .gallery import Gallery
 from .io import atomic_path
 
 MAX_TICK_LABELS = 40  # class names shown per confusion-matrix axis; more are thinned
 MAX_CELL_TEXT = 30  # counts are written in the cells up to this many classes
-SUMMARY = ("class_avg_accuracy", "map_at_r", "macro_precision")
 
 
 def save_png(figure: Figure, path: str | os.PathLike) -> Path:
@@ -183,7 +183,7 @@ def distance_figure(assessment: Assessment, gallery: Gallery, threshold: float |
     return figure
 
 
-def roc_figure(assessment: Assessment, calibration: dict) -> Figure:
+def roc_figure(assessment: Assessment, calibration: Calibration) -> Figure:
     """Known against unknown queries on the calibrated score: the ROC curve (log scale of unknowns accepted,
     as a DET plot reads) with the operating point of the stored threshold."""
     from .openset import rates, roc_points
@@ -197,10 +197,10 @@ def roc_figure(assessment: Assessment, calibration: dict) -> Figure:
     points = roc_points(known, unknown)
     floor = 0.5 / len(unknown)
     ax.plot(np.maximum(points["unknown_accepted"], floor), points["known_accepted"], color="tab:blue",
-            label=f"{calibration['score']} score")
-    at = rates(known, np.ones(len(known), bool), unknown, calibration["threshold"])
+            label=f"{calibration.score} score")
+    at = rates(known, np.ones(len(known), bool), unknown, calibration.threshold)
     ax.plot([max(1 - at["unknown_rejected"], floor)], [at["known_accepted"]], "o", color="black",
-            label=f"threshold {calibration['threshold']:.3g}")
+            label=f"threshold {calibration.threshold:.3g}")
     source = "held-out classes" if assessment.heldout is not None else "classes left out of the gallery"
     ax.set(xscale="log", xlabel="unknown queries accepted (log)", ylabel="known queries accepted", ylim=(0, 1.02),
            title=f"Known vs unknown ({source})")
@@ -224,11 +224,11 @@ def write_plots(assessment: Assessment, gallery: Gallery, history: dict, size: i
     """Write the evaluation plots (``PLOT_FILES``) into ``folder``; returns ``{title: path}``."""
     folder = Path(folder)
     report = assessment.report
-    calibration = report.get("calibration", {})
-    threshold = calibration.get("threshold") if calibration.get("score") == "nearest" else None  # a distance
+    calibration = report.calibration
+    threshold = calibration.threshold if calibration and calibration.score == "nearest" else None  # a distance
     figures = {
         "Training loss": lambda: loss_figure(history),
-        "Confusion matrix": lambda: confusion_figure(**report["confusion_matrix"]),
+        "Confusion matrix": lambda: confusion_figure(report.confusion_matrix.labels, report.confusion_matrix.matrix),
         "Nearest neighbours of sample queries": lambda: neighbours_figure(assessment, gallery, size),
         "Gallery embeddings (PCA)": lambda: projection_figure(gallery),
         "Distances and threshold": lambda: distance_figure(assessment, gallery, threshold),
@@ -254,56 +254,55 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _sections(report: dict) -> list[str]:
+def _sections(report: EvaluationReport) -> list[str]:
     """The HTML of the metric tables of a report."""
-    metrics = ["top1", *[k for k in report if k.startswith("top") and k != "top1"], *SUMMARY]
-    models = [("trained model", report)] + [
-        (name.removeprefix("baseline_").replace("_", " "), report[name])
-        for name in ("baseline_raw_pixels", "baseline_untrained") if name in report
+    models: list[tuple[str, EvaluationReport | Baseline]] = [("trained model", report)] + [
+        (name, baseline) for name, baseline in (("raw pixels", report.baseline_raw_pixels),
+                                                ("untrained", report.baseline_untrained)) if baseline is not None
     ]
+    figures = [summary(scores) for _, scores in models]
     parts = ["<h2>Test set against the gallery</h2>",
-             _table(["metric", *[m for m, _ in models]], [[key, *[r.get(key, "") for _, r in models]] for key in metrics]),
-             (f"<p>{report['n_queries']} queries. MAP@R: mean average precision at R, R = gallery images of the "
+             _table(["metric", *[m for m, _ in models]], [[key, *[f[key] for f in figures]] for key in figures[0]]),
+             (f"<p>{report.n_queries} queries. MAP@R: mean average precision at R, R = gallery images of the "
              "query's class (Musgrave et al., <i>A Metric Learning Reality Check</i>, 2020).</p>")]
-    if "baseline_check" in report:
-        check = report["baseline_check"]
-        parts.append(f"<p class='{'pass' if check['passed'] else 'flag'}'>{html.escape(check['sentence'])}</p>")
-    if "calibration" in report:
-        c = report["calibration"]
+    check = report.baseline_check
+    parts.append(f"<p class='{'pass' if check.passed else 'flag'}'>{html.escape(check.sentence)}</p>")
+    if report.calibration is not None:
+        c = report.calibration
         parts += ["<h2>Unknown classes: threshold and operating points</h2>",
-                  f"<p>Score <b>{html.escape(c['score'])}</b>, threshold {c['threshold']:.4g}, fitted to "
-                  f"{html.escape(c['fit_to'])}; target {'met' if c['target_met'] else 'missed'}, judged on "
-                  f"{html.escape(c.get('target_judged_on', ''))}. "
-                  f"{html.escape(c['method'])}. AUROC by score: "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in c["auroc_by_score"].items()) + ".</p>",
+                  f"<p>Score <b>{html.escape(c.score)}</b>, threshold {c.threshold:.4g}, fitted to "
+                  f"{html.escape(c.fit_to)}; target {'met' if c.target_met else 'missed'}, judged on "
+                  f"{html.escape(c.target_judged_on)}. "
+                  f"{html.escape(c.method)}. AUROC by score: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in c.auroc_by_score.items()) + ".</p>",
                   _table(["known accept target", "threshold", "known accepted", "unknown rejected",
                           "accuracy with rejection"],
-                         [[p["known_accept_target"], p["threshold"], p["known_accepted"], p["unknown_rejected"],
-                           p["accuracy_with_rejection"]] for p in c["operating_points"]])]
-    if "open_set" in report:
+                         [[p.known_accept_target, p.threshold, p.known_accepted, p.unknown_rejected,
+                           p.accuracy_with_rejection] for p in c.operating_points])]
+    if report.open_set is not None:
         parts += ["<h2>Known vs held-out classes (threshold fitted without them)</h2>",
-                  _table(["", "value"], [[k, v] for k, v in report["open_set"].items()])]
-    if report.get("fewshot"):
-        def accuracy(result: dict, key: str) -> str:
-            episode = result.get("fewshot", {}).get(key)
-            return f"{episode['mean']:.4f} ± {episode['ci95']:.4f}" if episode else ""
+                  _table(["", "value"], [[k, v] for k, v in report.open_set.to_dict().items()])]
+    if report.fewshot:
+        def accuracy(scores: EvaluationReport | Baseline, key: str) -> str:
+            episode = (scores.fewshot or {}).get(key)
+            return f"{episode.mean:.4f} ± {episode.ci95:.4f}" if episode else ""
 
         parts += ["<h2>Held-out classes enrolled without retraining</h2>",
                   _table(["episodes", *[m for m, _ in models]],
-                         [[f"{r['n_way']}-way {r['k_shot']}-shot ({r['episodes']} episodes)",
-                           *[accuracy(result, key) for _, result in models]] for key, r in report["fewshot"].items()]),
+                         [[f"{r.n_way}-way {r.k_shot}-shot ({r.episodes} episodes)",
+                           *[accuracy(scores, key) for _, scores in models]] for key, r in report.fewshot.items()]),
                   "<p>Accuracy ± its 95% interval. Each episode enrols k images of each held-out class "
                   "as the gallery and asks for the class of one other image of each.</p>"]
-    if report.get("notes"):
-        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in report["notes"]) + "</ul>")
-    recall, precision = report["per_class_recall"], report["per_class_precision"]
+    if report.notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in report.notes) + "</ul>")
+    recall, precision = report.per_class_recall, report.per_class_precision
     parts += ["<details><summary>Per-class precision and recall</summary>",
               _table(["class", "recall (accuracy)", "precision"], [[c, recall[c], precision[c]] for c in sorted(recall)]),
               "</details>"]
     return parts
 
 
-def write_html(path: str | os.PathLike, report: dict, images: dict[str, Path], title: str = "Evaluation report",
+def write_html(path: str | os.PathLike, report: EvaluationReport, images: dict[str, Path], title: str = "Evaluation report",
                header: dict[str, str] | None = None) -> Path:
     """One self-contained HTML page: the metric tables beside the baselines, and every plot embedded as base64.
 

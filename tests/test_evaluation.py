@@ -1,16 +1,19 @@
 """Evaluation metrics on hand-computed cases, threshold calibration, rejection of unknown images, and `assess`."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 from mlflow_fixtures import untrained_recognizer
+from pydantic import ValidationError
 
+from pipelines.files import write_json
 from siamese_core import openset
-from siamese_core.config import apply_overrides
 from siamese_core.distance import squared_distances
 from siamese_core.errors import BundleError, DatasetError
 from siamese_core.evaluation import assess, baseline_check
+from siamese_core.evaluation_report import Baseline, EvaluationReport, QueryScores
 from siamese_core.gallery import Gallery, Match
 from siamese_core.metrics import (
     accuracy_report,
@@ -123,14 +126,15 @@ def test_simulated_unknowns_leave_each_class_fold_out_and_cross_fit():
 
 
 def test_baseline_check_names_the_shortfall_in_one_sentence():
-    report = {"top1": 0.786, "map_at_r": 0.6, "baseline_raw_pixels": {"top1": 0.957, "map_at_r": 0.5},
-              "baseline_untrained": {"top1": 0.7, "map_at_r": 0.4}}
-    check = baseline_check(report)
-    assert not check["passed"] and "top-1 0.7860 against raw pixels 0.9570" in check["sentence"]
-    assert "cannot become champion" in check["sentence"] and check["sentence"].count(".") >= 1
-    report["top1"] = 0.99
-    assert baseline_check(report)["passed"] and not baseline_check(report, margin=0.05)["passed"]
-    assert not baseline_check({"top1": 1.0, "map_at_r": 1.0})["passed"]  # baselines not scored
+    scores = QueryScores.model_construct(top1=0.786, map_at_r=0.6)  # only the figures the check reads
+    baselines = {"baseline_raw_pixels": Baseline.model_construct(top1=0.957, map_at_r=0.5),
+                 "baseline_untrained": Baseline.model_construct(top1=0.7, map_at_r=0.4)}
+    check = baseline_check(scores, baselines)
+    assert not check.passed and "top-1 0.7860 against raw pixels 0.9570" in check.sentence
+    assert "cannot become champion" in check.sentence and check.sentence.count(".") >= 1
+    scores.top1 = 0.99
+    assert baseline_check(scores, baselines).passed and not baseline_check(scores, baselines, margin=0.05).passed
+    assert not baseline_check(QueryScores.model_construct(top1=1.0, map_at_r=1.0), {}).passed  # baselines not scored
 
 
 def test_few_shot_falls_back_to_fewer_ways_and_says_so():
@@ -144,12 +148,38 @@ def test_few_shot_falls_back_to_fewer_ways_and_says_so():
 
 
 def test_flat_metrics_keeps_numbers_and_drops_tables():
-    report = {"top1": 0.5, "n_queries": 4, "per_class_accuracy": {"a": 1.0}, "confusion_matrix": {"labels": ["a"]},
-              "baseline_untrained": {"top1": 0.25}, "calibration": {"threshold": 0.3, "score": "ratio",
-                                                                    "target_met": True},
-              "fewshot": {"1shot": {"mean": 0.9, "n_way": 5}}, "notes": ["x"]}
-    assert flat_metrics(report) == {"top1": 0.5, "n_queries": 4, "baseline_untrained.top1": 0.25,
-                                    "calibration.threshold": 0.3, "fewshot.1shot.mean": 0.9, "fewshot.1shot.n_way": 5}
+    report = EvaluationReport.model_validate({
+        "top1": 0.5, "top3": 0.75, "class_avg_accuracy": 0.5, "macro_precision": 0.25, "n_queries": 4,
+        "per_class_accuracy": {"a": 1.0}, "per_class_precision": {"a": 1.0}, "per_class_recall": {"a": 1.0},
+        "confusion_matrix": {"labels": ["a"], "matrix": [[4]]}, "map_at_r": 0.6,
+        "calibration": {"score": "ratio", "threshold": 0.3, "fit_to": "known_accept", "known_accept_target": 0.9,
+                        "unknown_reject_target": 0.8, "target_met": True, "target_judged_on": "x",
+                        "known_accepted": 0.9, "unknown_rejected": 0.7, "accuracy_with_rejection": 0.8, "auroc": 0.85,
+                        "auroc_by_score": {"ratio": 0.85}, "operating_points": [], "rounds": 3, "method": "m"},
+        "baseline_untrained": {"top1": 0.25, "top3": 0.5, "class_avg_accuracy": 0.25, "map_at_r": 0.2,
+                               "macro_precision": 0.1},
+        "baseline_check": {"passed": False, "margin": 0.0, "sentence": "x."},
+        "fewshot": {"1shot": {"mean": 0.9, "ci95": 0.01, "episodes": 10, "n_way": 5, "k_shot": 1}}, "notes": ["x"]})
+    assert flat_metrics(report) == {
+        "top1": 0.5, "top3": 0.75, "class_avg_accuracy": 0.5, "macro_precision": 0.25, "n_queries": 4, "map_at_r": 0.6,
+        "calibration.threshold": 0.3, "calibration.known_accept_target": 0.9, "calibration.unknown_reject_target": 0.8,
+        "calibration.known_accepted": 0.9, "calibration.unknown_rejected": 0.7,
+        "calibration.accuracy_with_rejection": 0.8, "calibration.auroc": 0.85, "calibration.auroc_by_score.ratio": 0.85,
+        "calibration.rounds": 3, "baseline_untrained.top1": 0.25, "baseline_untrained.top3": 0.5,
+        "baseline_untrained.class_avg_accuracy": 0.25, "baseline_untrained.map_at_r": 0.2,
+        "baseline_untrained.macro_precision": 0.1, "baseline_check.margin": 0.0, "fewshot.1shot.mean": 0.9,
+        "fewshot.1shot.ci95": 0.01, "fewshot.1shot.episodes": 10, "fewshot.1shot.n_way": 5, "fewshot.1shot.k_shot": 1}
+
+
+def test_top_k_is_named_by_its_k_in_the_json():
+    figures = {"top1": 0.5, "top3": 0.75, "class_avg_accuracy": 0.5, "map_at_r": 0.4, "macro_precision": 0.25}
+    baseline = Baseline.model_validate(figures)
+    assert (baseline.top_k, baseline.top_k_accuracy, baseline.top_k_name) == (3, 0.75, "top3")
+    assert baseline.to_dict() == figures and list(baseline.to_dict()) == list(figures)
+    alone = Baseline.model_validate({key: value for key, value in figures.items() if key != "top3"})
+    assert (alone.top_k, alone.top_k_accuracy) == (1, 0.5) and "top_k" not in alone.to_dict()  # k = 1: top1 alone
+    with pytest.raises(ValidationError):
+        Baseline.model_validate({**figures, "top_5": 1.0})  # a key the report does not have
 
 
 @pytest.fixture(scope="module")
@@ -180,9 +210,9 @@ def test_reject_answers_unknown_beyond_the_threshold(untrained, tmp_path):
     store_threshold(tmp_path / "bundle", threshold, {"score": "nearest", "target_met": True})
     assert [m.label for m in SiameseRecognizer.load(tmp_path / "bundle").predict(test.paths)] == [
         m.label for m in rejected]
-    loaded.config = apply_overrides(loaded.config, {"reject_unknown": False})
+    loaded = loaded.with_settings(reject_unknown=False)
     assert [m.label for m in loaded.predict(test.paths)] == [m.label for m in plain]
-    loaded.config = apply_overrides(loaded.config, {"reject_unknown": True})
+    loaded = loaded.with_settings(reject_unknown=True)
     assert [m.label for m in loaded.predict(test.paths)] == [m.label for m in rejected]
 
 
@@ -192,19 +222,45 @@ def test_assess_scores_baselines_open_set_and_few_shot(untrained):
     report = result.report
     queries = recognizer.embed(test.paths)
     gallery = recognizer.gallery
-    assert report["n_queries"] == len(test)
-    assert report["map_at_r"] == pytest.approx(float(np.nanmean(average_precision_at_r(
+    assert report.n_queries == len(test)
+    assert report.map_at_r == pytest.approx(float(np.nanmean(average_precision_at_r(
         squared_distances(queries, gallery.embeddings), test.label_names,
         np.asarray(gallery.class_names)[gallery.labels]))))
-    assert set(report["baseline_raw_pixels"]) >= {"top1", "top5", "map_at_r"}
+    assert set(report.baseline_raw_pixels.to_dict()) >= {"top1", "top5", "map_at_r"}
     # the untrained baseline is this very network: the same figures
-    assert report["baseline_untrained"]["top1"] == report["top1"]
-    assert report["calibration"]["rounds"] == 3  # 3 gallery classes: each left out once
-    assert report["open_set"]["n_unknown"] == len(heldout) and report["open_set"]["score"] == report["calibration"]["score"]
+    assert report.baseline_untrained.top1 == report.top1
+    assert report.calibration.rounds == 3  # 3 gallery classes: each left out once
+    assert report.open_set.n_unknown == len(heldout) and report.open_set.score == report.calibration.score
     assert len(result.known_scores) == len(test) and len(result.unknown_scores) == len(heldout)
-    assert report["baseline_check"]["passed"] is False  # the untrained network cannot beat itself
-    assert report["fewshot"]["1shot"]["n_way"] == 2 and report["fewshot"]["5shot"]["n_way"] == 2
-    assert any("2-way instead of 20-way" in note for note in report["notes"])
+    assert report.baseline_check.passed is False  # the untrained network cannot beat itself
+    assert report.fewshot["1shot"].n_way == 2 and report.fewshot["5shot"].n_way == 2
+    assert any("2-way instead of 20-way" in note for note in report.notes)
     assert len(result.unknown_distances) == len(heldout) and result.correct.shape == (len(test),)
     with pytest.raises(DatasetError, match="held-out classes must be new"):
         assess(recognizer, test, heldout=train)
+
+
+def test_the_report_round_trips_through_evaluation_json(untrained, tmp_path):
+    recognizer, train, test, heldout = untrained
+    report = assess(recognizer, test, train, heldout).report
+    write_json(tmp_path / "evaluation.json", report.to_dict())  # as the evaluate stage writes it
+    read = EvaluationReport.read(tmp_path / "evaluation.json")
+    write_json(tmp_path / "again.json", read.to_dict())
+    assert (tmp_path / "again.json").read_bytes() == (tmp_path / "evaluation.json").read_bytes()
+    assert json.dumps(flat_metrics(read)) == json.dumps(flat_metrics(report))
+    assert list(read.to_dict()) == [
+        "top1", "top5", "class_avg_accuracy", "macro_precision", "n_queries", "per_class_accuracy",
+        "per_class_precision", "per_class_recall", "confusion_matrix", "map_at_r", "calibration",
+        "baseline_raw_pixels", "baseline_untrained", "baseline_check", "open_set", "fewshot", "notes"]
+    assert list(read.to_dict()["baseline_raw_pixels"]) == [
+        "top1", "top5", "class_avg_accuracy", "map_at_r", "macro_precision", "fewshot", "size"]
+
+
+def test_a_report_without_optional_sections_leaves_them_out(tmp_path):
+    recognizer, _, test, _ = untrained_recognizer(tmp_path, top_k=1)
+    report = assess(recognizer, test).report  # no baselines, no held-out classes, top-k is top-1
+    assert list(report.to_dict()) == [
+        "top1", "class_avg_accuracy", "macro_precision", "n_queries", "per_class_accuracy", "per_class_precision",
+        "per_class_recall", "confusion_matrix", "map_at_r", "calibration", "baseline_check", "notes"]
+    write_json(tmp_path / "evaluation.json", report.to_dict())
+    assert json.dumps(EvaluationReport.read(tmp_path / "evaluation.json").to_dict()) == json.dumps(report.to_dict())
