@@ -95,7 +95,7 @@ def measure(name: str, config: Config, root: Path) -> dict:
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
     recognizer = SiameseRecognizer(result.embedding, build_gallery(result.embedding, folders["train"]), config)
-    report = assess(recognizer, folders["test"], heldout=folders["heldout"], seed=config.train.seed).report
+    report = assess(recognizer, folders["test"], heldout=folders["heldout"], seed=config.train.seed).report.to_dict()
     evaluate_seconds = time.perf_counter() - start
     history = result.history
     return {

@@ -44,7 +44,7 @@ def run(images: int, mode: str, input_size: int = 64) -> dict:
         start = time.perf_counter()
         if mode == "library":
             recognizer = SiameseRecognizer(model, build_gallery(model, folder), config)
-            top1 = evaluate(recognizer, folder)["top1"]
+            top1 = evaluate(recognizer, folder).top1
         else:
             embeddings = model.predict(decode_all(folder.paths, input_size).astype(np.float32), verbose=0)
             nearest = squared_distances(embeddings, embeddings).argmin(axis=1)

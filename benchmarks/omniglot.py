@@ -149,7 +149,7 @@ def main() -> None:
         report["evaluate"] = config.evaluate.model_dump()
         recognizer = SiameseRecognizer(network, build_gallery(network, train_folder, config.evaluate), config)
         if args.mode == "closed":
-            scores = evaluate(recognizer, test_folder, top_k=5)
+            scores = evaluate(recognizer, test_folder, top_k=5).to_dict()
             report["trained"] = {key: scores[key] for key in ("top1", "top5", "class_avg_accuracy")}
         else:
             held = scan_folder(folders["heldout"])

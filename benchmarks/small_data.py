@@ -154,7 +154,7 @@ def measure(folder: Path, preset: str, overrides: dict) -> dict:
     recognizer = SiameseRecognizer(result.embedding, build_gallery(result.embedding, result.train_folder,
                                                                    config.evaluate), config)
     assessment = assess(recognizer, scan_folder(folder / "test"), result.train_folder, scan_folder(folder / "heldout"))
-    report = assessment.report
+    report = assessment.report.to_dict()
     return {
         "model": _figures(report),
         "raw_pixels": _figures(report["baseline_raw_pixels"]),

@@ -155,7 +155,7 @@ def train(
         last = ", ".join(f"{key} {values[-1]:.4g}" for key, values in result.history.items())
         typer.echo(f"saved {out}: kept the weights of epoch {result.best_epoch} ({result.kept_because}); "
                    f"last epoch: {last}")
-        typer.echo(check_baselines(SiameseRecognizer.load(out), result.train_folder, scan_folder(test_dir))["sentence"])
+        typer.echo(check_baselines(SiameseRecognizer.load(out), result.train_folder, scan_folder(test_dir)).sentence)
 
     _run(body)
 

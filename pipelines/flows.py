@@ -25,6 +25,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from siamese_core.evaluation_report import EvaluationReport
+
 from . import pipeline, runner
 from .errors import PIPELINE_USER_ERRORS
 from .files import read_json
@@ -104,6 +106,7 @@ def publish_artifacts(record: dict, workspace: Path, experiment_id: str) -> None
     run_link = f"{ui}/#/experiments/{experiment_id}/runs/{record['run_id']}"
     version_link = f"{ui}/#/models/{record['model_name']}/versions/{record['version']}"
     metrics = read_json(workspace / pipeline.METRICS)
+    evaluation = EvaluationReport.read(workspace / pipeline.EVALUATION)
     rows = [("top1", "top1"), ("top5", "top5"), ("map_at_r", "map_at_r"),
             ("1-shot (held-out classes)", "fewshot.1shot.mean"), ("5-shot (held-out classes)", "fewshot.5shot.mean")]
     table = "\n".join(
@@ -117,7 +120,7 @@ def publish_artifacts(record: dict, workspace: Path, experiment_id: str) -> None
         f"`{record['metric']}` {record['value']:.4f} against the champion's "
         f"{'(none before)' if previous is None else f'{previous:.4f}'} on the same test queries. {record['reason']}",
         "",
-        read_json(workspace / pipeline.EVALUATION).get("baseline_check", {}).get("sentence", ""),
+        evaluation.baseline_check.sentence,
         "",
         "| metric | model | raw pixels | untrained network |",
         "|---|---|---|---|",
@@ -130,11 +133,10 @@ def publish_artifacts(record: dict, workspace: Path, experiment_id: str) -> None
     ])
     create_markdown_artifact(markdown=markdown, key="siamese-registration",
                              description=f"Registration of {record['model_name']} v{record['version']}")
-    evaluation = read_json(workspace / pipeline.EVALUATION)
     create_table_artifact(
         table=[{"class": name, "accuracy": round(accuracy, 4),
-                "precision": round(evaluation["per_class_precision"][name], 4)}
-               for name, accuracy in evaluation["per_class_accuracy"].items()],
+                "precision": round(evaluation.per_class_precision[name], 4)}
+               for name, accuracy in evaluation.per_class_accuracy.items()],
         key="siamese-per-class-accuracy", description="Test accuracy (recall) and precision of each class")
 
 

@@ -78,23 +78,23 @@ class ScheduleConfig(Section):
 
 
 # "register" is a section of params.yaml; it shadows ABCMeta.register on the class, which nothing here uses.
-warnings.filterwarnings("ignore", message='Field name "register" in "PipelineParams" shadows', category=UserWarning)
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "register" in "PipelineParams" shadows', category=UserWarning)
 
+    class PipelineParams(Config):
+        """The whole params.yaml: the library's sections plus data, register and schedule."""
 
-class PipelineParams(Config):
-    """The whole params.yaml: the library's sections plus data, register and schedule."""
+        preset: str | None = Field(
+            None, description="A file of pipelines/presets/ (seed, fast-cpu, fewshot-cpu) whose keys replace those of params.yaml."
+        )
+        data: DataConfig = Field(default_factory=DataConfig)
+        register: RegisterConfig = Field(default_factory=RegisterConfig)
+        schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+        compute: ComputeConfig = Field(default_factory=ComputeConfig)
 
-    preset: str | None = Field(
-        None, description="A file of pipelines/presets/ (seed, fast-cpu, fewshot-cpu) whose keys replace those of params.yaml."
-    )
-    data: DataConfig = Field(default_factory=DataConfig)
-    register: RegisterConfig = Field(default_factory=RegisterConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    compute: ComputeConfig = Field(default_factory=ComputeConfig)
-
-    def core(self) -> Config:
-        """The library part of the params."""
-        return Config.model_validate(self.model_dump(include=set(Config.model_fields)))
+        def core(self) -> Config:
+            """The library part of the params."""
+            return Config.model_validate(self.model_dump(include=set(Config.model_fields)))
 
 
 def preset_names() -> list[str]:

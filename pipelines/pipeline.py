@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from .files import content_hash
 from . import imports
+from .files import content_hash
 from .params import PipelineParams
 
 # Outputs, relative to the workspace root (the project under ``dvc repro``, runs/<run>/ under a flow).

@@ -53,7 +53,7 @@ class _OneLineError(MlflowException):
         return self._message
 
     @message.setter
-    def message(self, value: str) -> None:
+    def message(self, value: str) -> None:  # what the server calls is private: see tests/test_private_apis.py
         # The scoring server rewrites the message of an MlflowException raised by a model as
         # "Failed to predict data '<the request>'. Error: <message>"; the first, one-line message is kept.
         if not hasattr(self, "_message"):

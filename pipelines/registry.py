@@ -363,11 +363,15 @@ def _log_bundle_model(run_id: str, bundle_dir: str | os.PathLike) -> tuple[str, 
 
     if not Path(bundle_dir).is_dir():
         raise FileNotFoundError(f"{bundle_dir}: model bundle folder does not exist")
+    mlflow_client = client()
+    logged = mlflow_client.create_logged_model(  # in the run's experiment, its artifacts where the run's are
+        experiment_id=mlflow_client.get_run(run_id).info.experiment_id, name="model", source_run_id=run_id)
     info = mlflow.models.Model.log(
         None,
         name="model",
         flavor=mlflow.pyfunc,
         run_id=run_id,
+        model_id=logged.model_id,
         python_model=str(Path(__file__).with_name("served_model.py")),
         artifacts={"bundle": str(bundle_dir)},
         code_paths=_PACKAGE_DIRS,

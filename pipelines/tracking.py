@@ -315,6 +315,7 @@ class PipelineRun:
     @contextmanager
     def system_metrics(self):
         """CPU, memory, disk and network (and GPU where present) logged to the run every few seconds."""
+        # private: see tests/test_private_apis.py
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,

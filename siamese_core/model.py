@@ -8,6 +8,7 @@ never scale images themselves.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import keras
@@ -17,7 +18,7 @@ from keras import layers, ops
 from .config import Config, ModelConfig
 from .distance import row_squared_distances
 from .distribute import gather, replicas, step_logs
-from .errors import ConfigError, WeightsUnavailableError
+from .errors import BundleError, ConfigError, WeightsUnavailableError
 from .mining import LOSSES, mean_pair_distances
 from .seeding import seeded
 
@@ -213,7 +214,7 @@ def _frozen_cut(backbone: keras.Model) -> list | None:
     has_frozen_weights = False
     for operation in backbone.operations:  # in graph order, including non-layer ops such as ``x + 3``
         inputs = [] if isinstance(operation, layers.InputLayer) else keras.tree.flatten(operation.input)
-        sources = [t._keras_history.operation for t in inputs]
+        sources = [t._keras_history.operation for t in inputs]  # private: see tests/test_private_apis.py
         if not getattr(operation, "trainable_weights", []) and all(id(op) in frozen for op in sources):
             frozen.add(id(operation))
             has_frozen_weights = has_frozen_weights or bool(getattr(operation, "weights", []))
@@ -258,7 +259,7 @@ class _BuiltBeforeFit(keras.Model):
     needs its optimizer's variables, made here under the strategy.
     """
 
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):  # private: see tests/test_private_apis.py
         if not self.built or self.optimizer is None:
             return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
         if not self.optimizer.built:
@@ -371,7 +372,14 @@ class OnlineTripletModel(_BuiltBeforeFit):
 
 
 def load_embedding(path: str | os.PathLike) -> keras.Model:
-    """Load a saved embedding network (a ``model.keras``): safe mode, uncompiled, the project's layers registered."""
+    """Load a saved embedding network (a ``model.keras``): safe mode, uncompiled, the project's layers registered.
+
+    A missing file, or one that is not a Keras archive, is a BundleError naming it."""
+    if not Path(path).is_file():
+        raise BundleError(f"{path}: the saved network is missing")
+    if not zipfile.is_zipfile(path):
+        raise BundleError(f"{path}: not a saved Keras network (a .keras zip archive); it is damaged or was "
+                          "replaced; train again")
     embedding = keras.saving.load_model(path, compile=False, safe_mode=True)
     embedding.source_file = str(Path(path).resolve())  # where shards of a large embedding job load it from
     return embedding

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import keras
-from keras.src.random import seed_generator
+from keras.src.random import seed_generator  # private: see tests/test_private_apis.py
 
 _local = threading.local()
 

@@ -65,7 +65,7 @@ def test_evaluate_reports_what_the_pipeline_reports(trained):
     recognizer = SiameseRecognizer.load(bundle)
     stage = assess(recognizer, scan_folder(test_dir), scan_folder(train_dir), scan_folder(heldout),
                    seed=recognizer.config.train.seed).report
-    assert report == json.loads(json.dumps(stage))  # the evaluate stage's figures: baselines, open set, few-shot
+    assert report == json.loads(json.dumps(stage.to_dict()))  # the evaluate stage's figures: baselines, open set, few-shot
     assert {"open_set", "fewshot"} <= set(report) and "fewshot" in report["baseline_raw_pixels"]
     assert report["baseline_raw_pixels"]["size"] == 32 and "top1" in report["baseline_untrained"]
     assert "leaving a fold of the gallery's classes out" in report["calibration"]["method"]

@@ -15,6 +15,7 @@ from pipelines.files import read_json
 from pipelines.params import load_params
 from pipelines.pipeline import STAGES, StageContext, stage_key
 from pipelines.tracking import pipeline_run
+from siamese_core.errors import BundleError, DatasetError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,14 +92,14 @@ def test_under_dvc_a_failing_embed_evaluate_or_sample_prediction_fails_the_train
     trained_by = _train(params)
     assert client.get_run(trained_by).info.status == "RUNNING"  # train opens the run; later stages end it
     (pipeline.TRAINED / "model.keras").write_bytes(b"not a model")
-    with pytest.raises(Exception):
+    with pytest.raises(BundleError):
         runner.run_alone("embed", params)
     _assert_failed(client, trained_by, "embed", "model.keras")
 
     trained_by = _train(params)
     runner.run_alone("embed", params)
     broken = params.model_copy(update={"data": params.data.model_copy(update={"test_dir": "nowhere"})})
-    with pytest.raises(Exception, match="nowhere"):
+    with pytest.raises(DatasetError, match="nowhere"):
         runner.run_alone("evaluate", broken)
     _assert_failed(client, trained_by, "evaluate", "nowhere")
 

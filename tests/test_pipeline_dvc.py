@@ -160,6 +160,12 @@ def test_dvc_repro_tracks_one_run_and_reruns_only_what_a_param_change_touches(tm
     assert any((repo / "dvc-storage").rglob("*")), "dvc push wrote nothing to the remote"
     assert "in sync" in run(*dvc, "status", "--cloud")
 
+    # a stage's deps are the code it imports: editing pipelines/files.py (which validate imports) re-runs validate
+    with (repo / "pipelines/files.py").open("a") as file:
+        file.write("\n# edited\n")
+    assert "validate" in _stages(r"(?m)^(\w+):$", run(*dvc, "status"))
+    assert _stages(r"Running stage '(\w+)'", run(*dvc, "repro", "-s", "validate")) == {"validate"}
+
 
 def test_add_data_and_retrain_walkthrough(tmp_path, write_params, prefect_server):
     """The README's walkthrough: add images, `dvc add`, commit; the retraining flow sees the new data version."""

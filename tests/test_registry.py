@@ -131,7 +131,7 @@ def test_the_champion_is_scored_on_this_runs_queries_and_one_of_other_classes_is
     train_dir, test_dir = bundle.path.parent / "data/train", bundle.path.parent / "data/test"
     on_same_queries = registry.same_queries_scorer(train_dir, test_dir, "map_at_r")(champion)
     recognizer = SiameseRecognizer.load(bundle.path).with_gallery(scan_folder(train_dir))
-    assert on_same_queries == pytest.approx(evaluate(recognizer, test_dir)["map_at_r"])
+    assert on_same_queries == pytest.approx(evaluate(recognizer, test_dir).map_at_r)
     assert on_same_queries != 0.5  # measured, not read from the champion's run
 
     other_train, other_test = make_digits_dataset(tmp_path / "other", classes=3, first=5)
@@ -338,13 +338,15 @@ def test_gate_keeps_the_replaced_champion_as_previous_and_the_cli_rolls_back_and
 
 def test_model_card_shows_data_metrics_beside_baselines_threshold_and_changed_params():
     from pipelines.card import model_card
+    from siamese_core.evaluation_report import BaselineCheck, Calibration, EvaluationReport
 
     metrics = {"top1": 0.9, "baseline_raw_pixels.top1": 0.5, "baseline_untrained.top1": 0.25,
                "fewshot.1shot.mean": 0.8, "baseline_raw_pixels.fewshot.1shot.mean": 0.4, "calibration.threshold": 0.7,
                "calibration.known_accepted": 0.9, "calibration.unknown_rejected": 0.85}
     data = {"train": {"path": "data/demo/train", "md5": "0123abcd.dir", "classes": 40, "images": 560}}
-    evaluation = {"baseline_check": {"passed": True, "sentence": "The trained model beats both baselines."},
-                  "calibration": {"score": "class_mean", "target_met": True}}
+    evaluation = EvaluationReport.model_construct(
+        baseline_check=BaselineCheck(passed=True, margin=0.0, sentence="The trained model beats both baselines."),
+        calibration=Calibration.model_construct(score="class_mean", target_met=True))
     card = model_card(pipeline_params(), metrics, data, {"MLflow run": "demo-run (abc)"}, "3", "champion", 0.85,
                       "top1 0.9000 against champion version 2's 0.8500 on the same test queries", evaluation)
     assert card.startswith("# tiny-recognizer version 3")

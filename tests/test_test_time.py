@@ -106,12 +106,12 @@ def test_few_shot_episodes_enrol_and_search_as_the_recognizer_does(untrained):
     calls = []
     search = product.classify_among
     product.classify_among = lambda *args: calls.append(len(args[0])) or search(*args)
-    report = assess(product, test, heldout=heldout).report["fewshot"]["3shot"]
+    report = assess(product, test, heldout=heldout).report.fewshot["3shot"]
     assert calls == [2 * 3] * product.config.evaluate.fewshot_episodes  # every episode: 2 classes x 3 enrolled
     embedded = embed_images(recognizer.embedding, heldout.paths, 8, views=5)
-    expected = few_shot_accuracy(embedded, heldout.labels, report["n_way"], 3, product.config.evaluate.fewshot_episodes,
+    expected = few_shot_accuracy(embedded, heldout.labels, report.n_way, 3, product.config.evaluate.fewshot_episodes,
                                  classify=by_prototype)
-    assert (report["mean"], report["ci95"]) == pytest.approx((expected["mean"], expected["ci95"]))
+    assert (report.mean, report.ci95) == pytest.approx((expected["mean"], expected["ci95"]))
 
 
 def test_one_affine_transform_is_seeded_and_off_at_inference():

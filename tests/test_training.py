@@ -56,10 +56,10 @@ def test_training_lowers_the_loss_and_raises_top1(digits, trained):
     before = evaluate(SiameseRecognizer(untrained, build_gallery(untrained, folder), config), test_dir)
     after = evaluate(SiameseRecognizer(result.embedding, build_gallery(result.embedding, folder), config), test_dir)
     # top-1 on five easy digits can be perfect before training; MAP@R ranks every reference, so it cannot
-    assert after["map_at_r"] > before["map_at_r"]
-    assert after["top1"] >= before["top1"] and after["top1"] >= 0.9
-    assert after["top5"] >= after["top1"]
-    assert set(after["per_class_accuracy"]) == {f"digit {i}" for i in range(5)}
+    assert after.map_at_r > before.map_at_r
+    assert after.top1 >= before.top1 and after.top1 >= 0.9
+    assert after.top_k_name == "top5" and after.top_k_accuracy >= after.top1
+    assert set(after.per_class_accuracy) == {f"digit {i}" for i in range(5)}
 
 
 def test_same_seed_same_results(digits, trained):
@@ -107,7 +107,7 @@ def test_enrol_a_new_class_without_retraining(bundle, tmp_path):
     recognizer.enroll(new_train)
     assert recognizer.gallery.class_names[-3:] == ["digit 5", "digit 6", "digit 7"]
     report = evaluate(recognizer, new_test)
-    assert report["top1"] > 1 / 8 * 2  # the new classes are recognised well above chance
+    assert report.top1 > 1 / 8 * 2  # the new classes are recognised well above chance
     assert all(np.array_equal(a, b) for a, b in zip(weights_before, recognizer.embedding.get_weights()))
 
 
@@ -281,10 +281,10 @@ def test_fast_cpu_beats_both_baselines_on_a_small_real_dataset(tmp_path):
     result = train(config, train_dir, test_dir, verbose=0)
     recognizer = SiameseRecognizer(result.embedding, build_gallery(result.embedding, result.train_folder), config)
     report = evaluate(recognizer, test_dir)
-    report.update(baseline_reports(config, result.train_folder, scan_folder(test_dir), top_k=5))
-    check = baseline_check(report)
-    assert check["passed"], check["sentence"]
-    assert report["map_at_r"] > max(report["baseline_raw_pixels"]["map_at_r"], report["baseline_untrained"]["map_at_r"])
+    baselines = baseline_reports(config, result.train_folder, scan_folder(test_dir), top_k=5)
+    check = baseline_check(report, baselines)
+    assert check.passed, check.sentence
+    assert report.map_at_r > max(baselines["baseline_raw_pixels"].map_at_r, baselines["baseline_untrained"].map_at_r)
 
 
 def _corruptions():

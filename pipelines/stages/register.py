@@ -10,6 +10,7 @@ from pathlib import Path
 
 from siamese_core.data import scan_folder
 from siamese_core.errors import DatasetError
+from siamese_core.evaluation_report import EvaluationReport
 from siamese_core.recognizer import store_threshold
 from siamese_core.report import report_images, write_html
 
@@ -33,7 +34,6 @@ from ..pipeline import (
 )
 
 log = logging.getLogger(__name__)
-PER_CLASS_METRICS = ("per_class_accuracy", "per_class_precision", "per_class_recall")
 COUNT_KEYS = ("episodes", "n_way", "k_shot", "n_queries", "n_known", "n_unknown", "size")
 LINEAGE_TAGS = ("git_commit", "dvc.experiment", "prefect.flow_run_url", "training_run_id")
 
@@ -51,25 +51,25 @@ def run(ctx: StageContext) -> dict:
     if started_on and started_on != data:
         raise DatasetError(f"the data changed while this run was in progress (from {started_on} to {data}): "
                            "its model may mix both versions, so it is not registered; run the pipeline again")
-    evaluation = read_json(ctx.path(EVALUATION))
+    evaluation = EvaluationReport.read(ctx.path(EVALUATION))
     metrics = {key: value for key, value in read_json(ctx.path(METRICS)).items()
                if not key.endswith(COUNT_KEYS)}  # counts stay in metrics.json; MLflow charts figures
     run.client.log_table(run.run_id, {
-        "class": list(evaluation["per_class_accuracy"]),
-        **{key.removeprefix("per_class_"): list(evaluation[key].values()) for key in PER_CLASS_METRICS}},
+        "class": list(evaluation.per_class_accuracy), "accuracy": list(evaluation.per_class_accuracy.values()),
+        "precision": list(evaluation.per_class_precision.values()), "recall": list(evaluation.per_class_recall.values())},
         "per_class.json")
     artifacts = [ctx.path(p) for p in (TRIPLETS_SUMMARY, VALIDATION, VALIDATION_TEXT, EVALUATION, METRICS,
                                        IMAGE_PLOTS, LOSS_PLOT, PER_CLASS_PLOT, CONFUSION_PLOT)]
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / BUNDLE.name
         shutil.copytree(ctx.path(BUNDLE), bundle)
-        if "calibration" in evaluation:
-            store_threshold(bundle, evaluation["calibration"]["threshold"], evaluation["calibration"])
+        if evaluation.calibration is not None:
+            store_threshold(bundle, evaluation.calibration.threshold, evaluation.calibration.to_dict())
         result = registry.log_and_register(
             run, params, bundle, metrics, artifacts, {"data_hash": data},
             score_champion=registry.same_queries_scorer(params.data.train_dir, params.data.test_dir,
                                                         params.register.metric),
-            baselines=evaluation.get("baseline_check"))
+            baselines=evaluation.baseline_check.to_dict())
     lineage = {"MLflow run": f"{mlflow_run.info.run_name} ({run.run_id})",
                **{key: value for key, value in mlflow_run.data.tags.items() if key in LINEAGE_TAGS}}
     registry.describe_version(result["model_name"], result["version"], model_card(
