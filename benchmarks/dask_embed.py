@@ -12,6 +12,7 @@ import argparse
 import json
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,14 +44,15 @@ def run(folder: Path, size: int, shard_size: int, batch_size: int, repeats: int)
                                           pooling="avg", head_units=[])).save(Path(tmp) / "model.keras")
         network = load_embedding(Path(tmp) / "model.keras")
         figures = {"images": len(paths), "input_size": size, "shard_size": shard_size}
-        in_process, reference = _best_rate(lambda: embed_images(network, paths, batch_size, shardable=False),
+        in_process, reference = _best_rate(lambda: embed_images(network, paths, batch_size),
                                            len(paths), repeats)
         figures["in_process_images_per_s"] = round(in_process, 1)
         for workers in (1, 2):
             with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                               silence_logs=40) as cluster, sharding.dask_mapper(cluster.scheduler_address) as mapper:
-                with sharding.sharded(mapper, shard_size):
-                    rate, result = _best_rate(lambda: embed_images(network, paths, batch_size), len(paths), repeats)
+                rate, result = _best_rate(partial(embed_images, network, paths, batch_size,
+                                                  sharder=sharding.Sharder(mapper, shard_size),
+                                                  model_file=Path(tmp) / "model.keras"), len(paths), repeats)
             np.testing.assert_allclose(result, reference, rtol=1e-5, atol=1e-6)
             figures[f"dask_{workers}_workers_images_per_s"] = round(rate, 1)
     figures["efficiency_2_workers"] = round(figures["dask_2_workers_images_per_s"]

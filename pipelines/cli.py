@@ -29,7 +29,7 @@ app = typer.Typer(
 SetOption = Annotated[
     list[str] | None,
     typer.Option(
-        "--set",
+        "--set", metavar="KEY=VALUE",
         help="Override a config key, value read as YAML; repeatable. "
         "Bare or dotted keys: --set weights=null --set model.margin=0.2 --set train.epochs=3.",
     ),
@@ -221,17 +221,15 @@ def evaluate(
     def body():
         from siamese_core import sharding
         from siamese_core.data import scan_folder
-        from siamese_core.evaluation import assess
+        from siamese_core.evaluation import assess_bundle
         from siamese_core.recognizer import SiameseRecognizer
 
-        recognizer = SiameseRecognizer.load(_bundle_path(model)).with_settings(
-            baselines=baselines, **({"top_k": top_k} if top_k else {}))
+        with sharding.on_dask(sharding.dask_address(dask_address)) as sharder:
+            recognizer = SiameseRecognizer.load(_bundle_path(model), sharder).with_settings(
+                baselines=baselines, **({"top_k": top_k} if top_k else {}))
+            result = assess_bundle(recognizer, scan_folder(test_dir), scan_folder(heldout_dir) if heldout_dir else None,
+                                   scan_folder(unknown_dir) if unknown_dir else None)
         settings = recognizer.config.evaluate
-        heldout = scan_folder(heldout_dir) if heldout_dir else None
-        gallery_images = recognizer.gallery.image_folder() if baselines else None
-        with sharding.on_dask(sharding.dask_address(dask_address)):
-            result = assess(recognizer, scan_folder(test_dir), gallery_images, heldout, seed=recognizer.config.train.seed,
-                            unknowns=scan_folder(unknown_dir) if unknown_dir else None)
         if as_json:
             typer.echo(json.dumps(result.report.to_dict(), ensure_ascii=False))
             return
@@ -312,10 +310,10 @@ def enroll(
     def body():
         from siamese_core import sharding
 
-        with sharding.on_dask(sharding.dask_address(dask_address)):
-            enrol()
+        with sharding.on_dask(sharding.dask_address(dask_address)) as sharder:
+            enrol(sharder)
 
-    def enrol():
+    def enrol(sharder):
         _check_gallery_folder(folder)
         if model.startswith("models:/"):
             if out is not None:
@@ -325,7 +323,7 @@ def enroll(
             name, _, source = model.removeprefix("models:/").partition("@")
             if not source:
                 name, _, source = name.partition("/")
-            result = enroll_and_register(name, folder, source or "champion", promote)
+            result = enroll_and_register(name, folder, source or "champion", promote, sharder)
             typer.echo(f"{name} version {result['version']} ({result['alias']}), enrolled from version "
                        f"{result['enrolled_from']}: gallery of {result['gallery_size']} images, "
                        f"new classes {result['new_classes']}")
@@ -335,7 +333,7 @@ def enroll(
         from siamese_core.recognizer import SiameseRecognizer
 
         with _bundle_lock(Path(out or model), timeout=-1):  # another enrolment into it finishes first, then this one
-            recognizer = SiameseRecognizer.load(model)
+            recognizer = SiameseRecognizer.load(model, sharder)
             before, start = len(recognizer.gallery), time.perf_counter()
             recognizer.enroll(folder)
             ms = (time.perf_counter() - start) * 1000 / max(1, len(recognizer.gallery) - before)
@@ -482,7 +480,7 @@ def _stage_names() -> list[str]:
 @app.command()
 def stage(
     name: Annotated[str, typer.Argument(
-        help="The stage to run: validate, triplets, train, embed, evaluate or register.",
+        metavar="NAME", help="The stage to run: validate, triplets, train, embed, evaluate or register.",
         autocompletion=_stage_names, show_default=False)],
     params: ParamsOption = None,
     set_: SetOption = None,

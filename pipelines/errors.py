@@ -9,8 +9,12 @@ class NoChampionError(LookupError):
     """The registry has no such model, or the model has no champion (or no such alias or version) yet."""
 
 
+class StackError(RuntimeError):
+    """A service of the stack failed to start, stop or answer; the message is one line (plus a log tail)."""
+
+
 class RegistryError(ValueError):
     """A registry request that cannot be done as asked (no reason given, already the champion)."""
 
 
-PIPELINE_USER_ERRORS = (*USER_ERRORS, NoChampionError, RegistryError)
+PIPELINE_USER_ERRORS = (*USER_ERRORS, NoChampionError, RegistryError, StackError)

@@ -25,7 +25,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from siamese_core import sharding
 from siamese_core.evaluation_report import EvaluationReport
+from siamese_core.sharding import Sharder
 
 from . import pipeline, runner
 from .errors import PIPELINE_USER_ERRORS
@@ -69,14 +71,12 @@ def embed_shard_task(function: Callable, item: Any) -> Any:
 
 
 @contextmanager
-def dask_sharding(params: PipelineParams) -> Iterator[None]:
-    """With ``compute.dask_address`` ($SIAMESE_DASK_ADDRESS) set, the stages' large embedding jobs
-    run as ``embed-shard`` tasks on prefect-dask's DaskTaskRunner connected to that cluster."""
-    from siamese_core import sharding
-
+def dask_sharding(params: PipelineParams) -> Iterator[Sharder | None]:
+    """With ``compute.dask_address`` ($SIAMESE_DASK_ADDRESS) set, a sharder whose shards run as ``embed-shard``
+    tasks on prefect-dask's DaskTaskRunner connected to that cluster; else None (this process)."""
     address = sharding.dask_address(params.compute.dask_address)
     if address is None:
-        yield
+        yield None
         return
     from prefect.utilities.annotations import unmapped
     from prefect_dask import DaskTaskRunner
@@ -88,8 +88,7 @@ def dask_sharding(params: PipelineParams) -> Iterator[None]:
             futures = runner.map(embed_shard_task, parameters={"function": unmapped(function), "item": items})
             return [future.result() for future in futures]
 
-        with sharding.sharded(mapper, params.compute.shard_size):
-            yield
+        yield Sharder(mapper, params.compute.shard_size)
 
 
 def _mlflow_ui() -> str:
@@ -157,8 +156,8 @@ def training_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | 
         run = scope.run
         run.set_tags({"workspace": str(workspace.resolve())})
         get_run_logger().info("workspace %s, MLflow run %s", workspace, run.run_id)
-        ctx = pipeline.StageContext(params, workspace, scope)
-        with run.system_metrics(), dask_sharding(params):
+        with run.system_metrics(), dask_sharding(params) as sharder:
+            ctx = pipeline.StageContext(params, workspace, scope, sharder)
             for name in pipeline.STAGES:
                 record = stage_task.with_options(name=name)(name, ctx)
     publish_artifacts(record, workspace, run.info.experiment_id)

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from siamese_core.sharding import Sharder
+
 from . import imports
 from .files import content_hash
 from .params import PipelineParams
@@ -41,11 +43,13 @@ HISTORY_FILE, RUN_FILE = "history.json", "run.json"
 
 @dataclass(frozen=True)
 class StageContext:
-    """What a stage works with: the params, the workspace it reads and writes, and the pipeline's MLflow run."""
+    """What a stage works with: the params, the workspace it reads and writes, the pipeline's MLflow run and
+    the sharder for large embedding jobs."""
 
     params: PipelineParams
     workspace: Path
     tracking: Any  # pipelines.tracking.RunScope: imported lazily, as MLflow is slow to import
+    sharder: Sharder | None = None  # where large embedding jobs go (a Dask cluster); None: this process
 
     def path(self, relative: Path) -> Path:
         """An output or artifact path inside the workspace."""

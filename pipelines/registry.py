@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from siamese_core.errors import ConfigError
 from siamese_core.metrics import flatten
+from siamese_core.sharding import Sharder
 
 from .errors import NoChampionError, RegistryError
 from .files import tree_sha256
@@ -453,7 +454,8 @@ def describe_version(model_name: str, version: str, text: str) -> None:
     client().update_model_version(model_name, version, description=text)
 
 
-def enroll_and_register(model_name: str, folder: str | os.PathLike, source: str = CHAMPION, promote: bool = False) -> dict:
+def enroll_and_register(model_name: str, folder: str | os.PathLike, source: str = CHAMPION, promote: bool = False,
+                        sharder: Sharder | None = None) -> dict:
     """Enrol class folders into a registered version's gallery, and register the result as a new version.
 
     ``source`` is an alias or a version number of ``model_name``. Its bundle is downloaded,
@@ -472,7 +474,7 @@ def enroll_and_register(model_name: str, folder: str | os.PathLike, source: str 
     base = (mlflow_client.get_model_version(model_name, source) if str(source).isdigit()
             else _require_alias(model_name, source))
     images = scan_folder(folder)
-    recognizer = SiameseRecognizer.load(download_bundle(f"models:/{model_name}/{base.version}"))
+    recognizer = SiameseRecognizer.load(download_bundle(f"models:/{model_name}/{base.version}"), sharder)
     known = set(recognizer.gallery.class_names)
     recognizer.enroll(images)
     new_classes = [name for name in recognizer.gallery.class_names if name not in known]

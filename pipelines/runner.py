@@ -23,13 +23,9 @@ LAST_STAGE = list(STAGES)[-1]
 
 
 def run_stage(name: str, ctx: StageContext) -> dict:
-    """Run stage ``name`` in ``ctx``'s workspace; large embedding jobs go to the Dask cluster of
-    ``compute.dask_address`` unless the caller already shards them."""
+    """Run stage ``name`` in ``ctx``'s workspace."""
     ctx.tracking.stage = name
-    module = importlib.import_module(STAGES[name].module)
-    compute = ctx.params.compute
-    with sharding.on_dask(sharding.dask_address(compute.dask_address), compute.shard_size, compute.dask_connect_timeout):
-        return module.run(ctx)
+    return importlib.import_module(STAGES[name].module).run(ctx)
 
 
 def run_cached(name: str, ctx: StageContext) -> dict:
@@ -55,10 +51,13 @@ def run_cached(name: str, ctx: StageContext) -> dict:
 
 def run_alone(name: str, params: PipelineParams, root: Path = Path(".")) -> dict:
     """Run one stage as its own process does under ``dvc repro``: stages after train attach to the
-    run that trained the model while it is open; the last stage ends it."""
+    run that trained the model while it is open; the last stage ends it. Large embedding jobs go to
+    the Dask cluster of ``compute.dask_address`` ($SIAMESE_DASK_ADDRESS), if one is set."""
     from .tracking import pipeline_run
 
-    order = list(STAGES)
+    order, compute = list(STAGES), params.compute
     trained = root / TRAINED if order.index(name) > order.index("train") else None
-    with pipeline_run(params, trained, end=name == LAST_STAGE) as scope:
-        return run_stage(name, StageContext(params, root, scope))
+    with (pipeline_run(params, trained, end=name == LAST_STAGE) as scope,
+          sharding.on_dask(sharding.dask_address(compute.dask_address), compute.shard_size,
+                           compute.dask_connect_timeout) as sharder):
+        return run_stage(name, StageContext(params, root, scope, sharder))

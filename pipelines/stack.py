@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import typer
 
 from pipelines import supervisor
+from pipelines.errors import StackError
+from pipelines.process import guarded
 from pipelines.stack_services import RECIPES, STAGES, missing, worker_user
 from pipelines.stack_state import (
     BASE_PORT,
@@ -44,9 +45,6 @@ from pipelines.stack_state import (
     secrets,
     server_env,
 )
-from pipelines.supervisor import StackError
-
-T = TypeVar("T")
 
 
 def up(root: str | os.PathLike = DEFAULT_ROOT, auth: bool = False, base_port: int | None = BASE_PORT,
@@ -118,22 +116,13 @@ def down(root: str | os.PathLike = DEFAULT_ROOT) -> list[str]:
 
 # ---------------------------------------------------------------- the `siamese stack` commands
 
-stack_app = typer.Typer(help="Run the shared stack (PostgreSQL, S3, MLflow and Prefect servers) on this machine.",
+stack_app = typer.Typer(rich_markup_mode=None, help="Run the shared stack (PostgreSQL, S3, MLflow and Prefect servers) on this machine.",
                         no_args_is_help=True)
 RootOption = Annotated[Path, typer.Option("--root", help="Folder for the stack's data, logs and stack.json.")]
 
 
 def _exports(stack: Stack) -> str:
     return "\n".join(f"export {key}={value}" for key, value in client_env(stack).items())
-
-
-def _or_fail(action: Callable[[], T]) -> T:
-    """``action()``; a StackError is printed as one red line and exits with status 1."""
-    try:
-        return action()
-    except StackError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
 
 
 @stack_app.command("up")
@@ -144,7 +133,7 @@ def up_command(root: RootOption = Path(DEFAULT_ROOT),
                    "--worker-user", help="When root starts the stack: the user the worker runs flows as "
                    "(default: the owner of this folder; root only when named).")] = None) -> None:
     """Start the services in the background, wait until each is healthy, print the variables to export."""
-    stack = _or_fail(lambda: up(root, auth=auth, worker=worker))
+    stack = guarded(lambda: up(root, auth=auth, worker=worker), tensorflow=False)
     typer.echo(f"stack up in {stack['up_seconds']} s under {stack['root']} (logs in {stack['root']}/logs); "
                f"the worker runs flows as user '{stack['services']['worker']['user']}'")
     for name, service in stack["services"].items():
@@ -159,7 +148,7 @@ def up_command(root: RootOption = Path(DEFAULT_ROOT),
 @stack_app.command("status")
 def status_command(root: RootOption = Path(DEFAULT_ROOT)) -> None:
     """Check each service's health; exit status 1 if any is not healthy."""
-    health = _or_fail(lambda: status(root))
+    health = guarded(lambda: status(root), tensorflow=False)
     services = (load(root) or {})["services"]
     for name, problem in health.items():
         where = services[name].get("url", f"pool {WORK_POOL}")
@@ -182,5 +171,5 @@ def env_command(root: RootOption = Path(DEFAULT_ROOT)) -> None:
 @stack_app.command("down")
 def down_command(root: RootOption = Path(DEFAULT_ROOT)) -> None:
     """Stop every service; the data stays under --root for the next `up`."""
-    stopped = _or_fail(lambda: down(root))
+    stopped = guarded(lambda: down(root), tensorflow=False)
     typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")

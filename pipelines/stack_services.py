@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import supervisor
+from pipelines.errors import StackError
 from pipelines.stack_state import BUCKET, PIPELINE_USER, REGION, WORK_POOL, Stack, client_env, prefect_login, secrets
-from pipelines.supervisor import HOST, STARTUP_TIMEOUT_S, StackError
+from pipelines.supervisor import HOST, STARTUP_TIMEOUT_S
 
 PG_ADMIN = "siamese_admin"  # PostgreSQL's superuser; the services log in as roles without privileges
 _NO_BUCKET = ("404", "NoSuchBucket")

@@ -23,15 +23,13 @@ from typing import Any
 
 import psutil
 
+from pipelines.errors import StackError
+
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 180
 STOP_TIMEOUT_S = 20
 
 Check = Callable[[], str | None]
-
-
-class StackError(RuntimeError):
-    """A service failed to start, stop or answer; the message is one line (plus a log tail)."""
 
 
 def start(command: list[str], log: Path, env: dict[str, str], cwd: Path) -> dict[str, Any]:

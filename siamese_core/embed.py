@@ -120,22 +120,21 @@ def predict_array(model, rows: np.ndarray, batch_size: int = 64, views: int = 1,
 
 
 def embed_images(model, sources: Sequence[ImageSource], batch_size: int = 64, progress: bool = False,
-                 shardable: bool = True, views: int = 1, shift: float = VIEW_SHIFT) -> np.ndarray:
+                 views: int = 1, shift: float = VIEW_SHIFT, sharder: sharding.Sharder | None = None,
+                 model_file: str | os.PathLike | None = None) -> np.ndarray:
     """Embed images with ``model`` in batches; returns ``(n, dim)`` float32.
 
     ``views`` > 1 is test-time augmentation: each image's embedding is the mean over the image and
     ``views - 1`` copies shifted by ``shift`` of the side (:func:`shifted_views`), at ``views``
-    times the cost. Inside :func:`siamese_core.sharding.sharded`, image files embedded by a network
-    loaded from a file go out in shards to the mapper (a Dask cluster); the rows come back in order.
+    times the cost. With a ``sharder`` and the file ``model`` was loaded from, more image files than
+    one shard go out in :class:`~siamese_core.sharding.Shard` tasks to its mapper (a Dask cluster);
+    the rows come back in order.
     """
-    in_force = sharding.active()
-    source_file = getattr(model, "source_file", None)
-    if (shardable and in_force and source_file and len(sources) > in_force[1]
+    if (sharder is not None and model_file is not None and len(sources) > sharder.shard_size
             and all(isinstance(s, (str, os.PathLike)) for s in sources)):
-        mapper, shard_size = in_force
-        tasks = [(str(source_file), shard, batch_size, views, shift)
-                 for shard in sharding.shards([str(s) for s in sources], shard_size)]
-        return np.concatenate(mapper(embed_shard, tasks)).astype(np.float32, copy=False)
+        tasks = [sharding.Shard(str(model_file), shard, batch_size, views, shift)
+                 for shard in sharding.shards([str(s) for s in sources], sharder.shard_size)]
+        return np.concatenate(sharder.mapper(embed_shard, tasks)).astype(np.float32, copy=False)
     size = int(model.input_shape[1])
     out = np.empty((len(sources), int(model.output_shape[-1])), dtype=np.float32)
     batches = decoded_batches(sources, size, batch_size)
@@ -150,13 +149,12 @@ def embed_images(model, sources: Sequence[ImageSource], batch_size: int = 64, pr
     return out
 
 
-def embed_shard(task: tuple[str, list[str], int, int, float]) -> np.ndarray:
+def embed_shard(shard: sharding.Shard) -> np.ndarray:
     """Where a mapper runs it (a Dask worker): embed one shard of image files with the network saved at
-    ``task[0]`` (loaded once per process), in batches of ``task[2]``, with ``task[3]`` views shifted by ``task[4]``."""
-    model_file, paths, batch_size, views, shift = task
-    stat = os.stat(model_file)
-    return embed_images(_network(model_file, stat.st_size, stat.st_mtime_ns), paths, batch_size, shardable=False,
-                        views=views, shift=shift)
+    ``shard.model_file`` (loaded once per process)."""
+    stat = os.stat(shard.model_file)
+    return embed_images(_network(shard.model_file, stat.st_size, stat.st_mtime_ns), shard.paths, shard.batch_size,
+                        views=shard.views, shift=shard.shift)
 
 
 @functools.lru_cache(maxsize=2)

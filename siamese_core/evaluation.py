@@ -246,3 +246,11 @@ def assess(
         report.fewshot = {shots: FewShot.model_validate(episodes) for shots, episodes in fewshot.items()}
         report.notes.extend(fewshot_notes)
     return result
+
+
+def assess_bundle(recognizer, test: ImageFolder, heldout: ImageFolder | None = None,
+                  unknowns: ImageFolder | None = None) -> Assessment:
+    """Score a bundle as the pipeline's evaluate stage and ``siamese evaluate`` both do: :func:`assess`
+    with the seed it was trained with and, with ``evaluate.baselines``, the baselines on its own gallery's images."""
+    gallery_images = recognizer.gallery.image_folder() if recognizer.config.evaluate.baselines else None
+    return assess(recognizer, test, gallery_images, heldout, seed=recognizer.config.train.seed, unknowns=unknowns)

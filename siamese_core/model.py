@@ -380,6 +380,4 @@ def load_embedding(path: str | os.PathLike) -> keras.Model:
     if not zipfile.is_zipfile(path):
         raise BundleError(f"{path}: not a saved Keras network (a .keras zip archive); it is damaged or was "
                           "replaced; train again")
-    embedding = keras.saving.load_model(path, compile=False, safe_mode=True)
-    embedding.source_file = str(Path(path).resolve())  # where shards of a large embedding job load it from
-    return embedding
+    return keras.saving.load_model(path, compile=False, safe_mode=True)

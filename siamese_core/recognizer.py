@@ -22,6 +22,7 @@ from .gallery import Gallery, Match
 from .io import atomic_dir, atomic_path
 from .model import load_embedding
 from .openset import class_scales, rejection_on, unknown_scores
+from .sharding import Sharder
 
 BUNDLE_FORMAT = 1
 MODEL_FILE, GALLERY_FILE, CONFIG_FILE, METADATA_FILE = "model.keras", "gallery.npz", "config.json", "metadata.json"
@@ -43,18 +44,23 @@ def _versions() -> dict[str, str]:
 
 
 def build_gallery(embedding: keras.Model, folder: ImageFolder, settings: EvaluateConfig | None = None,
-                  progress: bool = False) -> Gallery:
-    """Embed every image of a class folder once, in batches (with the test-time views of ``settings``), into a gallery."""
+                  progress: bool = False, sharder: Sharder | None = None,
+                  model_file: str | os.PathLike | None = None) -> Gallery:
+    """Embed every image of a class folder once, in batches (with the test-time views of ``settings``), into a
+    gallery; with a ``sharder`` and the network's ``model_file``, in shards where the sharder runs them."""
     settings = settings or EvaluateConfig()
     embeddings = embed_images(embedding, folder.paths, settings.embed_batch_size, progress=progress,
-                              views=settings.test_time_views, shift=settings.test_time_shift)
+                              views=settings.test_time_views, shift=settings.test_time_shift, sharder=sharder,
+                              model_file=model_file)
     return Gallery(embeddings, folder.labels, list(folder.class_names), list(folder.paths))
 
 
 def save_trained_bundle(embedding: keras.Model, train_folder: ImageFolder, config: Config, path: str | os.PathLike,
-                        metadata: dict | None = None, progress: bool = False) -> SiameseRecognizer:
-    """The one way from a training to a bundle: embed the training images into the gallery and save it all at ``path``."""
-    gallery = build_gallery(embedding, train_folder, config.evaluate, progress)
+                        metadata: dict | None = None, progress: bool = False, sharder: Sharder | None = None,
+                        model_file: str | os.PathLike | None = None) -> SiameseRecognizer:
+    """The one way from a training to a bundle: embed the training images into the gallery and save it all at
+    ``path`` (in shards with a ``sharder`` and the file the network was loaded from, see :func:`build_gallery`)."""
+    gallery = build_gallery(embedding, train_folder, config.evaluate, progress, sharder, model_file)
     recognizer = SiameseRecognizer(embedding, gallery, config)
     recognizer.save(path, metadata)
     return recognizer
@@ -63,11 +69,23 @@ def save_trained_bundle(embedding: keras.Model, train_folder: ImageFolder, confi
 class SiameseRecognizer:
     """A trained embedding model plus its gallery: recognises images by nearest class."""
 
-    def __init__(self, embedding: keras.Model, gallery: Gallery, config: Config, metadata: dict | None = None):
+    def __init__(self, embedding: keras.Model, gallery: Gallery, config: Config, metadata: dict | None = None,
+                 model_file: str | os.PathLike | None = None, sharder: Sharder | None = None):
+        """``model_file``: where ``embedding`` is saved; with a ``sharder`` too, large sets of image files are
+        embedded in shards where the sharder runs them (a Dask cluster)."""
         self.embedding = embedding
         self._config = config
         self.gallery = gallery
         self.metadata = metadata or {}
+        self.model_file = model_file
+        self.sharder = sharder
+
+    def _like_this(self, gallery: Gallery, config: Config) -> SiameseRecognizer:
+        return SiameseRecognizer(self.embedding, gallery, config, dict(self.metadata), self.model_file, self.sharder)
+
+    def with_sharder(self, sharder: Sharder | None) -> SiameseRecognizer:
+        """This recogniser embedding large sets of image files through ``sharder`` (None: in this process)."""
+        return SiameseRecognizer(self.embedding, self._gallery, self.config, dict(self.metadata), self.model_file, sharder)
 
     @property
     def config(self) -> Config:
@@ -80,7 +98,7 @@ class SiameseRecognizer:
         settings) with ``changes`` applied, e.g. ``with_settings(match="class_mean", top_k=3)``."""
         settings = (evaluate or self.config.evaluate).model_dump()
         config = self.config.model_copy(update={"evaluate": validate_config(EvaluateConfig, {**settings, **changes})})
-        return SiameseRecognizer(self.embedding, self._gallery, config, dict(self.metadata))
+        return self._like_this(self._gallery, config)
 
     @property
     def gallery(self) -> Gallery:
@@ -109,8 +127,8 @@ class SiameseRecognizer:
     def embed(self, images: Sequence[ImageSource]) -> np.ndarray:
         """Embed image paths, encoded bytes or uint8 arrays, in batches, with the config's test-time views."""
         settings = self.config.evaluate
-        return embed_images(self.embedding, list(images), settings.embed_batch_size,
-                            views=settings.test_time_views, shift=settings.test_time_shift)
+        return embed_images(self.embedding, list(images), settings.embed_batch_size, views=settings.test_time_views,
+                            shift=settings.test_time_shift, sharder=self.sharder, model_file=self.model_file)
 
     def classify_among(self, enrolled: np.ndarray, enrolled_labels: np.ndarray, queries: np.ndarray) -> np.ndarray:
         """The label of each query embedding among a set of enrolled embeddings, searched as this recogniser
@@ -182,8 +200,8 @@ class SiameseRecognizer:
     def with_gallery(self, folder: str | os.PathLike | ImageFolder, progress: bool = False) -> SiameseRecognizer:
         """A recogniser with the same network and a gallery built from ``folder``."""
         folder = folder if isinstance(folder, ImageFolder) else scan_folder(folder)
-        gallery = build_gallery(self.embedding, folder, self.config.evaluate, progress)
-        return SiameseRecognizer(self.embedding, gallery, self.config, dict(self.metadata))
+        gallery = build_gallery(self.embedding, folder, self.config.evaluate, progress, self.sharder, self.model_file)
+        return self._like_this(gallery, self.config)
 
     def save(self, path: str | os.PathLike, extra_metadata: dict | None = None) -> Path:
         """Write the bundle folder atomically: model, gallery, config and metadata."""
@@ -214,8 +232,8 @@ class SiameseRecognizer:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> SiameseRecognizer:
-        """Restore a bundle written by :meth:`save`."""
+    def load(cls, path: str | os.PathLike, sharder: Sharder | None = None) -> SiameseRecognizer:
+        """Restore a bundle written by :meth:`save` (embedding large image sets through ``sharder``, if given)."""
         path = Path(path)
         if not path.is_dir():
             raise BundleError(f"{path}: no model bundle here (expected a folder written by 'siamese train')")
@@ -234,10 +252,12 @@ class SiameseRecognizer:
             raise BundleError(f"{path}: its config.json does not fit this version ({exc}); retrain it") from None
         try:
             embedding = load_embedding(path / MODEL_FILE)
+        except BundleError:
+            raise
         except Exception as exc:  # Keras reports a damaged zip in many ways (BadZipFile, KeyError, "File not found")
             raise BundleError(f"{path / MODEL_FILE}: not a readable Keras model ({type(exc).__name__}); the bundle is "
                               "damaged: copy it again or retrain") from None
-        return cls(embedding, Gallery.load(path / GALLERY_FILE), config, metadata)
+        return cls(embedding, Gallery.load(path / GALLERY_FILE), config, metadata, path / MODEL_FILE, sharder)
 
 
 def _read_json_object(file: Path) -> dict:

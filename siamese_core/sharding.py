@@ -1,9 +1,9 @@
 """Embedding large sets of image files in shards, on a Dask cluster or in this process.
 
-Inside ``with sharded(mapper):`` every :func:`~siamese_core.embed.embed_images` call on a
-network loaded from a file (:func:`~siamese_core.model.load_embedding`, any bundle)
-splits its files into shards of ``shard_size`` and hands them to ``mapper``. Each shard
-is embedded where the mapper runs it: the worker loads the network from its file once,
+A :class:`Sharder` is passed explicitly to :func:`~siamese_core.embed.embed_images` (through a
+recogniser, :func:`~siamese_core.recognizer.build_gallery`), with the file of the network: the
+files are split into :class:`Shard` tasks of ``shard_size`` and handed to its ``mapper``. Each
+shard is embedded where the mapper runs it: the worker loads the network from its file once,
 reads only its shard's files, in bounded batches, and sends back embeddings. The results
 come back in shard order, so rows, order and labels are those of the in-process path.
 Workers must see the same paths (one machine, or a shared file system).
@@ -14,10 +14,10 @@ on a worker lost mid-shard), or the flows' Prefect tasks on ``prefect-dask``'s t
 
 from __future__ import annotations
 
-import contextvars
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from .errors import ConfigError
 
@@ -27,22 +27,25 @@ DEFAULT_SHARD_SIZE = 512
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 ADDRESS_VARIABLE = "SIAMESE_DASK_ADDRESS"
 
-_active: contextvars.ContextVar[tuple[Mapper, int] | None] = contextvars.ContextVar("siamese_mapper", default=None)
 
 
-@contextmanager
-def sharded(mapper: Mapper, shard_size: int = DEFAULT_SHARD_SIZE) -> Iterator[None]:
-    """Embed file lists in shards through ``mapper`` inside the block."""
-    token = _active.set((mapper, shard_size))
-    try:
-        yield
-    finally:
-        _active.reset(token)
+@dataclass(frozen=True)
+class Shard:
+    """One task of a sharded embedding job: embed ``paths`` with the network saved at ``model_file``."""
+
+    model_file: str
+    paths: list[str]
+    batch_size: int
+    views: int
+    shift: float
 
 
-def active() -> tuple[Mapper, int] | None:
-    """The mapper and shard size in force, if any."""
-    return _active.get()
+@dataclass(frozen=True)
+class Sharder:
+    """Where large embedding jobs go: ``mapper`` runs shards of ``shard_size`` image files."""
+
+    mapper: Mapper
+    shard_size: int = DEFAULT_SHARD_SIZE
 
 
 def dask_address(configured: str | None) -> str | None:
@@ -95,14 +98,13 @@ def dask_mapper(address: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S
 
 @contextmanager
 def on_dask(address: str | None, shard_size: int = DEFAULT_SHARD_SIZE,
-            connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> Iterator[None]:
-    """Inside the block, embed large file lists on the Dask cluster at ``address`` (``None``: in this
-    process), unless a mapper is already in force (a flow's, on its Dask task runner)."""
-    if address is None or active() is not None:
-        yield
+            connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> Iterator[Sharder | None]:
+    """A sharder over the Dask cluster at ``address`` for the block, or None (in this process) without one."""
+    if address is None:
+        yield None
         return
-    with dask_mapper(address, connect_timeout) as mapper, sharded(mapper, shard_size):
-        yield
+    with dask_mapper(address, connect_timeout) as mapper:
+        yield Sharder(mapper, shard_size)
 
 
 def shards(sources: Sequence, shard_size: int) -> list[list]:

@@ -152,6 +152,21 @@ def test_a_bad_dataset_fails_the_run_once_and_registers_nothing(project):
     assert validate.run_count == 1, "a deterministic failure is not retried"
 
 
+def test_a_failing_evaluate_ends_the_flows_run_failed_and_registers_nothing(project, monkeypatch):
+    from pipelines.stages import evaluate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the evaluation broke")
+
+    monkeypatch.setattr(evaluate, "assess_bundle", broken)
+    state = training_flow(return_state=True)
+    assert state.is_failed()
+    [run] = project.search_runs([project.get_experiment_by_name("siamese").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["failed_stage"] == "evaluate"
+    assert "the evaluation broke" in run.data.tags["error"]
+    assert project.search_registered_models() == []
+
+
 def test_retraining_skips_unchanged_data_and_trains_on_added_data(project):
     first = retraining_flow()
     assert first["skipped"] is False and first["version"] == "1"

@@ -33,15 +33,15 @@ def network_and_images(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     train_dir, _ = make_digits_dataset(root / "digits", classes=5, train_per_class=24, test_per_class=0)
     build_embedding_model(ModelConfig(**TINY_NETWORK)).save(root / "model.keras")
-    return load_embedding(root / "model.keras"), scan_folder(train_dir)
+    return load_embedding(root / "model.keras"), scan_folder(train_dir), root / "model.keras"
 
 
 def test_a_sharded_gallery_is_the_in_process_gallery(cluster, network_and_images):
-    network, folder = network_and_images
+    network, folder, model_file = network_and_images
     settings = EvaluateConfig(embed_batch_size=16, test_time_views=3)  # the workers average the same views
     local = build_gallery(network, folder, settings)
-    with sharding.dask_mapper(cluster.scheduler_address) as mapper, sharding.sharded(mapper, shard_size=16):
-        sharded = build_gallery(network, folder, settings)
+    with sharding.dask_mapper(cluster.scheduler_address) as mapper:
+        sharded = build_gallery(network, folder, settings, sharder=sharding.Sharder(mapper, 16), model_file=model_file)
     assert len(folder) == 120  # 8 shards over 2 workers
     assert sharded.paths == local.paths and sharded.labels.tolist() == local.labels.tolist()
     np.testing.assert_allclose(sharded.embeddings, local.embeddings, rtol=1e-5, atol=1e-6)
@@ -49,8 +49,8 @@ def test_a_sharded_gallery_is_the_in_process_gallery(cluster, network_and_images
 
 
 def test_a_worker_killed_mid_shard_loses_and_repeats_nothing(cluster, network_and_images):
-    network, folder = network_and_images
-    expected = embed_images(network, folder.paths, 8, shardable=False)
+    network, folder, model_file = network_and_images
+    expected = embed_images(network, folder.paths, 8)
     client = distributed.Client(cluster.scheduler_address, set_as_default=False)
     pids = client.run(os.getpid)
     killed: dict = {}
@@ -66,9 +66,9 @@ def test_a_worker_killed_mid_shard_loses_and_repeats_nothing(cluster, network_an
             time.sleep(0.05)
 
     killer = threading.Thread(target=kill_a_busy_worker)
-    with sharding.dask_mapper(cluster.scheduler_address) as mapper, sharding.sharded(mapper, shard_size=8):
+    with sharding.dask_mapper(cluster.scheduler_address) as mapper:
         killer.start()
-        got = embed_images(network, folder.paths, 8)
+        got = embed_images(network, folder.paths, 8, sharder=sharding.Sharder(mapper, 8), model_file=model_file)
     killer.join()
     client.close()
     print(f"killed worker {killed.get('worker')} (pid {killed.get('pid')}) while it ran {killed.get('shards')}")
@@ -85,18 +85,18 @@ def test_the_flow_runs_shards_as_tasks_on_the_dask_task_runner(cluster, network_
     from pipelines.flows import dask_sharding
     from pipelines.params import PipelineParams
 
-    network, folder = network_and_images
+    network, folder, model_file = network_and_images
     params = PipelineParams.model_validate({"compute": {"dask_address": cluster.scheduler_address, "shard_size": 32}})
 
     @flow
     def embed_on_dask():
         from prefect.runtime import flow_run
 
-        with dask_sharding(params):
-            return flow_run.id, embed_images(network, folder.paths, 16)
+        with dask_sharding(params) as sharder:
+            return flow_run.id, embed_images(network, folder.paths, 16, sharder=sharder, model_file=model_file)
 
     run_id, got = embed_on_dask()
-    np.testing.assert_allclose(got, embed_images(network, folder.paths, 16, shardable=False), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, embed_images(network, folder.paths, 16), rtol=1e-5, atol=1e-6)
     with get_client(sync_client=True) as prefect:
         runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
     shards = [r for r in runs if r.name.startswith("embed-shard")]

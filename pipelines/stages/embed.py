@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 def run(ctx: StageContext) -> dict:
     """Write the bundle artifacts/bundle/ (network, gallery, config, training history)."""
     params = ctx.params
-    gallery = save_trained_bundle(load_embedding(ctx.path(TRAINED / MODEL_FILE)), scan_folder(params.data.train_dir),
-                                  params.core(), ctx.path(BUNDLE), read_json(ctx.path(TRAINED / HISTORY_FILE))).gallery
+    network = ctx.path(TRAINED / MODEL_FILE)
+    gallery = save_trained_bundle(load_embedding(network), scan_folder(params.data.train_dir), params.core(),
+                                  ctx.path(BUNDLE), read_json(ctx.path(TRAINED / HISTORY_FILE)),
+                                  sharder=ctx.sharder, model_file=network).gallery
     log.info("embed: gallery of %d images in %d classes", len(gallery), len(gallery.class_names))
     return {"gallery_size": len(gallery), "classes": len(gallery.class_names)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from siamese_core.data import scan_folder
-from siamese_core.evaluation import assess
+from siamese_core.evaluation import assess_bundle
 from siamese_core.io import atomic_dir
 from siamese_core.metrics import flat_metrics
 from siamese_core.recognizer import SiameseRecognizer
@@ -37,10 +37,9 @@ def run(ctx: StageContext) -> dict:
     ``evaluate`` settings of params.yaml.
     """
     params = ctx.params
-    recognizer = SiameseRecognizer.load(ctx.path(BUNDLE)).with_settings(params.evaluate)
+    recognizer = SiameseRecognizer.load(ctx.path(BUNDLE), ctx.sharder).with_settings(params.evaluate)
     heldout = scan_folder(params.data.heldout_dir) if params.data.heldout_dir else None
-    assessment = assess(recognizer, scan_folder(params.data.test_dir), scan_folder(params.data.train_dir),
-                        heldout, seed=recognizer.config.train.seed)
+    assessment = assess_bundle(recognizer, scan_folder(params.data.test_dir), heldout)
     report = assessment.report
     history = read_json(ctx.path(TRAINED / HISTORY_FILE))["history"]
     loss, val_loss = history.get("loss", []), history.get("val_loss", [])
