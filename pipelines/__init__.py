@@ -1,1 +1,26 @@
-"""Orchestration around siamese_core: stages, Prefect flows, MLflow tracking and registry, CLI."""
+"""Orchestration around siamese_core: the pipeline, its two drivers, tracking, registry, serving and the stack.
+
+Module map, one owner per idea:
+
+- ``cli``: the ``siamese`` command line (Typer); every command runs through ``process.guarded``.
+- ``process``: the entry points' set-up and their one error boundary (one line, an exit status).
+- ``errors``: the pipeline's user errors (no champion, a registry refusal, a stack failure).
+- ``params``: params.yaml, validated into typed sections; presets.
+- ``pipeline``: the stage table (what each stage reads and writes), stage keys, dvc.yaml's text.
+- ``imports``: what a module imports, followed through this project: stage code deps, served-model requirements.
+- ``stages/``: one module per stage (validate, triplets, train, embed, evaluate, register), each ``run(ctx)``.
+- ``runner``: running a stage, for ``siamese stage`` under ``dvc repro`` and for the flows (with their cache).
+- ``stagecache``: the flows' content-addressed cache of stage outputs.
+- ``flows``: the Prefect flows: training, prediction with the champion, scheduled retraining.
+- ``tracking``: MLflow runs: what a run records, and the one place a pipeline's run ends (``pipeline_run``).
+- ``registry``: model versions, the champion gate, aliases, promotion, rollback, enrolment, signed artifacts.
+- ``card``: a version's model card.
+- ``pyfunc_model``, ``served_model``: the registered MLflow model (models-from-code) and its request limits.
+- ``serving``: ``siamese serve``, the recogniser over HTTP with MLflow's scoring protocol.
+- ``files``: atomic JSON/CSV writers, DVC's content hash, linked copies, tree digests.
+- ``demo_data``: the embedded Omniglot slice, written out as class folders.
+- ``readme_figures``: the README's measured figures, generated from benchmark results.
+- ``stack``: ``siamese stack up | status | env | down``; ``supervisor`` (process groups, health checks,
+  ports), ``stack_services`` (each service's recipe), ``stack_state`` (stack.json, secrets, environments),
+  ``s3server`` (the signed, journalled S3 server).
+"""

@@ -51,17 +51,6 @@ def _bundle_path(model: str) -> Path:
     return download_bundle(model)
 
 
-def _config(params: Path | None, preset: str | None, overrides: list[str] | None):
-    """The library config: the seed's defaults or a params file, then a preset, then --set overrides."""
-    from pipelines.params import load_params, preset_config
-    from siamese_core.config import Config, apply_overrides, parse_set_options
-
-    settings = parse_set_options(overrides or [])
-    preset = settings.pop("preset", preset)  # --set preset=NAME, as params.yaml and dvc exp run -S take it
-    base = load_params(params).core() if params else Config()
-    return apply_overrides(preset_config(base, preset), settings)
-
-
 def _check_dataset(train_dir: Path, test_dir: Path, params: Path | None) -> None:
     """The pipeline's validation before training: every problem in one error, warnings shown and passed.
 
@@ -123,6 +112,7 @@ def train(
 
         from filelock import Timeout
 
+        from pipelines.params import library_config
         from siamese_core.data import scan_folder
         from siamese_core.distribute import is_chief, worker_slice
         from siamese_core.errors import ConfigError
@@ -132,7 +122,7 @@ def train(
         from siamese_core.train import train as run_training
 
         extra = [*(set_ or []), *([f"train.epochs={epochs}"] if epochs else [])]
-        config = _config(params, preset, extra)
+        config = library_config(params, preset, extra)
         _check_dataset(train_dir, test_dir, params)
         checkpoint = out.parent / f".{out.name}.checkpoint"
         if config.train.distribute == "multi_worker" and not is_chief():  # the chief writes; this one trains

@@ -15,6 +15,7 @@ from siamese_core.config import (
     Section,
     apply_overrides,
     load_config,
+    parse_set_options,
     validate_config,
 )
 from siamese_core.errors import ConfigError
@@ -140,3 +141,12 @@ def load_params(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     data["preset"] = overrides.pop("preset", data["preset"])
     params = validate_config(PipelineParams, with_preset(data, data["preset"]), str(file))
     return apply_overrides(params, overrides) if overrides else params
+
+
+def library_config(params_path: str | os.PathLike | None, preset: str | None, overrides: list[str]) -> Config:
+    """The library config of ``siamese train``: the seed's defaults or a params file's, then a preset, then
+    ``--set`` overrides (``--set preset=NAME`` selects the preset, as params.yaml and ``dvc exp run -S`` do)."""
+    settings = parse_set_options(overrides)
+    preset = settings.pop("preset", preset)
+    base = load_params(params_path).core() if params_path else Config()
+    return apply_overrides(preset_config(base, preset), settings)

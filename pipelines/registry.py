@@ -154,7 +154,7 @@ def _download(model_uri: str) -> Path:
 
 
 @contextmanager
-def _gate_lock(model_name: str):
+def gate_lock(model_name: str):
     """Serialise alias moves of one registered model.
 
     With a Prefect server (``PREFECT_API_URL``), a Prefect global concurrency limit of 1
@@ -262,7 +262,7 @@ def apply_gate(
     the alias ``previous``. The decision, both figures and the reason are logged on run ``run_id`` and on
     the version. Returns ``(decision, champion's figure on the same queries, reason)``.
     """
-    with _gate_lock(model_name):
+    with gate_lock(model_name):
         champion = alias_version(model_name, CHAMPION)
         wins, previous, reason = _decide(champion, value, metric, greater_is_better, score_champion, baselines)
         decision = CHAMPION if wins else CHALLENGER
@@ -306,7 +306,7 @@ def set_champion(model_name: str, version: str, reason: str, action: str = "prom
         if exc.error_code in _MISSING:
             raise NoChampionError(f"registered model '{model_name}' has no version {version} in {tracking_uri()}") from None
         raise
-    with _gate_lock(model_name):
+    with gate_lock(model_name):
         current = alias_version(model_name, CHAMPION)
         if current is not None and str(current.version) == str(version):
             raise RegistryError(f"version {version} of '{model_name}' is already the champion")
@@ -495,7 +495,7 @@ def enroll_and_register(model_name: str, folder: str | os.PathLike, source: str 
         describe_version(model_name, version, (
             f"Version {base.version} with {len(images)} images of `{folder}` enrolled into its gallery "
             f"(new classes: {', '.join(new_classes) or 'none'}). Same network, no retraining."))
-    with _gate_lock(model_name):
+    with gate_lock(model_name):
         if promote:
             _make_champion(mlflow_client, model_name, version, "promote", f"enrolled {folder} into version {base.version}")
         else:

@@ -16,25 +16,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest
 import yaml
-from tiny import TINY_NETWORK
+from support.tiny import TINY_PARAMS
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The smallest run that still goes through every stage: 1 epoch on the demo data cut down by TINY_DATA.
-TINY_DATA = {"classes": 6, "per_class": 5}  # 6 known classes (4 train, 1 test image) and 6 held-out (5 images)
-TINY_PARAMS = {
-    **{f"model.{key}": value for key, value in TINY_NETWORK.items()},
-    "train.classes_per_batch": 6,
-    "train.images_per_class": 4,
-    "evaluate.fewshot_episodes": 20,
-    "triplets.max_pairs_per_class": 10,
-    "train.epochs": 1,
-    "train.batch_size": 16,
-    "evaluate.top_k": 3,
-    # one epoch of the tiny network need not beat its baselines: these runs test the pipeline's mechanics, and
-    # the tests of the baseline gate set the margin back to 0
-    "evaluate.baseline_margin": -1.0,
-}
 
 
 def pytest_unconfigure(config):
@@ -54,15 +39,6 @@ def write_params():
         return path
 
     return write
-
-
-def write_tiny_demo_data(project: Path) -> Path:
-    """The demo dataset, cut down by TINY_DATA, at the params' default place under ``project``."""
-    from pipelines.demo_data import write_demo_data
-
-    root = project / "data" / "demo"
-    write_demo_data(root, **TINY_DATA)
-    return root
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from images import make_digits_dataset
-from tiny import tiny_set_options
+from support.images import make_digits_dataset
+from support.tiny import tiny_set_options
 from typer.testing import CliRunner
 
 from pipelines.cli import app

@@ -13,8 +13,8 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-from images import make_digits_dataset
-from tiny import TINY_NETWORK, tiny_set_options
+from support.images import make_digits_dataset
+from support.tiny import TINY_NETWORK, tiny_set_options
 
 ONE_STEP = textwrap.dedent("""
     import json, sys

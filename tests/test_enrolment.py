@@ -7,9 +7,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from images import make_digits_dataset
 from mlflow import MlflowClient
-from mlflow_fixtures import logged_scorer, make_tiny_bundle, pipeline_params, register_bundle, use_sqlite_store
+from support.images import make_digits_dataset
+from support.models import logged_scorer, make_tiny_bundle, pipeline_params, register_bundle, use_sqlite_store
 from typer.testing import CliRunner
 
 from pipelines import registry

@@ -5,8 +5,8 @@ import math
 
 import numpy as np
 import pytest
-from mlflow_fixtures import untrained_recognizer
 from pydantic import ValidationError
+from support.models import untrained_recognizer
 
 from pipelines.files import write_json
 from siamese_core import openset

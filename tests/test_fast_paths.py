@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from images import make_digits_dataset
-from tiny import TINY_NETWORK
+from support.images import make_digits_dataset
+from support.tiny import TINY_NETWORK
 
 from siamese_core.config import Config, ModelConfig, apply_overrides
 from siamese_core.embed import embed_images

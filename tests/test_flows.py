@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_tiny_demo_data
 from mlflow import MlflowClient
+from support.project import write_tiny_demo_data
 
 from pipelines import pipeline
 from pipelines.files import content_hash
@@ -187,7 +187,7 @@ def test_retraining_skips_unchanged_data_and_trains_on_added_data(project):
 def test_from_the_demo_to_your_own_data_your_model_is_the_champion(project, write_params, tmp_path):
     """The README's walk-through: the demo, then params.yaml pointed at your own data. The new model serves at
     models:/siamese-recognizer@champion without a hand promotion, and the gate says why."""
-    from images import make_digits_dataset
+    from support.images import make_digits_dataset
 
     demo = training_flow()
     assert demo["decision"] == "champion"

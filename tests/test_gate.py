@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from mlflow_fixtures import logged_scorer
+from support.models import logged_scorer
 
 from pipelines import registry, tracking
 
@@ -36,7 +36,7 @@ def held(champion):
     return found
 
 if mode == "unlocked":
-    registry._gate_lock = lambda name: nullcontext()
+    registry.gate_lock = lambda name: nullcontext()
 print(registry.apply_gate(MlflowClient(), run_id, "race", version, "top1", float(value), True, held)[0])
 """
 

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import write_tiny_demo_data
 from mlflow import MlflowClient
+from support.project import write_tiny_demo_data
 
 from pipelines import imports, pipeline, runner
 from pipelines.files import read_json

@@ -4,7 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
-from tiny import TINY_NETWORK
+from support.tiny import TINY_NETWORK
 
 from siamese_core.mining import (
     batch_all_loss,
@@ -84,7 +84,7 @@ def test_pk_epochs_are_drawn_lazily_and_a_resumed_run_gets_the_same_batches():
 
 
 def test_online_mining_lowers_the_loss_and_logs_few_shot_accuracy(tmp_path):
-    from images import make_digits_dataset
+    from support.images import make_digits_dataset
 
     from siamese_core.config import Config, apply_overrides
     from siamese_core.train import train
@@ -143,7 +143,7 @@ def test_collapse_guard_catches_everything_mapped_to_one_point():
 
 @pytest.mark.parametrize("option", ["rotations_as_classes", "mirrors_as_classes"])
 def test_new_classes_need_online_mining(tmp_path, option):
-    from images import make_digits_dataset
+    from support.images import make_digits_dataset
 
     from siamese_core.config import Config, ConfigError, apply_overrides
     from siamese_core.train import train

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from tiny import TINY_NETWORK
+from support.tiny import TINY_NETWORK
 
 from siamese_core.config import ModelConfig
 from siamese_core.errors import WeightsUnavailableError

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from images import make_digits_dataset
-from tiny import TINY_NETWORK, tiny_config
+from support.images import make_digits_dataset
+from support.tiny import TINY_NETWORK, tiny_config
 
 from pipelines.pyfunc_model import SiameseBundleModel, encode_image
 from siamese_core.data import scan_folder

@@ -8,8 +8,8 @@ import sys
 from contextlib import contextmanager
 
 import pytest
-from images import make_digits_dataset
-from tiny import tiny_set_options
+from support.images import make_digits_dataset
+from support.tiny import tiny_set_options
 
 TINY = [*tiny_set_options(), "--epochs", "2"]
 

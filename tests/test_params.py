@@ -98,11 +98,11 @@ def test_presets_replace_the_keys_they_name_and_set_wins(tmp_path):
 
 
 def test_cli_preset_starts_from_the_preset(tmp_path):
-    from pipelines.cli import _config
+    from pipelines.params import library_config
 
-    config = _config(None, "fast-cpu", ["epochs=1"])
+    config = library_config(None, "fast-cpu", ["epochs=1"])
     assert config.model.backbone == "small_cnn" and config.train.mining == "batch_all" and config.train.epochs == 1
-    assert _config(None, None, []).model.backbone == "resnet50"  # without a preset: the seed's defaults
+    assert library_config(None, None, []).model.backbone == "resnet50"  # without a preset: the seed's defaults
 
 
 def test_a_preset_is_a_name_never_a_path(tmp_path):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_tiny_demo_data
 from mlflow import MlflowClient
+from support.project import dvc_env, dvc_project, write_tiny_demo_data
 
 from pipelines.params import load_params
 from pipelines.pipeline import STAGES, VALIDATION, VALIDATION_TEXT
@@ -58,46 +58,6 @@ def test_validate_lists_every_problem(tmp_path, monkeypatch, write_params):
         run_alone("validate", missing)
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}",
-        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
-    }
-
-
-def _project(tmp_path: Path, write_params, env: dict | None = None):
-    """A git + DVC repository as a user's clone: the code, dvc.yaml, .dvc/config (with its local remote),
-    tiny params and the tiny demo data `dvc add`ed and committed. Returns (repo, run, dvc)."""
-    repo, env = tmp_path / "repo", {**_env(tmp_path), **(env or {})}
-    repo.mkdir()
-    for folder in ("pipelines", "siamese_core"):
-        shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore"):
-        shutil.copy(REPO / name, repo)
-    write_params(repo / "params.yaml")
-    write_tiny_demo_data(repo)
-
-    def run(*args: str, check: bool = True) -> str:
-        done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600, check=False)
-        output = done.stdout + done.stderr
-        assert not check or done.returncode == 0, f"{' '.join(args)} failed:\n{output[-4000:]}"
-        return output
-
-    dvc = (sys.executable, "-m", "dvc")
-    run("git", "init", "-q")
-    run(*dvc, "init", "-q")
-    for name in (".dvcignore", ".dvc/config"):
-        shutil.copy(REPO / name, repo / name)
-    run(*dvc, "add", "-q", "data/demo")
-    run("git", "add", "-A")
-    run("git", "commit", "-qm", "pipeline and data")
-    return repo, run, dvc
-
-
 def _stages(pattern: str, output: str) -> set[str]:
     return set(re.findall(pattern, output))
 
@@ -108,9 +68,9 @@ def _lock_md5(repo: Path, stage: str, path: str) -> str:
 
 
 def test_dvc_repro_tracks_one_run_and_reruns_only_what_a_param_change_touches(tmp_path, write_params, monkeypatch):
-    repo, run, dvc = _project(tmp_path, write_params)
-    client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"])
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", _env(tmp_path)["MLFLOW_TRACKING_URI"])
+    repo, run, dvc = dvc_project(tmp_path, write_params)
+    client = MlflowClient(dvc_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dvc_env(tmp_path)["MLFLOW_TRACKING_URI"])
     names = set(STAGES)
 
     first = run(*dvc, "repro")
@@ -171,8 +131,8 @@ def test_add_data_and_retrain_walkthrough(tmp_path, write_params, prefect_server
     """The README's walkthrough: add images, `dvc add`, commit; the retraining flow sees the new data version."""
     from prefect.settings import PREFECT_API_URL
 
-    repo, run, dvc = _project(tmp_path, write_params, {"PREFECT_API_URL": PREFECT_API_URL.value()})
-    client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    repo, run, dvc = dvc_project(tmp_path, write_params, {"PREFECT_API_URL": PREFECT_API_URL.value()})
+    client = MlflowClient(dvc_env(tmp_path)["MLFLOW_TRACKING_URI"])
     retrain = (sys.executable, "-c", "import json; from pipelines.flows import retraining_flow; "
                "print('RESULT', json.dumps(retraining_flow()))")
 
@@ -202,11 +162,11 @@ def test_add_data_and_retrain_walkthrough(tmp_path, write_params, prefect_server
 
 @pytest.mark.slow
 def test_queued_experiments_do_not_stack_and_log_to_the_project_store(tmp_path, write_params):
-    repo, run, dvc = _project(tmp_path, write_params)
+    repo, run, dvc = dvc_project(tmp_path, write_params)
     run(*dvc, "exp", "run", "--queue", "-S", "train.epochs=2", "-n", "two-epochs")
     run(*dvc, "exp", "run", "--queue", "-S", "model.margin=0.3", "-n", "margin")
     run(*dvc, "exp", "run", "--run-all", "-j", "1")  # runs the queue, each in a temporary copy
-    client = MlflowClient(_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(dvc_env(tmp_path)["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("siamese").experiment_id])
     by_experiment = {r.data.tags.get("dvc.experiment"): r for r in runs}
     assert by_experiment["two-epochs"].data.params["train.epochs"] == "2"

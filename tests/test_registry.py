@@ -6,9 +6,9 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from messy import png_claiming
 from mlflow import MlflowClient
-from mlflow_fixtures import logged_scorer, make_tiny_bundle, pipeline_params, register_bundle, use_sqlite_store
+from support.messy import png_claiming
+from support.models import logged_scorer, make_tiny_bundle, pipeline_params, register_bundle, use_sqlite_store
 
 from pipelines import registry, tracking
 from pipelines.pyfunc_model import RequestError, ServerError, encode_image
@@ -120,7 +120,7 @@ def test_a_model_that_does_not_beat_its_baselines_never_becomes_champion(bundle,
 
 
 def test_the_champion_is_scored_on_this_runs_queries_and_one_of_other_classes_is_replaced(bundle, store, tmp_path):
-    from images import make_digits_dataset
+    from support.images import make_digits_dataset
 
     from siamese_core.data import scan_folder
     from siamese_core.evaluation import evaluate

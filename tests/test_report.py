@@ -6,8 +6,8 @@ import re
 
 import numpy as np
 import pytest
-from mlflow_fixtures import untrained_recognizer
 from PIL import Image
+from support.models import untrained_recognizer
 
 from siamese_core.evaluation import assess
 from siamese_core.report import (

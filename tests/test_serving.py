@@ -5,11 +5,8 @@ import http.client
 import io
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -17,63 +14,17 @@ from pathlib import Path
 
 import psutil
 import pytest
-from mlflow_fixtures import logged_scorer, make_tiny_bundle, pipeline_params, register_bundle, use_sqlite_store
 from PIL import Image
+from support.http import HOST, free_port, post_json, stop_group, wait_until_ready
+from support.models import logged_scorer, make_tiny_bundle, pipeline_params, register_bundle, use_sqlite_store
 
 from pipelines import registry
 from pipelines.pyfunc_model import encode_image
 
-HOST = "127.0.0.1"
 SERVER_PIDS: dict[str, int] = {}  # base URL -> the `mlflow models serve` process
-STARTUP_TIMEOUT_S = 120
 MAX_IMAGE_BYTES = 200_000  # over the 9000x9000 PNG of the memory test
 MAX_BODY_BYTES = 1_000_000  # siamese serve only
 MAX_IMAGE_PIXELS = 16_000_000  # a 4000x4000 image is near it
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def _post(url: str, payload: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-def _wait_until_ready(base: str, server: subprocess.Popen, log_path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow models serve exited with {server.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{base}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Stop the server and the uvicorn process it started (one process group)."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +53,7 @@ def server(request, registered, tmp_path_factory):
 
 
 def _serve(tmp_path, command, uri, bundle, name):
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "serve.log"
     command = [*command, "--host", HOST, "--port", str(port)]
     # The MLflow CLI starts `uvicorn` by name: the interpreter's bin folder must be on PATH.
@@ -114,11 +65,11 @@ def _serve(tmp_path, command, uri, bundle, name):
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://{HOST}:{port}"
-        _wait_until_ready(base, process, log_path)
+        wait_until_ready(base, process, log_path)
         SERVER_PIDS[base] = process.pid
         yield base, bundle.gallery_images, name
     finally:
-        _stop(process)
+        stop_group(process)
 
 
 def test_served_champion_recognises_images_and_refuses_paths(server):
@@ -129,7 +80,7 @@ def test_served_champion_recognises_images_and_refuses_paths(server):
         {"dataframe_split": {"columns": ["image"], "data": [[b64]]}},
         {"dataframe_records": [{"image": b64}, {"image": encode_image(gallery["digit 0"][0])}]},
     ):
-        status, body = _post(f"{base}/invocations", payload)
+        status, body = post_json(f"{base}/invocations", payload)
         assert status == 200, body
         first = body["predictions"][0]
         assert set(first) == {"label", "distance", "top_k"}  # no threshold in this bundle: no unknown score
@@ -137,7 +88,7 @@ def test_served_champion_recognises_images_and_refuses_paths(server):
         assert json.loads(first["top_k"])[0]["label"] == label
     assert body["predictions"][1]["label"] == "digit 0"
 
-    status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": [["/etc/passwd"]]}})
+    status, body = post_json(f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": [["/etc/passwd"]]}})
     assert status == 400 and "stack_trace" not in body
     assert body["error_code"] == "INVALID_PARAMETER_VALUE"
     assert body["message"] == "row 0: 'image' is not valid base64; send the image bytes base64-encoded, not a path or URL"
@@ -151,15 +102,15 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server):
         ({"dataframe_split": {"columns": ["image"], "data": [[encode_image(b"plain text")]]}},
          "row 0: not a readable image"),
     ):
-        status, body = _post(f"{base}/invocations", payload)
+        status, body = post_json(f"{base}/invocations", payload)
         assert status == 400 and "stack_trace" not in body, body
         assert body["message"].startswith(message) and "\n" not in body["message"]
     # the column is checked before the model sees the request (by MLflow's signature check, or ours)
-    status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["picture"], "data": [["x"]]}})
+    status, body = post_json(f"{base}/invocations", {"dataframe_split": {"columns": ["picture"], "data": [["x"]]}})
     assert status == 400 and "stack_trace" not in body
     assert {"mlflow models serve": "Model is missing inputs ['image']",
             "siamese serve": "the request needs a column 'image'"}[name] in body["message"]
-    status, body = _post(f"{base}/invocations", {"dataframe_records": [{"image": encode_image(gallery["digit 1"][0])}]})
+    status, body = post_json(f"{base}/invocations", {"dataframe_records": [{"image": encode_image(gallery["digit 1"][0])}]})
     assert status == 200 and body["predictions"][0]["label"] == "digit 1"
 
 
@@ -181,18 +132,18 @@ def test_concurrent_huge_images_are_refused_before_decoding_and_memory_stays_fla
     Image.new("L", (9000, 9000)).save(buffer, format="PNG")  # 81 megapixels in a small file
     huge = encode_image(buffer.getvalue())
     warm = {"dataframe_records": [{"image": encode_image(gallery["digit 1"][0])}]}
-    assert _post(f"{base}/invocations", warm)[0] == 200
+    assert post_json(f"{base}/invocations", warm)[0] == 200
     _, peak_before = _worker_memory(SERVER_PIDS[base])
     requests = [{"dataframe_records": [{"image": huge}, {"image": huge}]}] * 6
     with ThreadPoolExecutor(len(requests)) as pool:
-        answers = list(pool.map(lambda payload: _post(f"{base}/invocations", payload), requests))
+        answers = list(pool.map(lambda payload: post_json(f"{base}/invocations", payload), requests))
     now, peak_after = _worker_memory(SERVER_PIDS[base])
     print(f"{len(buffer.getvalue())} byte PNG of 9000x9000 pixels, {len(requests)} requests at once: "
           f"peak memory of the server {peak_before / 2**20:.0f} -> {peak_after / 2**20:.0f} MiB")
     for status, body in answers:
         assert status == 400 and "9000x9000 pixels, over the limit of" in body["message"], body
     assert peak_after - peak_before < 100 * 2**20
-    assert _post(f"{base}/invocations", warm)[0] == 200
+    assert post_json(f"{base}/invocations", warm)[0] == 200
 
 
 def test_concurrent_near_limit_images_are_decoded_within_the_pixel_budget_and_memory_comes_back(server):
@@ -204,11 +155,11 @@ def test_concurrent_near_limit_images_are_decoded_within_the_pixel_budget_and_me
     Image.new("RGB", (3990, 3990), (90, 140, 200)).save(buffer, format="PNG")  # 15.9 MP, 64 MB decoded
     near_limit = encode_image(buffer.getvalue())
     warm = {"dataframe_records": [{"image": encode_image(gallery["digit 1"][0])}]}
-    assert _post(f"{base}/invocations", warm)[0] == 200
+    assert post_json(f"{base}/invocations", warm)[0] == 200
     rss_before, peak_before = _worker_memory(SERVER_PIDS[base])
     requests = [{"dataframe_records": [{"image": near_limit}] * 3}] * 6
     with ThreadPoolExecutor(len(requests)) as pool:
-        answers = list(pool.map(lambda payload: _post(f"{base}/invocations", payload), requests))
+        answers = list(pool.map(lambda payload: post_json(f"{base}/invocations", payload), requests))
     rss_after, peak_after = _worker_memory(SERVER_PIDS[base])
     print(f"{name}: 6 requests of 3 images of 3990x3990 at once: peak {peak_before / 2**20:.0f} -> "
           f"{peak_after / 2**20:.0f} MiB, resident {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB")
@@ -222,7 +173,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_parsed(server):
     base, gallery, _ = server
     image = encode_image(gallery["digit 1"][0])
     for _ in range(10):  # the client reads the 413 every time, not a broken pipe while it still sends
-        status, body = _post(f"{base}/invocations", {"dataframe_records": [{"image": image}] * 4000})  # about 3 MB
+        status, body = post_json(f"{base}/invocations", {"dataframe_records": [{"image": image}] * 4000})  # about 3 MB
         assert status == 413 and body["message"].startswith("request body of ")
         assert "SIAMESE_MAX_BODY_BYTES" in body["message"]
 
@@ -237,7 +188,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_parsed(server):
     response = connection.getresponse()
     assert response.status == 413 and "over the limit of" in json.loads(response.read())["message"]
     connection.close()
-    assert _post(f"{base}/invocations", {"dataframe_records": [{"image": image}]})[0] == 200
+    assert post_json(f"{base}/invocations", {"dataframe_records": [{"image": image}]})[0] == 200
 
 
 @pytest.mark.parametrize("server", ["siamese serve"], indirect=True)
@@ -254,7 +205,7 @@ def test_deep_requests_and_huge_keys_get_a_short_400(server):
             urllib.request.urlopen(request, timeout=60)
         answer = error.value.read()
         assert error.value.code == 400 and expected in answer and len(answer) < 600, answer[:600]
-    status, body = _post(f"{base}/invocations", {"dataframe_records": [{"image": encode_image(gallery["digit 1"][0])}]})
+    status, body = post_json(f"{base}/invocations", {"dataframe_records": [{"image": encode_image(gallery["digit 1"][0])}]})
     assert status == 200 and body["predictions"][0]["label"] == "digit 1"
 
 

@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 import pytest
-from images import make_digits_dataset
-from tiny import TINY_NETWORK
+from support.images import make_digits_dataset
+from support.tiny import TINY_NETWORK
 
 from siamese_core import sharding
 from siamese_core.config import EvaluateConfig, ModelConfig

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_PARAMS
+from support.tiny import TINY_PARAMS
 
 from pipelines import stack, stack_services, stack_state, supervisor
 from pipelines.cli import app
@@ -41,7 +41,7 @@ def test_start_up_failure_names_the_service_and_shows_its_log_tail(tmp_path):
     assert not supervisor.stop(service)  # already gone: nothing to stop
 
 
-def test_ports_prefer_last_run_then_defaults_then_any_free_port():
+def test_ports_prefer_last_run_then_defaults_then_anyfree_port():
     import socket
 
     with socket.socket() as taken:
@@ -199,10 +199,10 @@ def _write_tiny_params(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def pipeline(shared_stack, tmp_path_factory):
     """The tiny project as a git + DVC clone, `dvc repro` run against the stack; (repo, run, dvc, env)."""
-    from test_pipeline_dvc import _project
+    from support.project import dvc_project
 
     env = stack_state.client_env(shared_stack)
-    repo, run, dvc = _project(tmp_path_factory.mktemp("stack-project"), _write_tiny_params, env)
+    repo, run, dvc = dvc_project(tmp_path_factory.mktemp("stack-project"), _write_tiny_params, env)
     started = time.monotonic()
     run(*dvc, "repro")
     print(f"\ndvc repro against the stack: {time.monotonic() - started:.1f} s")
@@ -359,12 +359,12 @@ def test_dvc_repro_against_the_stack_registers_a_champion_stored_in_the_bucket(s
 
 @needs_stack
 def test_mlflow_models_serve_pulls_the_champion_from_the_object_store(pipeline):
-    from test_serving import _free_port, _post, _stop, _wait_until_ready
+    from support.http import free_port, post_json, stop_group, wait_until_ready
 
     from pipelines.pyfunc_model import encode_image
 
     repo, _, _, env = pipeline
-    port, log_path = _free_port(), repo.parent / "serve.log"
+    port, log_path = free_port(), repo.parent / "serve.log"
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@champion",
                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
@@ -373,13 +373,13 @@ def test_mlflow_models_serve_pulls_the_champion_from_the_object_store(pipeline):
                                   stderr=subprocess.STDOUT, start_new_session=True, cwd=repo.parent)
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_until_ready(base, server, log_path)
+        wait_until_ready(base, server, log_path)
         image = min((repo / "data/demo/train").glob("*/*.png"))
-        status, body = _post(f"{base}/invocations", {"dataframe_records": [{"image": encode_image(image)}]})
+        status, body = post_json(f"{base}/invocations", {"dataframe_records": [{"image": encode_image(image)}]})
         assert status == 200, body
         assert body["predictions"][0]["label"] == image.parent.name
     finally:
-        _stop(server)
+        stop_group(server)
 
 
 @needs_stack
@@ -417,7 +417,7 @@ def _assert_same_tree(left: Path, right: Path) -> None:
 @pytest.mark.slow  # two full stack start-ups, about 2 minutes: run with -m slow
 def test_basic_auth_refuses_anonymous_requests_and_the_registry_survives_a_restart(tmp_path, monkeypatch):
     from mlflow.exceptions import MlflowException
-    from mlflow_fixtures import logged_scorer, make_tiny_bundle, pipeline_params
+    from support.models import logged_scorer, make_tiny_bundle, pipeline_params, register_bundle
 
     from pipelines import registry, tracking
 
@@ -446,7 +446,7 @@ def test_basic_auth_refuses_anonymous_requests_and_the_registry_survives_a_resta
         assert tracking.ensure_experiment("siamese-auth-check")
         monkeypatch.chdir(tmp_path)
         bundle = make_tiny_bundle(tmp_path)
-        done = registry.log_and_register(pipeline_params("secured"), bundle.path, {"top1": 1.0}, bundle.history, [], {},
+        done = register_bundle(pipeline_params("secured"), bundle.path, {"top1": 1.0}, bundle.history, [], {},
                                        score_champion=logged_scorer())
         assert done["decision"] == "champion"
         before = shutil.copytree(registry.download_bundle(registry.champion_uri("secured")), tmp_path / "before")

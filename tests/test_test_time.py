@@ -3,8 +3,8 @@ through the recogniser's own enrol-and-search path."""
 
 import numpy as np
 import pytest
-from mlflow_fixtures import untrained_recognizer
-from tiny import tiny_config
+from support.models import untrained_recognizer
+from support.tiny import tiny_config
 
 from siamese_core.augment import RandomAffine
 from siamese_core.config import apply_overrides

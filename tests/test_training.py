@@ -6,8 +6,8 @@ import threading
 
 import numpy as np
 import pytest
-from images import make_digits_dataset
-from tiny import TINY_NETWORK
+from support.images import make_digits_dataset
+from support.tiny import TINY_NETWORK
 
 import siamese_core
 from siamese_core.config import Config, apply_overrides

@@ -2,8 +2,8 @@
 
 import os
 
-from messy import make_messy_dataset, noise, write
 from PIL import Image
+from support.messy import make_messy_dataset, noise, write
 
 from siamese_core.validation import validate_dataset
 

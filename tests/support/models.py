@@ -1,13 +1,13 @@
-"""Shared helpers for the model tests: a tiny trained bundle, a tiny untrained recogniser
-with held-out classes, and a per-test SQLite MLflow store."""
+"""Models and the registry: a tiny trained bundle, a tiny untrained recogniser with held-out classes,
+a per-test SQLite MLflow store, and registering a bundle as the register stage does."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from images import make_digits_dataset
-from tiny import TINY_NETWORK
+from support.images import make_digits_dataset
+from support.tiny import TINY_MODEL
 
 from pipelines.params import PipelineParams
 from siamese_core.config import Config, apply_overrides
@@ -15,14 +15,6 @@ from siamese_core.data import ImageFolder, scan_folder
 from siamese_core.model import initial_embedding_model
 from siamese_core.recognizer import SiameseRecognizer, build_gallery
 from siamese_core.train import train
-
-TINY_MODEL = {
-    **TINY_NETWORK,
-    "learning_rate": 1e-3,
-    "epochs": 1,
-    "train.batch_size": 16,
-    "max_pairs_per_class": 10,
-}
 
 
 @dataclass
