@@ -16,6 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest
 import yaml
+
 from support.tiny import TINY_PARAMS
 
 REPO = Path(__file__).resolve().parents[1]

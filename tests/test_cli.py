@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 import pytest
-from support.images import make_digits_dataset
-from support.tiny import tiny_set_options
 from typer.testing import CliRunner
 
 from pipelines.cli import app
+
+from support.images import make_digits_dataset
+from support.tiny import tiny_set_options
 
 runner = CliRunner()
 TINY = tiny_set_options(learning_rate=0.003)
@@ -196,3 +197,33 @@ def test_set_preset_selects_a_preset_by_name_only(tmp_path):
     out = CliRunner().invoke(app, ["train", "--train", str(tmp_path), "--test", str(tmp_path), "--out",
                                    str(tmp_path / "b"), "--set", "preset=../../../tmp/x"])
     assert out.exit_code == 1 and "unknown preset '../../../tmp/x'" in out.output and "Traceback" not in out.output
+
+
+def test_a_bad_argument_is_answered_before_tensorflow_loads(tmp_path):
+    """Paths, the model folder and the port are checked first: one line naming the argument, and TensorFlow
+    is never imported (its import is what made every error take seconds)."""
+    import socket
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = (
+            "import sys\n"
+            "from typer.testing import CliRunner\n"
+            "from pipelines.cli import app\n"
+            f"cases = [(['predict', '{tmp_path}/no.png', '--model', '{folder}'], 'IMAGES: {tmp_path}/no.png: does not exist'),\n"
+            f"         (['train', '--train', '{folder}', '--test', '{tmp_path}/t', '--out', 'o'], '--test: {tmp_path}/t: does not exist'),\n"
+            f"         (['evaluate', '--model', '{folder}', '--test', '{folder}', '--heldout', '{tmp_path}/h'], '--heldout: '),\n"
+            f"         (['enroll', '{tmp_path}/new', '--model', '{folder}'], 'FOLDER: {tmp_path}/new: does not exist'),\n"
+            f"         (['serve', '--port', '{port}'], '--port {port}: cannot listen on 127.0.0.1:{port}')]\n"
+            "for args, expected in cases:\n"
+            "    result = CliRunner().invoke(app, args)\n"
+            "    assert result.exit_code == 1 and expected in result.output, (args, result.output)\n"
+            "    assert len(result.output.strip().splitlines()) == 1, result.output\n"
+            "assert 'tensorflow' not in sys.modules, 'an argument error loaded TensorFlow'\n"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]

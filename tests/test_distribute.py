@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+
 from support.images import make_digits_dataset
 from support.tiny import TINY_NETWORK, tiny_set_options
 

@@ -8,8 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
-from support.images import make_digits_dataset
-from support.models import logged_scorer, make_tiny_bundle, pipeline_params, register_bundle, use_sqlite_store
 from typer.testing import CliRunner
 
 from pipelines import registry
@@ -17,6 +15,9 @@ from pipelines.cli import app
 from pipelines.pyfunc_model import encode_image
 from siamese_core.errors import DatasetError
 from siamese_core.recognizer import SiameseRecognizer
+
+from support.images import make_digits_dataset
+from support.models import logged_scorer, make_tiny_bundle, pipeline_params, register_bundle, use_sqlite_store
 
 NAME = "tiny-recognizer"
 

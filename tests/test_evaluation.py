@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 from pydantic import ValidationError
-from support.models import untrained_recognizer
 
 from pipelines.files import write_json
 from siamese_core import openset
@@ -27,6 +26,8 @@ from siamese_core.recognizer import (
     SiameseRecognizer,
     store_threshold,
 )
+
+from support.models import untrained_recognizer
 
 
 def test_average_precision_at_r_by_hand():

@@ -2,8 +2,6 @@
 
 import numpy as np
 import pytest
-from support.images import make_digits_dataset
-from support.tiny import TINY_NETWORK
 
 from siamese_core.config import Config, ModelConfig, apply_overrides
 from siamese_core.embed import embed_images
@@ -16,6 +14,9 @@ from siamese_core.model import (
     split_frozen_trunk,
 )
 from siamese_core.train import train
+
+from support.images import make_digits_dataset
+from support.tiny import TINY_NETWORK
 
 # small_cnn with its first two blocks frozen: a trunk with weights, and a trainable top
 FROZEN = dict(TINY_NETWORK, trainable_from="block3_conv")

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
-from support.project import write_tiny_demo_data
 
 from pipelines import pipeline
 from pipelines.files import content_hash
 from pipelines.flows import predict_flow, retraining_flow, training_flow
 from pipelines.params import load_params
 from siamese_core.recognizer import MODEL_FILE
+
+from support.project import write_tiny_demo_data
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "siamese-recognizer"

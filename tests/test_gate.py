@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from support.models import logged_scorer
 
 from pipelines import registry, tracking
+
+from support.models import logged_scorer
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "race"

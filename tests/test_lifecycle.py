@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from support.project import write_tiny_demo_data
 
 from pipelines import imports, pipeline, runner
 from pipelines.files import read_json
@@ -16,6 +15,8 @@ from pipelines.params import load_params
 from pipelines.pipeline import STAGES, StageContext, stage_key
 from pipelines.tracking import pipeline_run
 from siamese_core.errors import BundleError, DatasetError
+
+from support.project import write_tiny_demo_data
 
 REPO = Path(__file__).resolve().parents[1]
 

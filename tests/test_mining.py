@@ -4,7 +4,6 @@ import itertools
 
 import numpy as np
 import pytest
-from support.tiny import TINY_NETWORK
 
 from siamese_core.mining import (
     batch_all_loss,
@@ -12,6 +11,8 @@ from siamese_core.mining import (
     mean_pair_distances,
     semihard_loss,
 )
+
+from support.tiny import TINY_NETWORK
 
 # Points on a line: class 0 at 0 and 1, class 1 at 1.5 and 4. Squared distances:
 # d(0,1)=1, d(0,1.5)=2.25, d(0,4)=16, d(1,1.5)=0.25, d(1,4)=9, d(1.5,4)=6.25
@@ -84,10 +85,10 @@ def test_pk_epochs_are_drawn_lazily_and_a_resumed_run_gets_the_same_batches():
 
 
 def test_online_mining_lowers_the_loss_and_logs_few_shot_accuracy(tmp_path):
-    from support.images import make_digits_dataset
-
     from siamese_core.config import Config, apply_overrides
     from siamese_core.train import train
+
+    from support.images import make_digits_dataset
 
     train_dir, test_dir = make_digits_dataset(tmp_path / "seen", classes=6, train_per_class=10, test_per_class=4)
     heldout, _ = make_digits_dataset(tmp_path / "unseen", classes=4, train_per_class=4, test_per_class=0, first=6)
@@ -143,10 +144,10 @@ def test_collapse_guard_catches_everything_mapped_to_one_point():
 
 @pytest.mark.parametrize("option", ["rotations_as_classes", "mirrors_as_classes"])
 def test_new_classes_need_online_mining(tmp_path, option):
-    from support.images import make_digits_dataset
-
     from siamese_core.config import Config, ConfigError, apply_overrides
     from siamese_core.train import train
+
+    from support.images import make_digits_dataset
 
     train_dir, _ = make_digits_dataset(tmp_path, classes=2)
     config = apply_overrides(Config(), {**TINY_NETWORK, f"train.augment.{option}": True})

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from support.tiny import TINY_NETWORK
 
 from siamese_core.config import ModelConfig
 from siamese_core.errors import WeightsUnavailableError
@@ -15,6 +14,8 @@ from siamese_core.model import (
     load_embedding,
     triplet_loss,
 )
+
+from support.tiny import TINY_NETWORK
 
 TINY = TINY_NETWORK
 

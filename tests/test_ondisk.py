@@ -6,8 +6,6 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from support.images import make_digits_dataset
-from support.tiny import TINY_NETWORK, tiny_config
 
 from pipelines.pyfunc_model import SiameseBundleModel, encode_image
 from siamese_core.data import scan_folder
@@ -16,6 +14,9 @@ from siamese_core.gallery import Gallery
 from siamese_core.model import build_embedding_model
 from siamese_core.ondisk import INDEX_FILE, LISTS_FILE
 from siamese_core.recognizer import GALLERY_FILE, ONDISK_INDEX_DIR, SiameseRecognizer, build_gallery
+
+from support.images import make_digits_dataset
+from support.tiny import TINY_NETWORK, tiny_config
 
 
 def test_a_large_gallery_is_saved_with_an_ondisk_index_that_the_recogniser_and_the_served_model_search(tmp_path):

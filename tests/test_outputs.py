@@ -8,6 +8,7 @@ import sys
 from contextlib import contextmanager
 
 import pytest
+
 from support.images import make_digits_dataset
 from support.tiny import tiny_set_options
 

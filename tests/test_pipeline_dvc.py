@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
-from support.project import dvc_env, dvc_project, write_tiny_demo_data
 
 from pipelines.params import load_params
 from pipelines.pipeline import STAGES, VALIDATION, VALIDATION_TEXT
 from pipelines.registry import download_bundle
 from pipelines.runner import run_alone
 from siamese_core.errors import DatasetError
+
+from support.project import dvc_env, dvc_project, write_tiny_demo_data
 
 REPO = Path(__file__).resolve().parents[1]
 

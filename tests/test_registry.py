@@ -7,12 +7,13 @@ import mlflow
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
-from support.messy import png_claiming
-from support.models import logged_scorer, make_tiny_bundle, pipeline_params, register_bundle, use_sqlite_store
 
 from pipelines import registry, tracking
 from pipelines.pyfunc_model import RequestError, ServerError, encode_image
 from siamese_core.errors import BundleError
+
+from support.messy import png_claiming
+from support.models import logged_scorer, make_tiny_bundle, pipeline_params, register_bundle, use_sqlite_store
 
 TAGS = {"git_commit": "0123abc", "data_hash": "d41d8cd9"}
 
@@ -120,11 +121,11 @@ def test_a_model_that_does_not_beat_its_baselines_never_becomes_champion(bundle,
 
 
 def test_the_champion_is_scored_on_this_runs_queries_and_one_of_other_classes_is_replaced(bundle, store, tmp_path):
-    from support.images import make_digits_dataset
-
     from siamese_core.data import scan_folder
     from siamese_core.evaluation import evaluate
     from siamese_core.recognizer import SiameseRecognizer
+
+    from support.images import make_digits_dataset
 
     _log(bundle, 0.5)
     champion = registry.alias_version("tiny-recognizer")

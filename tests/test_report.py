@@ -7,7 +7,6 @@ import re
 import numpy as np
 import pytest
 from PIL import Image
-from support.models import untrained_recognizer
 
 from siamese_core.evaluation import assess
 from siamese_core.report import (
@@ -16,6 +15,8 @@ from siamese_core.report import (
     write_html,
     write_plots,
 )
+
+from support.models import untrained_recognizer
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,12 @@ from pathlib import Path
 import psutil
 import pytest
 from PIL import Image
-from support.http import HOST, free_port, post_json, stop_group, wait_until_ready
-from support.models import logged_scorer, make_tiny_bundle, pipeline_params, register_bundle, use_sqlite_store
 
 from pipelines import registry
 from pipelines.pyfunc_model import encode_image
+
+from support.http import HOST, free_port, post_json, stop_group, wait_until_ready
+from support.models import logged_scorer, make_tiny_bundle, pipeline_params, register_bundle, use_sqlite_store
 
 SERVER_PIDS: dict[str, int] = {}  # base URL -> the `mlflow models serve` process
 MAX_IMAGE_BYTES = 200_000  # over the 9000x9000 PNG of the memory test

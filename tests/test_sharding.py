@@ -8,8 +8,6 @@ import time
 
 import numpy as np
 import pytest
-from support.images import make_digits_dataset
-from support.tiny import TINY_NETWORK
 
 from siamese_core import sharding
 from siamese_core.config import EvaluateConfig, ModelConfig
@@ -17,6 +15,9 @@ from siamese_core.data import scan_folder
 from siamese_core.embed import embed_images
 from siamese_core.model import build_embedding_model, load_embedding
 from siamese_core.recognizer import build_gallery
+
+from support.images import make_digits_dataset
+from support.tiny import TINY_NETWORK
 
 distributed = pytest.importorskip("distributed")
 

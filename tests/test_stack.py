@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support.tiny import TINY_PARAMS
 
 from pipelines import stack, stack_services, stack_state, supervisor
 from pipelines.cli import app
 from pipelines.files import content_hash
+
+from support.tiny import TINY_PARAMS
 
 MISSING = stack_services.missing()
 needs_stack = pytest.mark.skipif(MISSING is not None, reason=f"shared stack not available: {MISSING}")
@@ -359,9 +360,9 @@ def test_dvc_repro_against_the_stack_registers_a_champion_stored_in_the_bucket(s
 
 @needs_stack
 def test_mlflow_models_serve_pulls_the_champion_from_the_object_store(pipeline):
-    from support.http import free_port, post_json, stop_group, wait_until_ready
-
     from pipelines.pyfunc_model import encode_image
+
+    from support.http import free_port, post_json, stop_group, wait_until_ready
 
     repo, _, _, env = pipeline
     port, log_path = free_port(), repo.parent / "serve.log"
@@ -417,9 +418,10 @@ def _assert_same_tree(left: Path, right: Path) -> None:
 @pytest.mark.slow  # two full stack start-ups, about 2 minutes: run with -m slow
 def test_basic_auth_refuses_anonymous_requests_and_the_registry_survives_a_restart(tmp_path, monkeypatch):
     from mlflow.exceptions import MlflowException
-    from support.models import logged_scorer, make_tiny_bundle, pipeline_params, register_bundle
 
     from pipelines import registry, tracking
+
+    from support.models import logged_scorer, make_tiny_bundle, pipeline_params, register_bundle
 
     pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs Flask-WTF (mlflow[auth])")
     base = _stack_root()

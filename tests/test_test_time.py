@@ -3,8 +3,6 @@ through the recogniser's own enrol-and-search path."""
 
 import numpy as np
 import pytest
-from support.models import untrained_recognizer
-from support.tiny import tiny_config
 
 from siamese_core.augment import RandomAffine
 from siamese_core.config import apply_overrides
@@ -15,6 +13,9 @@ from siamese_core.gallery import Gallery
 from siamese_core.metrics import few_shot_accuracy
 from siamese_core.model import build_embedding_model
 from siamese_core.recognizer import SiameseRecognizer
+
+from support.models import untrained_recognizer
+from support.tiny import tiny_config
 
 
 def test_views_are_the_image_then_shifted_copies_with_edges_repeated():

@@ -6,8 +6,6 @@ import threading
 
 import numpy as np
 import pytest
-from support.images import make_digits_dataset
-from support.tiny import TINY_NETWORK
 
 import siamese_core
 from siamese_core.config import Config, apply_overrides
@@ -17,6 +15,9 @@ from siamese_core.evaluation import evaluate
 from siamese_core.model import initial_embedding_model
 from siamese_core.recognizer import SiameseRecognizer, build_gallery
 from siamese_core.train import train
+
+from support.images import make_digits_dataset
+from support.tiny import TINY_NETWORK
 
 TINY = dict(
     TINY_NETWORK, head_units=[32], embedding_dim=16,

@@ -3,9 +3,10 @@
 import os
 
 from PIL import Image
-from support.messy import make_messy_dataset, noise, write
 
 from siamese_core.validation import validate_dataset
+
+from support.messy import make_messy_dataset, noise, write
 
 
 def _codes(report, level):

@@ -6,15 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from support.images import make_digits_dataset
-from support.tiny import TINY_MODEL
-
 from pipelines.params import PipelineParams
 from siamese_core.config import Config, apply_overrides
 from siamese_core.data import ImageFolder, scan_folder
 from siamese_core.model import initial_embedding_model
 from siamese_core.recognizer import SiameseRecognizer, build_gallery
 from siamese_core.train import train
+
+from support.images import make_digits_dataset
+from support.tiny import TINY_MODEL
 
 
 @dataclass
