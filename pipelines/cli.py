@@ -14,9 +14,9 @@ from typing import Annotated
 
 import typer
 
+from pipelines.process import existing, import_tensorflow_quietly
 from pipelines.process import fail as _fail
 from pipelines.process import guarded as _run
-from pipelines.process import import_tensorflow_quietly
 
 app = typer.Typer(
     help="Siamese triplet-loss image recogniser: train on class folders, recognise new images "
@@ -40,6 +40,14 @@ DaskOption = Annotated[str | None, typer.Option(
     "default $SIAMESE_DASK_ADDRESS, else in this process.")]
 ParamsOption = Annotated[Path | None, typer.Option(
     "--params", help="The params file (default: $SIAMESE_PARAMS, else params.yaml).")]
+
+
+def _check_model(model: str) -> None:
+    """A local bundle path must be a folder (a registry URI is checked when it is downloaded)."""
+    from siamese_core.errors import BundleError
+
+    if not model.startswith("models:/") and not Path(model).is_dir():
+        raise BundleError.not_a_folder(model)
 
 
 def _bundle_path(model: str) -> Path:
@@ -107,12 +115,21 @@ def train(
     Each epoch is checkpointed beside the bundle (.<out>.checkpoint) until the bundle is written.
     """
 
+    settings = {}
+
+    def check():
+        from pipelines.params import library_config
+
+        extra = [*(set_ or []), *([f"train.epochs={epochs}"] if epochs else [])]
+        settings["config"] = library_config(params, preset, extra)
+        existing(train_dir, "--train", "folder")
+        existing(test_dir, "--test", "folder")
+
     def body():
         import shutil
 
         from filelock import Timeout
 
-        from pipelines.params import library_config
         from siamese_core.data import scan_folder
         from siamese_core.distribute import is_chief, worker_slice
         from siamese_core.errors import ConfigError
@@ -121,8 +138,7 @@ def train(
         from siamese_core.recognizer import SiameseRecognizer, save_trained_bundle
         from siamese_core.train import train as run_training
 
-        extra = [*(set_ or []), *([f"train.epochs={epochs}"] if epochs else [])]
-        config = library_config(params, preset, extra)
+        config = settings["config"]
         _check_dataset(train_dir, test_dir, params)
         checkpoint = out.parent / f".{out.name}.checkpoint"
         if config.train.distribute == "multi_worker" and not is_chief():  # the chief writes; this one trains
@@ -147,7 +163,7 @@ def train(
                    f"last epoch: {last}")
         typer.echo(check_baselines(SiameseRecognizer.load(out), result.train_folder, scan_folder(test_dir)).sentence)
 
-    _run(body)
+    _run(body, check=check)
 
 
 @app.command()
@@ -180,7 +196,14 @@ def predict(
             score = "" if match.unknown_score is None else f"\tunknown score {match.unknown_score:.4g}"
             typer.echo(f"{path}\t{match.label}\t{match.distance:.4f}{score}" + (f"\t(next: {others})" if others else ""))
 
-    _run(body)
+    def check():
+        _check_model(model)
+        for image in images:
+            existing(image, "IMAGES", "file")
+        if gallery is not None:
+            existing(gallery, "--gallery", "folder")
+
+    _run(body, check=check)
 
 
 @app.command()
@@ -227,7 +250,14 @@ def evaluate(
         typer.echo(f"query time           {result.ms_per_query:.1f} ms per image on this machine, with "
                    f"{_views(settings.test_time_views)} and match {settings.match}")
 
-    _run(body)
+    def check():
+        _check_model(model)
+        existing(test_dir, "--test", "folder")
+        for folder, argument in ((heldout_dir, "--heldout"), (unknown_dir, "--unknown")):
+            if folder is not None:
+                existing(folder, argument, "folder")
+
+    _run(body, check=check)
 
 
 def _views(count: int) -> str:
@@ -331,7 +361,12 @@ def enroll(
         typer.echo(f"gallery now {len(recognizer.gallery)} images in {len(recognizer.gallery.class_names)} classes; "
                    f"enrolling took {ms:.1f} ms per image with {_views(recognizer.config.evaluate.test_time_views)}")
 
-    _run(body)
+    def check():
+        existing(folder, "FOLDER", "folder")
+        if not model.startswith("models:/"):
+            _check_model(model)
+
+    _run(body, check=check)
 
 
 @app.command("demo-data")
@@ -402,7 +437,20 @@ def serve(
         typer.echo(f"serving {model} on http://{host}:{port}/invocations", err=True)
         run_server(model, host, port)
 
-    _run(body)
+    def check():
+        import socket
+
+        from siamese_core.errors import ConfigError
+
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                                  "choose another port with --port") from None
+
+    _run(body, check=check)
 
 
 @app.command()

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn, TypeVar
 
 import click
@@ -38,6 +39,20 @@ def import_tensorflow_quietly() -> None:
         os.close(saved)
 
 
+def existing(path: Path, argument: str, kind: str = "path") -> Path:
+    """``path``, or a user error naming the ``argument`` it was given for when it does not exist
+    (``kind``: "folder" or "file" also checks it is one)."""
+    from siamese_core.errors import DatasetError
+
+    if not path.exists():
+        raise DatasetError(f"{argument}: {path}: does not exist")
+    if kind == "folder" and not path.is_dir():
+        raise DatasetError(f"{argument}: {path}: not a folder")
+    if kind == "file" and not path.is_file():
+        raise DatasetError(f"{argument}: {path}: not a file")
+    return path
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """End the command with ``error: <message>`` on stderr and exit status ``code``."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
@@ -50,20 +65,23 @@ def _debugging() -> bool:
     return bool(context and context.find_root().params.get("debug"))
 
 
-def guarded(action: Callable[[], T], tensorflow: bool = True) -> T:
+def guarded(action: Callable[[], T], tensorflow: bool = True, check: Callable[[], object] | None = None) -> T:
     """Run a command body: the error boundary of every ``siamese`` command.
 
-    A user error (bad input, no champion, a registry refusal) is one line and exit status 1 (a
-    traceback with ``--debug``); an interrupt or SIGTERM is exit status 130, its outputs untouched; a
-    closed pipe (``| head``) is not an error.
+    ``check`` runs first, before TensorFlow is imported (``tensorflow``: the body needs it), so a bad
+    argument is answered at once. A user error (bad input, no champion, a registry refusal) is one line
+    and exit status 1 (a traceback with ``--debug``); an interrupt or SIGTERM is exit status 130, its
+    outputs untouched; a closed pipe (``| head``) is not an error.
     """
     from .errors import PIPELINE_USER_ERRORS
 
     terminate_as_interrupt()
     debug = _debugging()
-    if tensorflow and not debug:
-        import_tensorflow_quietly()
     try:
+        if check is not None:
+            check()
+        if tensorflow and not debug:
+            import_tensorflow_quietly()
         return action()
     except PIPELINE_USER_ERRORS as exc:
         if debug:

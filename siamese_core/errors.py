@@ -18,6 +18,11 @@ class ImageError(ValueError):
 class BundleError(ValueError):
     """A path that is not a usable model bundle."""
 
+    @classmethod
+    def not_a_folder(cls, path: object) -> BundleError:
+        """The error for a bundle path that is no folder (checked before TensorFlow loads, and by the loader)."""
+        return cls(f"{path}: no model bundle here (expected a folder written by 'siamese train')")
+
 
 class OutputError(RuntimeError):
     """An output that cannot be written (a read-only folder, a full disk), with the path and the cause."""

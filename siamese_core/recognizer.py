@@ -236,7 +236,7 @@ class SiameseRecognizer:
         """Restore a bundle written by :meth:`save` (embedding large image sets through ``sharder``, if given)."""
         path = Path(path)
         if not path.is_dir():
-            raise BundleError(f"{path}: no model bundle here (expected a folder written by 'siamese train')")
+            raise BundleError.not_a_folder(path)
         missing = [name for name in (MODEL_FILE, GALLERY_FILE, CONFIG_FILE, METADATA_FILE) if not (path / name).is_file()]
         if missing:
             raise BundleError(f"{path}: not a model bundle (missing {', '.join(missing)})")

@@ -218,9 +218,9 @@ def _scan_splits(roots: dict[str, str | os.PathLike], add: Add) -> dict[str, Ima
         try:
             folders[split] = scan_folder(root)
         except DatasetError as exc:
-            add(Finding("error", "folder", str(exc), [str(root)]))
+            add(Finding("error", "folder", f"{split} folder {exc}", [str(root)]))
         except OSError as exc:
-            add(Finding("error", "folder", f"{root}: unreadable folder ({exc.strerror or exc})", [str(root)]))
+            add(Finding("error", "folder", f"{split} folder {root}: unreadable ({exc.strerror or exc})", [str(root)]))
     for split, folder in folders.items():
         _skipped_findings(split, folder, add)
         if UNKNOWN in folder.class_names:
