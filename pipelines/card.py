@@ -1,6 +1,8 @@
-"""The model card: a registered version's description, written from its run."""
+"""The model card (a registered version's description, written from its run) and a pipeline run's summary."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from siamese_core.evaluation_report import EvaluationReport
 from siamese_core.metrics import flatten
@@ -86,3 +88,24 @@ def model_card(
         *[f"- {key}: `{value}`" for key, value in lineage.items()],
     ]
     return "\n".join(lines) + "\n"
+
+
+SUMMARY_ROWS = (("top-1", "top1"), ("MAP@R", "map_at_r"), ("1-shot", "fewshot.1shot.mean"))
+
+
+def run_summary(record: dict, metrics: dict, report: Path, experiment_id: str) -> str:
+    """What a pipeline run produced, in a few lines: the version and its alias, the headline figures beside
+    the baselines, where the report is and how to open the MLflow UI on the version."""
+    from .tracking import tracking_uri, ui_links
+
+    _, version_link = ui_links(experiment_id, record)
+    alias = {"champion": "it is the champion now"}.get(record["decision"], "the champion stays where it was")
+    lines = [f"{record['model_name']} version {record['version']}: {record['decision']} ({alias})",
+             f"{'':<8}{'model':>8}{'raw pixels':>12}{'untrained':>11}"]
+    lines += [f"{label:<8}{metrics[key]:>8.4f}{metrics.get(f'baseline_raw_pixels.{key}', float('nan')):>12.4f}"
+              f"{metrics.get(f'baseline_untrained.{key}', float('nan')):>11.4f}" for label, key in SUMMARY_ROWS
+              if key in metrics]
+    lines.append(f"report: {report}")
+    opener = "" if tracking_uri().startswith("http") else "siamese ui (in a second terminal), then "
+    lines.append(f"MLflow: {opener}{version_link}")
+    return "\n".join(lines)

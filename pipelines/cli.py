@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from pipelines.process import existing, import_tensorflow_quietly
+from pipelines.process import existing, import_tensorflow_quietly, quiet_libraries
 from pipelines.process import fail as _fail
 from pipelines.process import guarded as _run
 
@@ -92,9 +92,7 @@ def _refuse_or_warn(report, headline: str) -> None:
 @app.callback()
 def main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False) -> None:
     """Siamese recogniser command line."""
-    import os
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up lines
+    quiet_libraries()
 
 
 @app.command()
@@ -139,10 +137,11 @@ def train(
         from siamese_core.train import train as run_training
 
         config = settings["config"]
+        progress = 1 if sys.stdout.isatty() else 2  # a pipe gets one plain line per epoch, no bars
         _check_dataset(train_dir, test_dir, params)
         checkpoint = out.parent / f".{out.name}.checkpoint"
         if config.train.distribute == "multi_worker" and not is_chief():  # the chief writes; this one trains
-            result = run_training(config, train_dir, test_dir, checkpoint_dir=checkpoint, resume=resume)
+            result = run_training(config, train_dir, test_dir, checkpoint_dir=checkpoint, resume=resume, verbose=progress)
             worker, workers = worker_slice()
             typer.echo(f"worker {worker} of {workers}: trained {len(result.history.get('loss', []))} epochs; "
                        f"the chief writes {out}")
@@ -154,7 +153,7 @@ def train(
             raise ConfigError(f"{out}: another 'siamese train' is writing this bundle; wait for it or choose "
                               "another --out") from None
         with lock:
-            result = run_training(config, train_dir, test_dir, checkpoint_dir=checkpoint, resume=resume)
+            result = run_training(config, train_dir, test_dir, checkpoint_dir=checkpoint, resume=resume, verbose=progress)
             save_trained_bundle(result.embedding, result.train_folder, config, out,
                                 {"history": result.history, "best_epoch": result.best_epoch}, progress=True)
             shutil.rmtree(checkpoint, ignore_errors=True)
@@ -438,19 +437,53 @@ def serve(
         run_server(model, host, port)
 
     def check():
-        import socket
-
-        from siamese_core.errors import ConfigError
-
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, port))
-            except OSError as exc:
-                raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); "
-                                  "choose another port with --port") from None
+        _port_check(host, port)
 
     _run(body, check=check)
+
+
+def _port_check(host: str, port: int) -> None:
+    """A one-line ConfigError naming --port when ``host:port`` cannot be listened on (in use, not allowed)."""
+    import socket
+
+    from siamese_core.errors import ConfigError
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                              "choose another port with --port") from None
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port for the UI of a local store.")] = 5000,
+) -> None:
+    """Open the MLflow UI on this project's runs and models.
+
+    With the local store (mlflow.db) it starts `mlflow ui` on it, until Ctrl-C. With a tracking
+    server (MLFLOW_TRACKING_URI) it prints the server's address.
+    """
+
+    def body():
+        import subprocess
+
+        from pipelines.tracking import ensure_experiment, tracking_uri
+
+        uri = tracking_uri()
+        if uri.startswith("http"):
+            typer.echo(f"the tracking server's UI: {uri.rstrip('/')}")
+            return
+        from pipelines.params import load_params
+
+        experiment = ensure_experiment(load_params().register.experiment) if Path("params.yaml").is_file() else "0"
+        typer.echo(f"MLflow UI: http://127.0.0.1:{port}/#/experiments/{experiment} (Ctrl-C stops it)", err=True)
+        subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                        "--port", str(port)], check=False)
+
+    _run(body, tensorflow=False, check=lambda: _port_check("127.0.0.1", port))
 
 
 @app.command()

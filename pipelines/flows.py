@@ -30,16 +30,20 @@ from siamese_core.evaluation_report import EvaluationReport
 from siamese_core.sharding import Sharder
 
 from . import pipeline, runner
+from .card import run_summary
 from .errors import PIPELINE_USER_ERRORS
 from .files import read_json
 from .params import PipelineParams, load_params
+from .process import quiet_libraries
 
 RUNS = Path("runs")
 DEPLOYMENT_TAGS = ["siamese", "retraining"]
 
 
 def send_stage_logs_to_prefect() -> None:
-    """Give the stages' loggers Prefect's handlers, so their lines reach the flow run's logs."""
+    """Give the stages' loggers Prefect's handlers, so their lines reach the flow run's logs; quiet the
+    libraries' own output (:func:`pipelines.process.quiet_libraries`)."""
+    quiet_libraries()
     extra = logging.getLogger("prefect.extra")
     for name in ("pipelines", "siamese_core"):
         logger = logging.getLogger(name)
@@ -91,19 +95,11 @@ def dask_sharding(params: PipelineParams) -> Iterator[Sharder | None]:
         yield Sharder(mapper, params.compute.shard_size)
 
 
-def _mlflow_ui() -> str:
-    """Where the MLflow UI is: ``$MLFLOW_UI_URL``, the tracking server, or ``mlflow ui``'s default address."""
-    from .tracking import tracking_uri
-
-    uri = tracking_uri()
-    return os.environ.get("MLFLOW_UI_URL") or (uri if uri.startswith("http") else "http://127.0.0.1:5000").rstrip("/")
-
-
 def publish_artifacts(record: dict, workspace: Path, experiment_id: str) -> None:
     """The flow run's Prefect artifacts: the decision with links (markdown) and per-class accuracy (table)."""
-    ui = _mlflow_ui()
-    run_link = f"{ui}/#/experiments/{experiment_id}/runs/{record['run_id']}"
-    version_link = f"{ui}/#/models/{record['model_name']}/versions/{record['version']}"
+    from .tracking import ui_links
+
+    run_link, version_link = ui_links(experiment_id, record)
     metrics = read_json(workspace / pipeline.METRICS)
     evaluation = EvaluationReport.read(workspace / pipeline.EVALUATION)
     rows = [("top1", "top1"), ("top5", "top5"), ("map_at_r", "map_at_r"),
@@ -161,6 +157,8 @@ def training_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | 
             for name in pipeline.STAGES:
                 record = stage_task.with_options(name=name)(name, ctx)
     publish_artifacts(record, workspace, run.info.experiment_id)
+    get_run_logger().info("%s", run_summary(record, read_json(workspace / pipeline.METRICS), workspace / pipeline.REPORT,
+                                            run.info.experiment_id))
     return {**record, "workspace": str(workspace)}
 
 
@@ -211,6 +209,7 @@ def predict_task(images: list[str], model_name: str) -> list[dict]:
 @flow(name="siamese-predict")
 def predict_flow(images: list[str], model_name: str | None = None, params_path: str = "params.yaml") -> list[dict]:
     """Recognise image files with ``models:/<model_name>@champion`` (default: register.model_name)."""
+    quiet_libraries()
     return predict_task(images, model_name or load_params(params_path).register.model_name)
 
 

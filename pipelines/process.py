@@ -26,6 +26,18 @@ def terminate_as_interrupt() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
 
 
+def quiet_libraries() -> None:
+    """Turn off library output that tells a user nothing: TensorFlow's C++ start-up lines, MLflow's
+    download progress bars (local copies of a few files), and a line per HTTP request of Prefect's and
+    MLflow's clients. Called by the entry points (the CLI, the flows), never on import."""
+    import logging
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def import_tensorflow_quietly() -> None:
     """Import TensorFlow with the C++ start-up lines (written before logging starts) hidden."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -45,6 +45,7 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 METRIC_PREFIXES = {"per_class_accuracy": "acc_class"}
 _SAFE_METRIC_KEY = re.compile(r"[\w.\- ]+")
 SYSTEM_METRICS_INTERVAL_S = 5
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `siamese ui` serves a local store's UI
 
 
 def project_root() -> Path:
@@ -56,6 +57,19 @@ def project_root() -> Path:
 def tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI``, or a SQLite database ``mlflow.db`` in :func:`project_root`."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def ui_url() -> str:
+    """Where the MLflow UI is: ``$MLFLOW_UI_URL``, the tracking server, or ``siamese ui``'s address."""
+    uri = tracking_uri()
+    return (os.environ.get("MLFLOW_UI_URL") or (uri if uri.startswith("http") else UI_ADDRESS)).rstrip("/")
+
+
+def ui_links(experiment_id: str, record: dict) -> tuple[str, str]:
+    """Links to a registration's run and model version in the MLflow UI."""
+    ui = ui_url()
+    return (f"{ui}/#/experiments/{experiment_id}/runs/{record['run_id']}",
+            f"{ui}/#/models/{record['model_name']}/versions/{record['version']}")
 
 
 def _artifact_location(uri: str) -> str | None:
@@ -215,6 +229,12 @@ def data_profiles(params: PipelineParams, versions: dict[str, str] | None = None
     return profiles
 
 
+CONTEXTS = {"train": "training", "test": "evaluation", "heldout": "few-shot"}
+# A data folder is a table of (image path, class) rows, in the column schema MLflow's UI reads.
+DATASET_SCHEMA = json.dumps({"mlflow_colspec": [{"type": "string", "name": "image", "required": True},
+                                                {"type": "string", "name": "class", "required": True}]})
+
+
 def _dataset_input(split: str, profile: dict, commit: str) -> DatasetInput:
     """A data folder as an MLflow dataset input: its DVC digest, source (path, digest, git commit) and profile."""
     counts = profile["images_per_class"].values()
@@ -223,11 +243,9 @@ def _dataset_input(split: str, profile: dict, commit: str) -> DatasetInput:
     source = {"path": profile["path"], "dvc_md5": profile["md5"], "git_commit": commit}
     dataset = Dataset(name=f"{Path(profile['path']).parent.name or 'data'}-{split}",
                       digest=profile["md5"].removesuffix(".dir"), source_type="local", source=json.dumps(source),
-                      schema=json.dumps({"layout": "<class>/<image>"}), profile=json.dumps(summary))
+                      schema=DATASET_SCHEMA, profile=json.dumps(summary))
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", CONTEXTS[split])])
 
-
-CONTEXTS = {"train": "training", "test": "evaluation", "heldout": "few-shot"}
 
 
 class PipelineRun:

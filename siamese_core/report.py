@@ -30,15 +30,33 @@ def save_png(figure: Figure, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def _quantity(series: str) -> str:
+    """The kind of quantity a training-history series holds: one axis per kind."""
+    if "loss" in series:
+        return "triplet loss"
+    if "dist" in series:
+        return "squared distance"
+    if series.startswith("fewshot") or "acc" in series:
+        return "accuracy"
+    return series
+
+
 def loss_figure(history: dict[str, list[float]]) -> Figure:
-    """Every series of the training history (loss, val_loss) per epoch."""
-    figure = Figure(figsize=(6, 4))
-    ax = figure.subplots()
-    for name, values in history.items():
-        ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
-    ax.set(xlabel="epoch", ylabel="triplet loss", title="Training loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    """Every series of the training history per epoch, one panel per kind of quantity (losses, distances,
+    few-shot accuracy), so no axis mixes two kinds."""
+    quantities = list(dict.fromkeys(_quantity(name) for name in history)) or ["triplet loss"]
+    figure = Figure(figsize=(6, 1.2 + 2.2 * len(quantities)), layout="constrained")
+    axes = figure.subplots(len(quantities), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, quantity in zip(axes, quantities):
+        for name, values in history.items():
+            if _quantity(name) == quantity:
+                ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=name)
+        ax.set_ylabel(quantity)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    axes[0].set_title("Training")
+    axes[-1].set_xlabel("epoch")
     return figure
 
 

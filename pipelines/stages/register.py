@@ -15,7 +15,7 @@ from siamese_core.recognizer import store_threshold
 from siamese_core.report import report_images, write_html
 
 from .. import registry, tracking
-from ..card import changed_params, model_card
+from ..card import changed_params, model_card, run_summary
 from ..files import read_json, write_json
 from ..pipeline import (
     BUNDLE,
@@ -86,6 +86,7 @@ def run(ctx: StageContext) -> dict:
     log.info("%s version %s is %s: %s", result["model_name"], result["version"], result["decision"], result["reason"])
     log.info("champion predicts %s (a '%s') as '%s' at distance %.4f",
              sample["image"], sample["true_label"], sample["label"], sample["distance"])
+    log.info("\n%s", run_summary(record, read_json(ctx.path(METRICS)), ctx.path(REPORT), mlflow_run.info.experiment_id))
     return record
 
 
