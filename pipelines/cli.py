@@ -104,7 +104,9 @@ def train(
     params: Annotated[Path | None, typer.Option("--params", help="A params.yaml to start from.")] = None,
     preset: Annotated[str | None, typer.Option(
         "--preset", help="seed (the original ResNet50 model), fast-cpu (small CNN, online mining) or fewshot-cpu "
-                         "(fast-cpu plus test-time views and class means, for new classes).")] = None,
+                         "(fast-cpu plus test-time views and class means, for new classes). Without --preset or "
+                         "--params: the seed's model, ResNet50 with ImageNet weights at 200 px, which needs the "
+                         "weights in Keras' cache (--set weights=null trains it from scratch).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last epoch.")] = False,
     set_: SetOption = None,
 ) -> None:
@@ -479,7 +481,8 @@ def ui(
         from pipelines.params import load_params
 
         experiment = ensure_experiment(load_params().register.experiment) if Path("params.yaml").is_file() else "0"
-        typer.echo(f"MLflow UI: http://127.0.0.1:{port}/#/experiments/{experiment} (Ctrl-C stops it)", err=True)
+        typer.echo(f"MLflow UI: http://127.0.0.1:{port}/#/experiments/{experiment}?workflowType=machine_learning "
+                   "(the model-training view; Ctrl-C stops it)", err=True)
         subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                         "--port", str(port)], check=False)
 

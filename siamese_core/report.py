@@ -6,6 +6,7 @@ import base64
 import html
 import math
 import os
+import re
 import textwrap
 from pathlib import Path
 
@@ -106,8 +107,17 @@ def _frame(ax, colour: str) -> None:
 
 
 def _wrapped(label: str, width: int = 18) -> str:
-    """A class name broken into lines that fit above one thumbnail (long names would run into the next)."""
-    return "\n".join(textwrap.wrap(label, width, break_on_hyphens=False)) or label
+    """A class name broken into lines that fit above one thumbnail (long names would run into the next):
+    at spaces and after underscores (``Early_Aramaic__character01``), inside a word only when it is too long."""
+    lines: list[str] = []
+    for token in re.split(r"\s+|(?<=_)(?=[^_])", label.strip()):
+        for piece in textwrap.wrap(token, width) or [token]:
+            joiner = "" if lines and lines[-1].endswith("_") else " "
+            if lines and len(lines[-1]) + len(joiner) + len(piece) <= width:
+                lines[-1] += joiner + piece
+            else:
+                lines.append(piece)
+    return "\n".join(lines) or label
 
 
 def neighbours_figure(assessment: Assessment, gallery: Gallery, size: int, count: int = 8, seed: int = 0,
@@ -272,6 +282,12 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _facts(rows: dict[str, str]) -> str:
+    """A two-column table of what a page is about (version, run, data version), left-aligned, no header row."""
+    body = "".join(f"<tr><th>{html.escape(key)}</th><td>{html.escape(value)}</td></tr>" for key, value in rows.items())
+    return f"<table class=\"facts\"><tbody>{body}</tbody></table>"
+
+
 def _sections(report: EvaluationReport) -> list[str]:
     """The HTML of the metric tables of a report."""
     models: list[tuple[str, EvaluationReport | Baseline]] = [("trained model", report)] + [
@@ -336,11 +352,12 @@ def write_html(path: str | os.PathLike, report: EvaluationReport, images: dict[s
         f"<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>",
         ("<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:1.5em 0}"
+        "td:first-child,th:first-child{text-align:left}.facts td,.facts th{text-align:left}"
+        ".facts th{font-weight:normal;color:#555}img{max-width:100%}figure{margin:1.5em 0}"
         ".flag{background:#fde2e1;border-left:5px solid #c0392b;padding:0.6em}"
         ".pass{background:#e3f4e1;border-left:5px solid #2e7d32;padding:0.6em}</style></head><body>"),
         f"<h1>{html.escape(title)}</h1>",
-        _table(["", ""], [[key, value] for key, value in (header or {}).items()]) if header else "",
+        _facts(header) if header else "",
         *_sections(report),
         "<h2>Plots</h2>",
         *figures,
