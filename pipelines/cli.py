@@ -568,18 +568,24 @@ def stage(
     def body():
         import logging
 
+        from pipelines.runner import run_alone
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        run_alone(name, settings["params"])
+
+    settings = {}
+
+    def check():
         from pipelines.params import load_params
         from pipelines.pipeline import STAGES
-        from pipelines.runner import run_alone
         from siamese_core.config import parse_set_options
         from siamese_core.errors import ConfigError
 
         if name not in STAGES:
             raise ConfigError(f"no stage '{name}': the stages are {', '.join(STAGES)}")
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-        run_alone(name, load_params(params, parse_set_options(set_ or [])))
+        settings["params"] = load_params(params, parse_set_options(set_ or []))
 
-    _run(body, tensorflow=name != "validate")
+    _run(body, check=check)  # every stage loads TensorFlow (MLflow imports Keras): quietly, after the checks
 
 
 @app.command("dvc-yaml")

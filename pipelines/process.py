@@ -28,13 +28,14 @@ def terminate_as_interrupt() -> None:
 
 def quiet_libraries() -> None:
     """Turn off library output that tells a user nothing: TensorFlow's C++ start-up lines, MLflow's
-    download progress bars (local copies of a few files), and a line per HTTP request of Prefect's and
-    MLflow's clients. Called by the entry points (the CLI, the flows), never on import."""
+    download progress bars (local copies of a few files) and its system-metrics and input-example
+    notices, and a line per HTTP request of Prefect's and MLflow's clients. Called by the entry
+    points (the CLI, the flows), never on import."""
     import logging
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    for name in ("httpx", "httpcore"):
+    for name in ("httpx", "httpcore", "mlflow.system_metrics", "mlflow.pyfunc", "mlflow.models.model"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
