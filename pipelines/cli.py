@@ -486,7 +486,7 @@ def ui(
         subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                         "--port", str(port)], check=False)
 
-    _run(body, tensorflow=False, check=lambda: _port_check("127.0.0.1", port))
+    _run(body, check=lambda: _port_check("127.0.0.1", port))  # MLflow imports Keras: TensorFlow loads quietly
 
 
 @app.command()
