@@ -34,10 +34,12 @@ def run_cached(name: str, ctx: StageContext) -> dict:
     the reuse in the run (``reused(ctx)``)."""
     stage = STAGES[name]
     if not stage.cacheable:
+        log.info("%s: running", name)
         return run_stage(name, ctx)
     key = stage_key(stage, ctx.params, ctx.workspace)
     cached = stagecache.restore(stage, key, ctx.workspace)
     if cached is None:
+        log.info("%s: running (inputs %s not seen before)", name, key[:12])
         result = run_stage(name, ctx)
         stagecache.store(stage, key, ctx.workspace, result)
         return result
