@@ -18,6 +18,18 @@ def _figure(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else "-" if value is None else str(value)
 
 
+def text_table(header: list[str], rows: list[list]) -> list[str]:
+    """A table as an aligned, fenced text block: every Markdown renderer (MLflow's model page included)
+    shows it in columns with space between them, which its bare Markdown tables do not. Numbers are
+    right-aligned, ``None`` is ``-``."""
+    cells = [header, *([_figure(value) for value in row] for row in rows)]
+    numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) for i in range(len(header))]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    text = ["  ".join(cell.rjust(width) if number else cell.ljust(width)
+                      for cell, width, number in zip(row, widths, numeric)).rstrip() for row in cells]
+    return ["```text", *text, "```"]
+
+
 def changed_params(params: PipelineParams) -> dict[str, tuple]:
     """Params that differ from the library's defaults: ``{key: (value, default)}`` (data and schedule left out)."""
     values = flatten(params.model_dump(mode="json"))
@@ -49,19 +61,15 @@ def model_card(
         "",
         "## Data",
         "",
-        "| split | folder | DVC md5 | classes | images |",
-        "|---|---|---|---|---|",
-        *[f"| {split} | `{d['path']}` | `{d['md5']}` | {d['classes']} | {d['images']} |" for split, d in data.items()],
+        *text_table(["split", "folder", "DVC md5", "classes", "images"],
+                    [[split, d["path"], d["md5"], d["classes"], d["images"]] for split, d in data.items()]),
         "",
         "## Metrics (test split, nearest gallery image; few-shot on held-out classes)",
         "",
-        "| metric | " + " | ".join(name for name, _ in _BASELINES) + " |",
-        "|---|" + "---|" * len(_BASELINES),
     ]
-    for key in _HEADLINE:
-        row = [metrics.get(f"{prefix}{key}") for _, prefix in _BASELINES]
-        if any(value is not None for value in row):
-            lines.append(f"| {key} | " + " | ".join(_figure(v) for v in row) + " |")
+    rows = [[key, *(metrics.get(f"{prefix}{key}") for _, prefix in _BASELINES)] for key in _HEADLINE]
+    lines += text_table(["metric", *(name for name, _ in _BASELINES)],
+                        [row for row in rows if any(value is not None for value in row[1:])])
     threshold = metrics.get("calibration.threshold")
     lines += ["", "## Unknown classes", ""]
     lines.append(
@@ -72,8 +80,9 @@ def model_card(
         f"{'is on' if rejecting else 'is off: the calibration missed its target or reject_unknown is false'}."
         if threshold is not None else "Not calibrated.")
     changed = changed_params(params)
-    lines += ["", "## Params that differ from the defaults", "", "| key | value | default |", "|---|---|---|",
-              *[f"| `{key}` | `{value}` | `{default}` |" for key, (value, default) in sorted(changed.items())]]
+    lines += ["", "## Params that differ from the defaults", "",
+              *text_table(["key", "value", "default"],
+                          [[key, str(value), str(default)] for key, (value, default) in sorted(changed.items())])]
     lines += [
         "", "## Intended use", "",
         f"Recognising images of the kind in `{params.data.train_dir}` by their nearest image in the gallery "
