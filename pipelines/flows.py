@@ -11,7 +11,6 @@ on the ``schedule`` of params.yaml.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -201,7 +200,7 @@ def predict_task(images: list[str], model_name: str) -> list[dict]:
     import_tensorflow_quietly()
     answers = load_champion(model_name).predict(pd.DataFrame({"image": [encode_image(p) for p in images]}))
     return [
-        {"image": image, "label": row.label, "distance": float(row.distance), "top_k": json.loads(row.top_k)}
+        {"image": image, "label": row.label, "distance": float(row.distance), "top_k": row.top_k}
         for image, row in zip(images, answers.itertuples(index=False))
     ]
 

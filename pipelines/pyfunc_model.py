@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import logging
 import os
 import time
@@ -25,6 +24,7 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
+from mlflow.types.schema import Array, Object, Property
 
 from siamese_core.data import PixelBudget, max_image_pixels
 from siamese_core.errors import USER_ERRORS, ImageError
@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "image")]),
-    outputs=Schema([ColSpec("string", "label"), ColSpec("double", "distance"), ColSpec("string", "top_k"),
+    outputs=Schema([ColSpec("string", "label"), ColSpec("double", "distance"),
+                    ColSpec(Array(Object([Property("label", "string"), Property("distance", "double")])), "top_k"),
                     ColSpec("double", "unknown_score", required=False)]),
 )
 
@@ -171,9 +172,7 @@ class SiameseBundleModel(PythonModel):
                 "label": pd.Series([m.label for m in matches], dtype=object),
                 "distance": pd.Series([m.distance for m in matches], dtype="float64"),
                 "top_k": pd.Series(
-                    [json.dumps([{"label": label, "distance": d} for label, d in m.top_k]) for m in matches],
-                    dtype=object,
-                ),
+                    [[{"label": label, "distance": float(d)} for label, d in m.top_k] for m in matches], dtype=object),
             }
         )
         if any(m.unknown_score is not None for m in matches):

@@ -86,7 +86,7 @@ def test_served_champion_recognises_images_and_refuses_paths(server):
         first = body["predictions"][0]
         assert set(first) == {"label", "distance", "top_k"}  # no threshold in this bundle: no unknown score
         assert first["label"] == label and first["distance"] < 1e-4
-        assert json.loads(first["top_k"])[0]["label"] == label
+        assert first["top_k"][0]["label"] == label  # structured JSON, not JSON inside a string
     assert body["predictions"][1]["label"] == "digit 0"
 
     status, body = post_json(f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": [["/etc/passwd"]]}})
