@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from pipelines.process import existing, import_tensorflow_quietly, quiet_libraries
+from pipelines.process import existing, import_tensorflow_quietly, quiet_libraries, show_progress
 from pipelines.process import fail as _fail
 from pipelines.process import guarded as _run
 
@@ -238,6 +238,7 @@ def evaluate(
         from siamese_core.evaluation import assess_bundle
         from siamese_core.recognizer import SiameseRecognizer
 
+        show_progress("siamese_core.evaluation")
         with sharding.on_dask(sharding.dask_address(dask_address)) as sharder:
             recognizer = SiameseRecognizer.load(_bundle_path(model), sharder).with_settings(
                 baselines=baselines, **({"top_k": top_k} if top_k else {}))

@@ -39,6 +39,18 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def show_progress(*loggers: str) -> None:
+    """Print the INFO lines of ``loggers`` (long phases saying what they do) on stderr, plainly."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in loggers:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+
+
 def import_tensorflow_quietly() -> None:
     """Import TensorFlow with the C++ start-up lines (written before logging starts) hidden."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

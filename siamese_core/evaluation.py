@@ -3,6 +3,7 @@ of ``siamese_core.metrics``, and run the two baselines (raw pixels, the untraine
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from .evaluation_report import (
 from .gallery import Gallery, Match
 from .metrics import accuracy_report, few_shot_report, map_at_r
 
+log = logging.getLogger(__name__)
 # Raw-pixel baseline images are at most this side, so a 200 px model's baseline stays small in memory.
 RAW_PIXELS_MAX_SIZE = 64
 
@@ -215,12 +217,16 @@ def assess(
         what was reduced or skipped. Raises DatasetError when a held-out class is in the gallery.
     """
     settings = recognizer.config.evaluate
+    log.info("evaluate: embedding %d test images", len(test))
     start = time.perf_counter()
     queries = recognizer.embed(test.paths)
     ms_per_query = (time.perf_counter() - start) * 1000 / max(1, len(test))
     scores, matches = score_queries(queries, test.label_names, recognizer.gallery, settings.top_k)
     notes: list[str] = []
+    log.info("evaluate: calibrating the unknown-class threshold on classes left out of the gallery")
     calibration, rounds = _calibrate_open_set(recognizer, queries, test, unknowns, seed, notes)
+    if train is not None and settings.baselines:
+        log.info("evaluate: scoring the baselines (raw pixels, the untrained network) on %d gallery images", len(train))
     baselines = (baseline_reports(recognizer.config, train, test, settings.top_k, heldout, seed)
                  if train is not None and settings.baselines else {})
     report = EvaluationReport(**dict(scores), calibration=calibration, **baselines,
@@ -233,6 +239,8 @@ def assess(
         shared = sorted(set(heldout.class_names) & set(recognizer.gallery.class_names))
         if shared:
             raise DatasetError(f"{heldout.root}: held-out classes must be new, but {shared[:5]} are in the gallery")
+        log.info("evaluate: %d held-out images: unknown-class scores and %d few-shot episodes per shot count",
+                 len(heldout), settings.fewshot_episodes)
         unknown = recognizer.embed(heldout.paths)
         result.heldout = heldout
         unknown_matches = recognizer.gallery.search(unknown, 2)
