@@ -156,3 +156,21 @@ def test_a_bundle_with_test_time_views_finds_its_own_gallery_image_at_distance_z
     for path, label in list(zip(train.paths, train.label_names))[::5]:
         match = loaded.predict_one(path)
         assert match.label == label and match.distance == pytest.approx(0.0, abs=1e-6) and match.nearest_path == path
+
+
+def test_search_settings_are_fixed_and_with_settings_applies_every_one(untrained):
+    """Swapping in match=class_mean used to change the config but not the gallery's search (a stale
+    class_means flag): top-1 searched one way and few-shot the other. Settings are now given when a
+    recogniser is made, and a recogniser searching another way is another recogniser."""
+    recognizer, train, test, heldout = untrained
+    assert not recognizer.gallery.class_means
+    with pytest.raises(AttributeError):
+        recognizer.config = apply_overrides(recognizer.config, {"evaluate.match": "class_mean"})
+    by_mean = recognizer.with_settings(match="class_mean", top_k=2)
+    assert by_mean.gallery.class_means and not recognizer.gallery.class_means  # the original is untouched
+    assert (by_mean.config.evaluate.match, by_mean.config.evaluate.top_k) == ("class_mean", 2)
+    built = with_evaluate(recognizer, match="class_mean", top_k=2)  # made with class_mean from the start
+    assert [m.label for m in by_mean.predict(test.paths)] == [m.label for m in built.predict(test.paths)]
+    assert assess(by_mean, test).report.top1 == assess(built, test).report.top1
+    with pytest.raises(ConfigError, match="match"):
+        recognizer.with_settings(match="nearest-ish")
