@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from pipelines.process import existing, import_tensorflow_quietly, quiet_libraries, show_progress
+from pipelines.process import existing, import_tensorflow_quietly, quiet_libraries, showing_progress
 from pipelines.process import fail as _fail
 from pipelines.process import guarded as _run
 
@@ -238,8 +238,8 @@ def evaluate(
         from siamese_core.evaluation import assess_bundle
         from siamese_core.recognizer import SiameseRecognizer
 
-        show_progress("siamese_core.evaluation")
-        with sharding.on_dask(sharding.dask_address(dask_address)) as sharder:
+        with sharding.on_dask(sharding.dask_address(dask_address)) as sharder, \
+                showing_progress("siamese_core.evaluation"):
             recognizer = SiameseRecognizer.load(_bundle_path(model), sharder).with_settings(
                 baselines=baselines, **({"top_k": top_k} if top_k else {}))
             result = assess_bundle(recognizer, scan_folder(test_dir), scan_folder(heldout_dir) if heldout_dir else None,

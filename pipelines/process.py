@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
@@ -39,16 +40,24 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def show_progress(*loggers: str) -> None:
-    """Print the INFO lines of ``loggers`` (long phases saying what they do) on stderr, plainly."""
+@contextmanager
+def showing_progress(*loggers: str) -> Iterator[None]:
+    """Inside the block, print the INFO lines of ``loggers`` (long phases saying what they do) plainly on
+    stderr; the handler goes when the block ends, so nothing holds on to this command's stderr."""
     import logging
 
-    handler = logging.StreamHandler()
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = {name: logging.getLogger(name).level for name in loggers}
     for name in loggers:
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.INFO)
-        logger.addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger(name).addHandler(handler)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).removeHandler(handler)
+            logging.getLogger(name).setLevel(level)
 
 
 def import_tensorflow_quietly() -> None:
