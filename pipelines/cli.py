@@ -447,17 +447,12 @@ def serve(
 
 def _port_check(host: str, port: int) -> None:
     """A one-line ConfigError naming --port when ``host:port`` cannot be listened on (in use, not allowed)."""
-    import socket
-
+    from pipelines.supervisor import bind_problem
     from siamese_core.errors import ConfigError
 
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); "
-                              "choose another port with --port") from None
+    problem = bind_problem(port, host)
+    if problem is not None:
+        raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({problem}); choose another port with --port")
 
 
 @app.command()

@@ -123,15 +123,20 @@ def wait_healthy(name: str, check: Check, process: dict[str, Any], log: Path | s
     raise StackError(f"{name} not healthy after {timeout:.0f} s ({problem}); last lines of {log}:\n{log_tail(log)}")
 
 
-def port_free(port: int) -> bool:
-    """Whether a server could listen on ``port`` of :data:`HOST` now."""
+def bind_problem(port: int, host: str = HOST) -> str | None:
+    """Why a server could not listen on ``host:port`` now (in use, not allowed), or None if it could."""
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no obstacle
         try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+def port_free(port: int) -> bool:
+    """Whether a server could listen on ``port`` of :data:`HOST` now."""
+    return bind_problem(port) is None
 
 
 def pick_ports(names: Iterable[str], base_port: int | None, previous: dict[str, int]) -> dict[str, int]:

@@ -36,6 +36,7 @@ from siamese_core.metrics import flatten, is_number
 
 from .files import content_hash, read_json
 from .params import PipelineParams
+from .pipeline import HISTORY_FILE, RUN_FILE
 
 log = logging.getLogger("pipelines.tracking")
 
@@ -346,8 +347,8 @@ class PipelineRun:
 
     def record_reused_training(self, trained: Path) -> None:
         """Tag the run with the run that trained the model in ``trained`` (artifacts/train) and copy its curve."""
-        self.set_tags({"training_run_id": read_json(trained / "run.json")["run_id"]})
-        self.log_history(read_json(trained / "history.json")["history"])
+        self.set_tags({"training_run_id": read_json(trained / RUN_FILE)["run_id"]})
+        self.log_history(read_json(trained / HISTORY_FILE)["history"])
 
     def end(self, error: BaseException | None = None, stage: str | None = None) -> None:
         """End the run: FINISHED, or FAILED with the stage and the error as tags and ``error.txt``
@@ -360,6 +361,22 @@ class PipelineRun:
         self.set_tags({"error": message[:5000], **({"failed_stage": stage} if stage else {})})
         self.client.log_text(self.run_id, "".join(traceback.format_exception(error)), "error.txt")
         self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.KILLED if killed else RunStatus.FAILED))
+
+
+def _trained_by(trained: Path) -> str | None:
+    """The id of the run that trained the model in ``trained`` (artifacts/train), if one is recorded."""
+    record = trained / RUN_FILE
+    return read_json(record)["run_id"] if record.is_file() else None
+
+
+def _open_run(run_id: str) -> PipelineRun | None:
+    """Run ``run_id`` if it is still open in this tracking store."""
+    try:
+        run = PipelineRun(run_id)
+        return run if run.is_open else None
+    except MlflowException as exc:  # a run of another tracking store, or deleted since
+        log.info("training run %s not found (%s): opening a new run", run_id, exc)
+        return None
 
 
 class RunScope:
@@ -376,27 +393,15 @@ class RunScope:
     def run(self) -> PipelineRun:
         """The run, opened (or attached to) now if no stage has used it yet."""
         if self._run is None:
-            self._run = self._attach() or self.open_run()
-            if self.trained is not None and (self.trained / "run.json").is_file() \
-                    and read_json(self.trained / "run.json")["run_id"] != self._run.run_id:
+            trained_by = _trained_by(self.trained) if self.trained is not None else None
+            self._run = (trained_by and _open_run(trained_by)) or self.open_run()
+            if self.trained is not None and trained_by not in (None, self._run.run_id):
                 self._run.record_reused_training(self.trained)
         return self._run
 
     @property
     def used(self) -> bool:
         return self._run is not None
-
-    def _attach(self) -> PipelineRun | None:
-        """The run that trained the model in ``trained``, if it is still open in this tracking store."""
-        if self.trained is None or not (self.trained / "run.json").is_file():
-            return None
-        run_id = read_json(self.trained / "run.json")["run_id"]
-        try:
-            run = PipelineRun(run_id)
-            return run if run.is_open else None
-        except MlflowException as exc:  # a run of another tracking store, or deleted since
-            log.info("training run %s not found (%s): opening a new run", run_id, exc)
-            return None
 
     @contextmanager
     def system_metrics(self):
