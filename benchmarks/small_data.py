@@ -8,8 +8,8 @@ PNG files) into a temporary folder, a recogniser is trained with each preset as 
 trains it, and it is scored as the evaluate stage scores it (``siamese_core.evaluation.assess``):
 top-1 and MAP@R of the test split against the training gallery, 1- and 5-shot episodes and the
 open-set figures on the held-out classes, beside the same figures for nearest neighbour on raw pixels
-and on the untrained network. Results are merged into the JSON file by data set and preset; the README's
-small-data table is generated from it (``python -m pipelines.readme_figures``).
+and on the untrained network. Results are merged into the JSON file by data set and preset; the documentation's
+small-data table is generated from it (``python -m pipelines.doc_figures``).
 
 The data sets (each: known classes with 8 training and 2 test images, plus held-out classes):
 - digits: handwritten digits from scikit-learn (bundled, 8x8 greyscale; 7 known + 3 held-out classes).

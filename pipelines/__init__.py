@@ -19,7 +19,7 @@ Module map, one owner per idea:
 - ``serving``: ``siamese serve``, the recogniser over HTTP with MLflow's scoring protocol.
 - ``files``: atomic JSON/CSV writers, DVC's content hash, linked copies, tree digests.
 - ``demo_data``: the embedded Omniglot slice, written out as class folders.
-- ``readme_figures``: the README's measured figures, generated from benchmark results.
+- ``doc_figures``: the measured figures of the README and docs/, generated from metrics.json and benchmark results.
 - ``stack``: ``siamese stack up | status | env | down``; ``supervisor`` (process groups, health checks,
   ports), ``stack_services`` (each service's recipe), ``stack_state`` (stack.json, secrets, environments),
   ``s3server`` (the signed, journalled S3 server).

@@ -638,5 +638,12 @@ app.add_typer(stack_app, name="stack")
 app.add_typer(registry_app, name="registry")
 app.add_typer(flows_app, name="flows")
 
+
+def __getattr__(name: str) -> object:
+    """``pipelines.cli.command``: the click command behind ``app``, which the CLI reference page renders."""
+    if name == "command":
+        return typer.main.get_command(app)
+    raise AttributeError(name)
+
 if __name__ == "__main__":
     app(sys.argv[1:])

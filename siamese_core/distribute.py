@@ -31,7 +31,7 @@ def strategy_for(distribute: str) -> tf.distribute.Strategy:
     if distribute == "multi_worker":
         if "TF_CONFIG" not in os.environ:
             raise ConfigError("train.distribute=multi_worker needs TF_CONFIG: the cluster's workers and this "
-                              "process's task (see the README, 'Scaling out')")
+                              "process's task (see docs/how-to/scaling.md)")
         return tf.distribute.MultiWorkerMirroredStrategy()
     raise ConfigError(f"train.distribute: unknown '{distribute}', expected none, mirrored or multi_worker")
 

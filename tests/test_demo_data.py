@@ -46,22 +46,20 @@ def test_demo_data_is_written_once_and_never_over_existing_data(tmp_path):
 
 def test_the_readme_demo_figures_are_the_committed_metrics():
     """The README's demo table is generated from metrics.json: a typed figure that drifts fails here."""
-    from pipelines.readme_figures import END, START, render
+    from pipelines.doc_figures import END, README, START, generated_block, render
 
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    block = readme[readme.index(START):readme.index(END) + len(END)]
+    block = generated_block(README, START, END)
     metrics = json.loads((REPO / "metrics.json").read_text(encoding="utf-8"))
-    assert block == render(metrics), "run: python -m pipelines.readme_figures"
+    assert block == render(metrics), "run: python -m pipelines.doc_figures"
     assert f"**{100 * metrics['top1']:.1f} %**" in block
 
 
-def test_the_readme_learning_quality_tables_are_the_committed_benchmark_reports():
+def test_the_docs_learning_quality_tables_are_the_committed_benchmark_reports():
     """The learning-quality tables are generated from benchmarks/results/*.json: a typed figure that drifts fails here."""
-    from pipelines.readme_figures import QUALITY_END, QUALITY_START, RESULTS, render_quality
+    from pipelines.doc_figures import QUALITY_END, QUALITY_PAGE, QUALITY_START, RESULTS, generated_block, render_quality
 
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    block = readme[readme.index(QUALITY_START):readme.index(QUALITY_END) + len(QUALITY_END)]
-    assert block == render_quality(), "run: python -m pipelines.readme_figures"
+    block = generated_block(QUALITY_PAGE, QUALITY_START, QUALITY_END)
+    assert block == render_quality(), "run: python -m pipelines.doc_figures"
     from pipelines.params import preset_config
     from siamese_core.config import Config
 
@@ -73,13 +71,19 @@ def test_the_readme_learning_quality_tables_are_the_committed_benchmark_reports(
     assert f"**{100 * shipped['trained']['1shot']['mean']:.1f} % ± {100 * shipped['trained']['1shot']['ci95']:.1f}**" in block
 
 
-def test_the_readme_small_data_table_is_the_committed_benchmark_report():
+def test_the_docs_small_data_table_is_the_committed_benchmark_report():
     """The small-data table is generated from benchmarks/results/small-data.json; the recommended preset beats
     both baselines on MAP@R and 1-shot on every data set measured."""
-    from pipelines.readme_figures import RESULTS, SMALL_END, SMALL_START, render_small_data
+    from pipelines.doc_figures import (
+        RESULTS,
+        SMALL_DATA_PAGE,
+        SMALL_END,
+        SMALL_START,
+        generated_block,
+        render_small_data,
+    )
 
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert readme[readme.index(SMALL_START):readme.index(SMALL_END) + len(SMALL_END)] == render_small_data()
+    assert generated_block(SMALL_DATA_PAGE, SMALL_START, SMALL_END) == render_small_data()
     measured = {name: data for name, data in json.loads((RESULTS / "small-data.json").read_text()).items()
                 if "presets" in data}
     assert len(measured) >= 3

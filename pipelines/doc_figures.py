@@ -1,9 +1,9 @@
-"""The README's measured figures, generated so that they never drift from what a run measured.
+"""The measured figures of the README and the documentation, generated so that they never drift from what a run measured.
 
-``python -m pipelines.readme_figures`` rewrites the blocks between markers in README.md: the demo
-table from the metrics.json that ``dvc repro`` wrote, and the learning-quality tables from the
-JSON reports of ``benchmarks/omniglot.py``, ``benchmarks/enrolment_levers.py`` and
-``benchmarks/small_data.py`` kept in ``benchmarks/results/``. A test fails when README and sources disagree.
+``python -m pipelines.doc_figures`` rewrites the blocks between markers: the demo table in README.md
+from the metrics.json that ``dvc repro`` wrote, and the learning-quality and small-data tables in
+``docs/`` from the JSON reports of ``benchmarks/omniglot.py``, ``benchmarks/enrolment_levers.py`` and
+``benchmarks/small_data.py`` kept in ``benchmarks/results/``. A test fails when a page and its sources disagree.
 """
 
 from __future__ import annotations
@@ -12,13 +12,16 @@ import argparse
 import json
 from pathlib import Path
 
-START, END = "<!-- demo figures: generated from metrics.json by python -m pipelines.readme_figures -->", \
+START, END = "<!-- demo figures: generated from metrics.json by python -m pipelines.doc_figures -->", \
     "<!-- end of demo figures -->"
-QUALITY_START, QUALITY_END = ("<!-- learning quality: generated from benchmarks/results/ by python -m pipelines.readme_figures -->",
+QUALITY_START, QUALITY_END = ("<!-- learning quality: generated from benchmarks/results/ by python -m pipelines.doc_figures -->",
                               "<!-- end of learning quality -->")
 SMALL_START, SMALL_END = ("<!-- small data: generated from benchmarks/results/small-data.json by python -m "
-                          "pipelines.readme_figures -->", "<!-- end of small data -->")
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+                          "pipelines.doc_figures -->", "<!-- end of small data -->")
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README, QUALITY_PAGE, SMALL_DATA_PAGE = (ROOT / "README.md", ROOT / "docs" / "explanation" / "learning-quality.md",
+                                         ROOT / "docs" / "tutorials" / "own-data.md")
 COLUMNS = ("", "baseline_raw_pixels.", "baseline_untrained.")
 
 
@@ -171,29 +174,35 @@ def render_small_data() -> str:
     return "\n".join([SMALL_START, *lines, SMALL_END])
 
 
-def _replace_block(text: str, start: str, end: str, block: str, readme: Path) -> str:
+def _replace_block(page: Path, start: str, end: str, block: str) -> bool:
+    text = page.read_text(encoding="utf-8")
     if start not in text or end not in text:
-        raise SystemExit(f"{readme}: no generated block (the markers {start!r} ... {end!r})")
+        raise SystemExit(f"{page}: no generated block (the markers {start!r} ... {end!r})")
     before, rest = text.split(start, 1)
-    return before + block + rest.split(end, 1)[1]
-
-
-def update(readme: Path, metrics_file: Path) -> bool:
-    """Rewrite the generated blocks of ``readme``; returns whether it changed."""
-    text = readme.read_text(encoding="utf-8")
-    new = _replace_block(text, START, END, render(json.loads(metrics_file.read_text(encoding="utf-8"))), readme)
-    new = _replace_block(new, QUALITY_START, QUALITY_END, render_quality(), readme)
-    new = _replace_block(new, SMALL_START, SMALL_END, render_small_data(), readme)
-    readme.write_text(new, encoding="utf-8")
+    new = before + block + rest.split(end, 1)[1]
+    page.write_text(new, encoding="utf-8")
     return new != text
+
+
+def generated_block(page: Path, start: str, end: str) -> str:
+    """The block between ``start`` and ``end`` in ``page``, markers included."""
+    text = page.read_text(encoding="utf-8")
+    return text[text.index(start):text.index(end) + len(end)]
+
+
+def update(metrics_file: Path) -> list[Path]:
+    """Rewrite every generated block; returns the pages that changed."""
+    blocks = [(README, START, END, render(json.loads(metrics_file.read_text(encoding="utf-8")))),
+              (QUALITY_PAGE, QUALITY_START, QUALITY_END, render_quality()),
+              (SMALL_DATA_PAGE, SMALL_START, SMALL_END, render_small_data())]
+    return [page for page, start, end, block in blocks if _replace_block(page, start, end, block)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--readme", type=Path, default=Path("README.md"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics.json"))
-    args = parser.parse_args()
-    print(f"{args.readme}: {'updated' if update(args.readme, args.metrics) else 'already up to date'}")
+    changed = update(parser.parse_args().metrics)
+    print(f"updated: {', '.join(str(page.relative_to(ROOT)) for page in changed)}" if changed else "already up to date")
 
 
 if __name__ == "__main__":
