@@ -1,0 +1,103 @@
+"""The README's walk-throughs run as pasted, in a fresh clone: the blocks are read from the README itself."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from support.http import stop_group
+from support.project import REPO
+
+WALK_THROUGHS = ("Set-up on a fresh machine", "After the demo run", "Using your own data")
+TEST_COMMAND = "python -m pytest"  # the block CI runs itself (.ci/run), not run again here
+
+
+def readme_blocks(text: str) -> list[tuple[str, str, bool]]:
+    """Each ```bash block as (section, code, runs in a second terminal)."""
+    blocks, section = [], ""
+    for match in re.finditer(r"^## (?P<section>[^\n]+)$|^```bash\n(?P<code>.*?)^```$", text, re.M | re.S):
+        if match["section"]:
+            section = match["section"]
+            continue
+        paragraph = text[:match.start()].rstrip().rsplit("\n\n", 1)[-1]
+        blocks.append((section, match["code"], "second terminal" in paragraph))
+    return blocks
+
+
+def _commands(shell: str) -> list[str]:
+    """The commands of a shell text, one per `&&` step, without comments or line continuations."""
+    lines = [line.split("  #")[0] for line in shell.replace("\\\n", " ").splitlines()]
+    return [" ".join(step.split()) for line in lines for step in line.split("&&") if step.strip()]
+
+
+def test_the_readme_test_command_is_what_ci_runs():
+    """CI runs the README's install-and-test block; a README that drifts from .ci/run fails here."""
+    blocks = [code for section, code, _ in readme_blocks((REPO / "README.md").read_text()) if TEST_COMMAND in code]
+    assert len(blocks) == 1
+    ci = _commands((REPO / ".ci" / "run").read_text().split("set -euo pipefail", 1)[1].split("\n", 2)[2])
+    assert _commands(blocks[0]) == ci
+
+
+@pytest.mark.slow
+def test_the_readme_walk_throughs_run_as_pasted(tmp_path):
+    """Set-up, after the demo run and own data, in a clone of this commit: each block as a user pastes it into
+    one terminal (the venv the set-up made stays active); a second-terminal block runs beside, answers, and stops."""
+    blocks = [block for block in readme_blocks((REPO / "README.md").read_text())
+              if block[0] in WALK_THROUGHS and TEST_COMMAND not in block[1]]
+    assert {section for section, _, _ in blocks} == set(WALK_THROUGHS)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("MLFLOW_", "PREFECT_", "VIRTUAL_ENV", "DVC_"))}
+    env |= {"HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect"),
+            "PIP_CACHE_DIR": os.environ.get("PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip")),
+            "GIT_AUTHOR_NAME": "reader", "GIT_AUTHOR_EMAIL": "reader@example.com",
+            "GIT_COMMITTER_NAME": "reader", "GIT_COMMITTER_EMAIL": "reader@example.com"}
+    for section, code, second_terminal in blocks:
+        if section == "Using your own data" and not (clone / "my-data").exists():
+            shutil.copytree(clone / "data" / "demo", clone / "my-data")  # the user's images, in the layout asked for
+        script = f"[ -f .venv/bin/activate ] && . .venv/bin/activate\nset -e\n{code}"
+        if second_terminal:
+            _run_beside(script, clone, env, tmp_path / "second-terminal.log")
+            continue
+        done = subprocess.run(["bash", "-c", script], cwd=clone, env=env, capture_output=True, text=True,
+                              timeout=900, check=False)
+        assert done.returncode == 0, f"{section}:\n{code}\n{(done.stdout + done.stderr)[-5000:]}"
+        if section == WALK_THROUGHS[0]:
+            assert "champion" in done.stdout + done.stderr
+    predicted = subprocess.run(["bash", "-c", ". .venv/bin/activate && siamese predict --json "
+                                + shlex.quote(str(next((clone / "my-data" / "test").glob("*/*"))))
+                                + " --model models:/siamese-recognizer@champion"],
+                               cwd=clone, env=env, capture_output=True, text=True, check=False)
+    assert predicted.returncode == 0 and '"label"' in predicted.stdout, predicted.stderr[-3000:]
+
+
+def _run_beside(script: str, cwd: Path, env: dict, log_path: Path) -> None:
+    """Start a long-running block, wait until the address it prints answers 200, then stop it (Ctrl-C)."""
+    with log_path.open("w") as log:
+        server = subprocess.Popen(["bash", "-c", script], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            address = re.search(r"http://127\.0\.0\.1:\d+/", log_path.read_text())
+            try:
+                if address:
+                    with urllib.request.urlopen(address[0], timeout=5) as response:
+                        if response.status == 200:
+                            return
+            except OSError:
+                pass
+            time.sleep(1)
+        pytest.fail(f"the second-terminal block never answered:\n{log_path.read_text()[-3000:]}")
+    finally:
+        stop_group(server)
