@@ -17,4 +17,8 @@ class RegistryError(ValueError):
     """A registry request that cannot be done as asked (no reason given, already the champion)."""
 
 
-PIPELINE_USER_ERRORS = (*USER_ERRORS, NoChampionError, RegistryError, StackError)
+class PrefectServerError(RuntimeError):
+    """No Prefect server to run or schedule flows on; the message says how to start one."""
+
+
+PIPELINE_USER_ERRORS = (*USER_ERRORS, NoChampionError, RegistryError, StackError, PrefectServerError)

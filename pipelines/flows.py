@@ -19,9 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.flows import Flow
 from prefect.runtime import flow_run
 
 from siamese_core import sharding
@@ -30,7 +31,7 @@ from siamese_core.sharding import Sharder
 
 from . import pipeline, runner
 from .card import run_summary
-from .errors import PIPELINE_USER_ERRORS
+from .errors import PIPELINE_USER_ERRORS, PrefectServerError
 from .files import read_json
 from .params import PipelineParams, load_params
 from .process import quiet_libraries
@@ -134,7 +135,29 @@ def publish_artifacts(record: dict, workspace: Path, experiment_id: str) -> None
         key="siamese-per-class-accuracy", description="Test accuracy (recall) and precision of each class")
 
 
-@flow(name="siamese-training", log_prints=True)
+START_A_SERVER = ("start one in a second terminal with `prefect server start`, then `export "
+                  "PREFECT_API_URL=http://127.0.0.1:4200/api` and run again")
+
+
+class SiameseFlow(Flow):
+    """A Prefect flow whose temporary server, when it does not start in time, is one line that says what to do."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except RuntimeError as exc:
+            if "ephemeral Prefect API server" not in str(exc):
+                raise
+            raise PrefectServerError("the temporary Prefect server did not start in time (a busy machine is the "
+                                     f"usual cause): {START_A_SERVER}") from None
+
+
+def siamese_flow(**options: Any) -> Callable[[Callable], SiameseFlow]:
+    """``@flow`` for the pipeline's flows: the same options, and a one-line error when Prefect cannot start."""
+    return lambda function: SiameseFlow(function, **options)
+
+
+@siamese_flow(name="siamese-training", log_prints=True)
 def training_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
     """Run validate, triplets, train, embed, evaluate and register in this run's own workspace.
 
@@ -205,14 +228,14 @@ def predict_task(images: list[str], model_name: str) -> list[dict]:
     ]
 
 
-@flow(name="siamese-predict")
+@siamese_flow(name="siamese-predict")
 def predict_flow(images: list[str], model_name: str | None = None, params_path: str = "params.yaml") -> list[dict]:
     """Recognise image files with ``models:/<model_name>@champion`` (default: register.model_name)."""
     quiet_libraries()
     return predict_task(images, model_name or load_params(params_path).register.model_name)
 
 
-@flow(name="siamese-retraining", log_prints=True)
+@siamese_flow(name="siamese-retraining", log_prints=True)
 def retraining_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
     """Run the training flow unless the data is the data the champion was trained on.
 
@@ -232,11 +255,14 @@ def retraining_flow(params_path: str = "params.yaml", overrides: dict[str, Any] 
 def serve(params_path: str = "params.yaml") -> None:
     """Serve the retraining flow on params.yaml's schedule, one run at a time (blocks; Ctrl-C stops it).
 
-    Scheduled runs need a Prefect server (``prefect server start``, ``PREFECT_API_URL`` set):
-    on the ephemeral server Prefect serves the flow for manual runs but schedules nothing.
+    Scheduled runs need a Prefect server (``prefect server start``, ``PREFECT_API_URL`` set): without one
+    it stops at once with a PrefectServerError that says so.
     """
     from prefect.schedules import Cron
+    from prefect.settings import PREFECT_API_URL
 
+    if not PREFECT_API_URL.value():
+        raise PrefectServerError(f"scheduled runs need a Prefect server (PREFECT_API_URL is not set): {START_A_SERVER}")
     schedule = load_params(params_path).schedule
     retraining_flow.serve(
         name="siamese-retraining",

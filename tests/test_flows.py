@@ -204,3 +204,28 @@ def test_from_the_demo_to_your_own_data_your_model_is_the_champion(project, writ
     image = sorted(Path(train_dir).glob("*/*.png"))[0]
     [answer] = predict_flow([str(image)])
     assert answer["label"] == image.parent.name and answer["distance"] < 1e-3  # a digit, not an Omniglot character
+
+
+def _without_prefect_server(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    return {**env, "PREFECT_HOME": str(tmp_path / "prefect-home"), **extra}
+
+
+def test_a_temporary_prefect_server_that_does_not_start_is_one_line_saying_what_to_do(tmp_path):
+    """Prefect's own start-up wait, set to 0 s, stands for a machine too busy to start the server in time."""
+    code = ("from pipelines.errors import PrefectServerError\nfrom pipelines.flows import predict_flow\n"
+            "try:\n    predict_flow([])\nexcept PrefectServerError as error:\n    print('ERROR', error)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=_without_prefect_server(tmp_path, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0"))
+    [line] = [line for line in done.stdout.splitlines() if line.startswith("ERROR")]
+    assert "did not start in time" in line and "prefect server start" in line and "PREFECT_API_URL" in line, done
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_flows_serve_without_a_prefect_server_says_so_in_one_line(tmp_path):
+    """Scheduling needs a server; without one the command stops at once instead of serving runs that never come."""
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", tmp_path)
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "flows", "serve"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env=_without_prefect_server(tmp_path))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "PREFECT_API_URL is not set" in done.stderr and "prefect server start" in done.stderr
