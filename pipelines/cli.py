@@ -7,6 +7,7 @@ TensorFlow is imported inside the commands, so ``siamese --help`` answers at onc
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -176,11 +177,15 @@ def predict(
     top_k: Annotated[int | None, typer.Option(
         "--top-k", min=1, help="Number of nearest classes to list (default: the bundle's evaluate.top_k).")] = None,
     as_json: JsonOption = False,
+    log: Annotated[bool, typer.Option(
+        "--log", help="Also write each answer to the inference log of params.yaml's monitoring section.")] = False,
+    params: ParamsOption = None,
 ) -> None:
     """Recognise images: the nearest gallery class and its squared distance (and, when the bundle rejects
     unknown classes, the unknown score; above the threshold the class is 'unknown')."""
 
     def body():
+        from pipelines.inference_log import open_log
         from siamese_core.recognizer import SiameseRecognizer
 
         if gallery is not None:
@@ -188,7 +193,14 @@ def predict(
         recognizer = SiameseRecognizer.load(_bundle_path(model))
         if gallery is not None:
             recognizer = recognizer.with_gallery(gallery, progress=True)
-        matches = recognizer.predict([str(p) for p in images], top_k=top_k)
+        inference_log = open_log(_monitoring(params), model, "cli") if log else None
+        started = time.perf_counter()
+        queries = recognizer.embed([str(p) for p in images])
+        matches = recognizer.match(queries, top_k=top_k)
+        if inference_log is not None:
+            latency_ms = 1000 * (time.perf_counter() - started)
+            inference_log.submit([p.read_bytes() for p in images], matches, queries, latency_ms)
+            inference_log.close()
         if as_json:
             typer.echo(json.dumps([{"image": str(p), **m.to_dict()} for p, m in zip(images, matches)], ensure_ascii=False))
             return
@@ -201,6 +213,10 @@ def predict(
         _check_model(model)
         for image in images:
             existing(image, "IMAGES", "file")
+        if log and _monitoring(params).log_uri is None and not os.environ.get("SIAMESE_INFERENCE_LOG"):
+            from siamese_core.errors import ConfigError
+
+            raise ConfigError("--log: monitoring.log_uri is null in the params file; set a folder or s3:// URI")
         if gallery is not None:
             existing(gallery, "--gallery", "folder")
 
@@ -428,6 +444,10 @@ def serve(
     = "models:/siamese-recognizer@champion",
     host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 5001,
+    log: Annotated[bool, typer.Option(
+        "--log/--no-log", help="Log every answer to the inference log of params.yaml's monitoring section "
+        "($SIAMESE_INFERENCE_LOG overrides its place).")] = True,
+    params: ParamsOption = None,
 ) -> None:
     """Serve a registered model over HTTP with MLflow's scoring protocol (/invocations, /ping, /version),
     its artifacts checked against those registered, request bodies bounded (SIAMESE_MAX_BODY_BYTES)."""
@@ -437,12 +457,21 @@ def serve(
         from pipelines.serving import serve as run_server
 
         typer.echo(f"serving {model} on http://{host}:{port}/invocations", err=True)
-        run_server(model, host, port)
+        run_server(model, host, port, _monitoring(params) if log else None)
 
     def check():
         _port_check(host, port)
 
     _run(body, check=check)
+
+
+def _monitoring(params: Path | None):
+    """The monitoring section of ``params`` (or of ./params.yaml; the defaults where there is none)."""
+    from pipelines.params import MonitoringConfig, load_params
+
+    if params is None and not os.environ.get("SIAMESE_PARAMS") and not Path("params.yaml").is_file():
+        return MonitoringConfig()
+    return load_params(params).monitoring
 
 
 def _port_check(host: str, port: int) -> None:
@@ -619,7 +648,8 @@ flows_app = typer.Typer(help="Run the pipeline's Prefect flows.", no_args_is_hel
 
 @flows_app.command("serve")
 def flows_serve(params: ParamsOption = None) -> None:
-    """Serve the retraining flow on the schedule of params.yaml, one run at a time.
+    """Serve the retraining and monitoring flows on the schedules of params.yaml, one run of each at a time;
+    a drift event of the monitoring starts a retraining.
 
     It blocks until Ctrl-C. Scheduled runs need a Prefect server (PREFECT_API_URL set).
     """
@@ -632,11 +662,69 @@ def flows_serve(params: ParamsOption = None) -> None:
     _run(body, tensorflow=False)
 
 
+@flows_app.command("monitor")
+def flows_monitor(
+    window_hours: Annotated[float | None, typer.Option(
+        "--window-hours", help="How much of the inference log to judge (default: monitoring.window_hours).")] = None,
+    params: ParamsOption = None,
+) -> None:
+    """Run the monitoring flow once: the inference log's last window against the served version's reference."""
+
+    def body():
+        from pipelines.flows import monitoring_flow
+
+        result = monitoring_flow(str(params or "params.yaml"), window_hours)
+        figures = ", ".join(f"{key} {value:.4g}" for key, value in result["figures"].items() if value is not None)
+        typer.echo(f"version {result['model_version']}: {figures}")
+        typer.echo(f"drift: {'; '.join(result['fired'])}" if result["fired"] else "no rule fired")
+        for note in result["notes"]:
+            typer.echo(f"note: {note}")
+
+    _run(body, tensorflow=False)
+
+
+feedback_app = typer.Typer(help="Bring corrected answers back into the training data.", no_args_is_help=True,
+                           rich_markup_mode=None)
+
+
+@feedback_app.command("import")
+def feedback_import(
+    labelled: Annotated[Path | None, typer.Argument(
+        help="Reviewed images in <label>/ folders (default: <monitoring.review_dir>/labelled).")] = None,
+    into: Annotated[Path | None, typer.Option(
+        "--into", help="The training folder to add them to (default: data.train_dir).")] = None,
+    by: Annotated[str, typer.Option("--by", help="Who labelled them (kept in the manifest).")] = "",
+    dvc: Annotated[bool, typer.Option("--dvc/--no-dvc", help="Run dvc add on the data folder afterwards.")] = True,
+    params: ParamsOption = None,
+) -> None:
+    """Add labelled review images to the training data (new classes allowed), with a manifest in feedback/.
+
+    Nothing is rewritten: an image already imported is skipped, and one bad image stops the import before
+    anything is copied. The data folder is then dvc add-ed, so the next retraining sees a new data version.
+    """
+
+    def body():
+        from pipelines.feedback import import_feedback
+        from pipelines.params import load_params
+
+        settings = load_params(params) if params or Path("params.yaml").is_file() else None
+        source = labelled or Path(settings.monitoring.review_dir if settings else "review") / "labelled"
+        target = into or Path(settings.data.train_dir if settings else "data/train")
+        done = import_feedback(source, target, by or os.environ.get("USER", ""), dvc)
+        typer.echo(f"{len(done['images'])} images of {len(done['classes'])} classes added to {target} "
+                   f"({done['skipped_already_present']} already there); manifest {done['manifest']}")
+        if done["dvc"]:
+            typer.echo(f"new data version: git add {done['dvc']} {done['manifest']} && git commit, then dvc push")
+
+    _run(body, tensorflow=False)
+
+
 from pipelines.stack import stack_app  # the `siamese stack` commands
 
 app.add_typer(stack_app, name="stack")
 app.add_typer(registry_app, name="registry")
 app.add_typer(flows_app, name="flows")
+app.add_typer(feedback_app, name="feedback")
 
 
 def __getattr__(name: str) -> object:

@@ -13,19 +13,24 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 from prefect import get_run_logger, task
+from prefect import serve as prefect_serve
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.flows import Flow
 from prefect.runtime import flow_run
 
 from siamese_core import sharding
+from siamese_core.errors import ConfigError
 from siamese_core.evaluation_report import EvaluationReport
 from siamese_core.sharding import Sharder
 
@@ -33,7 +38,8 @@ from . import pipeline, runner
 from .card import run_summary
 from .errors import PIPELINE_USER_ERRORS, PrefectServerError
 from .files import read_json
-from .params import PipelineParams, load_params
+from .inference_log import log_uri
+from .params import MonitoringConfig, PipelineParams, load_params
 from .process import quiet_libraries
 
 RUNS = Path("runs")
@@ -158,7 +164,8 @@ def siamese_flow(**options: Any) -> Callable[[Callable], SiameseFlow]:
 
 
 @siamese_flow(name="siamese-training", log_prints=True)
-def training_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
+def training_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None,
+                  tags: dict[str, str] | None = None) -> dict:
     """Run validate, triplets, train, embed, evaluate and register in this run's own workspace.
 
     Returns the registration (version, decision, run id, data hash, workspace). A stage whose
@@ -172,7 +179,7 @@ def training_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | 
     workspace = new_workspace()
     with pipeline_run(params) as scope:
         run = scope.run
-        run.set_tags({"workspace": str(workspace.resolve())})
+        run.set_tags({"workspace": str(workspace.resolve()), **(tags or {})})
         get_run_logger().info("workspace %s, MLflow run %s", workspace, run.run_id)
         with run.system_metrics(), dask_sharding(params) as sharder:
             ctx = pipeline.StageContext(params, workspace, scope, sharder)
@@ -210,18 +217,26 @@ def champion_data_hash(model_name: str) -> tuple[str, str | None] | None:
 
 
 @task(name="predict")
-def predict_task(images: list[str], model_name: str) -> list[dict]:
-    """Recognise image files with the champion, sending them base64-encoded as a served model gets them."""
+def predict_task(images: list[str], model_name: str, monitoring: MonitoringConfig | None = None) -> list[dict]:
+    """Recognise image files with the champion, sending them base64-encoded as a served model gets them; its
+    answers go to the inference log that ``monitoring`` names (None: not logged)."""
     import pandas as pd
 
+    from .inference_log import open_log
     from .process import import_tensorflow_quietly
     from .pyfunc_model import encode_image
-    from .registry import load_champion
+    from .registry import champion_uri, load_champion
 
     if not images:
         return []
     import_tensorflow_quietly()
-    answers = load_champion(model_name).predict(pd.DataFrame({"image": [encode_image(p) for p in images]}))
+    champion = load_champion(model_name)
+    inference_log = open_log(monitoring, champion_uri(model_name), "flow") if monitoring is not None else None
+    if inference_log is not None:
+        champion.unwrap_python_model().log_to(inference_log)
+    answers = champion.predict(pd.DataFrame({"image": [encode_image(p) for p in images]}))
+    if inference_log is not None:
+        inference_log.close()
     return [
         {"image": image, "label": row.label, "distance": float(row.distance), "top_k": row.top_k}
         for image, row in zip(images, answers.itertuples(index=False))
@@ -230,26 +245,103 @@ def predict_task(images: list[str], model_name: str) -> list[dict]:
 
 @siamese_flow(name="siamese-predict")
 def predict_flow(images: list[str], model_name: str | None = None, params_path: str = "params.yaml") -> list[dict]:
-    """Recognise image files with ``models:/<model_name>@champion`` (default: register.model_name)."""
+    """Recognise image files with ``models:/<model_name>@champion`` (default: register.model_name); the answers
+    go to the inference log of params.yaml's ``monitoring`` section."""
     quiet_libraries()
-    return predict_task(images, model_name or load_params(params_path).register.model_name)
+    params = load_params(params_path)
+    return predict_task(images, model_name or params.register.model_name, params.monitoring)
 
 
 @siamese_flow(name="siamese-retraining", log_prints=True)
-def retraining_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
+def retraining_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None,
+                    trigger: str = "manual", monitoring_run_id: str | None = None) -> dict:
     """Run the training flow unless the data is the data the champion was trained on.
 
-    Returns ``{"skipped": True, ...}`` or ``{"skipped": False, **registration}``.
+    ``trigger`` says why it runs (``schedule``, ``drift`` with the ``monitoring_run_id`` whose rule fired,
+    or ``manual``); the training run records it with the reason it trained (``new_data``) as tags
+    ``retraining.*``. Returns ``{"skipped": True, ...}`` or ``{"skipped": False, **registration}``.
     """
     logger = get_run_logger()
     params = load_params(params_path, overrides)
     current = data_hash_task(params)
     champion = champion_data_hash(params.register.model_name)
+    why = f"{trigger}" + (f" (monitoring run {monitoring_run_id})" if monitoring_run_id else "")
     if champion is not None and champion[1] == current:
-        logger.info("data unchanged since champion version %s (data_hash %s): skipping training", champion[0], current)
-        return {"skipped": True, "data_hash": current, "champion_version": champion[0]}
-    logger.info("data_hash %s differs from the champion's (%s): retraining", current, champion)
-    return {"skipped": False, **training_flow(params_path, overrides)}
+        advice = "; label the review queue and import it (siamese feedback import) to add data" if trigger == "drift" else ""
+        logger.info("started by %s; data unchanged since champion version %s (data_hash %s): skipping training%s",
+                    why, champion[0], current, advice)
+        return {"skipped": True, "data_hash": current, "champion_version": champion[0], "trigger": trigger}
+    logger.info("started by %s; data_hash %s differs from the champion's (%s): retraining", why, current, champion)
+    tags = {"retraining.trigger": trigger, "retraining.reason": "new_data",
+            **({"retraining.monitoring_run_id": monitoring_run_id} if monitoring_run_id else {})}
+    return {"skipped": False, "trigger": trigger, **training_flow(params_path, overrides, tags)}
+
+
+@siamese_flow(name="siamese-monitoring", log_prints=True)
+def monitoring_flow(params_path: str = "params.yaml", window_hours: float | None = None) -> dict:
+    """Judge the last ``window_hours`` (default ``monitoring.window_hours``) of the inference log against the
+    served version's reference profile; log an MLflow run (figures, HTML report) in the ``<experiment>-monitoring``
+    experiment and a Prefect artifact; when a rule of ``monitoring.rules`` fires, emit ``siamese.monitoring.drift``,
+    which starts the retraining deployment. Returns the figures, the rules that fired and the run id."""
+    from .monitoring import EVENT, assess_traffic, read_window, report_html
+    from .tracking import PipelineRun, ensure_experiment, ui_url
+
+    params = load_params(params_path)
+    settings, name = params.monitoring, params.register.model_name
+    uri = log_uri(settings)
+    if uri is None:
+        raise ConfigError("monitoring.log_uri is null: there is no inference log to monitor")
+    until = datetime.now(UTC)
+    since = until - timedelta(hours=window_hours or settings.window_hours)
+    window = read_window(uri, since, until)
+    window = window.filter(pc.equal(window.column("model_name"), name))
+    version = Counter(window.column("model_version").to_pylist()).most_common(1)
+    reference = reference_of(name, version[0][0]) if version else None
+    if version:
+        window = window.filter(pc.equal(window.column("model_version"), version[0][0]))
+    report = assess_traffic(window, reference, settings, since, until, name)
+    run = PipelineRun.create(ensure_experiment(f"{params.register.experiment}-monitoring"),
+                             f"monitoring-{until:%Y%m%d-%H%M%S}",
+                             {"model_name": name, "model_version": str(report.model_version),
+                              "window": f"{since:%Y-%m-%dT%H:%M}/{until:%Y-%m-%dT%H:%M}",
+                              "drift": str(bool(report.fired)).lower(), "fired": "; ".join(report.fired)})
+    try:
+        run.log_metrics({key: value for key, value in report.figures.items() if value is not None})
+        with tempfile.TemporaryDirectory() as tmp:
+            page = Path(tmp) / "monitoring.html"
+            page.write_text(report_html(report, reference, settings), encoding="utf-8")
+            run.log_artifact(page)
+    except BaseException as exc:
+        run.end(exc, "monitoring")
+        raise
+    run.end()
+    figures = "\n".join(f"| {key} | {'-' if value is None else f'{value:.4g}'} |" for key, value in report.figures.items())
+    run_link = f"{ui_url()}/#/experiments/{run.info.experiment_id}/runs/{run.run_id}"
+    create_markdown_artifact(key="siamese-monitoring", description=f"Monitoring of {name}", markdown="\n".join([
+        f"# {name} version {report.model_version}: {'drift' if report.fired else 'no drift'}",
+        f"Window {since:%Y-%m-%d %H:%M} to {until:%Y-%m-%d %H:%M} UTC; MLflow run [{run.run_id}]({run_link}).", "",
+        *(f"- fired: {rule}" for rule in report.fired), *(f"- {note}" for note in report.notes), "",
+        "| figure | value |", "|---|---|", figures]))
+    if report.fired:
+        from prefect.events import emit_event
+
+        emit_event(EVENT, resource={"prefect.resource.id": f"siamese.model.{name}", "prefect.resource.name": name},
+                   payload={"monitoring_run_id": run.run_id, "model_version": report.model_version,
+                            "rules": report.fired})
+        get_run_logger().warning("drift on %s version %s: %s; event %s emitted", name, report.model_version,
+                                 "; ".join(report.fired), EVENT)
+    return {"run_id": run.run_id, "model_version": report.model_version, "figures": report.figures,
+            "fired": report.fired, "notes": report.notes}
+
+
+def reference_of(model_name: str, version: str):
+    """The reference profile registered with a version (None for a version registered without one)."""
+    from siamese_core.reference import REFERENCE_FILE, ReferenceProfile
+
+    from .registry import download_bundle
+
+    profile = download_bundle(f"models:/{model_name}/{version}") / REFERENCE_FILE
+    return ReferenceProfile.load(profile) if profile.is_file() else None
 
 
 def serve(params_path: str = "params.yaml") -> None:
@@ -263,11 +355,34 @@ def serve(params_path: str = "params.yaml") -> None:
 
     if not PREFECT_API_URL.value():
         raise PrefectServerError(f"scheduled runs need a Prefect server (PREFECT_API_URL is not set): {START_A_SERVER}")
-    schedule = load_params(params_path).schedule
-    retraining_flow.serve(
+    params = load_params(params_path)
+    schedule = params.schedule
+    # to_deployment is sync-compatible: called here, outside any event loop, it returns the deployment
+    retraining = retraining_flow.to_deployment(
         name="siamese-retraining",
-        schedules=[Cron(schedule.cron, timezone=schedule.timezone)],
+        schedules=[Cron(schedule.cron, timezone=schedule.timezone, parameters={"trigger": "schedule"})],
         parameters={"params_path": params_path},
         tags=DEPLOYMENT_TAGS,
-        global_limit=1,
+        concurrency_limit=1,
+        triggers=[drift_trigger(params.register.model_name, params_path)],
     )
+    monitoring = monitoring_flow.to_deployment(
+        name="siamese-monitoring",
+        schedules=[Cron(params.monitoring.cron, timezone=schedule.timezone)],
+        parameters={"params_path": params_path},
+        tags=["siamese", "monitoring"],
+        concurrency_limit=1,
+    )
+    prefect_serve(retraining, monitoring)  # type: ignore[arg-type]
+
+
+def drift_trigger(model_name: str, params_path: str):
+    """The automation that starts the retraining deployment when the monitoring emits a drift event for the model."""
+    from prefect.events import DeploymentEventTrigger
+
+    from .monitoring import EVENT
+
+    return DeploymentEventTrigger(
+        name=f"retrain {model_name} on drift", expect={EVENT}, match={"prefect.resource.id": f"siamese.model.{model_name}"},
+        parameters={"params_path": params_path, "trigger": "drift",
+                    "monitoring_run_id": "{{ event.payload.monitoring_run_id }}"})

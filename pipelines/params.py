@@ -71,6 +71,40 @@ class ComputeConfig(Section):
         description="Seconds to wait for the Dask scheduler to answer; then a one-line error names the address.")
 
 
+class DriftRules(Section):
+    """When the monitoring flow calls the traffic drifted: any one rule over its limit fires the drift event."""
+
+    unknown_rate_max: float = Field(0.25, ge=0, le=1, description="Share of answers 'unknown' (or, without "
+                                    "rejection, over the threshold) above which the traffic holds unknown classes.")
+    distance_shift_max: float = Field(0.3, ge=0, le=1, description="Kolmogorov-Smirnov statistic between the "
+                                      "nearest distances of the window and of the test split.")
+    embedding_drift_max: float = Field(0.75, ge=0.5, le=1, description="ROC AUC of a classifier telling the "
+                                       "window's embeddings from the reference sample (0.5: no drift).")
+    class_mix_max: float = Field(0.5, ge=0, le=1, description="Jensen-Shannon distance between the predicted-class "
+                                 "mix of the window and of the test split.")
+
+
+class MonitoringConfig(Section):
+    """The inference log, the review queue and the monitoring flow."""
+
+    log_uri: str | None = Field("logs/inference", description="Folder or s3:// URI of the inference log "
+                                "(Parquet, partitioned by date); $SIAMESE_INFERENCE_LOG overrides it; null: no log.")
+    log_embeddings: bool = Field(False, description="Also log each query's embedding (float16): embedding drift needs it.")
+    log_images: bool = Field(False, description="Keep the images of answers that need review in review_dir "
+                             "(off by default: the log holds hashes, not images).")
+    review_dir: str = Field("review", description="The review queue: pending/<suggested label>/, then labelled/<label>/.")
+    review_margin: float = Field(0.1, ge=0, description="An answer whose second class is this close to the first "
+                                 "goes to review, as every unknown does.")
+    queue_size: int = Field(10000, ge=1, description="Records waiting to be written; beyond it they are dropped "
+                            "and counted, never blocking a request.")
+    flush_records: int = Field(512, ge=1, description="Records per Parquet file at most.")
+    flush_seconds: float = Field(5.0, gt=0, description="The longest a record waits before it is written.")
+    window_hours: float = Field(24.0, gt=0, description="The monitoring flow's window of the log.")
+    min_records: int = Field(30, ge=1, description="Fewer records in the window: figures are reported, no rule fires.")
+    cron: str = Field("0 * * * *", description="When the monitoring deployment runs.")
+    rules: DriftRules = Field(default_factory=DriftRules)
+
+
 class ScheduleConfig(Section):
     """When the retraining deployment runs."""
 
@@ -92,6 +126,7 @@ with warnings.catch_warnings():
         register: RegisterConfig = Field(default_factory=RegisterConfig)
         schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
         compute: ComputeConfig = Field(default_factory=ComputeConfig)
+        monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
 
         def core(self) -> Config:
             """The library part of the params."""

@@ -31,6 +31,7 @@ TRIPLETS_SUMMARY = Path("artifacts/triplets_summary.json")
 TRAINED = Path("artifacts/train")
 BUNDLE = Path("artifacts/bundle")
 EVALUATION = Path("artifacts/evaluation.json")
+REFERENCE = Path("artifacts/reference.npz")
 REGISTRATION = Path("artifacts/registration.json")
 REPORT = Path("artifacts/report.html")
 METRICS = Path("metrics.json")
@@ -101,10 +102,10 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           ("train_dir",), (TRAINED,), (BUNDLE,)),
     Stage("evaluate", ("preset", "data.train_dir", "data.test_dir", "data.heldout_dir", "evaluate"),
           ("train_dir", "test_dir", "heldout_dir"), (BUNDLE, TRAINED),
-          (EVALUATION, IMAGE_PLOTS), (LOSS_PLOT, PER_CLASS_PLOT, CONFUSION_PLOT), (METRICS,)),
+          (EVALUATION, REFERENCE, IMAGE_PLOTS), (LOSS_PLOT, PER_CLASS_PLOT, CONFUSION_PLOT), (METRICS,)),
     Stage("register", ("data.train_dir", "data.test_dir", "data.heldout_dir", "register"),
           ("train_dir", "test_dir"),
-          (BUNDLE, TRAINED, EVALUATION, METRICS, IMAGE_PLOTS, TRIPLETS_SUMMARY, VALIDATION, VALIDATION_TEXT,
+          (BUNDLE, TRAINED, EVALUATION, REFERENCE, METRICS, IMAGE_PLOTS, TRIPLETS_SUMMARY, VALIDATION, VALIDATION_TEXT,
            LOSS_PLOT, PER_CLASS_PLOT, CONFUSION_PLOT),
           (REGISTRATION, REPORT), cacheable=False),
 )}

@@ -18,6 +18,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -152,14 +153,16 @@ class SiameseBundleModel(PythonModel):
         from siamese_core.recognizer import SiameseRecognizer
 
         self.recognizer = SiameseRecognizer.load(context.artifacts["bundle"])
+        self.inference_log = None
         # Pixels decoded at once across all requests of the process: by default one image at the per-image limit.
         self.decoding = PixelBudget(_limit("SIAMESE_MAX_DECODING_PIXELS", max_image_pixels()))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         """One row per image: the nearest class (``unknown`` when rejected), its squared distance, the top-k
         classes as JSON, and, when the bundle rejects unknown classes, the unknown score."""
+        started = time.perf_counter()
         try:
-            matches = self._recognise(model_input)
+            images, matches, queries = self._recognise(model_input)
         except USER_ERRORS as exc:
             raise RequestError(str(exc)) from None
         except MlflowException:
@@ -177,10 +180,17 @@ class SiameseBundleModel(PythonModel):
         )
         if any(m.unknown_score is not None for m in matches):
             answers["unknown_score"] = pd.Series([m.unknown_score for m in matches], dtype="float64")
+        if self.inference_log is not None:
+            self.inference_log.submit(images, matches, queries, 1000 * (time.perf_counter() - started))
         return answers
 
-    def _recognise(self, model_input) -> list:
-        """Decode and recognise the images batch by batch, stopping at the server's time limit."""
+    def log_to(self, inference_log) -> None:
+        """Write a record of every answer to ``inference_log`` (a :class:`pipelines.inference_log.InferenceLog`)."""
+        self.inference_log = inference_log
+
+    def _recognise(self, model_input) -> tuple[list[bytes], list, np.ndarray]:
+        """Decode and recognise the images batch by batch, stopping at the server's time limit: the image
+        bytes, their matches and their embeddings."""
         from siamese_core.data import decode_image
 
         timeout = os.environ.get(SERVER_TIMEOUT_VARIABLE)
@@ -188,6 +198,7 @@ class SiameseBundleModel(PythonModel):
         encoded = decode_base64_images(model_input)
         batch = self.recognizer.config.evaluate.embed_batch_size
         matches: list = []
+        queries: list[np.ndarray] = []
         for start in range(0, len(encoded), batch):
             arrays = []
             for row in range(start, min(start + batch, len(encoded))):
@@ -198,5 +209,6 @@ class SiameseBundleModel(PythonModel):
                     arrays.append(decode_image(encoded[row], self.recognizer.input_size, budget=self.decoding))
                 except ImageError as exc:
                     raise ImageError(f"row {row}: {str(exc).removeprefix('<bytes>: ')}") from None
-            matches.extend(self.recognizer.predict(arrays))
-        return matches
+            queries.append(self.recognizer.embed(arrays))
+            matches.extend(self.recognizer.match(queries[-1]))
+        return encoded, matches, np.concatenate(queries) if queries else np.zeros((0, 0), np.float32)

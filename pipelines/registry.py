@@ -101,7 +101,7 @@ def download_bundle(model_uri: str) -> Path:
     return local / "artifacts" / "bundle"
 
 
-def _version_of(model_uri: str) -> ModelVersion:
+def version_of(model_uri: str) -> ModelVersion:
     """The version a ``models:/name/3`` or ``models:/name@alias`` URI names."""
     name, _, rest = model_uri.removeprefix("models:/").partition("/")
     name, _, alias = name.partition("@")
@@ -115,7 +115,7 @@ def verified_download(model_uri: str, unsigned_ok: bool = False) -> Path:
     The digest lives in the tracking database, the files in the artifact store: a file changed in the
     store is refused in one line (RegistryError), before any of its code runs.
     """
-    version = _version_of(model_uri)
+    version = version_of(model_uri)
     expected = version.tags.get(ARTIFACTS_DIGEST_TAG)
     local = _download(f"models:/{version.name}/{version.version}")
     found = tree_sha256(local, _REGISTRATION_FILES)
@@ -342,7 +342,7 @@ def repair(model_name: str, older_than_s: float = STALE_REGISTRATION_S) -> list[
 def sign(model_name: str, version: str) -> str:
     """Record the sha256 of a version's stored files (tag ``artifacts_sha256``) for a version registered
     before digests were recorded: trust on first use, by hand. A version that has one keeps it."""
-    found = _version_of(f"models:/{model_name}/{version_number(version)}")
+    found = version_of(f"models:/{model_name}/{version_number(version)}")
     if found.tags.get(ARTIFACTS_DIGEST_TAG):
         raise RegistryError(f"version {found.version} of {model_name} already has its digest; nothing to do")
     local = _download(f"models:/{model_name}/{found.version}")

@@ -5,6 +5,8 @@ Clients of ``mlflow models serve`` need no change: ``POST /invocations`` takes t
 of base64 image bytes) and answers ``{"predictions": [...]}``; ``GET /ping`` and ``GET /version``
 answer as MLflow's do. What this server adds:
 
+- every answer carries ``X-Request-Id`` (the client's, or a new one) and, with an inference log
+  configured, is logged (:mod:`pipelines.inference_log`); ``GET /stats`` counts what was logged and dropped;
 - the version is loaded through :func:`pipelines.registry.verified_download`: artifacts that differ
   from those registered are refused, and the server does not start;
 - the body is bounded (``$SIAMESE_MAX_BODY_BYTES``): a larger one is refused from its
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from importlib.metadata import version as package_version
 
 import mlflow
@@ -31,6 +34,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
+from .inference_log import open_log
+from .params import MonitoringConfig
 from .pyfunc_model import RequestError, ServerError
 
 log = logging.getLogger(__name__)
@@ -129,13 +134,23 @@ def _error(message: str, status: int, code: str = "INVALID_PARAMETER_VALUE") -> 
     return JSONResponse({"error_code": code, "message": message}, status_code=status)
 
 
-def build_app(model, model_uri: str) -> Starlette:
-    """The ASGI app serving ``model`` (a loaded pyfunc model of this project) as ``model_uri``."""
+def build_app(model, model_uri: str, inference_log=None) -> Starlette:
+    """The ASGI app serving ``model`` (a loaded pyfunc model of this project) as ``model_uri``; its answers are
+    logged to ``inference_log`` when given. Each answer carries ``X-Request-Id`` (the client's, or a new one)."""
     from starlette.concurrency import run_in_threadpool
+
+    from .inference_log import REQUEST_ID
 
     limit = max_body_bytes()
 
     async def invocations(request: Request):
+        request_id = request.headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
+        REQUEST_ID.set(request_id)  # the worker thread runs in a copy of this context
+        response = await _answer(request)
+        response.headers["X-Request-Id"] = request_id
+        return response
+
+    async def _answer(request: Request):
         try:
             frame = parse_request(await _read_body(request, limit))
             answers = await run_in_threadpool(model.predict, frame)
@@ -159,11 +174,16 @@ def build_app(model, model_uri: str) -> Starlette:
     async def version(request: Request):
         return PlainTextResponse(f"{model_uri} (siamese-recognizer {package_version('siamese-recognizer')})")
 
+    async def stats(request: Request):
+        return JSONResponse({"model": model_uri, "inference_log": None if inference_log is None else
+                             {"uri": inference_log.uri, **inference_log.stats()}})
+
     return Starlette(routes=[
         Route("/invocations", invocations, methods=["POST"]),
         Route("/ping", ping, methods=["GET"]),
         Route("/health", ping, methods=["GET"]),
         Route("/version", version, methods=["GET"]),
+        Route("/stats", stats, methods=["GET"]),
     ])
 
 
@@ -189,8 +209,8 @@ def _return_large_blocks_to_the_system() -> None:
     libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
-def serve(model_uri: str, host: str, port: int) -> None:
-    """Load the model, then serve it until interrupted."""
+def serve(model_uri: str, host: str, port: int, monitoring: MonitoringConfig | None = None) -> None:
+    """Load the model, then serve it until interrupted, logging its answers as ``monitoring`` says (None: no log)."""
     import uvicorn
 
     _return_large_blocks_to_the_system()
@@ -198,5 +218,10 @@ def serve(model_uri: str, host: str, port: int) -> None:
     from .pyfunc_model import SERVER_TIMEOUT_VARIABLE
 
     os.environ.setdefault(SERVER_TIMEOUT_VARIABLE, "60")  # the time limit per request, as mlflow models serve's
-    app = build_app(load_for_serving(model_uri), model_uri)
+    model = load_for_serving(model_uri)
+    inference_log = open_log(monitoring, model_uri, "http") if monitoring is not None else None
+    if inference_log is not None:
+        model.unwrap_python_model().log_to(inference_log)
+        log.warning("logging every answer to %s", inference_log.uri)
+    app = build_app(model, model_uri, inference_log)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

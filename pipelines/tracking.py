@@ -34,6 +34,7 @@ from mlflow.utils.time import get_current_time_millis
 from siamese_core.errors import ConfigError
 from siamese_core.metrics import flatten, is_number
 
+from .feedback import feedback_batches
 from .files import content_hash, read_json
 from .params import PipelineParams
 from .pipeline import HISTORY_FILE, RUN_FILE
@@ -249,6 +250,19 @@ def _dataset_input(split: str, profile: dict, commit: str) -> DatasetInput:
 
 
 
+def _feedback_input(manifest: dict, digest: str) -> DatasetInput:
+    """An imported feedback batch (``siamese feedback import``) as a dataset input: its manifest's digest,
+    who labelled it, when, and the images per class it added."""
+    per_class = Counter(image["label"] for image in manifest["images"])
+    source = {"manifest": f"feedback/{manifest['batch']}.json", "into": manifest["into"],
+              "imported_by": manifest["imported_by"], "imported_at": manifest["imported_at"]}
+    dataset = Dataset(name=f"feedback-{manifest['batch']}", digest=digest[:32], source_type="local",
+                      source=json.dumps(source), schema=DATASET_SCHEMA,
+                      profile=json.dumps({"images": len(manifest["images"]), "classes": len(per_class),
+                                          "per_class": dict(sorted(per_class.items()))}))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "feedback")])
+
+
 class PipelineRun:
     """The MLflow run of one pipeline run, addressed by id (safe across threads and processes)."""
 
@@ -276,8 +290,9 @@ class PipelineRun:
         started.client.log_batch(started.run_id, params=[
             Param(key, str(value)) for key, value in flatten(params.model_dump(mode="json")).items()])
         started.client.log_inputs(started.run_id, datasets=[
-            _dataset_input(split, profile, context["git_commit"])
-            for split, profile in data_profiles(params, versions).items()])
+            *(_dataset_input(split, profile, context["git_commit"])
+              for split, profile in data_profiles(params, versions).items()),
+            *(_feedback_input(manifest, digest) for manifest, digest in feedback_batches(params.data.train_dir))])
         log.info("MLflow run %s (%s) opened in %s", run.info.run_name, started.run_id, tracking_uri())
         return started
 

@@ -171,8 +171,11 @@ class SiameseRecognizer:
         When unknowns are rejected (:meth:`rejects_unknown`), each match carries its unknown score and an
         image scoring above :attr:`threshold` gets the label ``UNKNOWN``; its distance and top-k are kept.
         """
+        return self.match(self.embed(images), top_k, reject)
+
+    def match(self, queries: np.ndarray, top_k: int | None = None, reject: bool | str | None = None) -> list[Match]:
+        """:meth:`predict` for query embeddings already made by :meth:`embed`."""
         k = top_k or self.config.evaluate.top_k
-        queries = self.embed(images)
         matches = self.gallery.search(queries, max(k, 2))  # the ratio score reads the second class
         if not self.rejects_unknown(reject):
             return [replace(m, top_k=m.top_k[:k]) for m in matches]

@@ -9,6 +9,7 @@ from siamese_core.evaluation import assess_bundle
 from siamese_core.io import atomic_dir
 from siamese_core.metrics import flat_metrics
 from siamese_core.recognizer import SiameseRecognizer
+from siamese_core.reference import reference_profile
 from siamese_core.report import write_plots
 
 from ..files import read_json, write_csv, write_json
@@ -21,6 +22,7 @@ from ..pipeline import (
     LOSS_PLOT,
     METRICS,
     PER_CLASS_PLOT,
+    REFERENCE,
     TRAINED,
     StageContext,
 )
@@ -29,7 +31,8 @@ log = logging.getLogger(__name__)
 
 
 def run(ctx: StageContext) -> dict:
-    """Write metrics.json (flat figures), artifacts/evaluation.json (the whole report), plots/*.csv and plots/images/.
+    """Write metrics.json (flat figures), artifacts/evaluation.json (the whole report), artifacts/reference.npz
+    (what normal traffic looks like, for the monitoring), plots/*.csv and plots/images/.
 
     Says whether the model beats both baselines, calibrates the unknown-class threshold on classes left
     out of the gallery and, when ``data.heldout_dir`` is set, scores known against held-out classes and
@@ -53,6 +56,7 @@ def run(ctx: StageContext) -> dict:
     with atomic_dir(ctx.path(IMAGE_PLOTS)) as tmp:
         write_plots(assessment, recognizer.gallery, history, recognizer.input_size, tmp)
     write_json(ctx.path(EVALUATION), report.to_dict())
+    reference_profile(assessment, recognizer, params.train.seed).save(ctx.path(REFERENCE))
     metrics = flat_metrics(report)
     write_json(ctx.path(METRICS), metrics)
     for note in report.notes:

@@ -12,6 +12,7 @@ from siamese_core.data import scan_folder
 from siamese_core.errors import DatasetError
 from siamese_core.evaluation_report import EvaluationReport
 from siamese_core.recognizer import store_threshold
+from siamese_core.reference import REFERENCE_FILE
 from siamese_core.report import report_images, write_html
 
 from .. import registry, tracking
@@ -25,6 +26,7 @@ from ..pipeline import (
     LOSS_PLOT,
     METRICS,
     PER_CLASS_PLOT,
+    REFERENCE,
     REGISTRATION,
     REPORT,
     TRIPLETS_SUMMARY,
@@ -65,6 +67,7 @@ def run(ctx: StageContext) -> dict:
         shutil.copytree(ctx.path(BUNDLE), bundle)
         if evaluation.calibration is not None:
             store_threshold(bundle, evaluation.calibration.threshold, evaluation.calibration.to_dict())
+        shutil.copy(ctx.path(REFERENCE), bundle / REFERENCE_FILE)
         result = registry.log_and_register(
             run, params, bundle, metrics, artifacts, {"data_hash": data},
             score_champion=registry.same_queries_scorer(params.data.train_dir, params.data.test_dir,

@@ -1,0 +1,267 @@
+"""The inference log: one record per recognised image, written in the background to Parquet files.
+
+Every path that answers for a registered model writes here when a log is configured
+(``monitoring.log_uri``, or ``$SIAMESE_INFERENCE_LOG``): ``siamese serve`` over HTTP, ``predict_flow``
+and ``siamese predict --log``. A record holds the time, request id, model name, version and alias,
+the input's sha256, size and pixel dimensions, the top-k labels and distances, the decision (known or
+unknown) with its score, the margin to the second class, the latency, and optionally the embedding
+(float16). Images are never logged; with ``monitoring.log_images`` the images of answers that need a
+person (unknowns, small margins) are copied into the review queue.
+
+Logging never blocks or fails a request: records go into a bounded queue that a writer thread
+empties. What cannot be queued or written is dropped, counted (:meth:`InferenceLog.stats`) and
+warned about once. Files are ``<uri>/date=YYYY-MM-DD/<time>-<host>-<pid>-<id>.parquet``; a local
+file is written under a hidden name and renamed, an S3 object appears whole when its upload ends,
+so a reader (or a ``kill -9``) never meets half a file.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextvars
+import hashlib
+import io
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from siamese_core.gallery import Match
+
+    from .params import MonitoringConfig
+
+log = logging.getLogger(__name__)
+
+LOG_URI_VARIABLE = "SIAMESE_INFERENCE_LOG"
+UNKNOWN = "unknown"
+_TICK = object()  # the writer's wait ended with nothing new
+# The request id of the request being answered: set by the HTTP server (from X-Request-Id or new).
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("siamese_request_id", default=None)
+
+SCHEMA = pa.schema([
+    ("time", pa.timestamp("ms", tz="UTC")),
+    ("request_id", pa.string()),
+    ("source", pa.string()),
+    ("model_name", pa.string()),
+    ("model_version", pa.string()),
+    ("model_alias", pa.string()),
+    ("sha256", pa.string()),
+    ("bytes", pa.int64()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("label", pa.string()),
+    ("distance", pa.float64()),
+    ("top_k_labels", pa.list_(pa.string())),
+    ("top_k_distances", pa.list_(pa.float64())),
+    ("decision", pa.string()),
+    ("unknown_score", pa.float64()),
+    ("margin", pa.float64()),
+    ("latency_ms", pa.float64()),
+    ("embedding", pa.list_(pa.float16())),
+])
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model answered: registered name, version and the alias it was loaded by (or a bundle folder)."""
+
+    name: str
+    version: str
+    alias: str | None = None
+
+    @classmethod
+    def of(cls, model_uri: str) -> ModelIdentity:
+        """The identity of ``models:/NAME@alias``, ``models:/NAME/3`` or a local bundle folder."""
+        if not model_uri.startswith("models:/"):
+            return cls(name=os.path.basename(os.path.normpath(model_uri)), version="local")
+        from .registry import version_of
+
+        version = version_of(model_uri)
+        alias = model_uri.partition("@")[2] or None
+        return cls(name=version.name, version=str(version.version), alias=alias)
+
+
+def log_uri(settings: MonitoringConfig) -> str | None:
+    """Where the log goes: ``$SIAMESE_INFERENCE_LOG``, else ``monitoring.log_uri`` (None: no log)."""
+    return os.environ.get(LOG_URI_VARIABLE) or settings.log_uri
+
+
+def _dimensions(data: bytes) -> tuple[int | None, int | None]:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # the header only
+            return image.size
+    except Exception:  # the recogniser already decoded it; a header Pillow cannot re-read is not worth failing on
+        return None, None
+
+
+def margin_of(match: Match) -> float | None:
+    """How much closer the answer is than the next class (None with a single class)."""
+    return float(match.top_k[1][1] - match.top_k[0][1]) if len(match.top_k) > 1 else None
+
+
+class InferenceLog:
+    """A background writer of inference records to ``uri`` (a folder or an fsspec URI such as ``s3://``)."""
+
+    def __init__(self, uri: str, settings: MonitoringConfig, identity: ModelIdentity, source: str):
+        import fsspec
+
+        self.uri, self.settings, self.identity, self.source = uri.rstrip("/"), settings, identity, source
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.review_fs, self.review_root = fsspec.core.url_to_fs(settings.review_dir)
+        self.local = self.fs.protocol in ("file", ("file", "local"))
+        self._queue: queue.Queue = queue.Queue(maxsize=settings.queue_size)
+        self._counts = {"written": 0, "dropped": 0, "files": 0, "review": 0}
+        self._lock = threading.Lock()
+        self._warned = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._write_loop, name="inference-log", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    def stats(self) -> dict[str, int]:
+        """Records written and dropped, files written, images put in the review queue, so far."""
+        with self._lock:
+            return dict(self._counts)
+
+    def submit(self, images: list[bytes], matches: list[Match], embeddings: np.ndarray | None,
+               latency_ms: float, request_id: str | None = None) -> None:
+        """Queue one record per image of a request; never raises, never waits."""
+        try:
+            request_id = request_id or REQUEST_ID.get() or uuid.uuid4().hex
+            now = datetime.now(UTC)
+            for row, (data, match) in enumerate(zip(images, matches)):
+                width, height = _dimensions(data)
+                margin = margin_of(match)
+                decision = UNKNOWN if match.label == UNKNOWN else "known"
+                record: dict[str, Any] = {
+                    "time": now, "request_id": request_id, "source": self.source, "model_name": self.identity.name,
+                    "model_version": self.identity.version, "model_alias": self.identity.alias,
+                    "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "width": width, "height": height,
+                    "label": match.label, "distance": float(match.distance),
+                    "top_k_labels": [label for label, _ in match.top_k],
+                    "top_k_distances": [float(d) for _, d in match.top_k],
+                    "decision": decision, "unknown_score": match.unknown_score, "margin": margin,
+                    "latency_ms": latency_ms,
+                    "embedding": (embeddings[row].astype(np.float16)
+                                  if self.settings.log_embeddings and embeddings is not None else None),
+                }
+                needs_review = decision == UNKNOWN or (margin is not None and margin < self.settings.review_margin)
+                image = data if self.settings.log_images and needs_review else None
+                self._queue.put_nowait((record, image, row))
+        except queue.Full:
+            self._drop(1, f"the queue of {self.settings.queue_size} records is full")
+        except Exception as exc:  # logging must not fail the request it describes
+            self._drop(len(images), f"{type(exc).__name__}: {exc}")
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write what is queued, then stop the writer."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _drop(self, count: int, reason: str) -> None:
+        with self._lock:
+            self._counts["dropped"] += count
+            warn, self._warned = not self._warned, True
+        if warn:
+            log.warning("inference log %s: dropping records (%s); requests are still answered, drops are counted",
+                        self.uri, reason)
+
+    def _write_loop(self) -> None:
+        """Write a file when ``flush_records`` are waiting or the oldest has waited ``flush_seconds``; stop on None."""
+        batch: list[tuple[dict, bytes | None, int]] = []
+        deadline = time.monotonic() + self.settings.flush_seconds
+        while True:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                item = _TICK
+            if isinstance(item, tuple):
+                if not batch:
+                    deadline = time.monotonic() + self.settings.flush_seconds
+                batch.append(item)
+            due = item is None or item is _TICK or time.monotonic() >= deadline
+            if batch and (due or len(batch) >= self.settings.flush_records):
+                self._write(batch)
+                batch = []
+            if item is None:
+                return
+            if item is _TICK:
+                deadline = time.monotonic() + self.settings.flush_seconds
+
+    def _write(self, batch: list[tuple[dict, bytes | None, int]]) -> None:
+        records = [record for record, _, _ in batch]
+        try:
+            day = records[0]["time"].strftime("%Y-%m-%d")
+            name = (f"{records[0]['time'].strftime('%H%M%S%f')}-{socket.gethostname()}-{os.getpid()}-"
+                    f"{uuid.uuid4().hex[:8]}.parquet")
+            folder = f"{self.root}/date={day}"
+            table = pa.Table.from_pylist(records, schema=SCHEMA)
+            if self.local:
+                os.makedirs(folder, exist_ok=True)
+                hidden = f"{folder}/.{name}.tmp"  # readers skip hidden files; the rename is atomic
+                pq.write_table(table, hidden)
+                os.replace(hidden, f"{folder}/{name}")
+            else:
+                with self.fs.open(f"{folder}/{name}", "wb") as file:  # an object store shows the object whole
+                    pq.write_table(table, file)
+        except Exception as exc:
+            self._drop(len(records), f"{type(exc).__name__}: {exc}")
+            return
+        with self._lock:
+            self._counts["written"] += len(records)
+            self._counts["files"] += 1
+        for record, image, row in batch:
+            if image is not None:
+                self._to_review(record, image, row)
+
+    def _to_review(self, record: dict, image: bytes, row: int) -> None:
+        """Put an image and what the model said of it in ``<review_dir>/pending/<suggested label>/``."""
+        suggested = record["top_k_labels"][0] if record["top_k_labels"] else UNKNOWN
+        stem = f"{self.review_root}/pending/{suggested}/{record['request_id']}-{row}"
+        sidecar = {key: record[key] for key in ("request_id", "model_name", "model_version", "sha256", "label",
+                                                "distance", "decision", "unknown_score", "margin")}
+        sidecar |= {"time": record["time"].isoformat(),
+                    "top_k": [{"label": label, "distance": d}
+                              for label, d in zip(record["top_k_labels"], record["top_k_distances"])]}
+        try:
+            self.review_fs.makedirs(os.path.dirname(stem), exist_ok=True)
+            self.review_fs.pipe_file(f"{stem}.json", json.dumps(sidecar, ensure_ascii=False, indent=1).encode())
+            self.review_fs.pipe_file(f"{stem}{_extension(image)}", image)
+        except Exception as exc:
+            log.warning("review queue %s: %s could not be kept (%s)", self.review_root, record["sha256"][:12], exc)
+            return
+        with self._lock:
+            self._counts["review"] += 1
+
+
+def _extension(image: bytes) -> str:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(image)) as opened:
+            return "." + (opened.format or "img").lower().replace("jpeg", "jpg")
+    except Exception:
+        return ".img"
+
+
+def open_log(settings: MonitoringConfig, model_uri: str, source: str) -> InferenceLog | None:
+    """The inference log for answers of ``model_uri``, or None when logging is off."""
+    uri = log_uri(settings)
+    return InferenceLog(uri, settings, ModelIdentity.of(model_uri), source) if uri else None
