@@ -93,6 +93,19 @@ class ModelIdentity:
         return cls(name=version.name, version=str(version.version), alias=alias)
 
 
+def filesystem(uri: str):
+    """The fsspec filesystem and root path of a folder or URI; an ``s3://`` one uses the stack's endpoint
+    (``$MLFLOW_S3_ENDPOINT_URL``) and gives up on an unreachable server within seconds, not minutes."""
+    import fsspec
+
+    options: dict[str, Any] = {}
+    if uri.startswith("s3://"):
+        options = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 30, "retries": {"max_attempts": 2}}}
+        if os.environ.get("MLFLOW_S3_ENDPOINT_URL"):
+            options["endpoint_url"] = os.environ["MLFLOW_S3_ENDPOINT_URL"]
+    return fsspec.core.url_to_fs(uri, **options)
+
+
 def log_uri(settings: MonitoringConfig) -> str | None:
     """Where the log goes: ``$SIAMESE_INFERENCE_LOG``, else ``monitoring.log_uri`` (None: no log)."""
     return os.environ.get(LOG_URI_VARIABLE) or settings.log_uri
@@ -117,11 +130,9 @@ class InferenceLog:
     """A background writer of inference records to ``uri`` (a folder or an fsspec URI such as ``s3://``)."""
 
     def __init__(self, uri: str, settings: MonitoringConfig, identity: ModelIdentity, source: str):
-        import fsspec
-
         self.uri, self.settings, self.identity, self.source = uri.rstrip("/"), settings, identity, source
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
-        self.review_fs, self.review_root = fsspec.core.url_to_fs(settings.review_dir)
+        self.fs, self.root = filesystem(self.uri)
+        self.review_fs, self.review_root = filesystem(settings.review_dir)
         self.local = self.fs.protocol in ("file", ("file", "local"))
         self._queue: queue.Queue = queue.Queue(maxsize=settings.queue_size)
         self._counts = {"written": 0, "dropped": 0, "files": 0, "review": 0}

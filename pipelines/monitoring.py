@@ -30,20 +30,21 @@ EVENT = "siamese.monitoring.drift"
 
 def read_window(uri: str, since: datetime, until: datetime) -> pa.Table:
     """The records of the inference log at ``uri`` whose time is in ``[since, until)`` (an empty table if none)."""
-    import fsspec
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    from .inference_log import SCHEMA
+    from .inference_log import SCHEMA, filesystem
 
-    fs, root = fsspec.core.url_to_fs(uri)
+    fs, root = filesystem(uri)
+    fs.invalidate_cache()
     if not fs.exists(root):
         return SCHEMA.empty_table()
     days = {(since + timedelta(days=n)).strftime("%Y-%m-%d") for n in range((until - since).days + 2)}
-    folders = [f"{root}/date={day}" for day in sorted(days) if fs.exists(f"{root}/date={day}")]
-    if not folders:
+    files = [file for day in sorted(days) for file in fs.glob(f"{root}/date={day}/*.parquet")
+             if not file.rsplit("/", 1)[-1].startswith(".")]  # a file being written is hidden until renamed
+    if not files:
         return SCHEMA.empty_table()
-    dataset = ds.dataset(folders, filesystem=fs, format="parquet", schema=SCHEMA)
+    dataset = ds.dataset(files, filesystem=fs, format="parquet", schema=SCHEMA)
     moment = pa.timestamp("ms", tz="UTC")
     return dataset.to_table(filter=(pc.field("time") >= pa.scalar(since, moment)) & (pc.field("time") < pa.scalar(until, moment)))
 

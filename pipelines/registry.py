@@ -364,6 +364,10 @@ def _log_bundle_model(run_id: str, bundle_dir: str | os.PathLike) -> tuple[str, 
 
     if not Path(bundle_dir).is_dir():
         raise FileNotFoundError(f"{bundle_dir}: model bundle folder does not exist")
+    if Path(bundle_dir).name != "bundle":  # MLflow stores the folder under its own name; readers look for bundle/
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copytree(bundle_dir, Path(tmp) / "bundle")
+            return _log_bundle_model(run_id, Path(tmp) / "bundle")
     mlflow_client = client()
     logged = mlflow_client.create_logged_model(  # in the run's experiment, its artifacts where the run's are
         experiment_id=mlflow_client.get_run(run_id).info.experiment_id, name="model", source_run_id=run_id)
