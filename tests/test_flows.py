@@ -56,6 +56,14 @@ def test_prefect_yaml_deploys_the_retraining_flow_on_the_params_schedule():
     assert deployment["schedules"][0]["cron"] == schedule.cron
     assert deployment["schedules"][0]["timezone"] == schedule.timezone
     assert deployment["concurrency_limit"] == 1 and "retraining" in deployment["tags"]
+    params = load_params(REPO / "params.yaml")
+    [trigger] = deployment["triggers"]  # a drift event of this model starts the retraining, saying why
+    assert trigger["expect"] == ["siamese.monitoring.drift"]
+    assert trigger["match"]["prefect.resource.id"] == f"siamese.model.{params.register.model_name}"
+    assert trigger["parameters"]["trigger"] == "drift" and "monitoring_run_id" in trigger["parameters"]
+    monitoring = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"][1]
+    assert monitoring["entrypoint"] == "pipelines/flows.py:monitoring_flow"
+    assert monitoring["schedules"][0]["cron"] == params.monitoring.cron
 
 
 def test_training_flow_tracks_one_run_and_registers_a_champion_that_predict_flow_serves(project):
