@@ -1,4 +1,5 @@
-"""Orchestration around siamese_core: the pipeline, its two drivers, tracking, registry, serving and the stack.
+"""Orchestration around siamese_core: the pipeline, its two drivers, tracking, registry, serving, monitoring
+and the stack.
 
 Module map, one owner per idea:
 
@@ -11,12 +12,16 @@ Module map, one owner per idea:
 - ``stages/``: one module per stage (validate, triplets, train, embed, evaluate, register), each ``run(ctx)``.
 - ``runner``: running a stage, for ``siamese stage`` under ``dvc repro`` and for the flows (with their cache).
 - ``stagecache``: the flows' content-addressed cache of stage outputs.
-- ``flows``: the Prefect flows: training, prediction with the champion, scheduled retraining.
+- ``flows``: the Prefect flows: training, prediction with the champion, retraining (scheduled or on a drift
+  event), monitoring; their deployments.
 - ``tracking``: MLflow runs: what a run records, and the one place a pipeline's run ends (``pipeline_run``).
 - ``registry``: model versions, the champion gate, aliases, promotion, rollback, enrolment, signed artifacts.
 - ``card``: a version's model card.
 - ``pyfunc_model``, ``served_model``: the registered MLflow model (models-from-code) and its request limits.
 - ``serving``: ``siamese serve``, the recogniser over HTTP with MLflow's scoring protocol.
+- ``inference_log``: one record per answer, written in the background to date-partitioned Parquet; the review queue.
+- ``monitoring``: a window of the inference log against the version's reference profile; the drift rules.
+- ``feedback``: labelled review images into the training data, with a manifest.
 - ``files``: atomic JSON/CSV writers, DVC's content hash, linked copies, tree digests.
 - ``demo_data``: the embedded Omniglot slice, written out as class folders.
 - ``doc_figures``: the measured figures of the README and docs/, generated from metrics.json and benchmark results.

@@ -185,7 +185,7 @@ def predict(
     unknown classes, the unknown score; above the threshold the class is 'unknown')."""
 
     def body():
-        from pipelines.inference_log import open_log
+        from pipelines.inference_log import judged, open_log
         from siamese_core.recognizer import SiameseRecognizer
 
         if gallery is not None:
@@ -199,7 +199,8 @@ def predict(
         matches = recognizer.match(queries, top_k=top_k)
         if inference_log is not None:
             latency_ms = 1000 * (time.perf_counter() - started)
-            inference_log.submit([p.read_bytes() for p in images], matches, queries, latency_ms)
+            inference_log.submit([p.read_bytes() for p in images], matches, judged(recognizer, queries, matches),
+                                 queries, latency_ms)
             inference_log.close()
         if as_json:
             typer.echo(json.dumps([{"image": str(p), **m.to_dict()} for p, m in zip(images, matches)], ensure_ascii=False))

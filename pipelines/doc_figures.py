@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 README, QUALITY_PAGE, SMALL_DATA_PAGE = (ROOT / "README.md", ROOT / "docs" / "explanation" / "learning-quality.md",
                                          ROOT / "docs" / "tutorials" / "own-data.md")
+PERFORMANCE_PAGE = ROOT / "docs" / "explanation" / "performance.md"
+LOG_START, LOG_END = ("<!-- inference log: generated from benchmarks/results/inference-log.json by python -m "
+                      "pipelines.doc_figures -->", "<!-- end of inference log -->")
 COLUMNS = ("", "baseline_raw_pixels.", "baseline_untrained.")
 
 
@@ -174,6 +177,21 @@ def render_small_data() -> str:
     return "\n".join([SMALL_START, *lines, SMALL_END])
 
 
+def render_inference_log() -> str:
+    """The logging-overhead table from ``benchmarks/inference_log.py``'s report."""
+    report = _load("inference-log.json")
+    s = report["summary"]
+    lines = ["| inference log | p50 latency | requests/s |", "|---|---|---|",
+             f"| off | {s['p50_ms_off']:.1f} ms | {s['rps_off']:.1f} |",
+             f"| on | {s['p50_ms_on']:.1f} ms | {s['rps_on']:.1f} |",
+             f"| on / off | {s['p50_ratio_on_off']:.3f} | {s['rps_ratio_on_off']:.3f} |", "",
+             f"`siamese serve` with the demo's model, {report['clients']} concurrent clients sending "
+             f"{report['requests_per_client']} requests each of one 32 px drawing, logging off and on alternately "
+             f"({len(report['rounds'])} rounds, medians of rounds; {report['machine']}). "
+             f"`python benchmarks/inference_log.py`."]
+    return "\n".join([LOG_START, *lines, LOG_END])
+
+
 def _replace_block(page: Path, start: str, end: str, block: str) -> bool:
     text = page.read_text(encoding="utf-8")
     if start not in text or end not in text:
@@ -194,7 +212,8 @@ def update(metrics_file: Path) -> list[Path]:
     """Rewrite every generated block; returns the pages that changed."""
     blocks = [(README, START, END, render(json.loads(metrics_file.read_text(encoding="utf-8")))),
               (QUALITY_PAGE, QUALITY_START, QUALITY_END, render_quality()),
-              (SMALL_DATA_PAGE, SMALL_START, SMALL_END, render_small_data())]
+              (SMALL_DATA_PAGE, SMALL_START, SMALL_END, render_small_data()),
+              (PERFORMANCE_PAGE, LOG_START, LOG_END, render_inference_log())]
     return [page for page, start, end, block in blocks if _replace_block(page, start, end, block)]
 
 

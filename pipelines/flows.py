@@ -222,7 +222,7 @@ def predict_task(images: list[str], model_name: str, monitoring: MonitoringConfi
     answers go to the inference log that ``monitoring`` names (None: not logged)."""
     import pandas as pd
 
-    from .inference_log import open_log
+    from .inference_log import attach, open_log
     from .process import import_tensorflow_quietly
     from .pyfunc_model import encode_image
     from .registry import champion_uri, load_champion
@@ -231,9 +231,7 @@ def predict_task(images: list[str], model_name: str, monitoring: MonitoringConfi
         return []
     import_tensorflow_quietly()
     champion = load_champion(model_name)
-    inference_log = open_log(monitoring, champion_uri(model_name), "flow") if monitoring is not None else None
-    if inference_log is not None:
-        champion.unwrap_python_model().log_to(inference_log)
+    inference_log = attach(champion, open_log(monitoring, champion_uri(model_name), "flow") if monitoring else None)
     answers = champion.predict(pd.DataFrame({"image": [encode_image(p) for p in images]}))
     if inference_log is not None:
         inference_log.close()

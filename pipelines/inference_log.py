@@ -121,6 +121,19 @@ def _dimensions(data: bytes) -> tuple[int | None, int | None]:
         return None, None
 
 
+def judged(recognizer, queries: np.ndarray, matches: list[Match]) -> list[tuple[str, float | None]]:
+    """Each answer's decision (``known`` or ``unknown``) and unknown score, as the monitoring counts them: an
+    answer over the bundle's calibrated threshold is unknown even where rejection is off and it was answered
+    with a class; without a threshold only a rejected answer is unknown."""
+    threshold = recognizer.threshold
+    if threshold is None or not len(matches):
+        return [(UNKNOWN if m.label == UNKNOWN else "known", m.unknown_score) for m in matches]
+    given = [m.unknown_score for m in matches]
+    scores = ([float(s) for s in given if s is not None] if None not in given
+              else recognizer.unknown_scores(queries, matches).tolist())
+    return [(UNKNOWN if score > threshold else "known", float(score)) for score in scores]
+
+
 def margin_of(match: Match) -> float | None:
     """How much closer the answer is than the next class (None with a single class)."""
     return float(match.top_k[1][1] - match.top_k[0][1]) if len(match.top_k) > 1 else None
@@ -148,16 +161,15 @@ class InferenceLog:
         with self._lock:
             return dict(self._counts)
 
-    def submit(self, images: list[bytes], matches: list[Match], embeddings: np.ndarray | None,
-               latency_ms: float, request_id: str | None = None) -> None:
-        """Queue one record per image of a request; never raises, never waits."""
+    def submit(self, images: list[bytes], matches: list[Match], decisions: list[tuple[str, float | None]],
+               embeddings: np.ndarray | None, latency_ms: float, request_id: str | None = None) -> None:
+        """Queue one record per image of a request (``decisions`` from :func:`judged`); never raises, never waits."""
         try:
             request_id = request_id or REQUEST_ID.get() or uuid.uuid4().hex
             now = datetime.now(UTC)
-            for row, (data, match) in enumerate(zip(images, matches)):
+            for row, (data, match, (decision, score)) in enumerate(zip(images, matches, decisions)):
                 width, height = _dimensions(data)
                 margin = margin_of(match)
-                decision = UNKNOWN if match.label == UNKNOWN else "known"
                 record: dict[str, Any] = {
                     "time": now, "request_id": request_id, "source": self.source, "model_name": self.identity.name,
                     "model_version": self.identity.version, "model_alias": self.identity.alias,
@@ -165,7 +177,7 @@ class InferenceLog:
                     "label": match.label, "distance": float(match.distance),
                     "top_k_labels": [label for label, _ in match.top_k],
                     "top_k_distances": [float(d) for _, d in match.top_k],
-                    "decision": decision, "unknown_score": match.unknown_score, "margin": margin,
+                    "decision": decision, "unknown_score": score, "margin": margin,
                     "latency_ms": latency_ms,
                     "embedding": (embeddings[row].astype(np.float16)
                                   if self.settings.log_embeddings and embeddings is not None else None),
@@ -276,3 +288,18 @@ def open_log(settings: MonitoringConfig, model_uri: str, source: str) -> Inferen
     """The inference log for answers of ``model_uri``, or None when logging is off."""
     uri = log_uri(settings)
     return InferenceLog(uri, settings, ModelIdentity.of(model_uri), source) if uri else None
+
+
+def attach(model, inference_log: InferenceLog | None) -> InferenceLog | None:
+    """Have a loaded pyfunc model of this project write its answers to ``inference_log``; returns the log, or
+    None (with a warning) for a version registered before the inference log existed, which cannot write one."""
+    if inference_log is None:
+        return None
+    python_model = model.unwrap_python_model()
+    if not hasattr(python_model, "log_to"):
+        log.warning("%s version %s was registered before the inference log existed: its answers are not logged; "
+                    "register it again to log them", inference_log.identity.name, inference_log.identity.version)
+        inference_log.close()
+        return None
+    python_model.log_to(inference_log)
+    return inference_log

@@ -181,7 +181,10 @@ class SiameseBundleModel(PythonModel):
         if any(m.unknown_score is not None for m in matches):
             answers["unknown_score"] = pd.Series([m.unknown_score for m in matches], dtype="float64")
         if self.inference_log is not None:
-            self.inference_log.submit(images, matches, queries, 1000 * (time.perf_counter() - started))
+            from .inference_log import judged
+
+            latency_ms = 1000 * (time.perf_counter() - started)
+            self.inference_log.submit(images, matches, judged(self.recognizer, queries, matches), queries, latency_ms)
         return answers
 
     def log_to(self, inference_log) -> None:

@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from .inference_log import open_log
+from .inference_log import attach, open_log
 from .params import MonitoringConfig
 from .pyfunc_model import RequestError, ServerError
 
@@ -219,9 +219,8 @@ def serve(model_uri: str, host: str, port: int, monitoring: MonitoringConfig | N
 
     os.environ.setdefault(SERVER_TIMEOUT_VARIABLE, "60")  # the time limit per request, as mlflow models serve's
     model = load_for_serving(model_uri)
-    inference_log = open_log(monitoring, model_uri, "http") if monitoring is not None else None
+    inference_log = attach(model, open_log(monitoring, model_uri, "http") if monitoring is not None else None)
     if inference_log is not None:
-        model.unwrap_python_model().log_to(inference_log)
         log.warning("logging every answer to %s", inference_log.uri)
     app = build_app(model, model_uri, inference_log)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -92,3 +92,10 @@ def test_the_docs_small_data_table_is_the_committed_benchmark_report():
         for key in ("map_at_r", "fewshot_1shot"):
             assert figures["model"][key] > max(figures["raw_pixels"][key], figures["untrained"][key]), (name, key)
         assert figures["model"]["top1"] >= max(figures["raw_pixels"]["top1"], figures["untrained"]["top1"]), name
+
+
+def test_the_docs_inference_log_overhead_is_the_committed_benchmark_report():
+    """The logging-overhead table is generated from benchmarks/results/inference-log.json."""
+    from pipelines.doc_figures import LOG_END, LOG_START, PERFORMANCE_PAGE, generated_block, render_inference_log
+
+    assert generated_block(PERFORMANCE_PAGE, LOG_START, LOG_END) == render_inference_log()

@@ -63,12 +63,10 @@ def _project(tmp_path: Path, write_params, env: dict, log_uri: str):
     """A git + DVC clone with 6 known classes (7 training and 3 test drawings each), no held-out folder, logging on."""
     from pipelines.demo_data import write_demo_data
 
-    def params(path: Path) -> Path:
-        return write_params(path, {"train.epochs": 6, "data.heldout_dir": None, "monitoring.log_uri": log_uri,
-                                   "monitoring.log_images": True, "monitoring.flush_seconds": 0.5,
-                                   "monitoring.min_records": 20, "monitoring.window_hours": 1})
-
-    repo, run, dvc = dvc_project(tmp_path, params, env)
+    settings = {"train.epochs": 6, "monitoring.log_uri": log_uri, "monitoring.log_images": True,
+                "monitoring.flush_seconds": 0.5, "monitoring.min_records": 20, "monitoring.window_hours": 1}
+    repo, run, dvc = dvc_project(tmp_path, lambda path: write_params(path, settings), env)
+    write_params(repo / "params.yaml", {**settings, "data.heldout_dir": None})  # then dvc-yaml drops the folder
     shutil.rmtree(repo / "data" / "demo")
     write_demo_data(repo / "data" / "demo", classes=6, per_class=10)
     shutil.rmtree(repo / "data" / "demo" / "heldout")
