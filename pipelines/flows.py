@@ -252,18 +252,19 @@ def predict_flow(images: list[str], model_name: str | None = None, params_path: 
 
 @siamese_flow(name="siamese-retraining", log_prints=True)
 def retraining_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None,
-                    trigger: str = "manual", monitoring_run_id: str | None = None) -> dict:
+                    trigger: str = "manual", monitoring_run_id: str | None = None,
+                    monitoring_window: str | None = None) -> dict:
     """Run the training flow unless the data is the data the champion was trained on.
 
-    ``trigger`` says why it runs (``schedule``, ``drift`` with the ``monitoring_run_id`` whose rule fired,
-    or ``manual``); the training run records it with the reason it trained (``new_data``) as tags
+    ``trigger`` says why it runs (``schedule``, ``drift`` with the ``monitoring_run_id`` and ``monitoring_window``
+    whose rule fired, or ``manual``); the training run records it with the reason it trained (``new_data``) as tags
     ``retraining.*``. Returns ``{"skipped": True, ...}`` or ``{"skipped": False, **registration}``.
     """
     logger = get_run_logger()
     params = load_params(params_path, overrides)
     current = data_hash_task(params)
     champion = champion_data_hash(params.register.model_name)
-    why = f"{trigger}" + (f" (monitoring run {monitoring_run_id})" if monitoring_run_id else "")
+    why = f"{trigger}" + (f" (monitoring run {monitoring_run_id}, window {monitoring_window})" if monitoring_run_id else "")
     if champion is not None and champion[1] == current:
         advice = "; label the review queue and import it (siamese feedback import) to add data" if trigger == "drift" else ""
         logger.info("started by %s; data unchanged since champion version %s (data_hash %s): skipping training%s",
@@ -271,18 +272,19 @@ def retraining_flow(params_path: str = "params.yaml", overrides: dict[str, Any] 
         return {"skipped": True, "data_hash": current, "champion_version": champion[0], "trigger": trigger}
     logger.info("started by %s; data_hash %s differs from the champion's (%s): retraining", why, current, champion)
     tags = {"retraining.trigger": trigger, "retraining.reason": "new_data",
-            **({"retraining.monitoring_run_id": monitoring_run_id} if monitoring_run_id else {})}
+            **({"retraining.monitoring_run_id": monitoring_run_id, "retraining.monitoring_window": str(monitoring_window)}
+               if monitoring_run_id else {})}
     return {"skipped": False, "trigger": trigger, **training_flow(params_path, overrides, tags)}
 
 
 @siamese_flow(name="siamese-monitoring", log_prints=True)
 def monitoring_flow(params_path: str = "params.yaml", window_hours: float | None = None) -> dict:
     """Judge the last ``window_hours`` (default ``monitoring.window_hours``) of the inference log against the
-    served version's reference profile; log an MLflow run (figures, HTML report) in the ``<experiment>-monitoring``
-    experiment and a Prefect artifact; when a rule of ``monitoring.rules`` fires, emit ``siamese.monitoring.drift``,
+    served version's reference profile; log the figures as the next point of the version's MLflow run in the
+    ``<experiment>-monitoring`` experiment (with the window's HTML report) and a Prefect artifact; when a rule of ``monitoring.rules`` fires, emit ``siamese.monitoring.drift``,
     which starts the retraining deployment. Returns the figures, the rules that fired and the run id."""
     from .monitoring import EVENT, assess_traffic, read_window, report_html
-    from .tracking import PipelineRun, ensure_experiment, ui_url
+    from .tracking import ui_url
 
     params = load_params(params_path)
     settings, name = params.monitoring, params.register.model_name
@@ -298,38 +300,50 @@ def monitoring_flow(params_path: str = "params.yaml", window_hours: float | None
     if version:
         window = window.filter(pc.equal(window.column("model_version"), version[0][0]))
     report = assess_traffic(window, reference, settings, since, until, name)
-    run = PipelineRun.create(ensure_experiment(f"{params.register.experiment}-monitoring"),
-                             f"monitoring-{until:%Y%m%d-%H%M%S}",
-                             {"model_name": name, "model_version": str(report.model_version),
-                              "window": f"{since:%Y-%m-%dT%H:%M}/{until:%Y-%m-%dT%H:%M}",
-                              "drift": str(bool(report.fired)).lower(), "fired": "; ".join(report.fired)})
+    run, step = monitoring_run(params, name, report.model_version)
+    stamp = f"{until:%Y-%m-%dT%H:%M:%SZ}"
     try:
-        run.log_metrics({key: value for key, value in report.figures.items() if value is not None})
+        run.log_metrics({key: value for key, value in report.figures.items() if value is not None}, step)
         with tempfile.TemporaryDirectory() as tmp:
-            page = Path(tmp) / "monitoring.html"
+            page = Path(tmp) / f"monitoring-{until:%Y%m%dT%H%M%SZ}.html"
             page.write_text(report_html(report, reference, settings), encoding="utf-8")
-            run.log_artifact(page)
-    except BaseException as exc:
-        run.end(exc, "monitoring")
-        raise
-    run.end()
+            run.log_artifact(page, "windows")
+        run.set_tags({"last_window": stamp, "drift": str(bool(report.fired)).lower(), "fired": "; ".join(report.fired)})
+    finally:
+        run.client.set_terminated(run.run_id)
     figures = "\n".join(f"| {key} | {'-' if value is None else f'{value:.4g}'} |" for key, value in report.figures.items())
     run_link = f"{ui_url()}/#/experiments/{run.info.experiment_id}/runs/{run.run_id}"
     create_markdown_artifact(key="siamese-monitoring", description=f"Monitoring of {name}", markdown="\n".join([
         f"# {name} version {report.model_version}: {'drift' if report.fired else 'no drift'}",
-        f"Window {since:%Y-%m-%d %H:%M} to {until:%Y-%m-%d %H:%M} UTC; MLflow run [{run.run_id}]({run_link}).", "",
+        f"Window {since:%Y-%m-%d %H:%M} to {until:%Y-%m-%d %H:%M} UTC (point {step} of MLflow run "
+        f"[{run.run_id}]({run_link})).", "",
         *(f"- fired: {rule}" for rule in report.fired), *(f"- {note}" for note in report.notes), "",
         "| figure | value |", "|---|---|", figures]))
     if report.fired:
         from prefect.events import emit_event
 
         emit_event(EVENT, resource={"prefect.resource.id": f"siamese.model.{name}", "prefect.resource.name": name},
-                   payload={"monitoring_run_id": run.run_id, "model_version": report.model_version,
+                   payload={"monitoring_run_id": run.run_id, "window": stamp, "model_version": report.model_version,
                             "rules": report.fired})
         get_run_logger().warning("drift on %s version %s: %s; event %s emitted", name, report.model_version,
                                  "; ".join(report.fired), EVENT)
-    return {"run_id": run.run_id, "model_version": report.model_version, "figures": report.figures,
+    return {"run_id": run.run_id, "window": stamp, "model_version": report.model_version, "figures": report.figures,
             "fired": report.fired, "notes": report.notes}
+
+
+def monitoring_run(params: PipelineParams, model_name: str, version: str | None):
+    """The MLflow run that holds a version's monitoring, one point per window (so the UI charts each figure over
+    time), opened on its first window; returns it and the step of the next point."""
+    from .tracking import PipelineRun, client, ensure_experiment
+
+    experiment = ensure_experiment(f"{params.register.experiment}-monitoring")
+    found = client().search_runs([experiment], f"tags.model_name = '{model_name}' and tags.model_version = '{version}'",
+                                 max_results=1)
+    if not found:
+        return PipelineRun.create(experiment, f"monitoring-{model_name}-v{version}",
+                                  {"model_name": model_name, "model_version": str(version)}), 0
+    run = PipelineRun(found[0].info.run_id)
+    return run, len(run.client.get_metric_history(run.run_id, "records"))
 
 
 def reference_of(model_name: str, version: str):
@@ -383,4 +397,5 @@ def drift_trigger(model_name: str, params_path: str):
     return DeploymentEventTrigger(
         name=f"retrain {model_name} on drift", expect={EVENT}, match={"prefect.resource.id": f"siamese.model.{model_name}"},
         parameters={"params_path": params_path, "trigger": "drift",
-                    "monitoring_run_id": "{{ event.payload.monitoring_run_id }}"})
+                    "monitoring_run_id": "{{ event.payload.monitoring_run_id }}",
+                    "monitoring_window": "{{ event.payload.window }}"})

@@ -145,10 +145,12 @@ def _distance_chart(report: TrafficReport, reference: ReferenceProfile | None) -
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 3.2))
+    both = report.distances if reference is None else np.r_[report.distances, reference.nearest_distances]
+    bins = np.histogram_bin_edges(both, bins=30).tolist()  # one set of bins, so the two shapes compare
     if reference is not None:
-        axis.hist(reference.nearest_distances, bins=40, density=True, alpha=0.6, color="tab:green",
+        axis.hist(reference.nearest_distances, bins=bins, density=True, alpha=0.6, color="tab:green",
                   label="test split (reference)")
-    axis.hist(report.distances, bins=40, density=True, alpha=0.6, color="tab:purple", label="this window")
+    axis.hist(report.distances, bins=bins, density=True, alpha=0.6, color="tab:purple", label="this window")
     axis.set_xlabel("squared distance to the nearest gallery image")
     axis.set_ylabel("density")
     axis.set_title("Nearest distances: traffic against the reference")

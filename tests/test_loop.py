@@ -96,8 +96,8 @@ def _monitor(repo: Path, env: dict) -> dict:
     return json.loads(done.stdout.split("RESULT ", 1)[1])
 
 
-def _drift_run(env: dict, monitoring_run_id: str, timeout: float) -> dict:
-    """Wait for the retraining flow run the automation started for this monitoring run to end; its state and result."""
+def _drift_run(env: dict, window: str, timeout: float) -> dict:
+    """Wait for the retraining flow run the automation started for this monitoring window to end; its state."""
     code = f"""
 import json, time
 from prefect.client.orchestration import get_client
@@ -107,14 +107,14 @@ with get_client(sync_client=True) as client:
     while time.monotonic() < deadline:
         runs = [r for r in client.read_flow_runs(deployment_filter=DeploymentFilter(
                     name=DeploymentFilterName(any_=["siamese-retraining"])))
-                if r.parameters.get("monitoring_run_id") == "{monitoring_run_id}"]
+                if r.parameters.get("monitoring_window") == "{window}"]
         if runs and runs[0].state.is_final():
             print("RUN", json.dumps({{"state": runs[0].state.type.value, "parameters": runs[0].parameters}}))
             break
         time.sleep(2)
 """
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout + 60)
-    assert "RUN " in done.stdout, f"no retraining run for monitoring run {monitoring_run_id}:\n{done.stderr[-3000:]}"
+    assert "RUN " in done.stdout, f"no retraining run for monitoring window {window}:\n{done.stderr[-3000:]}"
     return json.loads(done.stdout.split("RUN ", 1)[1])
 
 
@@ -148,7 +148,7 @@ def _walk_through(repo: Path, run, dvc, known: list[Path], heldout: list[Path], 
         assert drift["figures"]["distance_ks"] > calm["figures"]["distance_ks"], (calm, drift)
         assert drift["fired"], drift
         clock = time.monotonic()
-        skipped = _drift_run(env, drift["run_id"], 300)
+        skipped = _drift_run(env, drift["window"], 300)
         times["automation to finished retraining (no new data)"] = time.monotonic() - clock
         assert skipped["state"] == "COMPLETED" and skipped["parameters"]["trigger"] == "drift", skipped
         assert len(client.search_model_versions(f"name='{MODEL}'")) == 1, "no new data: nothing trained"
@@ -173,7 +173,7 @@ def _walk_through(repo: Path, run, dvc, known: list[Path], heldout: list[Path], 
         clock = time.monotonic()
         again = _monitor(repo, env)
         assert again["fired"], again
-        retrained = _drift_run(env, again["run_id"], 540)
+        retrained = _drift_run(env, again["window"], 540)
         times["automation to finished retraining (new data)"] = time.monotonic() - clock
         assert retrained["state"] == "COMPLETED", retrained
     finally:
@@ -181,7 +181,8 @@ def _walk_through(repo: Path, run, dvc, known: list[Path], heldout: list[Path], 
         flows.close()
     newest = max(client.search_model_versions(f"name='{MODEL}'"), key=lambda v: int(v.version))
     tags = client.get_run(newest.run_id).data.tags
-    assert (tags["retraining.trigger"], tags["retraining.monitoring_run_id"]) == ("drift", again["run_id"])
+    assert (tags["retraining.trigger"], tags["retraining.monitoring_run_id"], tags["retraining.monitoring_window"]) == (
+        "drift", again["run_id"], again["window"])
     inputs = [d.dataset.name for d in client.get_run(newest.run_id).inputs.dataset_inputs]
     assert any(name.startswith("feedback-") for name in inputs), inputs
     labelled = sorted((repo / "review" / "imported").rglob("*.png"))

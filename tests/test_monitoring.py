@@ -223,7 +223,7 @@ def _log_traffic(watched, log: Path, images: list[str], settings) -> None:
 def test_the_monitoring_flow_tells_held_out_traffic_from_known_traffic(watched, write_params, tmp_path, prefect_server,
                                                                        monkeypatch):
     """Known traffic fires no rule; held-out digits raise the unknown rate and shift the distances, and the flow
-    logs both windows to the monitoring experiment with an HTML report."""
+    logs both windows as points of the version's run in the monitoring experiment, each with an HTML report."""
     from mlflow import MlflowClient
 
     from pipelines.flows import monitoring_flow
@@ -245,11 +245,14 @@ def test_the_monitoring_flow_tells_held_out_traffic_from_known_traffic(watched, 
     assert "unknown_rate" in fired and "distance_ks" in fired
     client = MlflowClient(watched.uri)
     experiment = client.get_experiment_by_name("siamese-monitoring")
-    runs = client.search_runs([experiment.experiment_id])
-    assert {run.info.run_id for run in runs} == {results["known"]["run_id"], results["heldout"]["run_id"]}
-    drifted = client.get_run(results["heldout"]["run_id"])
-    assert drifted.data.tags["drift"] == "true" and drifted.data.metrics["unknown_rate"] == heldout["unknown_rate"]
-    page = Path(client.download_artifacts(drifted.info.run_id, "monitoring.html", str(tmp_path)))
+    [run] = client.search_runs([experiment.experiment_id])  # one run per version, a point per window
+    assert run.info.run_id == results["known"]["run_id"] == results["heldout"]["run_id"]
+    history = sorted(client.get_metric_history(run.info.run_id, "unknown_rate"), key=lambda point: point.step)
+    assert [(p.step, p.value) for p in history] == [(0, known["unknown_rate"]), (1, heldout["unknown_rate"])]
+    assert run.data.tags["drift"] == "true" and run.data.tags["last_window"] == results["heldout"]["window"]
+    pages = sorted(item.path for item in client.list_artifacts(run.info.run_id, "windows"))
+    assert len(pages) == 2
+    page = Path(client.download_artifacts(run.info.run_id, pages[-1], str(tmp_path)))
     assert "Drift:" in page.read_text() and "data:image/png;base64" in page.read_text()
 
 
