@@ -684,6 +684,44 @@ def flows_monitor(
     _run(body, tensorflow=False)
 
 
+review_app = typer.Typer(help="The review queue in Label Studio: send pending answers, bring labels back.",
+                         no_args_is_help=True, rich_markup_mode=None)
+LabelStudioOption = Annotated[str, typer.Option(
+    "--label-studio", envvar="LABEL_STUDIO_URL", help="The Label Studio server ($LABEL_STUDIO_URL); its API token "
+    "comes from $LABEL_STUDIO_API_KEY.")]
+
+
+def _review_dir(params: Path | None) -> Path:
+    return Path(_monitoring(params).review_dir)
+
+
+@review_app.command("push")
+def review_push(label_studio: LabelStudioOption, params: ParamsOption = None) -> None:
+    """Send the pending review images (not sent before) as tasks, the model's answer pre-annotated."""
+
+    def body():
+        from pipelines.labelstudio import LabelStudio, push_review
+
+        done = push_review(_review_dir(params), LabelStudio(label_studio))
+        typer.echo(f"{done['sent']} tasks sent to project {done['project']} at {label_studio}")
+
+    _run(body, tensorflow=False)
+
+
+@review_app.command("pull")
+def review_pull(label_studio: LabelStudioOption, params: ParamsOption = None) -> None:
+    """Move the images labelled in Label Studio to labelled/<class>/, ready for `siamese feedback import`."""
+
+    def body():
+        from pipelines.labelstudio import LabelStudio, pull_labels
+
+        done = pull_labels(_review_dir(params), LabelStudio(label_studio))
+        moved = ", ".join(f"{label} {n}" for label, n in sorted(done["labelled"].items())) or "none yet"
+        typer.echo(f"labelled: {moved}")
+
+    _run(body, tensorflow=False)
+
+
 feedback_app = typer.Typer(help="Bring corrected answers back into the training data.", no_args_is_help=True,
                            rich_markup_mode=None)
 
@@ -726,6 +764,7 @@ app.add_typer(stack_app, name="stack")
 app.add_typer(registry_app, name="registry")
 app.add_typer(flows_app, name="flows")
 app.add_typer(feedback_app, name="feedback")
+app.add_typer(review_app, name="review")
 
 
 def __getattr__(name: str) -> object:

@@ -63,7 +63,8 @@ def _serve(tmp_path, command, uri, bundle, name):
            "SIAMESE_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES), "SIAMESE_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
            "SIAMESE_MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS)}
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # its inference log goes under tmp_path
     try:
         base = f"http://{HOST}:{port}"
         wait_until_ready(base, process, log_path)

@@ -1,0 +1,100 @@
+"""The review queue through Label Studio, started for real from its own virtual environment, as teams run it.
+
+Set-up (once): ``python3 -m venv .venv-labelstudio && .venv-labelstudio/bin/pip install label-studio==1.23.2``
+(or point ``$SIAMESE_LABEL_STUDIO`` at a ``label-studio`` executable). Without it the test skips. Slow: Label
+Studio's first start migrates its database (about a minute).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from support.http import HOST, free_port, stop_group
+from support.project import REPO
+
+TOKEN = "siamese-review-token-0123456789"
+
+
+def _label_studio() -> str:
+    found = os.environ.get("SIAMESE_LABEL_STUDIO") or str(REPO / ".venv-labelstudio" / "bin" / "label-studio")
+    if not Path(found).is_file():
+        pytest.skip("Label Studio is not installed: python3 -m venv .venv-labelstudio && "
+                    ".venv-labelstudio/bin/pip install label-studio==1.23.2")
+    return found
+
+
+@pytest.fixture
+def label_studio(tmp_path):
+    """A Label Studio server on a loopback port, its data in a temporary folder, with a user and an API token."""
+    executable, port = _label_studio(), free_port()
+    env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(tmp_path / "ls-data"), "DJANGO_DB": "sqlite"}
+    with open(tmp_path / "label-studio.log", "wb") as log:
+        server = subprocess.Popen(
+            [executable, "start", "--no-browser", "--host", HOST, "--port", str(port), "--data-dir",
+             str(tmp_path / "ls-data"), "--username", "reviewer@example.com", "--password", "review-pass-123",
+             "--user-token", TOKEN, "--enable-legacy-api-token", "--quiet"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://{HOST}:{port}"
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            assert server.poll() is None, (tmp_path / "label-studio.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, (tmp_path / "label-studio.log").read_text()[-3000:]
+                time.sleep(2)
+        yield url
+    finally:
+        stop_group(server)
+
+
+@pytest.mark.slow
+def test_review_tasks_go_to_label_studio_pre_annotated_and_labels_come_back(label_studio, tmp_path, monkeypatch):
+    """Pending answers become tasks whose pre-annotation is the model's class; a person's labels (a class from the
+    list, or a new one typed in) move the images to labelled/<class>/, which the feedback import reads."""
+    from pipelines.labelstudio import LabelStudio, pull_labels, push_review
+
+    review = tmp_path / "review"
+    answers = [("digit 1", "a"), ("digit 2", "b"), ("digit 1", "c")]
+    for row, (suggested, image) in enumerate(answers):
+        folder = review / "pending" / suggested
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / "data" / "demo" / "heldout" / "Latin__character01" / "00.png", folder / f"req{row}-0.png")
+        (folder / f"req{row}-0.json").write_text(json.dumps({
+            "request_id": f"req{row}", "sha256": f"{image * 64}", "model_version": "3", "decision": "unknown",
+            "unknown_score": 0.8, "top_k": [{"label": suggested, "distance": 0.7}, {"label": "digit 0", "distance": 0.9}]}))
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", TOKEN)
+    studio = LabelStudio(label_studio)
+    sent = push_review(review, studio)
+    assert (sent["sent"], sent["classes"]) == (3, ["digit 0", "digit 1", "digit 2"])
+    assert push_review(review, studio)["sent"] == 0, "a task is sent once"
+    tasks = studio.call("GET", f"/api/projects/{sent['project']}/tasks?page_size=100")
+    tasks = tasks.get("tasks", tasks) if isinstance(tasks, dict) else tasks
+    assert len(tasks) == 3
+    for task in tasks:
+        detail = studio.call("GET", f"/api/tasks/{task['id']}")
+        [prediction] = detail["predictions"]
+        row = int(detail["data"]["file"].removeprefix("req").split("-")[0])
+        assert prediction["result"][0]["value"]["choices"] == [answers[row][0]]  # the model's class, pre-annotated
+        sha = detail["data"]["sha256"]
+        result = ([{"from_name": "new_class", "to_name": "image", "type": "textarea", "value": {"text": ["letter a"]}}]
+                  if sha.startswith("a") else
+                  [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": ["digit 2"]}}]
+                  if sha.startswith("b") else None)
+        if result is not None:  # the third task stays unlabelled
+            studio.call("POST", f"/api/tasks/{task['id']}/annotations", {"result": result})
+    pulled = pull_labels(review, studio)
+    assert pulled["labelled"] == {"letter a": 1, "digit 2": 1}
+    assert sorted(p.name for p in (review / "labelled").rglob("*")) == [
+        "digit 2", "letter a", "req0-0.json", "req0-0.png", "req1-0.json", "req1-0.png"]
+    assert sorted(p.name for p in (review / "pending").rglob("*.png")) == ["req2-0.png"]
