@@ -270,7 +270,8 @@ def retraining_flow(params_path: str = "params.yaml", overrides: dict[str, Any] 
         logger.info("started by %s; data unchanged since champion version %s (data_hash %s): skipping training%s",
                     why, champion[0], current, advice)
         return {"skipped": True, "data_hash": current, "champion_version": champion[0], "trigger": trigger}
-    logger.info("started by %s; data_hash %s differs from the champion's (%s): retraining", why, current, champion)
+    logger.info("started by %s; data_hash %s differs from %s: retraining", why, current,
+                f"that of champion version {champion[0]} ({champion[1]})" if champion else "no champion's")
     tags = {"retraining.trigger": trigger, "retraining.reason": "new_data",
             **({"retraining.monitoring_run_id": monitoring_run_id, "retraining.monitoring_window": str(monitoring_window)}
                if monitoring_run_id else {})}

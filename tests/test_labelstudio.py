@@ -40,7 +40,7 @@ def label_studio(tmp_path):
         server = subprocess.Popen(
             [executable, "start", "--no-browser", "--host", HOST, "--port", str(port), "--data-dir",
              str(tmp_path / "ls-data"), "--username", "reviewer@example.com", "--password", "review-pass-123",
-             "--user-token", TOKEN, "--enable-legacy-api-token", "--quiet"],
+             "--user-token", TOKEN, "--enable-legacy-api-token"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://{HOST}:{port}"
     deadline = time.monotonic() + 300
