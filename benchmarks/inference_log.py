@@ -6,7 +6,7 @@ The demo's bundle (artifacts/bundle, from `dvc repro`) is registered in a tempor
 drift of the machine's load hits both alike. Each client sends one demo test image per request. Figures, not
 assertions: the machine is shared. Writes benchmarks/results/inference-log.json.
 
-    python benchmarks/inference_log.py [--requests 60] [--rounds 2]
+    python benchmarks/inference_log.py [--requests 250] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "inference-log.json"
 CLIENTS = 8
+FLUSH_SECONDS = 5  # params.yaml's monitoring.flush_seconds: a load of 250 requests per client outlasts several
 
 
 def _register(store: Path) -> str:
@@ -80,6 +81,7 @@ def _round(tracking: str, work: Path, logging_on: bool, bodies: list[bytes], req
         with ThreadPoolExecutor(CLIENTS) as pool:
             latencies = list(pool.map(lambda n: _ask(url, bodies[n % len(bodies)]), range(CLIENTS * requests)))
         elapsed = time.perf_counter() - started
+        time.sleep(FLUSH_SECONDS + 2)  # the last records reach their file
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as response:
             stats = json.loads(response.read())["inference_log"]
     finally:
@@ -92,7 +94,7 @@ def _round(tracking: str, work: Path, logging_on: bool, bodies: list[bytes], req
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=60, help="requests per client per round")
+    parser.add_argument("--requests", type=int, default=250, help="requests per client per round")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of (off, on)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -103,7 +105,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         params = yaml.safe_load((ROOT / "params.yaml").read_text())
-        params["monitoring"]["log_uri"] = str(work / "log")
+        params["monitoring"].update(log_uri=str(work / "log"), flush_seconds=FLUSH_SECONDS)
         (work / "params.yaml").write_text(yaml.safe_dump(params))
         tracking = _register(work)
         rounds = [_round(tracking, work, on, bodies, args.requests) for _ in range(args.rounds) for on in (False, True)]
@@ -115,6 +117,8 @@ def main() -> None:
         "rps_on": statistics.median(r["requests_per_s"] for r in on)}
     summary["p50_ratio_on_off"] = round(summary["p50_ms_on"] / summary["p50_ms_off"], 3)
     summary["rps_ratio_on_off"] = round(summary["rps_on"] / summary["rps_off"], 3)
+    expected = 16 + CLIENTS * args.requests
+    assert all(r["log"]["written"] == expected for r in on), [r["log"] for r in on]  # every answer logged
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "clients": CLIENTS,
               "requests_per_client": args.requests, "image": "demo test drawings, 32 px PNG, one per request",
               "rounds": rounds, "summary": summary}
