@@ -449,16 +449,20 @@ def serve(
         "--log/--no-log", help="Log every answer to the inference log of params.yaml's monitoring section "
         "($SIAMESE_INFERENCE_LOG overrides its place).")] = True,
     params: ParamsOption = None,
+    reload_seconds: Annotated[float, typer.Option(
+        "--reload-seconds", min=0, help="How often to check the alias (models:/NAME@alias) and swap in the version "
+        "it names now, without dropping a request; 0: never.")] = 5.0,
 ) -> None:
     """Serve a registered model over HTTP with MLflow's scoring protocol (/invocations, /ping, /version),
-    its artifacts checked against those registered, request bodies bounded (SIAMESE_MAX_BODY_BYTES)."""
+    its artifacts checked against those registered, request bodies bounded (SIAMESE_MAX_BODY_BYTES). A moved
+    alias (promote, rollback, the gate) is followed: the new version loads beside the old, then answers."""
 
     def body():
         import_tensorflow_quietly()
         from pipelines.serving import serve as run_server
 
         typer.echo(f"serving {model} on http://{host}:{port}/invocations", err=True)
-        run_server(model, host, port, _monitoring(params) if log else None)
+        run_server(model, host, port, _monitoring(params) if log else None, reload_seconds)
 
     def check():
         _port_check(host, port)

@@ -23,8 +23,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import uuid
+from dataclasses import dataclass
 from importlib.metadata import version as package_version
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -34,9 +37,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from .inference_log import attach, open_log
+from .inference_log import InferenceLog, ModelIdentity, attach, log_uri
 from .params import MonitoringConfig
-from .pyfunc_model import RequestError, ServerError
+from .pyfunc_model import RequestError, ServerError, input_example
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +137,72 @@ def _error(message: str, status: int, code: str = "INVALID_PARAMETER_VALUE") -> 
     return JSONResponse({"error_code": code, "message": message}, status_code=status)
 
 
-def build_app(model, model_uri: str, inference_log=None) -> Starlette:
-    """The ASGI app serving ``model`` (a loaded pyfunc model of this project) as ``model_uri``; its answers are
-    logged to ``inference_log`` when given. Each answer carries ``X-Request-Id`` (the client's, or a new one)."""
+@dataclass(frozen=True)
+class Loaded:
+    """One loaded version: the pyfunc model, the version number (None for a local folder) and its inference log."""
+
+    model: Any
+    version: str | None
+    inference_log: Any = None
+
+
+class Served:
+    """What ``model_uri`` serves now. With an alias (``models:/NAME@champion``) a watcher thread checks every
+    ``reload_seconds`` which version the alias names; when it moves (promote, rollback, the gate), the new version
+    is loaded and tried beside the old one, then swapped in with one assignment. A request holds the version it
+    started with, so none fails during the swap; a version that fails to load is logged and the old one stays."""
+
+    def __init__(self, model_uri: str, monitoring: MonitoringConfig | None = None, reload_seconds: float = 5.0):
+        self.model_uri, self.monitoring = model_uri, monitoring
+        self.current = self._load(self._version())
+        self._stop = threading.Event()
+        if "@" in model_uri and reload_seconds > 0:
+            threading.Thread(target=self._watch, args=(reload_seconds,), name="alias-watcher", daemon=True).start()
+
+    def _version(self) -> tuple[str, str] | None:
+        """The (name, version) the URI names now; None for a local model folder."""
+        from .registry import version_of
+
+        if not self.model_uri.startswith("models:/"):
+            return None
+        found = version_of(self.model_uri)
+        return found.name, str(found.version)
+
+    def _load(self, named: tuple[str, str] | None) -> Loaded:
+        model = load_for_serving(self.model_uri if named is None else f"models:/{named[0]}/{named[1]}")
+        model.predict(input_example())  # tried before it answers anyone
+        settings = self.monitoring
+        uri = log_uri(settings) if settings is not None else None
+        inference_log = None
+        if settings is not None and uri is not None:
+            identity = (ModelIdentity.of(self.model_uri) if named is None else
+                        ModelIdentity(named[0], named[1], self.model_uri.partition("@")[2] or None))
+            inference_log = attach(model, InferenceLog(uri, settings, identity, "http"))
+        return Loaded(model, None if named is None else named[1], inference_log)
+
+    def _watch(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                named = self._version()
+                if named is None or named[1] == self.current.version:
+                    continue
+                loaded = self._load(named)
+            except Exception as exc:  # the registry or the store not answering: keep serving what is loaded
+                log.warning("%s: could not check or load the new version (%s); still serving version %s",
+                            self.model_uri, _short(exc), self.current.version)
+                continue
+            old, self.current = self.current, loaded
+            log.warning("%s now serves version %s (was %s)", self.model_uri, loaded.version, old.version)
+            if old.inference_log is not None:
+                old.inference_log.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def build_app(served: Served) -> Starlette:
+    """The ASGI app answering with what ``served`` holds (a pyfunc model of this project). Each answer carries
+    ``X-Request-Id`` (the client's, or a new one) and ``X-Model-Version`` (the version that answered)."""
     from starlette.concurrency import run_in_threadpool
 
     from .inference_log import REQUEST_ID
@@ -146,11 +212,14 @@ def build_app(model, model_uri: str, inference_log=None) -> Starlette:
     async def invocations(request: Request):
         request_id = request.headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
         REQUEST_ID.set(request_id)  # the worker thread runs in a copy of this context
-        response = await _answer(request)
+        loaded = served.current  # this request's version, whatever a swap does meanwhile
+        response = await _answer(request, loaded.model)
         response.headers["X-Request-Id"] = request_id
+        if loaded.version is not None:
+            response.headers["X-Model-Version"] = loaded.version
         return response
 
-    async def _answer(request: Request):
+    async def _answer(request: Request, model):
         try:
             frame = parse_request(await _read_body(request, limit))
             answers = await run_in_threadpool(model.predict, frame)
@@ -172,11 +241,15 @@ def build_app(model, model_uri: str, inference_log=None) -> Starlette:
         return PlainTextResponse("\n")
 
     async def version(request: Request):
-        return PlainTextResponse(f"{model_uri} (siamese-recognizer {package_version('siamese-recognizer')})")
+        loaded = served.current
+        which = "" if loaded.version is None else f", version {loaded.version}"
+        return PlainTextResponse(f"{served.model_uri}{which} (siamese-recognizer {package_version('siamese-recognizer')})")
 
     async def stats(request: Request):
-        return JSONResponse({"model": model_uri, "inference_log": None if inference_log is None else
-                             {"uri": inference_log.uri, **inference_log.stats()}})
+        loaded = served.current
+        return JSONResponse({"model": served.model_uri, "version": loaded.version,
+                             "inference_log": None if loaded.inference_log is None else
+                             {"uri": loaded.inference_log.uri, **loaded.inference_log.stats()}})
 
     return Starlette(routes=[
         Route("/invocations", invocations, methods=["POST"]),
@@ -209,8 +282,10 @@ def _return_large_blocks_to_the_system() -> None:
     libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
-def serve(model_uri: str, host: str, port: int, monitoring: MonitoringConfig | None = None) -> None:
-    """Load the model, then serve it until interrupted, logging its answers as ``monitoring`` says (None: no log)."""
+def serve(model_uri: str, host: str, port: int, monitoring: MonitoringConfig | None = None,
+          reload_seconds: float = 5.0) -> None:
+    """Load the model, then serve it until interrupted, logging its answers as ``monitoring`` says (None: no log)
+    and following its alias every ``reload_seconds`` (0: never)."""
     import uvicorn
 
     _return_large_blocks_to_the_system()
@@ -218,9 +293,10 @@ def serve(model_uri: str, host: str, port: int, monitoring: MonitoringConfig | N
     from .pyfunc_model import SERVER_TIMEOUT_VARIABLE
 
     os.environ.setdefault(SERVER_TIMEOUT_VARIABLE, "60")  # the time limit per request, as mlflow models serve's
-    model = load_for_serving(model_uri)
-    inference_log = attach(model, open_log(monitoring, model_uri, "http") if monitoring is not None else None)
-    if inference_log is not None:
-        log.warning("logging every answer to %s", inference_log.uri)
-    app = build_app(model, model_uri, inference_log)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    served = Served(model_uri, monitoring, reload_seconds)
+    if served.current.inference_log is not None:
+        log.warning("logging every answer to %s", served.current.inference_log.uri)
+    try:
+        uvicorn.run(build_app(served), host=host, port=port, log_level="warning", access_log=False)
+    finally:
+        served.stop()

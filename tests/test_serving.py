@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -229,3 +230,68 @@ def test_siamese_serve_refuses_a_version_whose_artifacts_were_swapped(registered
         code.write_text(original)
     assert out.exit_code == 1 and "differ from those registered" in out.output and not marker.exists()
     assert "Traceback" not in out.output
+
+
+def test_siamese_serve_follows_its_alias_through_promote_and_rollback_without_a_failed_request(tmp_path, monkeypatch):
+    """Load from four clients while the champion alias moves to version 2 and back: every request is answered,
+    the answering version (X-Model-Version) follows the alias, and /version names it."""
+    import threading
+
+    uri = use_sqlite_store(monkeypatch, tmp_path)
+    bundle = make_tiny_bundle(tmp_path)
+    for _ in range(2):
+        register_bundle(pipeline_params("rolled"), bundle.path, {"top1": 1.0}, bundle.history, [], {},
+                        score_champion=logged_scorer())
+    port, log_path = free_port(), tmp_path / "serve.log"
+    command = [os.path.join(os.path.dirname(sys.executable), "siamese"), "serve", "--model", "models:/rolled@champion",
+               "--no-log", "--reload-seconds", "1", "--host", HOST, "--port", str(port)]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    base = f"http://{HOST}:{port}"
+    image = encode_image(next(iter(bundle.gallery_images.values()))[0])
+    answers: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            request = urllib.request.Request(f"{base}/invocations", method="POST", headers={
+                "Content-Type": "application/json"}, data=json.dumps({"inputs": [image]}).encode())
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    answers.append((response.status, response.headers["X-Model-Version"]))
+            except urllib.error.HTTPError as error:
+                answers.append((error.code, None))
+
+    def served_version(expected: str) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if answers and answers[-1][1] == expected:
+                return
+            time.sleep(0.2)
+        pytest.fail(f"still not version {expected}: {answers[-3:]}\n{log_path.read_text()[-2000:]}")
+
+    try:
+        wait_until_ready(base, server, log_path)
+        clients = [threading.Thread(target=client) for _ in range(4)]
+        for thread in clients:
+            thread.start()
+        served_version("1")
+        registry.set_champion("rolled", "2", "a hot-reload test")
+        served_version("2")
+        registry.rollback("rolled", "back again")
+        served_version("1")
+        stop.set()
+        for thread in clients:
+            thread.join(60)
+        with urllib.request.urlopen(f"{base}/version", timeout=10) as response:
+            assert "models:/rolled@champion, version 1" in response.read().decode()
+    finally:
+        stop.set()
+        stop_group(server)
+    assert answers and all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:5]
+    versions = [version for _, version in answers]
+    changes = [v for i, v in enumerate(versions) if i == 0 or v != versions[i - 1]]
+    assert changes[0] == "1" and "2" in changes and changes[-1] == "1", changes
+    assert "now serves version 2 (was 1)" in log_path.read_text()
