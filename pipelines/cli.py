@@ -462,7 +462,8 @@ def serve(
         from pipelines.serving import serve as run_server
 
         typer.echo(f"serving {model} on http://{host}:{port}/invocations", err=True)
-        run_server(model, host, port, _monitoring(params) if log else None, reload_seconds)
+        settings = _settings(params)
+        run_server(model, host, port, settings.monitoring if log else None, reload_seconds, settings.serving)
 
     def check():
         _port_check(host, port)
@@ -470,13 +471,18 @@ def serve(
     _run(body, check=check)
 
 
-def _monitoring(params: Path | None):
-    """The monitoring section of ``params`` (or of ./params.yaml; the defaults where there is none)."""
-    from pipelines.params import MonitoringConfig, load_params
+def _settings(params: Path | None):
+    """The params of ``params`` (or of $SIAMESE_PARAMS or ./params.yaml; the defaults where there is none)."""
+    from pipelines.params import PipelineParams, load_params
 
     if params is None and not os.environ.get("SIAMESE_PARAMS") and not Path("params.yaml").is_file():
-        return MonitoringConfig()
-    return load_params(params).monitoring
+        return PipelineParams()
+    return load_params(params)
+
+
+def _monitoring(params: Path | None):
+    """The monitoring section of :func:`_settings`."""
+    return _settings(params).monitoring
 
 
 def _port_check(host: str, port: int) -> None:

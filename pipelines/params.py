@@ -105,6 +105,15 @@ class MonitoringConfig(Section):
     rules: DriftRules = Field(default_factory=DriftRules)
 
 
+class ServingConfig(Section):
+    """How `siamese serve` groups concurrent requests into one forward pass."""
+
+    max_batch_images: int = Field(64, ge=1, le=1024, description="Images of concurrent requests recognised "
+                                  "together at most.")
+    max_wait_ms: float = Field(0.0, ge=0, le=1000, description="How long a batch waits for more requests once "
+                               "one is there; 0: it takes what is queued while the previous batch runs.")
+
+
 class ScheduleConfig(Section):
     """When the retraining deployment runs."""
 
@@ -127,6 +136,7 @@ with warnings.catch_warnings():
         schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
         compute: ComputeConfig = Field(default_factory=ComputeConfig)
         monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+        serving: ServingConfig = Field(default_factory=ServingConfig)
 
         def core(self) -> Config:
             """The library part of the params."""

@@ -161,57 +161,68 @@ class SiameseBundleModel(PythonModel):
         """One row per image: the nearest class (``unknown`` when rejected), its squared distance, the top-k
         classes as JSON, and, when the bundle rejects unknown classes, the unknown score."""
         started = time.perf_counter()
+        images, arrays = self.decode(model_input)
+        matches, queries = self.recognise(arrays)
+        self.record(images, matches, queries, started)
+        return answer_frame(matches)
+
+    def decode(self, model_input) -> tuple[list[bytes], list[np.ndarray]]:
+        """The image bytes of a request and their decoded arrays, within the pixel budget and the server's time
+        limit; a bad request is a RequestError naming its row."""
+        from siamese_core.data import decode_image
+
+        timeout = os.environ.get(SERVER_TIMEOUT_VARIABLE)
+        deadline = time.monotonic() + float(timeout) if timeout else float("inf")
         try:
-            images, matches, queries = self._recognise(model_input)
+            encoded = decode_base64_images(model_input)
+            arrays = []
+            for row, data in enumerate(encoded):
+                if time.monotonic() > deadline:
+                    raise RequestError(f"stopped at image {row} of {len(encoded)}: the request ran past the "
+                                       f"server's time limit of {timeout} s ({SERVER_TIMEOUT_VARIABLE})")
+                try:
+                    arrays.append(decode_image(data, self.recognizer.input_size, budget=self.decoding))
+                except ImageError as exc:
+                    raise ImageError(f"row {row}: {str(exc).removeprefix('<bytes>: ')}") from None
         except USER_ERRORS as exc:
             raise RequestError(str(exc)) from None
+        return encoded, arrays
+
+    def recognise(self, arrays: list[np.ndarray]) -> tuple[list, np.ndarray]:
+        """The matches and embeddings of decoded images (those of several requests at once, for the server's
+        micro-batches); a failure is a ServerError, its traceback in the log."""
+        try:
+            queries = self.recognizer.embed(arrays) if arrays else np.zeros((0, 0), np.float32)
+            return (self.recognizer.match(queries) if arrays else []), queries
         except MlflowException:
             raise
         except Exception:
             log.exception("prediction failed")
             raise ServerError() from None
-        answers = pd.DataFrame(
-            {
-                "label": pd.Series([m.label for m in matches], dtype=object),
-                "distance": pd.Series([m.distance for m in matches], dtype="float64"),
-                "top_k": pd.Series(
-                    [[{"label": label, "distance": float(d)} for label, d in m.top_k] for m in matches], dtype=object),
-            }
-        )
-        if any(m.unknown_score is not None for m in matches):
-            answers["unknown_score"] = pd.Series([m.unknown_score for m in matches], dtype="float64")
+
+    def record(self, images: list[bytes], matches: list, queries: np.ndarray, started: float) -> None:
+        """Log the answers of one request (``started``: its ``time.perf_counter()``) when a log is attached."""
         if self.inference_log is not None:
             from .inference_log import judged
 
             latency_ms = 1000 * (time.perf_counter() - started)
             self.inference_log.submit(images, matches, judged(self.recognizer, queries, matches), queries, latency_ms)
-        return answers
 
     def log_to(self, inference_log) -> None:
         """Write a record of every answer to ``inference_log`` (a :class:`pipelines.inference_log.InferenceLog`)."""
         self.inference_log = inference_log
 
-    def _recognise(self, model_input) -> tuple[list[bytes], list, np.ndarray]:
-        """Decode and recognise the images batch by batch, stopping at the server's time limit: the image
-        bytes, their matches and their embeddings."""
-        from siamese_core.data import decode_image
 
-        timeout = os.environ.get(SERVER_TIMEOUT_VARIABLE)
-        deadline = time.monotonic() + float(timeout) if timeout else float("inf")
-        encoded = decode_base64_images(model_input)
-        batch = self.recognizer.config.evaluate.embed_batch_size
-        matches: list = []
-        queries: list[np.ndarray] = []
-        for start in range(0, len(encoded), batch):
-            arrays = []
-            for row in range(start, min(start + batch, len(encoded))):
-                if time.monotonic() > deadline:
-                    raise RequestError(f"stopped at image {row} of {len(encoded)}: the request ran past the "
-                                       f"server's time limit of {timeout} s ({SERVER_TIMEOUT_VARIABLE})")
-                try:
-                    arrays.append(decode_image(encoded[row], self.recognizer.input_size, budget=self.decoding))
-                except ImageError as exc:
-                    raise ImageError(f"row {row}: {str(exc).removeprefix('<bytes>: ')}") from None
-            queries.append(self.recognizer.embed(arrays))
-            matches.extend(self.recognizer.match(queries[-1]))
-        return encoded, matches, np.concatenate(queries) if queries else np.zeros((0, 0), np.float32)
+def answer_frame(matches: list) -> pd.DataFrame:
+    """The served answer of each match, one row per image."""
+    answers = pd.DataFrame(
+        {
+            "label": pd.Series([m.label for m in matches], dtype=object),
+            "distance": pd.Series([m.distance for m in matches], dtype="float64"),
+            "top_k": pd.Series(
+                [[{"label": label, "distance": float(d)} for label, d in m.top_k] for m in matches], dtype=object),
+        }
+    )
+    if any(m.unknown_score is not None for m in matches):
+        answers["unknown_score"] = pd.Series([m.unknown_score for m in matches], dtype="float64")
+    return answers

@@ -20,10 +20,12 @@ across requests, time per request) are those of :mod:`pipelines.pyfunc_model`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
@@ -38,8 +40,8 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from .inference_log import InferenceLog, ModelIdentity, attach, log_uri
-from .params import MonitoringConfig
-from .pyfunc_model import RequestError, ServerError, input_example
+from .params import MonitoringConfig, ServingConfig
+from .pyfunc_model import RequestError, ServerError, answer_frame, input_example
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +202,63 @@ class Served:
         self._stop.set()
 
 
-def build_app(served: Served) -> Starlette:
+class MicroBatcher:
+    """Concurrent requests' decoded images recognised in one forward pass.
+
+    A request's images join a queue. One task takes everything queued (up to ``max_images``; waiting at most
+    ``max_wait_ms`` for more once one request is there), recognises it in one call in a worker thread and hands
+    each request its own rows. While a batch runs the next one gathers, so a lone request waits for nothing and
+    a busy server batches by itself. A failing batch fails only the requests in it.
+    """
+
+    def __init__(self, settings: ServingConfig | None = None):
+        self.settings = settings or ServingConfig()
+        self._queue: asyncio.Queue | None = None
+        self.counts = {"batches": 0, "requests": 0, "images": 0}  # what /stats reports
+
+    async def recognise(self, model, arrays: list) -> tuple[list, Any]:
+        """The matches and embeddings of ``arrays`` with ``model`` (a :class:`SiameseBundleModel`)."""
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            asyncio.get_running_loop().create_task(self._run(self._queue))
+        answer: asyncio.Future = asyncio.get_running_loop().create_future()
+        await self._queue.put((model, arrays, answer))
+        return await answer
+
+    async def _run(self, waiting: asyncio.Queue) -> None:
+        from starlette.concurrency import run_in_threadpool
+
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await waiting.get()]
+            images = len(batch[0][1])
+            deadline = loop.time() + self.settings.max_wait_ms / 1000
+            while images < self.settings.max_batch_images:
+                try:
+                    item = waiting.get_nowait() if loop.time() >= deadline else await asyncio.wait_for(
+                        waiting.get(), deadline - loop.time())
+                except (asyncio.QueueEmpty, TimeoutError):
+                    break
+                batch.append(item)
+                images += len(item[1])
+            self.counts["requests"] += len(batch)
+            self.counts["images"] += images
+            for model in {id(item[0]): item[0] for item in batch}.values():  # a swap may leave two versions in flight
+                self.counts["batches"] += 1
+                group = [item for item in batch if item[0] is model]
+                try:
+                    matches, queries = await run_in_threadpool(model.recognise, [a for item in group for a in item[1]])
+                except Exception as exc:  # RequestError/ServerError: each request of the batch gets it
+                    for _, _, answer in group:
+                        answer.set_exception(exc)
+                    continue
+                start = 0
+                for _, arrays, answer in group:
+                    answer.set_result((matches[start:start + len(arrays)], queries[start:start + len(arrays)]))
+                    start += len(arrays)
+
+
+def build_app(served: Served, batcher: MicroBatcher | None = None) -> Starlette:
     """The ASGI app answering with what ``served`` holds (a pyfunc model of this project). Each answer carries
     ``X-Request-Id`` (the client's, or a new one) and ``X-Model-Version`` (the version that answered)."""
     from starlette.concurrency import run_in_threadpool
@@ -208,21 +266,30 @@ def build_app(served: Served) -> Starlette:
     from .inference_log import REQUEST_ID
 
     limit = max_body_bytes()
+    batcher = batcher or MicroBatcher()
 
     async def invocations(request: Request):
         request_id = request.headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
         REQUEST_ID.set(request_id)  # the worker thread runs in a copy of this context
         loaded = served.current  # this request's version, whatever a swap does meanwhile
-        response = await _answer(request, loaded.model)
+        response = await _answer(request, loaded.model, batcher)
         response.headers["X-Request-Id"] = request_id
         if loaded.version is not None:
             response.headers["X-Model-Version"] = loaded.version
         return response
 
-    async def _answer(request: Request, model):
+    async def _answer(request: Request, model, batching: MicroBatcher):
         try:
             frame = parse_request(await _read_body(request, limit))
-            answers = await run_in_threadpool(model.predict, frame)
+            bundle_model = model.unwrap_python_model()
+            if not hasattr(bundle_model, "recognise"):  # a version registered before batching: one call each
+                answers = await run_in_threadpool(model.predict, frame)
+            else:
+                started = time.perf_counter()
+                images, arrays = await run_in_threadpool(bundle_model.decode, frame)
+                matches, queries = await batching.recognise(bundle_model, arrays)
+                bundle_model.record(images, matches, queries, started)
+                answers = answer_frame(matches)
         except BadRequest as exc:
             return _error(str(exc), exc.status)
         except RequestError as exc:
@@ -247,7 +314,7 @@ def build_app(served: Served) -> Starlette:
 
     async def stats(request: Request):
         loaded = served.current
-        return JSONResponse({"model": served.model_uri, "version": loaded.version,
+        return JSONResponse({"model": served.model_uri, "version": loaded.version, "batching": batcher.counts,
                              "inference_log": None if loaded.inference_log is None else
                              {"uri": loaded.inference_log.uri, **loaded.inference_log.stats()}})
 
@@ -283,7 +350,7 @@ def _return_large_blocks_to_the_system() -> None:
 
 
 def serve(model_uri: str, host: str, port: int, monitoring: MonitoringConfig | None = None,
-          reload_seconds: float = 5.0) -> None:
+          reload_seconds: float = 5.0, batching: ServingConfig | None = None) -> None:
     """Load the model, then serve it until interrupted, logging its answers as ``monitoring`` says (None: no log)
     and following its alias every ``reload_seconds`` (0: never)."""
     import uvicorn
@@ -297,6 +364,7 @@ def serve(model_uri: str, host: str, port: int, monitoring: MonitoringConfig | N
     if served.current.inference_log is not None:
         log.warning("logging every answer to %s", served.current.inference_log.uri)
     try:
-        uvicorn.run(build_app(served), host=host, port=port, log_level="warning", access_log=False)
+        uvicorn.run(build_app(served, MicroBatcher(batching)), host=host, port=port, log_level="warning",
+                    access_log=False)
     finally:
         served.stop()

@@ -295,3 +295,32 @@ def test_siamese_serve_follows_its_alias_through_promote_and_rollback_without_a_
     changes = [v for i, v in enumerate(versions) if i == 0 or v != versions[i - 1]]
     assert changes[0] == "1" and "2" in changes and changes[-1] == "1", changes
     assert "now serves version 2 (was 1)" in log_path.read_text()
+
+
+def test_siamese_serve_batches_concurrent_requests_and_each_gets_its_own_answer(server):
+    """32 concurrent requests of one or three images, one of them bad: every good request gets exactly the answer
+    it gets alone, the bad one alone gets its 400, and the server recognised them in fewer forward passes."""
+    base, gallery, name = server
+    if name != "siamese serve":
+        pytest.skip("micro-batching is siamese serve's")
+    images = [paths[0] for paths in gallery.values()] + [paths[1] for paths in gallery.values()]
+    requests = [[images[n % len(images)]] if n % 4 else [images[n % len(images)], images[(n + 1) % len(images)],
+                                                          images[(n + 2) % len(images)]] for n in range(32)]
+    alone = [post_json(f"{base}/invocations", {"inputs": [encode_image(p) for p in request]}) for request in requests]
+    with urllib.request.urlopen(f"{base}/stats", timeout=10) as response:
+        before = json.loads(response.read())["batching"]
+    bodies = [{"inputs": [encode_image(p) for p in request]} for request in requests] + [{"inputs": ["bm90IGFuIGltYWdl"]}]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda body: post_json(f"{base}/invocations", body), bodies))
+    with urllib.request.urlopen(f"{base}/stats", timeout=10) as response:
+        after = json.loads(response.read())["batching"]
+    for (status, batched), (status_alone, single) in zip(together[:-1], alone):  # row for row, to float rounding
+        assert status == status_alone == 200
+        assert [row["label"] for row in batched["predictions"]] == [row["label"] for row in single["predictions"]]
+        assert [[k["label"] for k in row["top_k"]] for row in batched["predictions"]] == [
+            [k["label"] for k in row["top_k"]] for row in single["predictions"]]
+        assert [row["distance"] for row in batched["predictions"]] == pytest.approx(
+            [row["distance"] for row in single["predictions"]], rel=1e-5, abs=1e-5)
+    assert together[-1][0] == 400 and "row 0" in together[-1][1]["message"]
+    assert after["requests"] - before["requests"] == 32  # the bad one stopped at decoding, before any batch
+    assert after["batches"] - before["batches"] < 32, (before, after)
