@@ -180,14 +180,14 @@ def test_retraining_skips_unchanged_data_and_trains_on_added_data(project):
     first = retraining_flow()
     assert first["skipped"] is False and first["version"] == "1"
     second = retraining_flow()
-    assert second == {"skipped": True, "data_hash": first["data_hash"], "champion_version": "1"}
+    assert second == {"skipped": True, "data_hash": first["data_hash"], "champion_version": "1", "trigger": "manual"}
 
     some_class = next(Path("data/demo/train").iterdir())
     shutil.copy(next(some_class.glob("*.png")), some_class / "added.png")
     third = retraining_flow(overrides={"train.epochs": 2})
     assert third["skipped"] is False and third["data_hash"] != first["data_hash"]
     run = project.get_run(third["run_id"])
-    assert run.data.tags["data_hash"] == third["data_hash"]
+    assert run.data.tags["data_hash"] == third["data_hash"] and run.data.tags["retraining.trigger"] == "manual"
     train_input = next(d.dataset for d in run.inputs.dataset_inputs if d.dataset.name == "demo-train")
     assert train_input.digest == content_hash("data/demo/train").removesuffix(".dir")
     assert (some_class / "added.png").is_file(), "no run rewrites the data"

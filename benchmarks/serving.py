@@ -1,0 +1,170 @@
+"""Serving throughput (issue 26): `siamese serve` (micro-batching) beside `mlflow models serve`, in the same run, with
+the network's own batch-64 throughput in this process as the limit.
+
+The demo's bundle (artifacts/bundle) is registered in a temporary MLflow store. For each server and each number of
+concurrent clients (1, 4, 8, 16), every client sends single-image requests (and, with --multi, 8-image requests)
+for a fixed time. Printed and written: requests/s, images/s, p50/p95/p99 latency, errors, the server's CPU seconds
+per request and its resident memory. Figures, not assertions: the machine is shared.
+Writes benchmarks/results/serving.json.
+
+    python benchmarks/serving.py [--seconds 8] [--multi]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "serving.json"
+CLIENTS = (1, 4, 8, 16)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _register(store: Path) -> str:
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
+    from pipelines import registry
+    from pipelines.tracking import client, ensure_experiment
+
+    run = client().create_run(ensure_experiment("benchmark")).info.run_id
+    version = registry.register_bundle(run, "bench", ROOT / "artifacts" / "bundle")
+    client().set_terminated(run)
+    client().set_registered_model_alias("bench", "champion", version)
+    return os.environ["MLFLOW_TRACKING_URI"]
+
+
+def _network_limit() -> float:
+    """Images per second of the bundle's network at batch 64, in this process (no HTTP, no decoding)."""
+    import numpy as np
+
+    from siamese_core.recognizer import SiameseRecognizer
+
+    network = SiameseRecognizer.load(ROOT / "artifacts" / "bundle").embedding
+    size = int(network.input_shape[1])
+    batch = np.random.default_rng(0).integers(0, 255, (64, size, size, 3)).astype("float32")
+    network.predict_on_batch(batch)
+    started, rounds = time.perf_counter(), 0
+    while time.perf_counter() - started < 5:
+        network.predict_on_batch(batch)
+        rounds += 1
+    return 64 * rounds / (time.perf_counter() - started)
+
+
+def _load(url: str, bodies: list[bytes], clients: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    errors = [0]
+    stop = time.perf_counter() + seconds
+
+    def client(offset: int) -> None:
+        n = offset
+        while time.perf_counter() < stop:
+            request = urllib.request.Request(url, data=bodies[n % len(bodies)], method="POST",
+                                             headers={"Content-Type": "application/json"})
+            started = time.perf_counter()
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    response.read()
+                latencies.append(1000 * (time.perf_counter() - started))
+            except (urllib.error.URLError, OSError):
+                errors[0] += 1
+            n += 1
+
+    threads = [threading.Thread(target=client, args=(i * 7,)) for i in range(clients)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - began
+    cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 2 else [float("nan")] * 99
+    return {"requests_per_s": round(len(latencies) / elapsed, 1), "p50_ms": round(cuts[49], 1),
+            "p95_ms": round(cuts[94], 1), "p99_ms": round(cuts[98], 1), "errors": errors[0], "requests": len(latencies)}
+
+
+def _server(name: str, tracking: str, work: Path, port: int) -> subprocess.Popen:
+    command = {
+        "siamese serve": [sys.executable, "-m", "pipelines.cli", "serve", "--model", "models:/bench@champion",
+                          "--no-log", "--port", str(port)],
+        "mlflow models serve": [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/bench@champion",
+                                "--env-manager", "local", "--port", str(port)],
+    }[name]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "TF_CPP_MIN_LOG_LEVEL": "3",
+           "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
+    return subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=8.0, help="load per (server, clients, request size)")
+    parser.add_argument("--multi", action="store_true", help="also 8-image requests")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from pipelines.pyfunc_model import encode_image
+
+    images = [encode_image(p) for p in sorted((ROOT / "data" / "demo" / "test").glob("*/*.png"))[:64]]
+    sizes = {"1 image": [json.dumps({"inputs": [i]}).encode() for i in images]}
+    if args.multi:
+        sizes["8 images"] = [json.dumps({"inputs": images[n:n + 8]}).encode() for n in range(0, 56, 8)]
+    results: dict = {"network_batch64_images_per_s": round(_network_limit(), 1), "servers": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        tracking = _register(work)
+        for name in ("siamese serve", "mlflow models serve"):
+            port = _free_port()
+            server = _server(name, tracking, work, port)
+            try:
+                for _ in range(240):
+                    try:
+                        urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1)
+                        break
+                    except OSError:
+                        time.sleep(0.5)
+                url = f"http://127.0.0.1:{port}/invocations"
+                _load(url, sizes["1 image"], 4, 2)  # warm up
+                family = [server_process := psutil.Process(server.pid), *server_process.children(recursive=True)]
+                rows = []
+                for size, bodies in sizes.items():
+                    for clients in CLIENTS:
+                        cpu = sum(p.cpu_times().user + p.cpu_times().system for p in family)
+                        row = {"request": size, "clients": clients, **_load(url, bodies, clients, args.seconds)}
+                        used = sum(p.cpu_times().user + p.cpu_times().system for p in family) - cpu
+                        row["images_per_s"] = round(row["requests_per_s"] * (8 if size == "8 images" else 1), 1)
+                        row["cpu_ms_per_request"] = round(1000 * used / max(row["requests"], 1), 2)
+                        row["rss_mb"] = round(sum(p.memory_info().rss for p in family) / 2**20)
+                        rows.append(row)
+                        print(name, row, flush=True)
+                results["servers"][name] = rows
+            finally:
+                os.killpg(server.pid, 15)
+                server.wait(30)
+    limit = results["network_batch64_images_per_s"]
+    for rows in results["servers"].values():
+        for row in rows:
+            row["share_of_network_limit"] = round(row["images_per_s"] / limit, 3)
+    results["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs"
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps({"network_batch64_images_per_s": limit}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
