@@ -213,6 +213,16 @@ class SiameseBundleModel(PythonModel):
         self.inference_log = inference_log
 
 
+def answer_records(matches: list) -> list[dict]:
+    """The served answers as JSON-ready rows, as ``answer_frame(matches).to_dict(orient="records")`` gives them,
+    without building the frame (the server's path: a frame costs more than the search)."""
+    scored = any(m.unknown_score is not None for m in matches)
+    return [{"label": m.label, "distance": float(m.distance),
+             "top_k": [{"label": label, "distance": float(d)} for label, d in m.top_k],
+             **({"unknown_score": None if m.unknown_score is None else float(m.unknown_score)} if scored else {})}
+            for m in matches]
+
+
 def answer_frame(matches: list) -> pd.DataFrame:
     """The served answer of each match, one row per image."""
     answers = pd.DataFrame(

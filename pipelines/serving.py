@@ -41,7 +41,7 @@ from starlette.routing import Route
 
 from .inference_log import InferenceLog, ModelIdentity, attach, log_uri
 from .params import MonitoringConfig, ServingConfig
-from .pyfunc_model import RequestError, ServerError, answer_frame, input_example
+from .pyfunc_model import RequestError, ServerError, answer_records, input_example
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,8 @@ def parse_request(body: bytes) -> pd.DataFrame:
             frame = pd.DataFrame(data["data"], columns=data["columns"])
         elif kind == "dataframe_records":
             frame = pd.DataFrame.from_records(data)
+        elif isinstance(data, list) and all(isinstance(value, str) for value in data):  # bare base64 strings
+            return pd.DataFrame({"image": data})
         elif isinstance(data, dict):  # inputs / instances as columns
             frame = pd.DataFrame(data)
         else:  # inputs / instances as rows: records, or bare base64 strings
@@ -289,7 +291,7 @@ def build_app(served: Served, batcher: MicroBatcher | None = None) -> Starlette:
                 images, arrays = await run_in_threadpool(bundle_model.decode, frame)
                 matches, queries = await batching.recognise(bundle_model, arrays)
                 bundle_model.record(images, matches, queries, started)
-                answers = answer_frame(matches)
+                return JSONResponse({"predictions": answer_records(matches)})
         except BadRequest as exc:
             return _error(str(exc), exc.status)
         except RequestError as exc:

@@ -324,3 +324,14 @@ def test_siamese_serve_batches_concurrent_requests_and_each_gets_its_own_answer(
     assert together[-1][0] == 400 and "row 0" in together[-1][1]["message"]
     assert after["requests"] - before["requests"] == 32  # the bad one stopped at decoding, before any batch
     assert after["batches"] - before["batches"] < 32, (before, after)
+
+
+def test_the_servers_answer_rows_are_those_of_the_pyfunc_frame():
+    """siamese serve writes its rows without a DataFrame; they are the pyfunc model's rows exactly."""
+    from pipelines.pyfunc_model import answer_frame, answer_records
+    from siamese_core.gallery import Match
+
+    for matches in ([Match("digit 1", 0.5, [("digit 1", 0.5), ("digit 2", 0.7)], "", 0.3),
+                     Match("unknown", 0.9, [("digit 2", 0.9)], "", 0.8)],
+                    [Match("digit 1", 0.25, [("digit 1", 0.25)])]):
+        assert answer_records(matches) == answer_frame(matches).to_dict(orient="records")
