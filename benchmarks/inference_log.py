@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,29 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
+from served_demo import free_port, register_demo_bundle, wait_for_ping
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "inference-log.json"
 CLIENTS = 8
 FLUSH_SECONDS = 5  # params.yaml's monitoring.flush_seconds: a load of 250 requests per client outlasts several
-
-
-def _register(store: Path) -> str:
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
-    from pipelines import registry
-    from pipelines.tracking import client, ensure_experiment
-
-    run = client().create_run(ensure_experiment("benchmark")).info.run_id
-    version = registry.register_bundle(run, "bench", ROOT / "artifacts" / "bundle")
-    client().set_terminated(run)
-    client().set_registered_model_alias("bench", "champion", version)
-    return os.environ["MLFLOW_TRACKING_URI"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _ask(url: str, body: bytes) -> float:
@@ -60,7 +42,7 @@ def _ask(url: str, body: bytes) -> float:
 
 
 def _round(tracking: str, work: Path, logging_on: bool, bodies: list[bytes], requests: int) -> dict:
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "pipelines.cli", "serve", "--model", "models:/bench@champion", "--port", str(port),
                "--params", str(work / "params.yaml"), "--log" if logging_on else "--no-log"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -69,12 +51,7 @@ def _round(tracking: str, work: Path, logging_on: bool, bodies: list[bytes], req
                                   start_new_session=True)
     url = f"http://127.0.0.1:{port}/invocations"
     try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
+        wait_for_ping(port)
         for body in bodies[:16]:  # warm up
             _ask(url, body)
         started = time.perf_counter()
@@ -107,7 +84,7 @@ def main() -> None:
         params = yaml.safe_load((ROOT / "params.yaml").read_text())
         params["monitoring"].update(log_uri=str(work / "log"), flush_seconds=FLUSH_SECONDS)
         (work / "params.yaml").write_text(yaml.safe_dump(params))
-        tracking = _register(work)
+        tracking = register_demo_bundle(work)
         rounds = [_round(tracking, work, on, bodies, args.requests) for _ in range(args.rounds) for on in (False, True)]
     off = [r for r in rounds if not r["logging"]]
     on = [r for r in rounds if r["logging"]]

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,28 +27,11 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+from served_demo import free_port, register_demo_bundle, wait_for_ping
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "serving.json"
 CLIENTS = (1, 4, 8, 16)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _register(store: Path) -> str:
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
-    from pipelines import registry
-    from pipelines.tracking import client, ensure_experiment
-
-    run = client().create_run(ensure_experiment("benchmark")).info.run_id
-    version = registry.register_bundle(run, "bench", ROOT / "artifacts" / "bundle")
-    client().set_terminated(run)
-    client().set_registered_model_alias("bench", "champion", version)
-    return os.environ["MLFLOW_TRACKING_URI"]
 
 
 def _network_limit() -> float:
@@ -128,17 +110,12 @@ def main() -> None:
     results: dict = {"network_batch64_images_per_s": round(_network_limit(), 1), "servers": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tracking = _register(work)
+        tracking = register_demo_bundle(work)
         for name in ("siamese serve", "mlflow models serve"):
-            port = _free_port()
+            port = free_port()
             server = _server(name, tracking, work, port)
             try:
-                for _ in range(240):
-                    try:
-                        urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1)
-                        break
-                    except OSError:
-                        time.sleep(0.5)
+                wait_for_ping(port)
                 url = f"http://127.0.0.1:{port}/invocations"
                 _load(url, sizes["1 image"], 4, 2)  # warm up
                 family = [server_process := psutil.Process(server.pid), *server_process.children(recursive=True)]

@@ -214,7 +214,7 @@ def predict(
         _check_model(model)
         for image in images:
             existing(image, "IMAGES", "file")
-        if log and _monitoring(params).log_uri is None and not os.environ.get("SIAMESE_INFERENCE_LOG"):
+        if log and _monitoring(params).log_location() is None:
             from siamese_core.errors import ConfigError
 
             raise ConfigError("--log: monitoring.log_uri is null in the params file; set a folder or s3:// URI")
@@ -754,11 +754,10 @@ def feedback_import(
 
     def body():
         from pipelines.feedback import import_feedback
-        from pipelines.params import load_params
 
-        settings = load_params(params) if params or Path("params.yaml").is_file() else None
-        source = labelled or Path(settings.monitoring.review_dir if settings else "review") / "labelled"
-        target = into or Path(settings.data.train_dir if settings else "data/train")
+        settings = _settings(params)
+        source = labelled or Path(settings.monitoring.review_dir) / "labelled"
+        target = into or Path(settings.data.train_dir)
         done = import_feedback(source, target, by or os.environ.get("USER", ""), dvc)
         typer.echo(f"{len(done['images'])} images of {len(done['classes'])} classes added to {target} "
                    f"({done['skipped_already_present']} already there); manifest {done['manifest']}")

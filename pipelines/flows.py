@@ -38,7 +38,6 @@ from . import pipeline, runner
 from .card import run_summary
 from .errors import PIPELINE_USER_ERRORS, PrefectServerError
 from .files import read_json
-from .inference_log import log_uri
 from .params import MonitoringConfig, PipelineParams, load_params
 from .process import quiet_libraries
 
@@ -282,25 +281,27 @@ def retraining_flow(params_path: str = "params.yaml", overrides: dict[str, Any] 
 def monitoring_flow(params_path: str = "params.yaml", window_hours: float | None = None) -> dict:
     """Judge the last ``window_hours`` (default ``monitoring.window_hours``) of the inference log against the
     served version's reference profile; log the figures as the next point of the version's MLflow run in the
-    ``<experiment>-monitoring`` experiment (with the window's HTML report) and a Prefect artifact; when a rule of ``monitoring.rules`` fires, emit ``siamese.monitoring.drift``,
-    which starts the retraining deployment. Returns the figures, the rules that fired and the run id."""
+    ``<experiment>-monitoring`` experiment (with the window's HTML report) and a Prefect artifact; when a rule
+    of ``monitoring.rules`` fires, emit ``siamese.monitoring.drift``, which starts the retraining deployment.
+    Returns the figures, the rules that fired and the run id."""
     from .monitoring import EVENT, assess_traffic, read_window, report_html
     from .tracking import ui_url
 
     params = load_params(params_path)
     settings, name = params.monitoring, params.register.model_name
-    uri = log_uri(settings)
+    uri = settings.log_location()
     if uri is None:
         raise ConfigError("monitoring.log_uri is null: there is no inference log to monitor")
     until = datetime.now(UTC)
     since = until - timedelta(hours=window_hours or settings.window_hours)
     window = read_window(uri, since, until)
     window = window.filter(pc.equal(window.column("model_name"), name))
-    version = Counter(window.column("model_version").to_pylist()).most_common(1)
-    reference = reference_of(name, version[0][0]) if version else None
+    most = Counter(window.column("model_version").to_pylist()).most_common(1)
+    version = most[0][0] if most else None
+    reference = reference_of(name, version) if version else None
     if version:
-        window = window.filter(pc.equal(window.column("model_version"), version[0][0]))
-    report = assess_traffic(window, reference, settings, since, until, name)
+        window = window.filter(pc.equal(window.column("model_version"), version))
+    report = assess_traffic(window, reference, settings, since, until, name, version)
     run, step = monitoring_run(params, name, report.model_version)
     stamp = f"{until:%Y-%m-%dT%H:%M:%SZ}"
     try:

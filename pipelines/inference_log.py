@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LOG_URI_VARIABLE = "SIAMESE_INFERENCE_LOG"
 UNKNOWN = "unknown"
 # The request id of the request being answered: set by the HTTP server (from X-Request-Id or new).
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("siamese_request_id", default=None)
@@ -102,11 +101,6 @@ def filesystem(uri: str):
         if os.environ.get("MLFLOW_S3_ENDPOINT_URL"):
             options["endpoint_url"] = os.environ["MLFLOW_S3_ENDPOINT_URL"]
     return fsspec.core.url_to_fs(uri, **options)
-
-
-def log_uri(settings: MonitoringConfig) -> str | None:
-    """Where the log goes: ``$SIAMESE_INFERENCE_LOG``, else ``monitoring.log_uri`` (None: no log)."""
-    return os.environ.get(LOG_URI_VARIABLE) or settings.log_uri
 
 
 def _dimensions(data: bytes) -> tuple[int | None, int | None]:
@@ -283,7 +277,7 @@ def _extension(image: bytes) -> str:
 
 def open_log(settings: MonitoringConfig, model_uri: str, source: str) -> InferenceLog | None:
     """The inference log for answers of ``model_uri``, or None when logging is off."""
-    uri = log_uri(settings)
+    uri = settings.log_location()
     return InferenceLog(uri, settings, ModelIdentity.of(model_uri), source) if uri else None
 
 

@@ -83,13 +83,13 @@ class TrafficReport:
 
 
 def assess_traffic(table: pa.Table, reference: ReferenceProfile | None, settings: MonitoringConfig,
-                   since: datetime, until: datetime, model_name: str) -> TrafficReport:
-    """The figures of the window ``table`` (records of one model) against ``reference``, and the rules that fire."""
+                   since: datetime, until: datetime, model_name: str, model_version: str | None) -> TrafficReport:
+    """The figures of the window ``table`` (records of one version of a model) against ``reference``, and the
+    rules that fire."""
     from scipy.spatial.distance import jensenshannon
     from scipy.stats import ks_2samp, wasserstein_distance
 
-    versions = Counter(table.column("model_version").to_pylist()) if table.num_rows else Counter()
-    report = TrafficReport(since, until, model_name, versions.most_common(1)[0][0] if versions else None)
+    report = TrafficReport(since, until, model_name, model_version)
     n = table.num_rows
     hours = max((until - since).total_seconds() / 3600, 1e-9)
     figures = report.figures

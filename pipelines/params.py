@@ -104,6 +104,10 @@ class MonitoringConfig(Section):
     cron: str = Field("0 * * * *", description="When the monitoring deployment runs.")
     rules: DriftRules = Field(default_factory=DriftRules)
 
+    def log_location(self) -> str | None:
+        """Where the inference log goes: ``$SIAMESE_INFERENCE_LOG``, else ``log_uri`` (None: no log)."""
+        return os.environ.get("SIAMESE_INFERENCE_LOG") or self.log_uri
+
 
 class ServingConfig(Section):
     """How `siamese serve` groups concurrent requests into one forward pass."""

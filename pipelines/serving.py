@@ -39,7 +39,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from .inference_log import InferenceLog, ModelIdentity, attach, log_uri
+from .inference_log import InferenceLog, ModelIdentity, attach
 from .params import MonitoringConfig, ServingConfig
 from .pyfunc_model import RequestError, ServerError, answer_records, input_example
 
@@ -123,8 +123,6 @@ def parse_request(body: bytes) -> pd.DataFrame:
             frame = pd.DataFrame(data["data"], columns=data["columns"])
         elif kind == "dataframe_records":
             frame = pd.DataFrame.from_records(data)
-        elif isinstance(data, list) and all(isinstance(value, str) for value in data):  # bare base64 strings
-            return pd.DataFrame({"image": data})
         elif isinstance(data, dict):  # inputs / instances as columns
             frame = pd.DataFrame(data)
         else:  # inputs / instances as rows: records, or bare base64 strings
@@ -176,7 +174,7 @@ class Served:
         model = load_for_serving(self.model_uri if named is None else f"models:/{named[0]}/{named[1]}")
         model.predict(input_example())  # tried before it answers anyone
         settings = self.monitoring
-        uri = log_uri(settings) if settings is not None else None
+        uri = settings.log_location() if settings is not None else None
         inference_log = None
         if settings is not None and uri is not None:
             identity = (ModelIdentity.of(self.model_uri) if named is None else
@@ -207,8 +205,8 @@ class Served:
 class MicroBatcher:
     """Concurrent requests' decoded images recognised in one forward pass.
 
-    A request's images join a queue. One task takes everything queued (up to ``max_images``; waiting at most
-    ``max_wait_ms`` for more once one request is there), recognises it in one call in a worker thread and hands
+    A request's images join a queue. One task takes everything queued (up to ``max_batch_images``; waiting at
+    most ``max_wait_ms`` for more once one request is there), recognises it in one call in a worker thread and hands
     each request its own rows. While a batch runs the next one gathers, so a lone request waits for nothing and
     a busy server batches by itself. A failing batch fails only the requests in it.
     """
