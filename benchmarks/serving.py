@@ -16,14 +16,10 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -51,35 +47,13 @@ def _network_limit() -> float:
     return 64 * rounds / (time.perf_counter() - started)
 
 
-def _load(url: str, bodies: list[bytes], clients: int, seconds: float) -> dict:
-    latencies: list[float] = []
-    errors = [0]
-    stop = time.perf_counter() + seconds
-
-    def client(offset: int) -> None:
-        n = offset
-        while time.perf_counter() < stop:
-            request = urllib.request.Request(url, data=bodies[n % len(bodies)], method="POST",
-                                             headers={"Content-Type": "application/json"})
-            started = time.perf_counter()
-            try:
-                with urllib.request.urlopen(request, timeout=60) as response:
-                    response.read()
-                latencies.append(1000 * (time.perf_counter() - started))
-            except (urllib.error.URLError, OSError):
-                errors[0] += 1
-            n += 1
-
-    threads = [threading.Thread(target=client, args=(i * 7,)) for i in range(clients)]
-    began = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - began
-    cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 2 else [float("nan")] * 99
-    return {"requests_per_s": round(len(latencies) / elapsed, 1), "p50_ms": round(cuts[49], 1),
-            "p95_ms": round(cuts[94], 1), "p99_ms": round(cuts[98], 1), "errors": errors[0], "requests": len(latencies)}
+def _load(url: str, bodies: list[bytes], clients: int, seconds: float, work: Path) -> dict:
+    """The figures of :mod:`load` (its own process) sending ``bodies`` to ``url``."""
+    path = work / "bodies.jsonl"
+    path.write_bytes(b"\n".join(bodies) + b"\n")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "load.py"), url, str(path), "--clients",
+                           str(clients), "--seconds", str(seconds)], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
 
 
 def _server(name: str, tracking: str, work: Path, port: int) -> subprocess.Popen:
@@ -117,13 +91,14 @@ def main() -> None:
             try:
                 wait_for_ping(port)
                 url = f"http://127.0.0.1:{port}/invocations"
-                _load(url, sizes["1 image"], 4, 2)  # warm up
+                _load(url, sizes["1 image"], 4, 2, work)  # warm up
                 family = [server_process := psutil.Process(server.pid), *server_process.children(recursive=True)]
                 rows = []
                 for size, bodies in sizes.items():
                     for clients in CLIENTS:
                         cpu = sum(p.cpu_times().user + p.cpu_times().system for p in family)
-                        row = {"request": size, "clients": clients, **_load(url, bodies, clients, args.seconds)}
+                        row = {"request": size, "clients": clients, **_load(url, bodies, clients, args.seconds, work)}
+                        row.pop("versions")
                         used = sum(p.cpu_times().user + p.cpu_times().system for p in family) - cpu
                         row["images_per_s"] = round(row["requests_per_s"] * (8 if size == "8 images" else 1), 1)
                         row["cpu_ms_per_request"] = round(1000 * used / max(row["requests"], 1), 2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field
@@ -57,6 +57,16 @@ class RegisterConfig(Section):
     model_name: str = "siamese-recognizer"
     metric: str = Field("top1", description="Evaluation metric the champion gate compares.")
     greater_is_better: bool = True
+    rollout: Literal["direct", "shadow", "canary"] = Field(
+        "direct", description="How a version that passes the gate reaches traffic: direct (it becomes champion), "
+        "shadow (challenger, run on a copy of live traffic) or canary (challenger, answering canary_share of clients).")
+    canary_share: float = Field(0.1, gt=0, lt=1, description="Share of client keys the canary answers.")
+    rollback_margin: float = Field(0.05, ge=0, le=1, description="The challenger is rolled back when its error or "
+                                   "unknown rate is over the champion's by more than this.")
+    rollback_min_requests: int = Field(50, ge=1, description="Challenger requests before the rollback rule applies.")
+    promote_min_requests: int = Field(200, ge=0, description="Challenger requests `siamese promote` needs.")
+    promote_min_agreement: float = Field(0.8, ge=0, le=1, description="Share of images on which both versions "
+                                         "answered the same class that `siamese promote` needs.")
 
 
 class ComputeConfig(Section):
@@ -116,6 +126,7 @@ class ServingConfig(Section):
                                   "together at most.")
     max_wait_ms: float = Field(0.0, ge=0, le=1000, description="How long a batch waits for more requests once "
                                "one is there; 0: it takes what is queued while the previous batch runs.")
+    tf_threads: int = Field(0, ge=0, le=256, description="Threads of one forward pass; 0: one per core.")
 
 
 class ScheduleConfig(Section):

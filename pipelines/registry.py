@@ -1,7 +1,8 @@
 """The MLflow model registry: versions, the champion gate, aliases, promotion and rollback, model cards.
 
 Aliases: ``champion`` (what the predict flow and serving load), ``previous`` (the champion
-it replaced, for rollback), ``challenger`` (a version that did not beat the champion) and
+it replaced, for rollback), ``challenger`` (a version that did not beat the champion; with
+``register.rollout: shadow | canary``, the winner on live traffic, see :mod:`pipelines.rollout`) and
 ``enrolled`` (a version with an enlarged gallery). Every alias move runs under one lock
 and records who moved it, when and why on the version's tags.
 """
@@ -35,10 +36,12 @@ from siamese_core.sharding import Sharder
 from .errors import NoChampionError, RegistryError
 from .files import tree_sha256
 from .params import PipelineParams
+from .rollout import plan_for
 from .tracking import PipelineRun, client, ensure_experiment, metric_values, tracked_run, tracking_uri
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER, PREVIOUS, ENROLLED = "champion", "challenger", "previous", "enrolled"
+REJECTED = "rejected"  # a gate decision, not an alias: a loser while a shadow or canary rollout holds 'challenger'
 # The sha256 of a version's artifacts as registered (files.tree_sha256), kept in the tracking database.
 ARTIFACTS_DIGEST_TAG = "artifacts_sha256"
 # Written by MLflow into the stored model when the version is registered (its name and number, as YAML data).
@@ -251,9 +254,14 @@ def _decide(champion: ModelVersion | None, value: float, metric: str, greater_is
 
 def apply_gate(
     mlflow_client: MlflowClient, run_id: str, model_name: str, version: str, metric: str, value: float,
-    greater_is_better: bool, score_champion: ChampionScorer, baselines: dict | None = None,
+    greater_is_better: bool, score_champion: ChampionScorer, baselines: dict | None = None, rollout=None,
 ) -> tuple[str, float | None, str]:
     """Give ``version`` the champion alias if it beats its baselines and the champion on the same queries, else challenger.
+
+    With a ``rollout`` plan (:class:`pipelines.rollout.Plan`, shadow or canary) a winner that has a champion to
+    replace takes ``challenger`` with the plan as tags, and reaches ``champion`` through ``siamese promote`` once it
+    has live evidence; a loser then takes no alias (the challenger's place is the live rollout's) and its decision is
+    ``rejected``. The first version of a model becomes champion in every mode.
 
     ``score_champion(champion)`` scores the current champion on this run's queries (None: it serves other
     classes, and a version that beats its baselines replaces it); ``baselines`` is the evaluation's
@@ -265,7 +273,16 @@ def apply_gate(
     with gate_lock(model_name):
         champion = alias_version(model_name, CHAMPION)
         wins, previous, reason = _decide(champion, value, metric, greater_is_better, score_champion, baselines)
-        decision = CHAMPION if wins else CHALLENGER
+        staged = rollout is not None and rollout.mode != "direct"
+        if not wins:
+            decision = REJECTED if staged else CHALLENGER
+        elif staged and previous is not None:  # a champion of the same data to replace: live traffic first
+            decision = CHALLENGER
+        else:
+            decision = CHAMPION
+        if decision == CHALLENGER and staged:
+            reason = (f"{reason}; in {rollout.mode} rollout: `siamese rollout status` shows its live evidence, "
+                      "`siamese promote` makes it champion")
         gate = {
             "gate.decision": decision,
             "gate.reason": reason,
@@ -279,10 +296,13 @@ def apply_gate(
             mlflow_client.set_model_version_tag(model_name, version, key, tag)
         if previous is not None:
             mlflow_client.log_metric(run_id, f"previous_champion.{metric}", previous)
-        if wins:
+        if decision == CHAMPION:
             _make_champion(mlflow_client, model_name, version, "gate", reason)
-        else:
+        elif decision == CHALLENGER:
             mlflow_client.set_registered_model_alias(model_name, CHALLENGER, version)
+            if staged:
+                for key, tag in rollout.tags().items():
+                    mlflow_client.set_model_version_tag(model_name, version, key, tag)
     return decision, previous, reason
 
 
@@ -294,8 +314,15 @@ def version_number(version: str | int) -> str:
     return str(int(text))
 
 
-def set_champion(model_name: str, version: str, reason: str, action: str = "promote") -> dict:
-    """Make ``version`` the champion by hand, recording ``reason``; the old champion becomes ``previous``."""
+def set_champion(model_name: str, version: str, reason: str, action: str = "promote", rollout_mode: str = "direct",
+                 force: bool = False) -> dict:
+    """Make ``version`` the champion by hand, recording ``reason``; the old champion becomes ``previous``.
+
+    A promote in shadow or canary mode (``rollout_mode``, or a live rollout of the model) needs the challenger's live
+    evidence (:func:`pipelines.rollout.check_promotion`) unless ``force``; the evidence is recorded on the version
+    and its rollout ends."""
+    from . import rollout
+
     if not reason.strip():
         raise RegistryError("a reason is required: it is recorded on the version")
     version = version_number(version)
@@ -310,8 +337,10 @@ def set_champion(model_name: str, version: str, reason: str, action: str = "prom
         current = alias_version(model_name, CHAMPION)
         if current is not None and str(current.version) == str(version):
             raise RegistryError(f"version {version} of '{model_name}' is already the champion")
+        evidence = rollout.check_promotion(model_name, version, rollout_mode, force) if action == "promote" else None
         old = _make_champion(mlflow_client, model_name, str(version), action, reason)
-    return {"model_name": model_name, "champion": str(version), "previous": old, "reason": reason}
+        rollout.finish(model_name, version, evidence)
+    return {"model_name": model_name, "champion": str(version), "previous": old, "reason": reason, "evidence": evidence}
 
 
 STALE_REGISTRATION_S = 3600  # a version this old with no gate decision was left by a registration that died
@@ -439,7 +468,7 @@ def log_and_register(
     version = register_bundle(run.run_id, register.model_name, bundle_dir)
     decision, previous, reason = apply_gate(
         run.client, run.run_id, register.model_name, version, register.metric, value, register.greater_is_better,
-        score_champion, baselines)
+        score_champion, baselines, plan_for(register, version))
     return {
         "run_id": run.run_id,
         "run_name": run.info.run_name,

@@ -21,22 +21,22 @@ across requests, time per request) are those of :mod:`pipelines.pyfunc_model`.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from typing import Any
 
 import mlflow
-import pandas as pd
+import orjson
 from mlflow.exceptions import MlflowException
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from .inference_log import InferenceLog, ModelIdentity, attach
@@ -106,13 +106,13 @@ async def _drop(stream, most: int) -> None:
             return
 
 
-def parse_request(body: bytes) -> pd.DataFrame:
-    """The ``image`` column of a request in one of MLflow's input formats, or BadRequest."""
+def parse_request(body: bytes) -> list:
+    """The ``image`` column of a request in one of MLflow's input formats (its values, unchecked), or BadRequest."""
     try:
-        payload = json.loads(body)
-    except RecursionError:
-        raise BadRequest("the request JSON is nested too deeply") from None
-    except (UnicodeDecodeError, ValueError) as exc:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        if str(exc).startswith(("depth limit", "recursion limit")):
+            raise BadRequest("the request JSON is nested too deeply") from None
         raise BadRequest(f"the request is not valid JSON ({_short(exc)})") from None
     if not isinstance(payload, dict) or len(payload) != 1 or next(iter(payload)) not in INPUT_FORMATS:
         keys = [_short(k) for k in payload][:5] if isinstance(payload, dict) else type(payload).__name__
@@ -120,19 +120,32 @@ def parse_request(body: bytes) -> pd.DataFrame:
     kind, data = next(iter(payload.items()))
     try:
         if kind == "dataframe_split":
-            frame = pd.DataFrame(data["data"], columns=data["columns"])
-        elif kind == "dataframe_records":
-            frame = pd.DataFrame.from_records(data)
-        elif isinstance(data, dict):  # inputs / instances as columns
-            frame = pd.DataFrame(data)
-        else:  # inputs / instances as rows: records, or bare base64 strings
-            frame = pd.DataFrame.from_records(data) if data and isinstance(data[0], dict) else pd.DataFrame({"image": data})
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            columns = list(data["columns"])
+            if "image" not in columns:
+                raise _NoImageColumn(columns)
+            column = columns.index("image")
+            return [row[column] for row in data["data"]]
+        if isinstance(data, dict):  # inputs / instances as columns
+            if "image" not in data:
+                raise _NoImageColumn(list(data))
+            return [data["image"]] if isinstance(data["image"], str) else list(data["image"])
+        if not isinstance(data, list):
+            raise TypeError(f"expected a list of rows, got {type(data).__name__}")
+        if kind == "dataframe_records" or (data and isinstance(data[0], dict)):  # rows as records
+            missing = next((row for row in data if not isinstance(row, dict) or "image" not in row), None)
+            if missing is not None:
+                raise _NoImageColumn(list(missing) if isinstance(missing, dict) else [])
+            return [row["image"] for row in data]
+        return data  # inputs / instances as bare base64 strings
+    except _NoImageColumn as exc:
+        columns = [_short(c) for c in exc.args[0][:5]]
+        raise BadRequest(f"the request needs a column 'image' of base64-encoded images, got columns {columns}") from None
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise BadRequest(f"'{kind}' is not a table of images ({_short(exc)})") from None
-    if "image" not in frame.columns:
-        columns = [_short(c) for c in frame.columns[:5]]
-        raise BadRequest(f"the request needs a column 'image' of base64-encoded images, got columns {columns}")
-    return frame[["image"]]
+
+
+class _NoImageColumn(Exception):
+    """A request table without the column ``image``; its argument is the columns it has."""
 
 
 def _error(message: str, status: int, code: str = "INVALID_PARAMETER_VALUE") -> JSONResponse:
@@ -203,31 +216,31 @@ class Served:
 
 
 class MicroBatcher:
-    """Concurrent requests' decoded images recognised in one forward pass.
+    """Concurrent requests recognised in one forward pass.
 
-    A request's images join a queue. One task takes everything queued (up to ``max_batch_images``; waiting at
-    most ``max_wait_ms`` for more once one request is there), recognises it in one call in a worker thread and hands
-    each request its own rows. While a batch runs the next one gathers, so a lone request waits for nothing and
-    a busy server batches by itself. A failing batch fails only the requests in it.
+    A request's base64 images join a queue. One task takes everything queued (up to ``max_batch_images``; waiting at
+    most ``max_wait_ms`` for more once one request is there) and hands it to one worker thread, which decodes each
+    request's images, recognises them all in one call and gives each request its own rows. While a batch runs the
+    next one gathers, so a lone request waits for nothing and a busy server batches by itself. One thread hop per
+    batch, not per request; a bad image fails only its own request, a failing forward pass only its batch.
     """
 
     def __init__(self, settings: ServingConfig | None = None):
         self.settings = settings or ServingConfig()
         self._queue: asyncio.Queue | None = None
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="recognise")
         self.counts = {"batches": 0, "requests": 0, "images": 0}  # what /stats reports
 
-    async def recognise(self, model, arrays: list) -> tuple[list, Any]:
-        """The matches and embeddings of ``arrays`` with ``model`` (a :class:`SiameseBundleModel`)."""
+    async def recognise(self, model, images: list) -> Recognised:
+        """What ``model`` (a :class:`SiameseBundleModel`) makes of one request's base64 ``images``."""
         if self._queue is None:
             self._queue = asyncio.Queue()
             asyncio.get_running_loop().create_task(self._run(self._queue))
         answer: asyncio.Future = asyncio.get_running_loop().create_future()
-        await self._queue.put((model, arrays, answer))
+        await self._queue.put((model, images, answer))
         return await answer
 
     async def _run(self, waiting: asyncio.Queue) -> None:
-        from starlette.concurrency import run_in_threadpool
-
         loop = asyncio.get_running_loop()
         while True:
             batch = [await waiting.get()]
@@ -246,16 +259,51 @@ class MicroBatcher:
             for model in {id(item[0]): item[0] for item in batch}.values():  # a swap may leave two versions in flight
                 self.counts["batches"] += 1
                 group = [item for item in batch if item[0] is model]
-                try:
-                    matches, queries = await run_in_threadpool(model.recognise, [a for item in group for a in item[1]])
-                except Exception as exc:  # RequestError/ServerError: each request of the batch gets it
-                    for _, _, answer in group:
-                        answer.set_exception(exc)
-                    continue
-                start = 0
-                for _, arrays, answer in group:
-                    answer.set_result((matches[start:start + len(arrays)], queries[start:start + len(arrays)]))
-                    start += len(arrays)
+                results = await loop.run_in_executor(self._worker, recognise_requests, model,
+                                                     [item[1] for item in group])
+                for (_, _, answer), result in zip(group, results):
+                    if isinstance(result, Exception):
+                        answer.set_exception(result)
+                    else:
+                        answer.set_result(result)
+
+
+@dataclass(frozen=True)
+class Recognised:
+    """One request's answer: its image bytes, matches and query embeddings, and when its work started."""
+
+    images: list
+    matches: list
+    queries: Any
+    started: float
+
+
+def recognise_requests(model, requests: list[list]) -> list[Recognised | Exception]:
+    """Each request's :class:`Recognised`, or the exception that fails it: its own bad image (RequestError), or
+    the batch's forward pass (ServerError) for every request of the batch."""
+    decoded: list[Any] = []
+    for images in requests:
+        started = time.perf_counter()
+        try:
+            decoded.append((*model.decode(images), started))
+        except Exception as exc:  # RequestError, or the server's own limits misconfigured (ServerError)
+            decoded.append(exc)
+    good = [d for d in decoded if not isinstance(d, Exception)]
+    try:
+        matches, queries = model.recognise([array for _, arrays, _ in good for array in arrays])
+    except Exception as exc:
+        return [d if isinstance(d, Exception) else exc for d in decoded]
+    results: list[Recognised | Exception] = []
+    start = 0
+    for item in decoded:
+        if isinstance(item, Exception):
+            results.append(item)
+            continue
+        images, arrays, started = item
+        results.append(Recognised(images, matches[start:start + len(arrays)], queries[start:start + len(arrays)],
+                                  started))
+        start += len(arrays)
+    return results
 
 
 def build_app(served: Served, batcher: MicroBatcher | None = None) -> Starlette:
@@ -280,16 +328,17 @@ def build_app(served: Served, batcher: MicroBatcher | None = None) -> Starlette:
 
     async def _answer(request: Request, model, batching: MicroBatcher):
         try:
-            frame = parse_request(await _read_body(request, limit))
+            images = parse_request(await _read_body(request, limit))
             bundle_model = model.unwrap_python_model()
             if not hasattr(bundle_model, "recognise"):  # a version registered before batching: one call each
-                answers = await run_in_threadpool(model.predict, frame)
+                import pandas as pd
+
+                answers = await run_in_threadpool(model.predict, pd.DataFrame({"image": images}))
             else:
-                started = time.perf_counter()
-                images, arrays = await run_in_threadpool(bundle_model.decode, frame)
-                matches, queries = await batching.recognise(bundle_model, arrays)
-                bundle_model.record(images, matches, queries, started)
-                return JSONResponse({"predictions": answer_records(matches)})
+                done = await batching.recognise(bundle_model, images)
+                bundle_model.record(done.images, done.matches, done.queries, done.started)
+                return Response(orjson.dumps({"predictions": answer_records(done.matches)}),
+                                media_type="application/json")
         except BadRequest as exc:
             return _error(str(exc), exc.status)
         except RequestError as exc:
@@ -349,6 +398,22 @@ def _return_large_blocks_to_the_system() -> None:
     libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
+def set_threads(settings: ServingConfig) -> None:
+    """Threads for this machine, set before TensorFlow runs anything: the forward pass uses ``tf_threads`` (0: every
+    core), and BLAS one thread (the gallery search is one small matrix product per batch; more threads only
+    contend with TensorFlow's)."""
+    import tensorflow as tf
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    cores = settings.tf_threads or os.cpu_count() or 1
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(cores)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # TensorFlow already ran an op in this process (a test's): its threads stay
+        pass
+
+
 def serve(model_uri: str, host: str, port: int, monitoring: MonitoringConfig | None = None,
           reload_seconds: float = 5.0, batching: ServingConfig | None = None) -> None:
     """Load the model, then serve it until interrupted, logging its answers as ``monitoring`` says (None: no log)
@@ -360,11 +425,13 @@ def serve(model_uri: str, host: str, port: int, monitoring: MonitoringConfig | N
     from .pyfunc_model import SERVER_TIMEOUT_VARIABLE
 
     os.environ.setdefault(SERVER_TIMEOUT_VARIABLE, "60")  # the time limit per request, as mlflow models serve's
+    set_threads(batching or ServingConfig())
     served = Served(model_uri, monitoring, reload_seconds)
     if served.current.inference_log is not None:
         log.warning("logging every answer to %s", served.current.inference_log.uri)
     try:
+        # httptools' C parser and uvloop: a third of a request's CPU went to the pure-Python parser
         uvicorn.run(build_app(served, MicroBatcher(batching)), host=host, port=port, log_level="warning",
-                    access_log=False)
+                    access_log=False, http="httptools", loop="uvloop")
     finally:
         served.stop()

@@ -36,6 +36,10 @@ def decoded_batches(
     At most two batches are decoded ahead of the consumer, so memory does not grow
     with the number of images.
     """
+    if all(isinstance(s, np.ndarray) for s in sources):  # decoded already (the server's path): no threads to start
+        for start in range(0, len(sources), batch_size):
+            yield np.stack([_decode(s, size) for s in sources[start : start + batch_size]])
+        return
     workers = workers or min(8, os.cpu_count() or 1)
     decode = partial(_decode, size=size)
     with ThreadPoolExecutor(workers) as pool:
