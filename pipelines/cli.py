@@ -426,14 +426,24 @@ def promote(
     model_name: Annotated[str, typer.Argument(help="Registered model name.")],
     version: Annotated[str, typer.Argument(help="Version to make the champion.")],
     reason: ReasonOption,
+    force: Annotated[bool, typer.Option(
+        "--force", help="In shadow or canary mode, promote without the live evidence register.promote_* asks for "
+        "(recorded on the version).")] = False,
+    params: ParamsOption = None,
 ) -> None:
-    """Make a version the champion by hand, without the gate; the old champion becomes 'previous'."""
+    """Make a version the champion by hand, without the gate; the old champion becomes 'previous'.
+
+    With register.rollout shadow or canary, the version must be the live challenger with enough live evidence
+    (`siamese rollout status`); the evidence is recorded on the version and the rollout ends."""
 
     def body():
         from pipelines.registry import set_champion
 
-        done = set_champion(model_name, version, reason)
-        typer.echo(f"{model_name}: champion is version {done['champion']} (previous: {done['previous']}); "
+        done = set_champion(model_name, version, reason, rollout_mode=_settings(params).register.rollout, force=force)
+        evidence = done["evidence"]
+        proof = "" if evidence is None else (" without the live evidence (--force)" if evidence["forced"] else
+                                             " on its live evidence")
+        typer.echo(f"{model_name}: champion is version {done['champion']}{proof} (previous: {done['previous']}); "
                    f"reason recorded: {reason}")
 
     _run(body)
@@ -654,6 +664,57 @@ def dvc_yaml(
     _run(body, tensorflow=False)
 
 
+rollout_app = typer.Typer(help="Shadow and canary rollouts: the challenger on live traffic.", no_args_is_help=True,
+                          rich_markup_mode=None)
+
+
+@rollout_app.command("status")
+def rollout_status(
+    model_name: Annotated[str | None, typer.Argument(help="Registered model name (default: params' register.model_name).")]
+    = None,
+    params: ParamsOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Both versions on live traffic, pooled over every serving replica: requests, agreement, unknown and error
+    rates, latency; and what promoting the challenger still needs."""
+
+    def body():
+        import json
+
+        from pipelines.rollout import status
+
+        found = status(model_name or _settings(params).register.model_name)
+        if as_json:
+            typer.echo(json.dumps(found, indent=1))
+            return
+        typer.echo(f"{found['model_name']}: champion version {found['champion']}, challenger version "
+                   f"{found['challenger']}" + ("" if found["plan"] is None else f" in {found['mode']} rollout"))
+        if found["plan"] is None:
+            typer.echo("no live rollout: the champion answers everything")
+            return
+        counts = found["counts"]
+        typer.echo(f"{'':12}{'version':>8}{'requests':>10}{'images':>8}{'unknown':>9}{'errors':>8}{'mean ms':>9}"
+                   f"{'p95 ms':>8}")
+        for role, version in (("champion", found["champion"]), ("challenger", found["challenger"])):
+            mine = counts[role]
+            typer.echo(f"{role:12}{version:>8}{mine['requests']:>10}{mine['images']:>8}{_percent(mine['unknown_rate']):>9}"
+                       f"{_percent(mine['error_rate']):>8}{_figure(mine['mean_ms']):>9}{_figure(mine['p95_ms']):>8}")
+        typer.echo(f"agreement: {_percent(counts['agreement'])} of {counts['compared']} images answered by both "
+                   f"({counts['skipped']} requests not compared); {counts['replicas']} replica(s) reporting")
+        typer.echo("promotion: " + ("the evidence is there (siamese promote)" if not found["missing"] else
+                                    "needs " + "; ".join(found["missing"])))
+
+    _run(body)
+
+
+def _percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{100 * rate:.1f}%"
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 flows_app = typer.Typer(help="Run the pipeline's Prefect flows.", no_args_is_help=True, rich_markup_mode=None)
 
 
@@ -772,6 +833,7 @@ from pipelines.stack import stack_app  # the `siamese stack` commands
 app.add_typer(stack_app, name="stack")
 app.add_typer(registry_app, name="registry")
 app.add_typer(flows_app, name="flows")
+app.add_typer(rollout_app, name="rollout")
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(review_app, name="review")
 

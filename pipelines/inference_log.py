@@ -67,6 +67,7 @@ SCHEMA = pa.schema([
     ("margin", pa.float64()),
     ("latency_ms", pa.float64()),
     ("embedding", pa.list_(pa.float16())),
+    ("agrees", pa.bool_()),  # a shadow answer (source "shadow"): the same class as the answer the client got
 ])
 
 
@@ -155,7 +156,8 @@ class InferenceLog:
             return dict(self._counts)
 
     def submit(self, images: list[bytes], matches: list[Match], decisions: list[tuple[str, float | None]],
-               embeddings: np.ndarray | None, latency_ms: float, request_id: str | None = None) -> None:
+               embeddings: np.ndarray | None, latency_ms: float, request_id: str | None = None,
+               agreement: list[bool] | None = None) -> None:
         """Queue one record per image of a request (``decisions`` from :func:`judged`); never raises, never waits."""
         try:
             request_id = request_id or REQUEST_ID.get() or uuid.uuid4().hex
@@ -174,6 +176,7 @@ class InferenceLog:
                     "latency_ms": latency_ms,
                     "embedding": (embeddings[row].astype(np.float16)
                                   if self.settings.log_embeddings and embeddings is not None else None),
+                    "agrees": None if agreement is None else agreement[row],
                 }
                 needs_review = decision == UNKNOWN or (margin is not None and margin < self.settings.review_margin)
                 image = data if self.settings.log_images and needs_review else None

@@ -200,13 +200,16 @@ class SiameseBundleModel(PythonModel):
             log.exception("prediction failed")
             raise ServerError() from None
 
-    def record(self, images: list[bytes], matches: list, queries: np.ndarray, started: float) -> None:
-        """Log the answers of one request (``started``: its ``time.perf_counter()``) when a log is attached."""
+    def record(self, images: list[bytes], matches: list, queries: np.ndarray, started: float,
+               agreement: list[bool] | None = None) -> None:
+        """Log the answers of one request (``started``: its ``time.perf_counter()``) when a log is attached;
+        ``agreement``: for a shadow answer, whether each image's label is the one the client got."""
         if self.inference_log is not None:
             from .inference_log import judged
 
             latency_ms = 1000 * (time.perf_counter() - started)
-            self.inference_log.submit(images, matches, judged(self.recognizer, queries, matches), queries, latency_ms)
+            self.inference_log.submit(images, matches, judged(self.recognizer, queries, matches), queries, latency_ms,
+                                      agreement=agreement)
 
     def log_to(self, inference_log) -> None:
         """Write a record of every answer to ``inference_log`` (a :class:`pipelines.inference_log.InferenceLog`)."""

@@ -25,6 +25,7 @@ import socket
 import threading
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from .errors import RegistryError
 
@@ -166,7 +167,8 @@ def pooled(model_version) -> dict:
                 log.warning("version %s: tag %s is not JSON; left out", model_version.version, key)
     total: dict = {"replicas": len(reports), "compared": 0, "agreed": 0, "skipped": 0}
     for role in (CHAMPION, CHALLENGER):
-        counts = {"requests": 0, "images": 0, "errors": 0, "unknown": 0, "latency_ms_sum": 0.0, "p95_ms": None}
+        counts: dict[str, Any] = {"requests": 0, "images": 0, "errors": 0, "unknown": 0, "latency_ms_sum": 0.0,
+                                  "p95_ms": None}
         for report in reports:
             mine = report.get(role, {})
             for name in ("requests", "images", "errors", "unknown", "latency_ms_sum"):
@@ -183,7 +185,7 @@ def pooled(model_version) -> dict:
     return total
 
 
-def _rate(part: int, whole: int) -> float | None:
+def _rate(part: float, whole: float) -> float | None:
     return None if not whole else part / whole
 
 

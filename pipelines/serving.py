@@ -21,6 +21,7 @@ across requests, time per request) are those of :mod:`pipelines.pyfunc_model`.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -39,7 +40,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from .inference_log import InferenceLog, ModelIdentity, attach
+from . import rollout
+from .inference_log import UNKNOWN, InferenceLog, ModelIdentity, attach
 from .params import MonitoringConfig, ServingConfig
 from .pyfunc_model import RequestError, ServerError, answer_records, input_example
 
@@ -161,15 +163,32 @@ class Loaded:
     inference_log: Any = None
 
 
+@dataclass(frozen=True)
+class Rollout:
+    """The live challenger a replica serves beside the champion: its plan, its model and this replica's tally."""
+
+    plan: rollout.Plan
+    challenger: Loaded
+    tally: rollout.Tally
+
+
 class Served:
     """What ``model_uri`` serves now. With an alias (``models:/NAME@champion``) a watcher thread checks every
     ``reload_seconds`` which version the alias names; when it moves (promote, rollback, the gate), the new version
     is loaded and tried beside the old one, then swapped in with one assignment. A request holds the version it
-    started with, so none fails during the swap; a version that fails to load is logged and the old one stays."""
+    started with, so none fails during the swap; a version that fails to load is logged and the old one stays.
 
-    def __init__(self, model_uri: str, monitoring: MonitoringConfig | None = None, reload_seconds: float = 5.0):
+    Serving ``@champion``, the watcher also follows the ``challenger`` of a live shadow or canary rollout
+    (:mod:`pipelines.rollout`): it loads it beside the champion, publishes this replica's tally to the registry
+    and rolls the challenger back when the pooled counts of every replica say so."""
+
+    def __init__(self, model_uri: str, monitoring: MonitoringConfig | None = None, reload_seconds: float = 5.0,
+                 replica: str | None = None):
         self.model_uri, self.monitoring = model_uri, monitoring
+        self.replica = replica or rollout.replica_id()
         self.current = self._load(self._version())
+        self.rollout: Rollout | None = None
+        self._published: dict | None = None
         self._stop = threading.Event()
         if "@" in model_uri and reload_seconds > 0:
             threading.Thread(target=self._watch, args=(reload_seconds,), name="alias-watcher", daemon=True).start()
@@ -183,7 +202,7 @@ class Served:
         found = version_of(self.model_uri)
         return found.name, str(found.version)
 
-    def _load(self, named: tuple[str, str] | None) -> Loaded:
+    def _load(self, named: tuple[str, str] | None, alias: str | None = None, source: str = "http") -> Loaded:
         model = load_for_serving(self.model_uri if named is None else f"models:/{named[0]}/{named[1]}")
         model.predict(input_example())  # tried before it answers anyone
         settings = self.monitoring
@@ -191,25 +210,75 @@ class Served:
         inference_log = None
         if settings is not None and uri is not None:
             identity = (ModelIdentity.of(self.model_uri) if named is None else
-                        ModelIdentity(named[0], named[1], self.model_uri.partition("@")[2] or None))
-            inference_log = attach(model, InferenceLog(uri, settings, identity, "http"))
+                        ModelIdentity(named[0], named[1], alias or self.model_uri.partition("@")[2] or None))
+            inference_log = attach(model, InferenceLog(uri, settings, identity, source))
         return Loaded(model, None if named is None else named[1], inference_log)
 
     def _watch(self, every: float) -> None:
         while not self._stop.wait(every):
             try:
-                named = self._version()
-                if named is None or named[1] == self.current.version:
-                    continue
-                loaded = self._load(named)
+                self._follow_champion()
+                if self.model_uri.startswith("models:/") and self.model_uri.endswith(f"@{rollout.CHAMPION}"):
+                    self._follow_challenger(self.model_uri[len("models:/"):].rpartition("@")[0])
             except Exception as exc:  # the registry or the store not answering: keep serving what is loaded
-                log.warning("%s: could not check or load the new version (%s); still serving version %s",
+                log.warning("%s: could not check or load a new version (%s); still serving version %s",
                             self.model_uri, _short(exc), self.current.version)
-                continue
-            old, self.current = self.current, loaded
-            log.warning("%s now serves version %s (was %s)", self.model_uri, loaded.version, old.version)
-            if old.inference_log is not None:
-                old.inference_log.close()
+
+    def _follow_champion(self) -> None:
+        named = self._version()
+        if named is None or named[1] == self.current.version:
+            return
+        loaded = self._load(named)
+        old, self.current = self.current, loaded
+        log.warning("%s now serves version %s (was %s)", self.model_uri, loaded.version, old.version)
+        if old.inference_log is not None:
+            old.inference_log.close()
+
+    def _follow_challenger(self, name: str) -> None:
+        """Load, publish for and judge the live challenger of ``name``; drop it once its rollout has ended."""
+        from .registry import alias_version
+
+        live = self.rollout
+        if live is not None:
+            self._publish(name, live)
+        challenger = alias_version(name, rollout.CHALLENGER)
+        plan = rollout.live_plan(challenger)
+        if plan is None or (live is not None and live.plan.version != plan.version):
+            if live is not None:
+                self.rollout = None
+                log.warning("%s: the rollout of version %s has ended; the champion answers everything",
+                            name, live.plan.version)
+                if live.challenger.inference_log is not None:
+                    live.challenger.inference_log.close()
+            if plan is None:
+                return
+            live = None
+        if live is None:
+            loaded = self._load((name, plan.version), rollout.CHALLENGER, "shadow" if plan.mode == "shadow" else "http")
+            self.rollout = Rollout(plan, loaded, rollout.Tally(plan, self.current.version))
+            log.warning("%s: version %s is live as challenger (%s%s)", name, plan.version, plan.mode,
+                        f", {plan.share:.0%} of clients" if plan.mode == "canary" else "")
+            return
+        reason = rollout.worse_by(plan, rollout.pooled(challenger))
+        if reason is not None and rollout.roll_back(name, plan.version, reason, self.replica):
+            self.rollout = None
+
+    def _publish(self, name: str, live: Rollout) -> None:
+        """Write this replica's tally on the challenger's version, when it changed."""
+        from .registry import client
+
+        report = live.tally.published()
+        if report != self._published:
+            client().set_model_version_tag(name, live.plan.version, rollout.REPLICA_PREFIX + self.replica,
+                                           json.dumps(report, sort_keys=True))
+            self._published = report
+
+    def route(self, client_key: str) -> tuple[Loaded, str, Rollout | None]:
+        """Which version answers a client: the canary's share of client keys go to the challenger."""
+        live = self.rollout
+        if live is not None and live.plan.mode == "canary" and rollout.to_challenger(live.plan, client_key):
+            return live.challenger, rollout.CHALLENGER, live
+        return self.current, rollout.CHAMPION, live
 
     def stop(self) -> None:
         self._stop.set()
@@ -306,52 +375,107 @@ def recognise_requests(model, requests: list[list]) -> list[Recognised | Excepti
     return results
 
 
+# Comparisons (shadow runs, canary checks) in flight at once; beyond it a request is not compared, and counted.
+MAX_COMPARISONS = 64
+
+
 def build_app(served: Served, batcher: MicroBatcher | None = None) -> Starlette:
     """The ASGI app answering with what ``served`` holds (a pyfunc model of this project). Each answer carries
-    ``X-Request-Id`` (the client's, or a new one) and ``X-Model-Version`` (the version that answered)."""
+    ``X-Request-Id`` (the client's, or a new one) and ``X-Model-Version`` (the version that answered). In a canary
+    rollout ``X-Client-Key`` (else the client's address) picks the version; in shadow and canary rollouts the other
+    version runs on the same images after the answer is sent, for the agreement."""
     from starlette.concurrency import run_in_threadpool
 
     from .inference_log import REQUEST_ID
 
     limit = max_body_bytes()
     batcher = batcher or MicroBatcher()
+    comparing: set[asyncio.Task] = set()
 
     async def invocations(request: Request):
         request_id = request.headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
         REQUEST_ID.set(request_id)  # the worker thread runs in a copy of this context
-        loaded = served.current  # this request's version, whatever a swap does meanwhile
-        response = await _answer(request, loaded.model, batcher)
+        client_key = request.headers.get("x-client-key") or (request.client.host if request.client else "")
+        loaded, role, live = served.route(client_key)  # this request's version, whatever a swap does meanwhile
+        response: Response
+        try:
+            images = parse_request(await _read_body(request, limit))
+            bundle_model = loaded.model.unwrap_python_model()
+            if not hasattr(bundle_model, "recognise"):  # a version registered before batching: one call each
+                import pandas as pd
+
+                answers = await run_in_threadpool(loaded.model.predict, pd.DataFrame({"image": images}))
+                response = JSONResponse({"predictions": answers.to_dict(orient="records")})
+            else:
+                try:
+                    done = await _recognised(bundle_model, images, role, live)
+                except _CanaryFailed:  # the champion answers; the failure counts against the canary
+                    loaded, role = served.current, rollout.CHAMPION
+                    bundle_model = loaded.model.unwrap_python_model()
+                    done = await _recognised(bundle_model, images, role, None)
+                bundle_model.record(done.images, done.matches, done.queries, done.started)
+                if live is not None:
+                    _compare(live, role, images, done)
+                response = Response(orjson.dumps({"predictions": answer_records(done.matches)}),
+                                    media_type="application/json")
+        except BadRequest as exc:
+            response = _error(str(exc), exc.status)
+        except RequestError as exc:
+            response = _error(exc.message, 400)
+        except ServerError as exc:
+            response = _error(exc.message, 500, "INTERNAL_ERROR")
+        except MlflowException as exc:  # MLflow's schema check, before the model sees the request
+            response = _error(_short(str(exc.message).splitlines()[0] if exc.message else exc.error_code), 400)
+        except Exception:
+            log.exception("prediction failed")
+            response = _error("the recogniser failed on this request; the server log has the details", 500,
+                              "INTERNAL_ERROR")
         response.headers["X-Request-Id"] = request_id
         if loaded.version is not None:
             response.headers["X-Model-Version"] = loaded.version
         return response
 
-    async def _answer(request: Request, model, batching: MicroBatcher):
+    async def _recognised(model, images: list, role: str, live: Rollout | None) -> Recognised:
+        """The answer of ``model``, counted in the rollout's tally; _CanaryFailed when the challenger fails on it."""
         try:
-            images = parse_request(await _read_body(request, limit))
-            bundle_model = model.unwrap_python_model()
-            if not hasattr(bundle_model, "recognise"):  # a version registered before batching: one call each
-                import pandas as pd
+            done = await batcher.recognise(model, images)
+        except ServerError:
+            if live is not None:
+                live.tally.add(role, len(images), 0, True, 0.0)
+                if role == rollout.CHALLENGER:
+                    raise _CanaryFailed() from None
+            raise
+        if live is not None:
+            live.tally.add(role, len(done.matches), _unknown(done.matches), False,
+                           1000 * (time.perf_counter() - done.started))
+        return done
 
-                answers = await run_in_threadpool(model.predict, pd.DataFrame({"image": images}))
-            else:
-                done = await batching.recognise(bundle_model, images)
-                bundle_model.record(done.images, done.matches, done.queries, done.started)
-                return Response(orjson.dumps({"predictions": answer_records(done.matches)}),
-                                media_type="application/json")
-        except BadRequest as exc:
-            return _error(str(exc), exc.status)
-        except RequestError as exc:
-            return _error(exc.message, 400)
-        except ServerError as exc:
-            return _error(exc.message, 500, "INTERNAL_ERROR")
-        except MlflowException as exc:  # MLflow's schema check, before the model sees the request
-            return _error(_short(str(exc.message).splitlines()[0] if exc.message else exc.error_code), 400)
-        except Exception:
-            log.exception("prediction failed")
-            return _error("the recogniser failed on this request; the server log has the details", 500,
-                          "INTERNAL_ERROR")
-        return JSONResponse({"predictions": answers.to_dict(orient="records")})
+    def _compare(live: Rollout, role: str, images: list, answered: Recognised) -> None:
+        """Run the other version on the request's images after answering: every request in shadow mode (the
+        challenger, logged as ``shadow``), the canary's requests in canary mode (the champion)."""
+        other = (live.challenger if live.plan.mode == "shadow" and role == rollout.CHAMPION else
+                 served.current if live.plan.mode == "canary" and role == rollout.CHALLENGER else None)
+        if other is None:
+            return
+        if len(comparing) >= MAX_COMPARISONS:
+            live.tally.skip()
+            return
+        shadow = live.plan.mode == "shadow"
+
+        async def compare():
+            model = other.model.unwrap_python_model()
+            try:
+                done = await (_recognised(model, images, rollout.CHALLENGER, live) if shadow else
+                              batcher.recognise(model, images))
+            except (RequestError, ServerError, _CanaryFailed):
+                return  # counted by _recognised in shadow mode; a champion failing is the champion's own log's
+            agreement = live.tally.agree([m.label for m in answered.matches], [m.label for m in done.matches])
+            if shadow:
+                model.record(done.images, done.matches, done.queries, done.started, agreement)
+
+        task = asyncio.get_running_loop().create_task(compare())
+        comparing.add(task)
+        task.add_done_callback(comparing.discard)
 
     async def ping(request: Request):
         return PlainTextResponse("\n")
@@ -359,11 +483,17 @@ def build_app(served: Served, batcher: MicroBatcher | None = None) -> Starlette:
     async def version(request: Request):
         loaded = served.current
         which = "" if loaded.version is None else f", version {loaded.version}"
-        return PlainTextResponse(f"{served.model_uri}{which} (siamese-recognizer {package_version('siamese-recognizer')})")
+        live = served.rollout
+        staged = "" if live is None else f"; challenger version {live.plan.version} in {live.plan.mode}"
+        return PlainTextResponse(f"{served.model_uri}{which}{staged} "
+                                 f"(siamese-recognizer {package_version('siamese-recognizer')})")
 
     async def stats(request: Request):
-        loaded = served.current
+        loaded, live = served.current, served.rollout
         return JSONResponse({"model": served.model_uri, "version": loaded.version, "batching": batcher.counts,
+                             "replica": served.replica,
+                             "rollout": None if live is None else {"version": live.plan.version, "mode": live.plan.mode,
+                                                                   **live.tally.published()},
                              "inference_log": None if loaded.inference_log is None else
                              {"uri": loaded.inference_log.uri, **loaded.inference_log.stats()}})
 
@@ -374,6 +504,14 @@ def build_app(served: Served, batcher: MicroBatcher | None = None) -> Starlette:
         Route("/version", version, methods=["GET"]),
         Route("/stats", stats, methods=["GET"]),
     ])
+
+
+class _CanaryFailed(Exception):
+    """The challenger failed on a request it was to answer (counted); the champion answers instead."""
+
+
+def _unknown(matches: list) -> int:
+    return sum(m.label == UNKNOWN for m in matches)
 
 
 def load_for_serving(model_uri: str):
@@ -426,7 +564,7 @@ def serve(model_uri: str, host: str, port: int, monitoring: MonitoringConfig | N
 
     os.environ.setdefault(SERVER_TIMEOUT_VARIABLE, "60")  # the time limit per request, as mlflow models serve's
     set_threads(batching or ServingConfig())
-    served = Served(model_uri, monitoring, reload_seconds)
+    served = Served(model_uri, monitoring, reload_seconds, rollout.replica_id(port))
     if served.current.inference_log is not None:
         log.warning("logging every answer to %s", served.current.inference_log.uri)
     try:
