@@ -5,9 +5,10 @@ The demo's bundle (artifacts/bundle) is registered in a temporary MLflow store. 
 concurrent clients (1, 4, 8, 16), every client sends single-image requests (and, with --multi, 8-image requests)
 for a fixed time. Printed and written: requests/s, images/s, p50/p95/p99 latency, errors, the server's CPU seconds
 per request and its resident memory. Figures, not assertions: the machine is shared.
-Writes benchmarks/results/serving.json.
+Writes benchmarks/results/serving.json (serving-seed.json with --architecture seed: the seed's ResNet50 at 200 px).
+Single-image requests come from benchmarks/load.py, in its own process, over keep-alive connections.
 
-    python benchmarks/serving.py [--seconds 8] [--multi]
+    python benchmarks/serving.py [--seconds 8] [--multi] [--architecture demo|seed]
 """
 
 from __future__ import annotations
@@ -23,20 +24,20 @@ import time
 from pathlib import Path
 
 import psutil
-from served_demo import free_port, register_demo_bundle, wait_for_ping
+from served_demo import free_port, register_demo_bundle, seed_bundle, wait_for_ping
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "serving.json"
 CLIENTS = (1, 4, 8, 16)
 
 
-def _network_limit() -> float:
+def _network_limit(bundle: Path) -> float:
     """Images per second of the bundle's network at batch 64, in this process (no HTTP, no decoding)."""
     import numpy as np
 
     from siamese_core.recognizer import SiameseRecognizer
 
-    network = SiameseRecognizer.load(ROOT / "artifacts" / "bundle").embedding
+    network = SiameseRecognizer.load(bundle).embedding
     size = int(network.input_shape[1])
     batch = np.random.default_rng(0).integers(0, 255, (64, size, size, 3)).astype("float32")
     network.predict_on_batch(batch)
@@ -45,6 +46,23 @@ def _network_limit() -> float:
         network.predict_on_batch(batch)
         rounds += 1
     return 64 * rounds / (time.perf_counter() - started)
+
+
+def _in_process_rate(bundle: Path, images: list[str]) -> float:
+    """Single-image requests per second of the library's own path in this process: `recognizer.predict` on the
+    image bytes, one after another (no HTTP)."""
+    import base64
+
+    from siamese_core.recognizer import SiameseRecognizer
+
+    recognizer = SiameseRecognizer.load(bundle)
+    data = [base64.b64decode(image) for image in images]
+    recognizer.predict(data[:1])
+    started, done = time.perf_counter(), 0
+    while time.perf_counter() - started < 5:
+        recognizer.predict([data[done % len(data)]])
+        done += 1
+    return done / (time.perf_counter() - started)
 
 
 def _load(url: str, bodies: list[bytes], clients: int, seconds: float, work: Path) -> dict:
@@ -73,6 +91,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="load per (server, clients, request size)")
     parser.add_argument("--multi", action="store_true", help="also 8-image requests")
+    parser.add_argument("--architecture", choices=("demo", "seed"), default="demo",
+                        help="demo: the demo's champion (artifacts/bundle); seed: ResNet50 at 200 px")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from pipelines.pyfunc_model import encode_image
@@ -81,10 +101,12 @@ def main() -> None:
     sizes = {"1 image": [json.dumps({"inputs": [i]}).encode() for i in images]}
     if args.multi:
         sizes["8 images"] = [json.dumps({"inputs": images[n:n + 8]}).encode() for n in range(0, 56, 8)]
-    results: dict = {"network_batch64_images_per_s": round(_network_limit(), 1), "servers": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tracking = register_demo_bundle(work)
+        bundle = ROOT / "artifacts" / "bundle" if args.architecture == "demo" else seed_bundle(work)
+        results: dict = {"architecture": args.architecture, "network_batch64_images_per_s": round(_network_limit(bundle), 1),
+                         "in_process_single_image_per_s": round(_in_process_rate(bundle, images), 1), "servers": {}}
+        tracking = register_demo_bundle(work, bundle)
         for name in ("siamese serve", "mlflow models serve"):
             port = free_port()
             server = _server(name, tracking, work, port)
@@ -114,8 +136,9 @@ def main() -> None:
         for row in rows:
             row["share_of_network_limit"] = round(row["images_per_s"] / limit, 3)
     results["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs"
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps({"network_batch64_images_per_s": limit}, indent=1))
+    out = RESULTS if args.architecture == "demo" else RESULTS.with_name("serving-seed.json")
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps({key: results[key] for key in ("network_batch64_images_per_s", "in_process_single_image_per_s")}))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,10 @@ Module map, one owner per idea:
 - ``registry``: model versions, the champion gate, aliases, promotion, rollback, enrolment, signed artifacts.
 - ``card``: a version's model card.
 - ``pyfunc_model``, ``served_model``: the registered MLflow model (models-from-code) and its request limits.
-- ``serving``: ``siamese serve``, the recogniser over HTTP with MLflow's scoring protocol.
+- ``serving``: ``siamese serve``, the recogniser over HTTP with MLflow's scoring protocol: micro-batching, hot
+  reload, the challenger beside the champion.
+- ``rollout``: shadow and canary plans on the challenger's version, replicas' tallies pooled from the registry,
+  the automatic rollback rule and the evidence ``siamese promote`` asks for.
 - ``inference_log``: one record per answer, written in the background to date-partitioned Parquet; the review queue.
 - ``monitoring``: a window of the inference log against the version's reference profile; the drift rules.
 - ``feedback``: labelled review images into the training data, with a manifest.

@@ -3,7 +3,8 @@
 ``python -m pipelines.doc_figures`` rewrites the blocks between markers: the demo table in README.md
 from the metrics.json that ``dvc repro`` wrote, and the learning-quality and small-data tables in
 ``docs/`` from the JSON reports of ``benchmarks/omniglot.py``, ``benchmarks/enrolment_levers.py`` and
-``benchmarks/small_data.py`` kept in ``benchmarks/results/``. A test fails when a page and its sources disagree.
+``benchmarks/small_data.py`` kept in ``benchmarks/results/``, and the serving tables from those of
+``benchmarks/serving.py``, ``benchmarks/scale_out.py`` and ``benchmarks/ray_serve.py``. A test fails when a page and its sources disagree.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ README, QUALITY_PAGE, SMALL_DATA_PAGE = (ROOT / "README.md", ROOT / "docs" / "ex
 PERFORMANCE_PAGE = ROOT / "docs" / "explanation" / "performance.md"
 LOG_START, LOG_END = ("<!-- inference log: generated from benchmarks/results/inference-log.json by python -m "
                       "pipelines.doc_figures -->", "<!-- end of inference log -->")
+SERVING_START, SERVING_END = ("<!-- serving: generated from benchmarks/results/serving*.json by python -m "
+                              "pipelines.doc_figures -->", "<!-- end of serving -->")
+SCALE_START, SCALE_END = ("<!-- scale-out: generated from benchmarks/results/scale-out.json and ray-serve.json by "
+                          "python -m pipelines.doc_figures -->", "<!-- end of scale-out -->")
+SCALING_PAGE, SERVING_PAGE = ROOT / "docs" / "how-to" / "scaling.md", ROOT / "docs" / "how-to" / "serving.md"
 COLUMNS = ("", "baseline_raw_pixels.", "baseline_untrained.")
 
 
@@ -192,6 +198,58 @@ def render_inference_log() -> str:
     return "\n".join([LOG_START, *lines, LOG_END])
 
 
+def _latency(row: dict) -> str:
+    return f"{row['p50_ms']:.1f} / {row['p95_ms']:.1f} / {row['p99_ms']:.1f}"
+
+
+def _serving_table(report: dict) -> list[str]:
+    """The two servers side by side, one row per request size and number of clients."""
+    ours, theirs = report["servers"]["siamese serve"], report["servers"]["mlflow models serve"]
+    lines = ["| request | clients | `siamese serve` req/s | p50 / p95 / p99 ms | CPU ms/req | `mlflow models serve` "
+             "req/s | p50 / p95 / p99 ms | CPU ms/req |", "|---|---|---|---|---|---|---|---|"]
+    for mine, other in zip(ours, theirs):
+        errors = "" if not (mine["errors"] or other["errors"]) else f" (errors {mine['errors']} / {other['errors']})"
+        lines.append(f"| {mine['request']} | {mine['clients']} | {mine['requests_per_s']:,.0f}{errors} | {_latency(mine)} | "
+                     f"{mine['cpu_ms_per_request']:.2f} | {other['requests_per_s']:,.0f} | {_latency(other)} | "
+                     f"{other['cpu_ms_per_request']:.2f} |")
+    best = max(row["images_per_s"] for row in ours)
+    lines += ["", f"Limits measured in the same run: the network alone at batch 64, "
+                  f"{report['network_batch64_images_per_s']:,.0f} images/s (`siamese serve` reaches "
+                  f"{best / report['network_batch64_images_per_s']:.2f} of it, {best:,.0f} images/s); the library's "
+                  f"`recognizer.predict` loop in process, {report['in_process_single_image_per_s']:,.0f} single-image "
+                  f"requests/s. Memory: `siamese serve` {max(r['rss_mb'] for r in ours):,} MB, `mlflow models serve` "
+                  f"{max(r['rss_mb'] for r in theirs):,} MB. {report['machine']}; clients on keep-alive connections "
+                  "(`benchmarks/load.py`)."]
+    return lines
+
+
+def render_serving() -> str:
+    """The serving benchmark: the demo's champion, and the seed architecture when it was measured."""
+    lines = ["The demo's champion (`python benchmarks/serving.py --multi`):", "", *_serving_table(_load("serving.json"))]
+    if (RESULTS / "serving-seed.json").is_file():
+        lines += ["", "The seed architecture, ResNet50 at 200 px with the 512-256-256 head "
+                      "(`python benchmarks/serving.py --architecture seed`):", "",
+                  *_serving_table(_load("serving-seed.json"))]
+    return "\n".join([SERVING_START, *lines, SERVING_END])
+
+
+def render_scale_out() -> str:
+    """The scale-out comparison: replicas behind nginx, and Ray Serve when it was measured."""
+    report = _load("scale-out.json")
+    rows = [*report["rows"]]
+    ray = _load("ray-serve.json") if (RESULTS / "ray-serve.json").is_file() else None
+    if ray is not None:
+        rows += [{"setup": f"Ray Serve {ray['ray_version']}, {ray['replicas']} replica(s), `@serve.batch`", **row}
+                 for row in ray["rows"]]
+    lines = ["| setup | request | clients | req/s | images/s | p50 / p95 / p99 ms | CPU ms/req | memory MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['setup']} | {r['request']} | {r['clients']} | {r['requests_per_s']:,.0f} | {r['images_per_s']:,.0f} | "
+              f"{_latency(r)} | {r['cpu_ms_per_request']:.2f} | {r['rss_mb']:,} |" for r in rows]
+    lines += ["", f"The demo's champion; {report['machine']}. `python benchmarks/scale_out.py`"
+                  + (", `python benchmarks/ray_serve.py` (in its own environment, `.venv-ray`)." if ray else ".")]
+    return "\n".join([SCALE_START, *lines, SCALE_END])
+
+
 def _replace_block(page: Path, start: str, end: str, block: str) -> bool:
     text = page.read_text(encoding="utf-8")
     if start not in text or end not in text:
@@ -213,7 +271,10 @@ def update(metrics_file: Path) -> list[Path]:
     blocks = [(README, START, END, render(json.loads(metrics_file.read_text(encoding="utf-8")))),
               (QUALITY_PAGE, QUALITY_START, QUALITY_END, render_quality()),
               (SMALL_DATA_PAGE, SMALL_START, SMALL_END, render_small_data()),
-              (PERFORMANCE_PAGE, LOG_START, LOG_END, render_inference_log())]
+              (PERFORMANCE_PAGE, LOG_START, LOG_END, render_inference_log()),
+              (README, SERVING_START, SERVING_END, render_serving()),
+              (SERVING_PAGE, SERVING_START, SERVING_END, render_serving()),
+              (SCALING_PAGE, SCALE_START, SCALE_END, render_scale_out())]
     return [page for page, start, end, block in blocks if _replace_block(page, start, end, block)]
 
 

@@ -229,3 +229,47 @@ def test_two_replicas_route_each_client_alike_and_roll_back_on_their_pooled_coun
     finally:
         for replica in replicas:
             replica.stop()
+
+
+def test_in_shadow_mode_a_losing_version_takes_no_alias_and_a_newer_winner_replaces_the_challenger(bundles, tmp_path,
+                                                                                                   monkeypatch):
+    use_sqlite_store(monkeypatch, tmp_path)
+    assert _register(bundles, "gated", "tiny", 0.5, rollout="shadow")["decision"] == "champion"
+    assert _register(bundles, "gated", "tiny", 0.8, rollout="shadow")["decision"] == "challenger"
+    loser = _register(bundles, "gated", "tiny", 0.4, rollout="shadow")
+    assert loser["decision"] == "rejected" and registry.alias_version("gated", "challenger").version == 2
+    assert _register(bundles, "gated", "tiny", 0.9, rollout="shadow")["decision"] == "challenger"
+    tags = {v: registry.client().get_model_version("gated", v).tags for v in ("2", "3", "4")}
+    assert tags["2"]["rollout.state"] == "replaced" and "rollout.state" not in tags["3"]
+    assert tags["4"]["rollout.state"] == "live" and tags["4"]["rollout.mode"] == "shadow"
+    assert registry.alias_version("gated", "champion").version == 1
+    assert _register(bundles, "gated", "tiny", 0.3)["decision"] == "challenger"  # direct mode: as before
+
+
+def test_the_rollback_rule_and_the_promotion_evidence_read_every_replicas_counts():
+    from types import SimpleNamespace
+
+    plan = rollout.Plan("7", "canary", 0.2, rollback_margin=0.05, rollback_min_requests=40, promote_min_requests=100,
+                        promote_min_agreement=0.9)
+
+    def report(champion_requests, challenger_requests, challenger_errors, compared, agreed):
+        role = lambda requests, errors: {"requests": requests, "images": requests, "errors": errors, "unknown": 0,
+                                         "latency_ms_sum": 3.0 * requests, "p95_ms": 5.0}
+        return json.dumps({"champion_version": "6", "compared": compared, "agreed": agreed, "skipped": 0,
+                           "champion": role(champion_requests, 0), "challenger": role(challenger_requests,
+                                                                                      challenger_errors)})
+
+    version = SimpleNamespace(version="7", tags={**plan.tags(), "rollout.replica.a-1-1": report(80, 20, 2, 20, 19),
+                                                 "rollout.replica.b-1-2": report(80, 25, 2, 25, 24)})
+    counts = rollout.pooled(version)
+    assert counts["replicas"] == 2 and counts["challenger"]["requests"] == 45 and counts["champion"]["requests"] == 160
+    assert counts["challenger"]["error_rate"] == pytest.approx(4 / 45) and counts["agreement"] == pytest.approx(43 / 45)
+    assert counts["challenger"]["mean_ms"] == 3.0 and counts["challenger"]["p95_ms"] == 5.0
+    assert rollout.live_plan(version) == plan
+    reason = rollout.worse_by(plan, counts)  # 45 >= 40 requests, 8.9 % errors against 0 % + 5 %
+    assert reason is not None and "error rate 0.089" in reason and "2 replica(s)" in reason
+    missing = rollout.evidence(plan, counts)
+    assert len(missing) == 2 and "45 challenger requests, under the 100" in missing[0] and missing[1] == reason
+    one = SimpleNamespace(version="7", tags={**plan.tags(), "rollout.replica.a-1-1": report(80, 20, 2, 20, 19)})
+    assert rollout.worse_by(plan, rollout.pooled(one)) is None  # 20 requests: too few for the rule yet
+    assert sum(rollout.to_challenger(plan, f"key-{n}") for n in range(5000)) == pytest.approx(1000, abs=4 * 28.3)
