@@ -464,8 +464,10 @@ def serve(
         "it names now, without dropping a request; 0: never.")] = 5.0,
 ) -> None:
     """Serve a registered model over HTTP with MLflow's scoring protocol (/invocations, /ping, /version),
-    its artifacts checked against those registered, request bodies bounded (SIAMESE_MAX_BODY_BYTES). A moved
-    alias (promote, rollback, the gate) is followed: the new version loads beside the old, then answers."""
+    its artifacts checked against those registered, request bodies bounded (SIAMESE_MAX_BODY_BYTES), concurrent
+    requests batched (params' serving section). A moved alias (promote, rollback, the gate) is followed: the new
+    version loads beside the old, then answers. Serving @champion, a live shadow or canary challenger
+    (register.rollout) is served beside it: see `siamese rollout status`."""
 
     def body():
         import_tensorflow_quietly()

@@ -163,6 +163,10 @@ class Loaded:
     inference_log: Any = None
 
 
+class TrialFailed(Exception):
+    """A loaded version failed on the example request, so it does not answer anyone."""
+
+
 @dataclass(frozen=True)
 class Rollout:
     """The live challenger a replica serves beside the champion: its plan, its model and this replica's tally."""
@@ -204,7 +208,11 @@ class Served:
 
     def _load(self, named: tuple[str, str] | None, alias: str | None = None, source: str = "http") -> Loaded:
         model = load_for_serving(self.model_uri if named is None else f"models:/{named[0]}/{named[1]}")
-        model.predict(input_example())  # tried before it answers anyone
+        try:
+            model.predict(input_example())  # tried before it answers anyone
+        except Exception as exc:
+            raise TrialFailed(f"version {None if named is None else named[1]} failed on the example request "
+                              f"({_short(exc)})") from exc
         settings = self.monitoring
         uri = settings.log_location() if settings is not None else None
         inference_log = None
@@ -254,7 +262,12 @@ class Served:
                 return
             live = None
         if live is None:
-            loaded = self._load((name, plan.version), rollout.CHALLENGER, "shadow" if plan.mode == "shadow" else "http")
+            try:
+                loaded = self._load((name, plan.version), rollout.CHALLENGER,
+                                    "shadow" if plan.mode == "shadow" else "http")
+            except TrialFailed as exc:  # it cannot answer at all: no replica should keep trying it
+                rollout.roll_back(name, plan.version, f"{exc} on replica {self.replica}", self.replica)
+                raise
             self.rollout = Rollout(plan, loaded, rollout.Tally(plan, self.current.version))
             log.warning("%s: version %s is live as challenger (%s%s)", name, plan.version, plan.mode,
                         f", {plan.share:.0%} of clients" if plan.mode == "canary" else "")

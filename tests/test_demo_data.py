@@ -99,3 +99,23 @@ def test_the_docs_inference_log_overhead_is_the_committed_benchmark_report():
     from pipelines.doc_figures import LOG_END, LOG_START, PERFORMANCE_PAGE, generated_block, render_inference_log
 
     assert generated_block(PERFORMANCE_PAGE, LOG_START, LOG_END) == render_inference_log()
+
+
+def test_the_serving_tables_are_the_committed_benchmark_reports():
+    """The serving and scale-out tables of the README and docs/ are generated from benchmarks/results/."""
+    from pipelines.doc_figures import (
+        README,
+        SCALE_END,
+        SCALE_START,
+        SCALING_PAGE,
+        SERVING_END,
+        SERVING_PAGE,
+        SERVING_START,
+        generated_block,
+        render_scale_out,
+        render_serving,
+    )
+
+    assert generated_block(README, SERVING_START, SERVING_END) == render_serving()
+    assert generated_block(SERVING_PAGE, SERVING_START, SERVING_END) == render_serving(with_seed=True)
+    assert generated_block(SCALING_PAGE, SCALE_START, SCALE_END) == render_scale_out()

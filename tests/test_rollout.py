@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from pipelines import registry, rollout
+from pipelines.errors import RegistryError
 from pipelines.monitoring import read_window
 from pipelines.pyfunc_model import encode_image
 from siamese_core.config import apply_overrides
@@ -196,6 +197,33 @@ def test_the_canary_share_holds_sticks_per_client_and_a_failing_canary_is_rolled
         server.stop()
 
 
+def test_a_challenger_that_fails_the_example_request_on_a_replica_is_rolled_back(bundles, tmp_path, monkeypatch):
+    """Registration refuses a version that fails the example request, so only a replica's own environment can make
+    a challenger fail it there (a missing library, a different CPU); that failure is made here, in the replica's
+    load. The replica rolls the challenger back for every replica and goes on serving the champion."""
+    from pipelines import serving
+
+    use_sqlite_store(monkeypatch, tmp_path)
+    _register(bundles, "failing", "tiny", 0.5, rollout="canary")
+    assert _register(bundles, "failing", "tiny", 0.9, rollout="canary")["decision"] == "challenger"
+    served = serving.Served("models:/failing@champion", reload_seconds=0, replica="replica-a")
+    loaded = served._load
+
+    def load(named, alias=None, source="http"):
+        if alias == "challenger":
+            raise serving.TrialFailed(f"version {named[1]} failed on the example request (no such op here)")
+        return loaded(named, alias, source)
+
+    monkeypatch.setattr(served, "_load", load)
+    with pytest.raises(serving.TrialFailed):
+        served._follow_challenger("failing")
+    assert served.rollout is None and served.current.version == "1"
+    assert registry.alias_version("failing", "challenger") is None
+    tags = registry.client().get_model_version("failing", "2").tags
+    assert tags["rollout.state"] == "rolled_back" and tags["rollout.rolled_back.by"] == "replica-a"
+    assert "failed on the example request (no such op here) on replica replica-a" in tags["rollout.rolled_back.reason"]
+
+
 def test_two_replicas_route_each_client_alike_and_roll_back_on_their_pooled_counts(bundles, tmp_path, monkeypatch):
     """Two replicas behind a round-robin balancer (the client alternates): a client key meets the same version on
     both, and neither replica alone sees the 40 canary requests the rollback rule needs; together they do."""
@@ -243,6 +271,16 @@ def test_in_shadow_mode_a_losing_version_takes_no_alias_and_a_newer_winner_repla
     assert tags["2"]["rollout.state"] == "replaced" and "rollout.state" not in tags["3"]
     assert tags["4"]["rollout.state"] == "live" and tags["4"]["rollout.mode"] == "shadow"
     assert registry.alias_version("gated", "champion").version == 1
+    with pytest.raises(RegistryError, match="not promoted: 0 challenger requests, under the 200 required"):
+        registry.set_champion("gated", "4", "too early", rollout_mode="shadow")
+    role = {"requests": 250, "images": 250, "errors": 0, "unknown": 5, "latency_ms_sum": 750.0, "p95_ms": 4.0}
+    registry.client().set_model_version_tag("gated", "4", "rollout.replica.host-1-1", json.dumps(
+        {"champion_version": "1", "compared": 250, "agreed": 240, "skipped": 0, "champion": role, "challenger": role}))
+    done = registry.set_champion("gated", "4", "a week of shadow traffic", rollout_mode="shadow")
+    assert done["champion"] == "4" and not done["evidence"]["forced"] and done["evidence"]["missing"] == []
+    recorded = json.loads(registry.client().get_model_version("gated", "4").tags["promote.evidence"])
+    assert recorded["counts"]["agreement"] == pytest.approx(0.96) and recorded["mode"] == "shadow"
+    assert registry.alias_version("gated", "challenger") is None
     assert _register(bundles, "gated", "tiny", 0.3)["decision"] == "challenger"  # direct mode: as before
 
 
