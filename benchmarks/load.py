@@ -15,7 +15,10 @@ import asyncio
 import collections
 import json
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 
@@ -32,7 +35,12 @@ async def _client(host: str, port: int, path: str, bodies: list[bytes], offset: 
                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
             head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower().split("\r\n")
             headers = dict(line.split(": ", 1) for line in head[1:] if ": " in line)
-            await reader.readexactly(int(headers.get("content-length", 0)))
+            if headers.get("transfer-encoding") == "chunked":
+                while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                    await reader.readexactly(size + 2)
+                await reader.readuntil(b"\r\n")
+            else:
+                await reader.readexactly(int(headers.get("content-length", 0)))
             if head[0].split(" ")[1] == "200":
                 latencies.append(1000 * (time.perf_counter() - started))
                 tally[headers.get("x-model-version", "")] += 1
@@ -61,6 +69,17 @@ async def run(url: str, bodies: list[bytes], clients: int, seconds: float) -> di
     return {"requests_per_s": round(len(latencies) / elapsed, 1), "p50_ms": round(cuts[49], 1),
             "p95_ms": round(cuts[94], 1), "p99_ms": round(cuts[98], 1), "errors": errors, "requests": len(latencies),
             "versions": dict(tally)}
+
+
+def in_own_process(url: str, bodies: list[bytes], clients: int, seconds: float, work: Path) -> dict:
+    """:func:`run` in a process of its own (bodies written to a file under ``work``): the figures as a dict."""
+    path = work / "bodies.jsonl"
+    path.write_bytes(b"\n".join(bodies) + b"\n")
+    done = subprocess.run([sys.executable, __file__, url, str(path), "--clients", str(clients), "--seconds",
+                           str(seconds)], capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"the load generator failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
 
 
 def main() -> None:

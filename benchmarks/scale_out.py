@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import psutil
+from load import in_own_process
 from served_demo import free_port, register_demo_bundle, wait_for_ping
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,23 +72,15 @@ def _replica(tracking: str, work: Path, port: int, threads: int) -> subprocess.P
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def _load(url: str, bodies: list[bytes], clients: int, seconds: float, work: Path) -> dict:
-    path = work / "bodies.jsonl"
-    path.write_bytes(b"\n".join(bodies) + b"\n")
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "load.py"), url, str(path), "--clients",
-                           str(clients), "--seconds", str(seconds)], capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)
-
-
 def _measure(name: str, port: int, processes: list[subprocess.Popen], bodies: dict, seconds: float, work: Path) -> list:
     url = f"http://127.0.0.1:{port}/invocations"
-    _load(url, bodies["1 image"], 4, 2, work)  # warm up
+    in_own_process(url, bodies["1 image"], 4, 2, work)  # warm up
     family = [p for process in processes for p in (psutil.Process(process.pid),
                                                     *psutil.Process(process.pid).children(recursive=True))]
     rows = []
     for size, clients in LOADS:
         cpu = sum(sum(p.cpu_times()[:2]) for p in family)
-        row = {"setup": name, "request": size, "clients": clients, **_load(url, bodies[size], clients, seconds, work)}
+        row = {"setup": name, "request": size, "clients": clients, **in_own_process(url, bodies[size], clients, seconds, work)}
         used = sum(sum(p.cpu_times()[:2]) for p in family) - cpu
         row.pop("versions")
         row["images_per_s"] = round(row["requests_per_s"] * (8 if size == "8 images" else 1), 1)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import psutil
+from load import in_own_process
 from served_demo import free_port, register_demo_bundle, seed_bundle, wait_for_ping
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,15 +66,6 @@ def _in_process_rate(bundle: Path, images: list[str]) -> float:
     return done / (time.perf_counter() - started)
 
 
-def _load(url: str, bodies: list[bytes], clients: int, seconds: float, work: Path) -> dict:
-    """The figures of :mod:`load` (its own process) sending ``bodies`` to ``url``."""
-    path = work / "bodies.jsonl"
-    path.write_bytes(b"\n".join(bodies) + b"\n")
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "load.py"), url, str(path), "--clients",
-                           str(clients), "--seconds", str(seconds)], capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)
-
-
 def _server(name: str, tracking: str, work: Path, port: int) -> subprocess.Popen:
     command = {
         "siamese serve": [sys.executable, "-m", "pipelines.cli", "serve", "--model", "models:/bench@champion",
@@ -113,13 +105,13 @@ def main() -> None:
             try:
                 wait_for_ping(port)
                 url = f"http://127.0.0.1:{port}/invocations"
-                _load(url, sizes["1 image"], 4, 2, work)  # warm up
+                in_own_process(url, sizes["1 image"], 4, 2, work)  # warm up
                 family = [server_process := psutil.Process(server.pid), *server_process.children(recursive=True)]
                 rows = []
                 for size, bodies in sizes.items():
                     for clients in CLIENTS:
                         cpu = sum(p.cpu_times().user + p.cpu_times().system for p in family)
-                        row = {"request": size, "clients": clients, **_load(url, bodies, clients, args.seconds, work)}
+                        row = {"request": size, "clients": clients, **in_own_process(url, bodies, clients, args.seconds, work)}
                         row.pop("versions")
                         used = sum(p.cpu_times().user + p.cpu_times().system for p in family) - cpu
                         row["images_per_s"] = round(row["requests_per_s"] * (8 if size == "8 images" else 1), 1)

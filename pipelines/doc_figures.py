@@ -243,8 +243,9 @@ def render_scale_out() -> str:
     rows = [*report["rows"]]
     ray = _load("ray-serve.json") if (RESULTS / "ray-serve.json").is_file() else None
     if ray is not None:
-        rows += [{"setup": f"Ray Serve {ray['ray_version']}, {ray['replicas']} replica(s), `@serve.batch`", **row}
-                 for row in ray["rows"]]
+        loads = {(row["request"], row["clients"]) for row in rows}
+        rows += [{"setup": f"Ray Serve {ray['ray']}, {ray['replicas']} replica(s), `@serve.batch`", **row}
+                 for row in ray["rows"] if (row["request"], row["clients"]) in loads]
     lines = ["| setup | request | clients | req/s | images/s | p50 / p95 / p99 ms | CPU ms/req | memory MB |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['setup']} | {r['request']} | {r['clients']} | {_rate(r)} | {r['images_per_s']:,.0f} | "
