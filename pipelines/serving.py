@@ -253,11 +253,7 @@ class Served:
         plan = rollout.live_plan(challenger)
         if plan is None or (live is not None and live.plan.version != plan.version):
             if live is not None:
-                self.rollout = None
-                log.warning("%s: the rollout of version %s has ended; the champion answers everything",
-                            name, live.plan.version)
-                if live.challenger.inference_log is not None:
-                    live.challenger.inference_log.close()
+                self._end(name, live)
             if plan is None:
                 return
             live = None
@@ -274,7 +270,14 @@ class Served:
             return
         reason = rollout.worse_by(plan, rollout.pooled(challenger))
         if reason is not None and rollout.roll_back(name, plan.version, reason, self.replica):
-            self.rollout = None
+            self._end(name, live)
+
+    def _end(self, name: str, live: Rollout) -> None:
+        """Stop serving the challenger of a rollout that has ended (promoted, rolled back or replaced)."""
+        self.rollout = None
+        log.warning("%s: the rollout of version %s has ended; the champion answers everything", name, live.plan.version)
+        if live.challenger.inference_log is not None:
+            live.challenger.inference_log.close()
 
     def _publish(self, name: str, live: Rollout) -> None:
         """Write this replica's tally on the challenger's version, when it changed."""
