@@ -36,6 +36,7 @@ from siamese_core.sharding import Sharder
 from .errors import NoChampionError, RegistryError
 from .files import tree_sha256
 from .params import PipelineParams
+from .rollout import end as end_rollout
 from .rollout import live_plan, plan_for
 from .tracking import PipelineRun, client, ensure_experiment, metric_values, tracked_run, tracking_uri
 
@@ -301,7 +302,7 @@ def apply_gate(
         elif decision == CHALLENGER:
             replaced = alias_version(model_name, CHALLENGER)
             if staged and live_plan(replaced) is not None:  # a newer winner takes the live rollout's place
-                mlflow_client.set_model_version_tag(model_name, str(replaced.version), "rollout.state", "replaced")
+                end_rollout(mlflow_client, model_name, str(replaced.version), "replaced")
             mlflow_client.set_registered_model_alias(model_name, CHALLENGER, version)
             if staged:
                 for key, tag in rollout.tags().items():

@@ -221,6 +221,13 @@ def evidence(plan: Plan, counts: dict) -> list[str]:
     return missing
 
 
+def end(mlflow_client, model_name: str, version: str, state: str, details: dict[str, str] | None = None) -> None:
+    """Record on ``version`` that its rollout ended (``state``: promoted, rolled_back or replaced), with ``details``
+    as further ``rollout.`` tags; no replica serves it as challenger after this."""
+    for key, value in {"state": state, **(details or {})}.items():
+        mlflow_client.set_model_version_tag(model_name, str(version), PLAN_PREFIX + key, value)
+
+
 def roll_back(model_name: str, version: str, reason: str, by: str) -> bool:
     """End the live rollout of ``version`` (the alias ``challenger`` leaves it, its state becomes ``rolled_back``), under
     the gate's lock; False when another replica or a promote ended it first."""
@@ -232,9 +239,8 @@ def roll_back(model_name: str, version: str, reason: str, by: str) -> bool:
             return False
         mlflow_client = client()
         mlflow_client.delete_registered_model_alias(model_name, CHALLENGER)
-        for key, value in {"state": "rolled_back", "rolled_back.reason": reason, "rolled_back.by": by,
-                           "rolled_back.at": _now()}.items():
-            mlflow_client.set_model_version_tag(model_name, str(version), PLAN_PREFIX + key, value)
+        end(mlflow_client, model_name, version, "rolled_back",
+            {"rolled_back.reason": reason, "rolled_back.by": by, "rolled_back.at": _now()})
     log.warning("%s version %s rolled back: %s", model_name, version, reason)
     return True
 
@@ -281,4 +287,4 @@ def finish(model_name: str, version: str, evidence_found: dict | None) -> None:
     current = alias_version(model_name, CHALLENGER)
     if current is not None and str(current.version) == str(version):
         mlflow_client.delete_registered_model_alias(model_name, CHALLENGER)
-        mlflow_client.set_model_version_tag(model_name, str(version), PLAN_PREFIX + "state", "promoted")
+        end(mlflow_client, model_name, version, "promoted")
