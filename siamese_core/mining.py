@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from keras import ops
 
-from .distance import pairwise_squared_distances
+from .distance_ops import pairwise_squared_distances
 
 STRATEGIES = ("batch_all", "batch_hard", "semihard")
 

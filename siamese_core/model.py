@@ -16,7 +16,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from .config import Config, ModelConfig
-from .distance import row_squared_distances
+from .distance_ops import row_squared_distances
 from .distribute import gather, replicas, step_logs
 from .errors import BundleError, ConfigError, WeightsUnavailableError
 from .mining import LOSSES, mean_pair_distances

@@ -8,11 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from siamese_core.distance import (
-    pairwise_squared_distances,
-    row_squared_distances,
-    squared_distances,
-)
+from siamese_core.distance import squared_distances
+from siamese_core.distance_ops import pairwise_squared_distances, row_squared_distances
 from siamese_core.gallery import Gallery
 from siamese_core.metrics import average_precision_at_r
 from siamese_core.mining import LOSSES
