@@ -127,3 +127,46 @@ def test_a_missing_or_silent_scheduler_is_one_line_within_the_timeout():
             assert time.monotonic() - started < 30, address
     finally:
         silent.close()
+
+
+def test_evaluate_with_a_relative_bundle_path_on_workers_started_elsewhere(tmp_path):
+    """`siamese evaluate --model bundle --dask-address ...` run from the bundle's folder, on a real scheduler and two
+    `dask worker` processes started in another directory: the workers get absolute paths, and the figures are the
+    in-process ones."""
+    import json
+    import subprocess
+    import sys
+
+    from support.http import free_port
+    from support.models import make_tiny_bundle
+
+    make_tiny_bundle(tmp_path)  # tmp_path/bundle
+    make_digits_dataset(tmp_path / "many", classes=3, train_per_class=0, test_per_class=175)  # 525 queries: 2 shards
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    bin_dir = os.path.dirname(sys.executable)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    scheduler = subprocess.Popen([f"{bin_dir}/dask", "scheduler", "--host", "127.0.0.1", "--port",
+                                  address.rsplit(":", 1)[1], "--no-dashboard"], cwd=elsewhere,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = [subprocess.Popen([f"{bin_dir}/dask", "worker", address, "--nthreads", "1", "--no-dashboard"],
+                                cwd=elsewhere, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    try:
+        client = distributed.Client(address, timeout=60, set_as_default=False)
+        client.wait_for_workers(2, timeout=120)
+        client.close()
+
+        def evaluate(*extra: str) -> dict:
+            done = subprocess.run([f"{bin_dir}/siamese", "evaluate", "--model", "bundle", "--test", "many/test",
+                                   "--no-baselines", "--json", *extra], cwd=tmp_path, capture_output=True, text=True,
+                                  timeout=600)
+            assert done.returncode == 0, done.stderr[-2000:]
+            return json.loads(done.stdout)
+
+        on_dask, in_process = evaluate("--dask-address", address), evaluate()
+    finally:
+        for process in (*workers, scheduler):
+            process.terminate()
+            process.wait(timeout=60)
+    assert sum(map(sum, in_process["confusion_matrix"]["matrix"])) == 525
+    assert on_dask == in_process
