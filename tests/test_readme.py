@@ -11,12 +11,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from support.http import stop_group
 from support.project import REPO
 
-WALK_THROUGHS = ("Set-up on a fresh machine", "After the demo run", "Using your own data")
+WALK_THROUGHS = ("Set-up on a fresh machine", "After the demo run", "Using your own data", "Serving")
 TEST_COMMAND = "python -m pytest"  # the block CI runs itself (.ci/run), not run again here
 
 
@@ -61,18 +63,31 @@ def test_the_readme_walk_throughs_run_as_pasted(tmp_path):
             "PIP_CACHE_DIR": os.environ.get("PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip")),
             "GIT_AUTHOR_NAME": "reader", "GIT_AUTHOR_EMAIL": "reader@example.com",
             "GIT_COMMITTER_NAME": "reader", "GIT_COMMITTER_EMAIL": "reader@example.com"}
-    for section, code, second_terminal in blocks:
-        if section == "Using your own data" and not (clone / "my-data").exists():
-            shutil.copytree(clone / "data" / "demo", clone / "my-data")  # the user's images, in the layout asked for
-        script = f"[ -f .venv/bin/activate ] && . .venv/bin/activate\nset -e\n{code}"
-        if second_terminal:
-            _run_beside(script, clone, env, tmp_path / "second-terminal.log")
-            continue
-        done = subprocess.run(["bash", "-c", script], cwd=clone, env=env, capture_output=True, text=True,
-                              timeout=900, check=False)
-        assert done.returncode == 0, f"{section}:\n{code}\n{(done.stdout + done.stderr)[-5000:]}"
-        if section == WALK_THROUGHS[0]:
-            assert "champion" in done.stdout + done.stderr
+    beside: list[subprocess.Popen] = []  # second-terminal blocks, running until their section ends
+    try:
+        for index, (section, code, second_terminal) in enumerate(blocks):
+            if section == "Using your own data" and not (clone / "my-data").exists():
+                shutil.copytree(clone / "data" / "demo", clone / "my-data")  # the user's images, in the layout asked for
+            script = f"[ -f .venv/bin/activate ] && . .venv/bin/activate\nset -e\n{code}"
+            if second_terminal:
+                beside.append(_start_beside(script, clone, env, tmp_path / f"second-terminal-{index}.log"))
+            else:
+                done = _run_block(section, code, script, clone, env)
+                if section == WALK_THROUGHS[0]:
+                    assert "champion" in done.stdout + done.stderr
+                if section == "Serving":
+                    assert '"predictions"' in done.stdout and '"label"' in done.stdout, done.stdout[-2000:]
+                    photo = tmp_path / "photo.jpg"  # 300 KB and more of base64 than a command line takes
+                    Image.fromarray(np.random.default_rng(0).integers(0, 256, (700, 900, 3), np.uint8)).save(photo)
+                    asked = _run_block(section, code, script.replace("data/demo/test/Korean__character01/14.png",
+                                                                     shlex.quote(str(photo))), clone, env)
+                    assert photo.stat().st_size > 300_000 and '"predictions"' in asked.stdout, asked.stdout[-2000:]
+            if index + 1 == len(blocks) or blocks[index + 1][0] != section:
+                while beside:
+                    stop_group(beside.pop())
+    finally:
+        for server in beside:
+            stop_group(server)
     predicted = subprocess.run(["bash", "-c", ". .venv/bin/activate && siamese predict --json "
                                 + shlex.quote(str(next((clone / "my-data" / "test").glob("*/*"))))
                                 + " --model models:/siamese-recognizer@champion"],
@@ -80,24 +95,30 @@ def test_the_readme_walk_throughs_run_as_pasted(tmp_path):
     assert predicted.returncode == 0 and '"label"' in predicted.stdout, predicted.stderr[-3000:]
 
 
-def _run_beside(script: str, cwd: Path, env: dict, log_path: Path) -> None:
-    """Start a long-running block, wait until the address it prints answers 200, then stop it (Ctrl-C)."""
+def _run_block(section: str, code: str, script: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    done = subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
+                          check=False)
+    assert done.returncode == 0, f"{section}:\n{code}\n{(done.stdout + done.stderr)[-5000:]}"
+    return done
+
+
+def _start_beside(script: str, cwd: Path, env: dict, log_path: Path) -> subprocess.Popen:
+    """Start a long-running block and wait until the address it prints answers 200 (itself, or its /ping)."""
     with log_path.open("w") as log:
         server = subprocess.Popen(["bash", "-c", script], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert server.poll() is None, log_path.read_text()[-3000:]
-            address = re.search(r"http://127\.0\.0\.1:\d+/", log_path.read_text())
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"the second-terminal block stopped:\n{log_path.read_text()[-3000:]}")
+        address = re.search(r"http://127\.0\.0\.1:\d+/", log_path.read_text())
+        for url in (address[0], address[0] + "ping") if address else ():
             try:
-                if address:
-                    with urllib.request.urlopen(address[0], timeout=5) as response:
-                        if response.status == 200:
-                            return
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200:
+                        return server
             except OSError:
                 pass
-            time.sleep(1)
-        pytest.fail(f"the second-terminal block never answered:\n{log_path.read_text()[-3000:]}")
-    finally:
-        stop_group(server)
+        time.sleep(1)
+    stop_group(server)
+    pytest.fail(f"the second-terminal block never answered:\n{log_path.read_text()[-3000:]}")
