@@ -4,14 +4,23 @@
 from the metrics.json that ``dvc repro`` wrote, and the learning-quality and small-data tables in
 ``docs/`` from the JSON reports of ``benchmarks/omniglot.py``, ``benchmarks/enrolment_levers.py`` and
 ``benchmarks/small_data.py`` kept in ``benchmarks/results/``, and the serving tables from those of
-``benchmarks/serving.py``, ``benchmarks/scale_out.py`` and ``benchmarks/ray_serve.py``. A test fails when a page and its sources disagree.
+``benchmarks/serving.py``, ``benchmarks/scale_out.py`` and ``benchmarks/ray_serve.py``; and the params.yaml
+reference in ``docs/reference/config.md`` from the typed params model. A test fails when a page and its sources
+disagree.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import typing
 from pathlib import Path
+
+import yaml
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from .params import PipelineParams
 
 START, END = "<!-- demo figures: generated from metrics.json by python -m pipelines.doc_figures -->", \
     "<!-- end of demo figures -->"
@@ -31,6 +40,9 @@ SERVING_START, SERVING_END = ("<!-- serving: generated from benchmarks/results/s
 SCALE_START, SCALE_END = ("<!-- scale-out: generated from benchmarks/results/scale-out.json and ray-serve.json by "
                           "python -m pipelines.doc_figures -->", "<!-- end of scale-out -->")
 SCALING_PAGE, SERVING_PAGE = ROOT / "docs" / "how-to" / "scaling.md", ROOT / "docs" / "how-to" / "serving.md"
+CONFIG_PAGE = ROOT / "docs" / "reference" / "config.md"
+CONFIG_START, CONFIG_END = ("<!-- params reference: generated from pipelines/params.py by python -m pipelines.doc_figures -->",
+                            "<!-- end of params reference -->")
 COLUMNS = ("", "baseline_raw_pixels.", "baseline_untrained.")
 
 
@@ -255,6 +267,43 @@ def render_scale_out() -> str:
     return "\n".join([SCALE_START, *lines, SCALE_END])
 
 
+def _keys(model: type[BaseModel], prefix: str = "") -> list[tuple[str, typing.Any]]:
+    """Every key of a params model, dotted, with its pydantic field; sections are walked, not listed."""
+    keys = []
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys += _keys(field.annotation, f"{prefix}{name}.")
+        else:
+            keys.append((f"{prefix}{name}", field))
+    return keys
+
+
+def _yaml_value(value: typing.Any) -> str:
+    return "`" + yaml.safe_dump(value, default_flow_style=True, width=1000).removesuffix("\n...\n").strip() + "`"
+
+
+def _choices(annotation: typing.Any) -> str:
+    """"One of ..." for a Literal (optionally or None), else nothing."""
+    options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    literal = next((arg for arg in [annotation, *options] if typing.get_origin(arg) is typing.Literal), None)
+    return "" if literal is None else " One of " + ", ".join(_yaml_value(v) for v in typing.get_args(literal)) + "."
+
+
+def render_config_reference(params_file: Path = ROOT / "params.yaml") -> str:
+    """The params.yaml reference: every key of the typed params, its value in params.yaml, its default, its help."""
+    shipped = yaml.safe_load(params_file.read_text(encoding="utf-8"))
+    lines = ["| key | params.yaml | default | meaning |", "|---|---|---|---|"]
+    for key, field in _keys(PipelineParams):
+        default = field.default_factory() if field.default is PydanticUndefined else field.default  # type: ignore[call-arg,misc]
+        value: typing.Any = shipped
+        for part in key.split("."):
+            value = value.get(part, PydanticUndefined) if isinstance(value, dict) else PydanticUndefined
+        given = "-" if value is PydanticUndefined else _yaml_value(value)
+        meaning = (field.description or "").replace("|", "\\|").replace("\n", " ") + _choices(field.annotation)
+        lines.append(f"| `{key}` | {given} | {_yaml_value(default)} | {meaning.strip()} |")
+    return "\n".join([CONFIG_START, *lines, CONFIG_END])
+
+
 def _replace_block(page: Path, start: str, end: str, block: str) -> bool:
     text = page.read_text(encoding="utf-8")
     if start not in text or end not in text:
@@ -279,7 +328,8 @@ def update(metrics_file: Path) -> list[Path]:
               (PERFORMANCE_PAGE, LOG_START, LOG_END, render_inference_log()),
               (README, SERVING_START, SERVING_END, render_serving()),
               (SERVING_PAGE, SERVING_START, SERVING_END, render_serving(with_seed=True)),
-              (SCALING_PAGE, SCALE_START, SCALE_END, render_scale_out())]
+              (SCALING_PAGE, SCALE_START, SCALE_END, render_scale_out()),
+              (CONFIG_PAGE, CONFIG_START, CONFIG_END, render_config_reference())]
     return [page for page, start, end, block in blocks if _replace_block(page, start, end, block)]
 
 

@@ -29,7 +29,8 @@ class Section(BaseModel):
 class ModelConfig(Section):
     """The embedding network and its loss."""
 
-    backbone: Backbone = "resnet50"
+    backbone: Backbone = Field("resnet50", description="The image network: small_cnn (4 conv blocks, for CPU and small "
+                               "images), mobilenet_v3_small, or resnet50 (the seed's).")
     weights: str | None = Field(
         "imagenet",
         description="'imagenet' (Keras cache), a path to a local weights file, or null.",
@@ -40,8 +41,9 @@ class ModelConfig(Section):
         "avg averages it over positions (smaller head, no spatial layout), gem takes the generalized "
         "mean (mean of x^p, then the p-th root, p learned from 3), between average and max.",
     )
-    head_units: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default_factory=lambda: [512, 256])
-    embedding_dim: int = Field(256, ge=2, le=65536)
+    head_units: list[Annotated[int, Field(ge=1, le=65536)]] = Field(
+        default_factory=lambda: [512, 256], description="Units of the Dense+BatchNorm head layers (the seed: 512, 256).")
+    embedding_dim: int = Field(256, ge=2, le=65536, description="Size of the embedding.")
     trainable_from: str | None = Field(
         "auto",
         description="First backbone layer left trainable; earlier layers are frozen. "
@@ -52,8 +54,8 @@ class ModelConfig(Section):
         1, ge=1, le=4, description="small_cnn only: stride of the first convolution. 2 reads images "
         "at twice the side for about the cost of stride 1 at the side itself.",
     )
-    l2_normalize: bool = False
-    margin: float = Field(0.5, gt=0)
+    l2_normalize: bool = Field(False, description="Unit-length embeddings.")
+    margin: float = Field(0.5, gt=0, description="Triplet loss margin on squared distances.")
 
     @field_validator("weights")
     @classmethod
@@ -66,7 +68,9 @@ class ModelConfig(Section):
 class TripletConfig(Section):
     """How (anchor, positive, negative) triplets are drawn."""
 
-    strategy: Literal["random", "hard", "semihard"] = "random"
+    strategy: Literal["random", "hard", "semihard"] = Field(
+        "random", description="Offline mining: random negatives, hard (d(A,N) closest to d(A,P), the seed's) or "
+        "semihard (d(A,P) < d(A,N) < d(A,P) + margin).")
     max_pairs_per_class: int | None = Field(
         200, ge=1, description="Cap on anchor-positive pairs per class; null keeps all."
     )
@@ -79,7 +83,7 @@ class AugmentConfig(Section):
     shift: float = Field(0.0, ge=0, lt=1, description="Largest random shift, as a fraction of the side.")
     zoom: float = Field(0.0, ge=0, lt=1, description="Largest random zoom in or out, as a fraction.")
     shear: float = Field(0.0, ge=0, lt=1, description="Largest random shear, as a fraction.")
-    flip: Literal["none", "horizontal", "vertical", "both"] = "none"
+    flip: Literal["none", "horizontal", "vertical", "both"] = Field("none", description="Random mirror images.")
     rotations_as_classes: bool = Field(
         False, description="Add each class's 90/180/270-degree rotations as new classes (online mining only)."
     )
@@ -96,15 +100,15 @@ class AugmentConfig(Section):
 class TrainConfig(Section):
     """Optimisation settings."""
 
-    optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
-    learning_rate: float = Field(1e-4, gt=0)
+    optimizer: Literal["adam", "sgd", "rmsprop"] = Field("adam", description="The optimizer.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
     lr_schedule: Literal["constant", "cosine", "step"] = Field(
         "constant", description="cosine: decay to 1% over training; step: x0.1 at 50% and 75% of the epochs."
     )
     warmup_epochs: int = Field(0, ge=0, description="Linear learning-rate warm-up from 10% (cosine schedule).")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (0: off).")
     batch_size: int = Field(32, ge=1, description="Triplets per batch (offline mining).")
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, description="Passes over the training data.")
     seed: int = Field(42, ge=0, lt=2**32, description="Seeds weights, shuffling and triplet sampling.")
     distribute: Literal["none", "mirrored", "multi_worker"] = Field(
         "none", description="none: one device; mirrored: this machine's GPUs; multi_worker: several processes or "
@@ -162,7 +166,7 @@ class OpenSetConfig(Section):
 class EvaluateConfig(Section):
     """Evaluation and prediction settings."""
 
-    top_k: int = Field(5, ge=1)
+    top_k: int = Field(5, ge=1, description="k of top-k accuracy, and the classes an answer lists.")
     embed_batch_size: int = Field(64, ge=1, description="Images per batch when embedding a gallery or queries.")
     reject_unknown: bool | Literal["auto"] = Field(
         "auto", description="predict answers 'unknown' when an image's unknown score is above the calibrated "
@@ -175,7 +179,7 @@ class EvaluateConfig(Section):
         "margin lets a model that is up to that much worse through.")
     fewshot_way: int = Field(20, ge=2, description="N of the N-way k-shot episodes on held-out classes.")
     fewshot_shots: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 5], description="The k values of the episodes.")
-    fewshot_episodes: int = Field(500, ge=1)
+    fewshot_episodes: int = Field(500, ge=1, description="Few-shot episodes per shot count.")
     test_time_views: int = Field(
         1, ge=1, le=9, description="Test-time augmentation: every image, enrolled or queried, is embedded as the "
         "mean over itself and views - 1 copies shifted by test_time_shift of the side (diagonal shifts first, "

@@ -1,0 +1,47 @@
+"""The documentation site as a reader gets it: the params reference is the params model, and lists render as lists."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.doc_figures import CONFIG_END, CONFIG_PAGE, CONFIG_START, generated_block, render_config_reference
+
+REPO = Path(__file__).resolve().parents[1]
+# A line of a paragraph or list item that starts with a list marker: Markdown that did not become a list.
+FLATTENED_LIST = re.compile(r"<(p|li)>((?:(?!</\1>).)*?\n\s*(?:[-*+]|\d+\.)\s(?:(?!</\1>).)*?)</\1>", re.S)
+
+
+def test_the_params_reference_is_generated_from_the_params_model():
+    from pipelines.params import PipelineParams
+
+    block = generated_block(CONFIG_PAGE, CONFIG_START, CONFIG_END)
+    assert block == render_config_reference(), "run python -m pipelines.doc_figures"
+    for section in ("register", "serving", "monitoring"):
+        for key in getattr(PipelineParams(), section).model_dump():
+            assert f"| `{section}.{key}` |" in block or f"| `{section}.{key}." in block, f"{section}.{key}"
+    assert "| `register.rollout` | `direct` | `direct` |" in block
+
+
+def test_a_markdown_list_without_a_blank_line_before_it_is_caught():
+    """The check itself: Python-Markdown's rendering of a list glued to its paragraph is found."""
+    import markdown
+
+    glued = markdown.markdown("What it adds:\n- it loads\n- it bounds")
+    assert FLATTENED_LIST.search(glued)
+    assert not FLATTENED_LIST.search(markdown.markdown("What it adds:\n\n- it loads\n- it bounds"))
+
+
+@pytest.mark.skipif(shutil.which("mkdocs", path=str(Path(sys.executable).parent)) is None, reason="mkdocs not installed")
+def test_no_page_of_the_built_site_renders_a_list_as_a_paragraph(tmp_path):
+    subprocess.run([str(Path(sys.executable).parent / "mkdocs"), "build", "--quiet", "-d", str(tmp_path / "site")],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    found = [f"{page.relative_to(tmp_path / 'site')}: {match[2][:80]!r}"
+             for page in sorted((tmp_path / "site").rglob("*.html"))
+             for match in FLATTENED_LIST.finditer(page.read_text(encoding="utf-8"))]
+    assert not found, "lists rendered as text (a blank line is missing before them):\n" + "\n".join(found)
