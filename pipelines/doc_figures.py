@@ -294,7 +294,7 @@ def render_config_reference(params_file: Path = ROOT / "params.yaml") -> str:
     shipped = yaml.safe_load(params_file.read_text(encoding="utf-8"))
     lines = ["| key | params.yaml | default | meaning |", "|---|---|---|---|"]
     for key, field in _keys(PipelineParams):
-        default = field.default_factory() if field.default is PydanticUndefined else field.default  # type: ignore[call-arg,misc]
+        default = field.default_factory() if field.default is PydanticUndefined else field.default
         value: typing.Any = shipped
         for part in key.split("."):
             value = value.get(part, PydanticUndefined) if isinstance(value, dict) else PydanticUndefined

@@ -138,7 +138,7 @@ def embed_images(model, sources: Sequence[ImageSource], batch_size: int = 64, pr
             and all(isinstance(s, (str, os.PathLike)) for s in sources)):
         # absolute paths: a worker runs in a directory of its own
         tasks = [sharding.Shard(os.path.abspath(model_file), shard, batch_size, views, shift)
-                 for shard in sharding.shards([os.path.abspath(s) for s in sources], sharder.shard_size)]
+                 for shard in sharding.shards([os.path.abspath(str(s)) for s in sources], sharder.shard_size)]
         return np.concatenate(sharder.mapper(embed_shard, tasks)).astype(np.float32, copy=False)
     size = int(model.input_shape[1])
     out = np.empty((len(sources), int(model.output_shape[-1])), dtype=np.float32)
