@@ -36,7 +36,7 @@ from siamese_core.sharding import Sharder
 
 from . import pipeline, runner
 from .card import run_summary
-from .errors import PIPELINE_USER_ERRORS, PrefectServerError
+from .errors import PIPELINE_USER_ERRORS, PrefectServerError, RegistryError
 from .files import read_json
 from .params import MonitoringConfig, PipelineParams, load_params
 from .process import quiet_libraries
@@ -283,7 +283,9 @@ def monitoring_flow(params_path: str = "params.yaml", window_hours: float | None
     served version's reference profile; log the figures as the next point of the version's MLflow run in the
     ``<experiment>-monitoring`` experiment (with the window's HTML report) and a Prefect artifact; when a rule
     of ``monitoring.rules`` fires, emit ``siamese.monitoring.drift``, which starts the retraining deployment.
-    Returns the figures, the rules that fired and the run id."""
+    The version judged is the one with most records among those the registry holds; what was left out (bad log
+    files, versions the registry does not hold, records in the future) is warned about, one line each, and noted.
+    Returns the figures, the rules that fired, the notes and the run id."""
     from .monitoring import EVENT, assess_traffic, read_window, report_html
     from .tracking import ui_url
 
@@ -295,13 +297,18 @@ def monitoring_flow(params_path: str = "params.yaml", window_hours: float | None
     until = datetime.now(UTC)
     since = until - timedelta(hours=window_hours or settings.window_hours)
     window = read_window(uri, since, until)
-    window = window.filter(pc.equal(window.column("model_name"), name))
-    most = Counter(window.column("model_version").to_pylist()).most_common(1)
-    version = most[0][0] if most else None
-    reference = reference_of(name, version) if version else None
-    if version:
-        window = window.filter(pc.equal(window.column("model_version"), version))
-    report = assess_traffic(window, reference, settings, since, until, name, version)
+    records = window.of_model(name)
+    version = reference = None
+    for candidate, count in Counter(records.column("model_version").to_pylist()).most_common():
+        if registered(name, candidate):
+            version, reference = candidate, reference_of(name, candidate)
+            break
+        window.notes.append(f"skipped {count} records of {name} version {candidate}: the registry has no such version")
+    records = records.filter(pc.equal(records.column("model_version"), version)) if version else records.slice(0, 0)
+    report = assess_traffic(records, reference, settings, since, until, name, version)
+    report.notes.extend(window.notes)
+    for note in window.notes:
+        get_run_logger().warning("monitoring %s: %s", name, note)
     run, step = monitoring_run(params, name, report.model_version)
     stamp = f"{until:%Y-%m-%dT%H:%M:%SZ}"
     try:
@@ -346,6 +353,24 @@ def monitoring_run(params: PipelineParams, model_name: str, version: str | None)
                                   {"model_name": model_name, "model_version": str(version)}), 0
     run = PipelineRun(found[0].info.run_id)
     return run, len(run.client.get_metric_history(run.run_id, "records"))
+
+
+def registered(model_name: str, version: str | None) -> bool:
+    """Whether the registry holds version ``version`` of ``model_name``."""
+    from mlflow.exceptions import MlflowException  # MLflow loads slowly: only when a flow asks the registry
+
+    from .registry import version_number
+    from .tracking import client
+
+    try:
+        client().get_model_version(model_name, version_number(str(version)))
+    except RegistryError:  # not a version number: a local bundle's answers, say
+        return False
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
 
 
 def reference_of(model_name: str, version: str):

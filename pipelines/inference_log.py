@@ -9,15 +9,18 @@ unknown) with its score, the margin to the second class, the latency, and option
 person (unknowns, small margins) are copied into the review queue.
 
 Logging never blocks or fails a request: records go into a bounded queue that a writer thread
-empties. What cannot be queued or written is dropped, counted (:meth:`InferenceLog.stats`) and
-warned about once. Files are ``<uri>/date=YYYY-MM-DD/<time>-<host>-<pid>-<id>.parquet``; a local
+empties. Every record that cannot be queued or written is dropped and counted (:meth:`InferenceLog.stats`);
+an outage is warned about once, when the first record is dropped, and its end in one line with the
+records it lost. Files are ``<uri>/date=YYYY-MM-DD/<time>-<host>-<pid>-<id>.parquet``; a local
 file is written under a hidden name and renamed, an S3 object appears whole when its upload ends,
-so a reader (or a ``kill -9``) never meets half a file.
+so a reader (or a ``kill -9``) never meets half a file. Local files are private to their owner
+(0600, in folders made 0700): they hold a digest of every query, its answer and its request id.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import contextvars
 import hashlib
 import io
@@ -30,11 +33,14 @@ import threading
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .feedback import inside, name_problem
 
 if TYPE_CHECKING:
     from siamese_core.gallery import Match
@@ -104,6 +110,20 @@ def filesystem(uri: str):
     return fsspec.core.url_to_fs(uri, **options)
 
 
+def private_folder(folder: str | os.PathLike) -> None:
+    """Make ``folder`` and each missing folder above it 0700 (the umask can only narrow it); folders that
+    exist keep their mode, so one the user opened stays open."""
+    path = Path(folder)
+    for level in [*reversed(path.parents), path]:
+        if not level.is_dir():
+            level.mkdir(mode=0o700, exist_ok=True)
+
+
+def _private(path: str, flags: int) -> int:
+    """An ``open`` opener that creates files 0600."""
+    return os.open(path, flags, 0o600)
+
+
 def _dimensions(data: bytes) -> tuple[int | None, int | None]:
     from PIL import Image
 
@@ -141,9 +161,11 @@ class InferenceLog:
         self.review_fs, self.review_root = filesystem(settings.review_dir)
         self.local = self.fs.protocol in ("file", ("file", "local"))
         self._queue: queue.Queue = queue.Queue(maxsize=settings.queue_size)
-        self._counts = {"written": 0, "dropped": 0, "files": 0, "review": 0}
+        self._counts = {"written": 0, "dropped": 0, "files": 0, "review": 0, "review_lost": 0}
+        self._review_failing = False  # an outage of the review queue: images are being lost
         self._lock = threading.Lock()
-        self._warned = False
+        self._failing = False  # an outage: records are being dropped
+        self._lost = 0  # records dropped in this outage
         self._closed = False
         self._wake = threading.Event()  # set by a full batch or by close()
         self._thread = threading.Thread(target=self._write_loop, name="inference-log", daemon=True)
@@ -151,14 +173,16 @@ class InferenceLog:
         atexit.register(self.close)
 
     def stats(self) -> dict[str, int]:
-        """Records written and dropped, files written, images put in the review queue, so far."""
+        """Records written and dropped, files written, images put in the review queue and lost to it, so far."""
         with self._lock:
             return dict(self._counts)
 
     def submit(self, images: list[bytes], matches: list[Match], decisions: list[tuple[str, float | None]],
                embeddings: np.ndarray | None, latency_ms: float, request_id: str | None = None,
                agreement: list[bool] | None = None) -> None:
-        """Queue one record per image of a request (``decisions`` from :func:`judged`); never raises, never waits."""
+        """Queue one record per image of a request (``decisions`` from :func:`judged`); never raises, never waits.
+        Every record that is not queued is counted as dropped."""
+        queued = 0
         try:
             request_id = request_id or REQUEST_ID.get() or uuid.uuid4().hex
             now = datetime.now(UTC)
@@ -181,12 +205,13 @@ class InferenceLog:
                 needs_review = decision == UNKNOWN or (margin is not None and margin < self.settings.review_margin)
                 image = data if self.settings.log_images and needs_review else None
                 self._queue.put_nowait((record, image, row))
-            if self._queue.qsize() >= self.settings.flush_records:
-                self._wake.set()
+                queued += 1
         except queue.Full:
-            self._drop(1, f"the queue of {self.settings.queue_size} records is full")
+            self._drop(len(images) - queued, f"the queue of {self.settings.queue_size} records is full")
         except Exception as exc:  # logging must not fail the request it describes
-            self._drop(len(images), f"{type(exc).__name__}: {exc}")
+            self._drop(len(images) - queued, f"{type(exc).__name__}: {exc}")
+        if self._queue.qsize() >= self.settings.flush_records:
+            self._wake.set()
 
     def close(self, timeout: float = 30.0) -> None:
         """Write what is queued, then stop the writer."""
@@ -197,12 +222,23 @@ class InferenceLog:
         self._thread.join(timeout)
 
     def _drop(self, count: int, reason: str) -> None:
+        """Count ``count`` records as lost; the first drop of an outage is warned about."""
         with self._lock:
             self._counts["dropped"] += count
-            warn, self._warned = not self._warned, True
-        if warn:
+            self._lost += count
+            starts, self._failing = not self._failing, True
+        if starts:
             log.warning("inference log %s: dropping records (%s); requests are still answered, drops are counted",
                         self.uri, reason)
+
+    def _recover(self, dropped_before: int) -> None:
+        """End an outage, in one line with the records it lost, unless a record was dropped since ``dropped_before``
+        was counted."""
+        with self._lock:
+            if not self._failing or self._counts["dropped"] != dropped_before:
+                return
+            lost, self._failing, self._lost = self._lost, False, 0
+        log.warning("inference log %s: writing again; %d records were dropped while it failed", self.uri, lost)
 
     def _write_loop(self) -> None:
         """Every ``flush_seconds``, or as soon as ``flush_records`` wait, write what is queued in files of at most
@@ -211,18 +247,22 @@ class InferenceLog:
         while True:
             self._wake.wait(self.settings.flush_seconds)
             self._wake.clear()
+            dropped_before = self.stats()["dropped"]
             batch = []
             while True:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            for start in range(0, len(batch), self.settings.flush_records):
-                self._write(batch[start:start + self.settings.flush_records])
+            written = [self._write(batch[start:start + self.settings.flush_records])
+                       for start in range(0, len(batch), self.settings.flush_records)]
+            if any(written):  # an outage ends with a round that wrote and dropped nothing
+                self._recover(dropped_before)
             if self._closed and self._queue.empty():
                 return
 
-    def _write(self, batch: list[tuple[dict, bytes | None, int]]) -> None:
+    def _write(self, batch: list[tuple[dict, bytes | None, int]]) -> bool:
+        """Write ``batch`` as one file; False when that failed (its records are dropped and counted)."""
         records = [record for record, _, _ in batch]
         try:
             day = records[0]["time"].strftime("%Y-%m-%d")
@@ -231,41 +271,103 @@ class InferenceLog:
             folder = f"{self.root}/date={day}"
             table = pa.Table.from_pylist(records, schema=SCHEMA)
             if self.local:
-                os.makedirs(folder, exist_ok=True)
+                private_folder(folder)
                 hidden = f"{folder}/.{name}.tmp"  # readers skip hidden files; the rename is atomic
-                pq.write_table(table, hidden)
-                os.replace(hidden, f"{folder}/{name}")
+                try:
+                    with open(hidden, "wb", opener=_private) as file:
+                        pq.write_table(table, file)
+                    os.replace(hidden, f"{folder}/{name}")
+                except BaseException:
+                    with contextlib.suppress(OSError):  # a full disk leaves no part-written file behind
+                        os.remove(hidden)
+                    raise
             else:
                 with self.fs.open(f"{folder}/{name}", "wb") as file:  # an object store shows the object whole
                     pq.write_table(table, file)
         except Exception as exc:
             self._drop(len(records), f"{type(exc).__name__}: {exc}")
-            return
+            return False
         with self._lock:
             self._counts["written"] += len(records)
             self._counts["files"] += 1
         for record, image, row in batch:
             if image is not None:
                 self._to_review(record, image, row)
+        return True
 
     def _to_review(self, record: dict, image: bytes, row: int) -> None:
-        """Put an image and what the model said of it in ``<review_dir>/pending/<suggested label>/``."""
+        """Put an image and what the model said of it in ``<review_dir>/pending/<suggested label>/``, named by what
+        the server knows (the time, the image's sha256, its row), never by what a client sent: the request id is
+        data in the sidecar. The image goes first, the sidecar that lists it last, each whole or not at all; an item
+        that cannot be kept is counted (``review_lost``) and an outage warned about once, and once when it ends."""
         suggested = record["top_k_labels"][0] if record["top_k_labels"] else UNKNOWN
-        stem = f"{self.review_root}/pending/{suggested}/{record['request_id']}-{row}"
+        pending = f"{self.review_root}/pending"
+        folder = f"{pending}/{UNKNOWN if name_problem(suggested) else suggested}"
+        stem = f"{folder}/{record['time']:%Y%m%dT%H%M%S%f}-{record['sha256'][:16]}-{row}"
         sidecar = {key: record[key] for key in ("request_id", "model_name", "model_version", "sha256", "label",
                                                 "distance", "decision", "unknown_score", "margin")}
         sidecar |= {"time": record["time"].isoformat(),
                     "top_k": [{"label": label, "distance": d}
                               for label, d in zip(record["top_k_labels"], record["top_k_distances"])]}
+        files = {f"{stem}{_extension(image)}": image,
+                 f"{stem}.json": json.dumps(sidecar, ensure_ascii=False, indent=1).encode()}
         try:
-            self.review_fs.makedirs(os.path.dirname(stem), exist_ok=True)
-            self.review_fs.pipe_file(f"{stem}.json", json.dumps(sidecar, ensure_ascii=False, indent=1).encode())
-            self.review_fs.pipe_file(f"{stem}{_extension(image)}", image)
+            if self.review_fs.protocol in ("file", ("file", "local")):
+                private_folder(folder)
+                if not inside(folder, pending):
+                    raise OSError(f"{folder} is a link leaving {pending}")
+                _keep_whole(files)
+            else:  # an object store shows each object whole
+                self.review_fs.makedirs(folder, exist_ok=True)
+                _keep_whole(files, self.review_fs)
         except Exception as exc:
-            log.warning("review queue %s: %s could not be kept (%s)", self.review_root, record["sha256"][:12], exc)
+            with self._lock:
+                self._counts["review_lost"] += 1
+                starts, self._review_failing = not self._review_failing, True
+            if starts:
+                log.warning("review queue %s: cannot keep images (%s); requests are still answered, lost images are "
+                            "counted (review_lost)", self.review_root, exc)
             return
         with self._lock:
             self._counts["review"] += 1
+            ends, self._review_failing = self._review_failing, False
+            lost = self._counts["review_lost"]
+        if ends:
+            log.warning("review queue %s: keeping images again (%d lost in all)", self.review_root, lost)
+
+
+def _keep_whole(files: dict[str, bytes], fs=None) -> None:
+    """Write ``files`` in their order, each whole or not at all (locally, with no ``fs``: 0600; with an fsspec
+    ``fs``: one object each); when one fails, the ones written before it are removed."""
+    kept: list[str] = []
+    try:
+        for path, data in files.items():
+            if fs is None:
+                _write_private(path, data)
+            else:
+                fs.pipe_file(path, data)
+            kept.append(path)
+    except BaseException:
+        for path in kept:
+            with contextlib.suppress(OSError):
+                if fs is None:
+                    os.remove(path)
+                else:
+                    fs.rm_file(path)
+        raise
+
+
+def _write_private(path: str, data: bytes) -> None:
+    """Write ``path`` (0600) under a hidden name, renamed once whole: a full disk leaves no part of it."""
+    hidden = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    try:
+        with open(hidden, "wb", opener=_private) as file:
+            file.write(data)
+        os.replace(hidden, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(hidden)
+        raise
 
 
 def _extension(image: bytes) -> str:

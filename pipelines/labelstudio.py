@@ -5,7 +5,8 @@ Label Studio runs as its own service (its own virtual environment or container);
 REST API with a personal access or legacy token (``$LABEL_STUDIO_API_KEY``). A task carries the image itself
 (a data URI), the request id, the sha256 and the model's top-k; its pre-annotation is the model's first class.
 People pick a class, or type a new one in the text box. :func:`pull_labels` moves each labelled image (and its
-``.json``) from ``pending/`` to ``labelled/<class>/``; an image nobody labelled yet stays where it is.
+``.json``) from ``pending/`` to ``labelled/<class>/``; an image nobody labelled yet stays where it is, and so does
+one whose label is refused (no fit class name, or another spelling of a known class), in one line naming the task.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ import urllib.request
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
+from siamese_core.data import printable
 from siamese_core.errors import ConfigError
+from siamese_core.io import atomic_path
+
+from .feedback import case_clash, class_folders, class_key, inside, name_problem, shown
 
 PROJECT_TITLE = "siamese review"
 TOKEN_VARIABLE = "LABEL_STUDIO_API_KEY"
@@ -63,20 +68,50 @@ class LabelStudio:
         return int(self.call("POST", "/api/projects", {"title": title, "label_config": config})["id"])
 
 
-def _pending(review_dir: Path) -> list[tuple[Path, dict]]:
-    found = []
-    for sidecar in sorted((review_dir / "pending").glob("*/*.json")):
-        images = [p for p in sidecar.parent.glob(sidecar.stem + ".*") if p.suffix != ".json"]
-        if images:
-            found.append((images[0], json.loads(sidecar.read_text(encoding="utf-8"))))
-    return found
+def _pending(review_dir: Path) -> tuple[list[tuple[Path, dict]], list[str]]:
+    """The pending images with what the model answered, and a line for each sidecar that cannot be used (a link, not
+    the JSON the review queue writes, no image beside it)."""
+    found, problems = [], []
+    entries = sorted((review_dir / "pending").glob("*/*"))
+    images: dict[Path, Path] = {}
+    for entry in entries:
+        if entry.suffix != ".json":
+            images.setdefault(entry.with_suffix(""), entry)
+    for sidecar in (entry for entry in entries if entry.suffix == ".json"):
+        image = images.get(sidecar.with_suffix(""))
+        if image is None:
+            problems.append(f"{printable(sidecar)}: no image beside it")
+            continue
+        if sidecar.parent.is_symlink() or any(p.is_symlink() or not p.is_file() for p in (sidecar, image)):
+            problems.append(f"{printable(sidecar)}: it, its image or its folder is a link or not a regular file; "
+                            "left as it is")
+            continue
+        try:
+            answer = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            problems.append(f"{printable(sidecar)}: unreadable ({exc})")
+            continue
+        if not isinstance(answer, dict) or not isinstance(answer.get("sha256"), str):
+            problems.append(f"{printable(sidecar)}: not the JSON the review queue writes")
+        else:
+            found.append((image, answer))
+    return found, problems
+
+
+def _keep(sidecar: Path, answer: dict) -> None:
+    """Rewrite a sidecar whole, readable by its owner only."""
+    with atomic_path(sidecar) as tmp:
+        tmp.write_text(json.dumps(answer, indent=1), encoding="utf-8")
+        tmp.chmod(0o600)
 
 
 def push_review(review_dir: str | os.PathLike, studio: LabelStudio, title: str = PROJECT_TITLE) -> dict:
-    """Send every pending image not sent before as a task with the model's answer pre-annotated."""
+    """Send every pending image not sent before as a task with the model's answer pre-annotated; ``skipped`` lists
+    the sidecars that could not be used, one line each."""
     review_dir = Path(review_dir)
-    pending = [(image, answer) for image, answer in _pending(review_dir) if "label_studio_task" not in answer]
-    classes = sorted({entry["label"] for _, answer in _pending(review_dir) for entry in answer.get("top_k", [])})
+    everything, skipped = _pending(review_dir)
+    pending = [(image, answer) for image, answer in everything if "label_studio_task" not in answer]
+    classes = sorted({entry["label"] for _, answer in everything for entry in answer.get("top_k", [])})
     project = studio.project(title, classes)
     tasks = []
     for image, answer in pending:
@@ -85,7 +120,7 @@ def push_review(review_dir: str | os.PathLike, studio: LabelStudio, title: str =
         suggested = answer["top_k"][0]["label"] if answer.get("top_k") else None
         tasks.append({
             "data": {"image": f"data:{mime};base64,{base64.b64encode(image.read_bytes()).decode()}",
-                     "request_id": answer["request_id"], "sha256": answer["sha256"], "file": image.name,
+                     "request_id": answer.get("request_id"), "sha256": answer["sha256"], "file": image.name,
                      "answer": f"model v{answer.get('model_version')}: {answer.get('decision')} "
                                f"(score {answer.get('unknown_score')}); nearest: {top_k}"},
             "predictions": [] if suggested is None else [{
@@ -95,35 +130,79 @@ def push_review(review_dir: str | os.PathLike, studio: LabelStudio, title: str =
     if tasks:
         studio.call("POST", f"/api/projects/{project}/import", tasks)
     for image, answer in pending:  # sent: never sent twice
-        image.with_suffix(".json").write_text(json.dumps({**answer, "label_studio_task": project}, indent=1))
-    return {"project": project, "sent": len(tasks), "classes": classes}
+        _keep(image.with_suffix(".json"), {**answer, "label_studio_task": project})
+    return {"project": project, "sent": len(tasks), "classes": classes, "skipped": skipped}
 
 
-def _label_of(task: dict) -> str | None:
-    for annotation in task.get("annotations", []):
-        if annotation.get("was_cancelled"):
+def _given(values: dict, name: str, key: str) -> list:
+    """What an annotation's result holds for the control ``name`` (``key``: its kind of value), [] if nothing."""
+    value = values.get(name)
+    given = value.get(key) if isinstance(value, dict) else None
+    return given if isinstance(given, list) else []
+
+
+def _label_of(task: dict) -> object:
+    """The label people gave a task (a class typed in wins over one chosen), as the server sent it; None if none."""
+    for annotation in task.get("annotations") or []:
+        if not isinstance(annotation, dict) or annotation.get("was_cancelled"):
             continue
-        values = {item["from_name"]: item["value"] for item in annotation.get("result", [])}
-        typed = [t.strip() for t in values.get("new_class", {}).get("text", []) if t.strip()]
-        chosen = values.get("label", {}).get("choices", [])
-        return typed[0] if typed else (chosen[0] if chosen else None)
+        values = {item.get("from_name"): item.get("value") for item in annotation.get("result") or []
+                  if isinstance(item, dict)}
+        typed = [t for t in _given(values, "new_class", "text") if not isinstance(t, str) or t.strip()]
+        chosen = _given(values, "label", "choices")
+        label = typed[0] if typed else (chosen[0] if chosen else None)
+        return label.strip() if isinstance(label, str) else label
     return None
 
 
-def pull_labels(review_dir: str | os.PathLike, studio: LabelStudio, title: str = PROJECT_TITLE) -> dict:
-    """Move each pending image people labelled in Label Studio to ``labelled/<class>/`` (with its ``.json``)."""
+def _label_problem(label: object, known: dict[str, str], labelled: Path) -> str | None:
+    """What is wrong with ``label`` as the class of ``labelled/<label>/``, beside the ``known`` classes."""
+    if not isinstance(label, str):
+        return "not text"
+    return name_problem(label) or case_clash(label, known) or (
+        None if inside(labelled / label, labelled) else "its folder in labelled/ is a link leaving it")
+
+
+def pull_labels(review_dir: str | os.PathLike, studio: LabelStudio, title: str = PROJECT_TITLE,
+                train_dir: str | os.PathLike | None = None) -> dict:
+    """Move each pending image people labelled in Label Studio to ``labelled/<class>/`` (with its ``.json``).
+
+    A label that is no fit class name (:func:`~pipelines.feedback.name_problem`), or another spelling of a class of
+    ``train_dir`` or of ``labelled/``, is refused: one line in ``refused`` naming the task and the problem, and its
+    image stays pending. ``waiting`` counts the pending images nobody labelled yet.
+    """
     review_dir = Path(review_dir)
+    labelled = review_dir / "labelled"
     project = studio.project(title, [])
-    labels = {task["data"]["sha256"]: _label_of(task)
-              for task in studio.call("GET", f"/api/projects/{project}/export?exportType=JSON")}
+    labels: dict[str, tuple[object, object]] = {}
+    for task in studio.call("GET", f"/api/projects/{project}/export?exportType=JSON") or []:
+        data = task.get("data") if isinstance(task, dict) else None
+        if isinstance(data, dict) and isinstance(data.get("sha256"), str):
+            labels[data["sha256"]] = (task.get("id"), _label_of(task))
+    known = {class_key(name): name for folder in (train_dir, labelled) if folder is not None
+             for name in class_folders(folder)}
+    pending, refused = _pending(review_dir)
     moved: dict[str, int] = {}
-    for image, answer in _pending(review_dir):
-        label = labels.get(answer["sha256"])
-        if not label or "/" in label or label.startswith("."):
+    waiting = 0
+    for image, answer in pending:
+        task, label = labels.get(answer["sha256"], (None, None))
+        if label is None:
+            waiting += 1
             continue
-        target = review_dir / "labelled" / label
-        target.mkdir(parents=True, exist_ok=True)
-        for item in (image, image.with_suffix(".json")):
-            os.replace(item, target / item.name)
+        problem = _label_problem(label, known, labelled)
+        if problem:
+            refused.append(f"task {shown(task)}: label '{shown(label)}': {problem}; {image.name} stays pending")
+            continue
+        label = str(label)
+        known.setdefault(class_key(label), label)
+        try:
+            for level in (labelled, labelled / label):
+                level.mkdir(mode=0o700, exist_ok=True)
+            for item in (image, image.with_suffix(".json")):
+                os.replace(item, labelled / label / item.name)
+        except OSError as exc:
+            refused.append(f"task {shown(task)}: {image.name} cannot move to {printable(labelled / label)} "
+                           f"({exc.strerror or exc})")
+            continue
         moved[label] = moved.get(label, 0) + 1
-    return {"project": project, "labelled": moved}
+    return {"project": project, "labelled": moved, "refused": refused, "waiting": waiting}

@@ -8,6 +8,10 @@ the two cannot be told apart; scikit-learn, cross-validated); and the predicted-
 (Jensen-Shannon distance, :func:`scipy.spatial.distance.jensenshannon`). A rule of
 ``monitoring.rules`` fires when its figure passes its limit and the window holds at least
 ``monitoring.min_records`` records.
+
+One bad file of the log (not Parquet, truncated, empty, of another schema) is named and skipped; the
+rest is judged. What a window leaves out is said in its notes: a log that does not exist, records of
+other models only, records dated after the window's end.
 """
 
 from __future__ import annotations
@@ -15,38 +19,93 @@ from __future__ import annotations
 import html
 import io
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from siamese_core.reference import ReferenceProfile
 
+from .inference_log import SCHEMA, filesystem
 from .params import MonitoringConfig
 
 EVENT = "siamese.monitoring.drift"
+# The columns the figures read: a file without one of them is not of this log. Others, added to the log since,
+# are null in older files.
+REQUIRED = ("time", "request_id", "model_name", "model_version", "label", "distance", "decision", "latency_ms")
+MOMENT = SCHEMA.field("time").type
+READERS = 16  # files read at once: an object store answers each in milliseconds, so reads overlap
 
 
-def read_window(uri: str, since: datetime, until: datetime) -> pa.Table:
-    """The records of the inference log at ``uri`` whose time is in ``[since, until)`` (an empty table if none)."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as ds
+@dataclass
+class Window:
+    """The records of a window of the inference log, and notes on what it left out."""
 
-    from .inference_log import SCHEMA, filesystem
+    table: pa.Table
+    notes: list[str] = field(default_factory=list)
 
+    def of_model(self, model_name: str) -> pa.Table:
+        """The records of ``model_name``; when there are none but records of other models, a note names those."""
+        names = self.table.column("model_name")
+        table = self.table.filter(pc.equal(names, model_name))
+        if not table.num_rows and self.table.num_rows:
+            seen = ", ".join(f"{name} ({count})" for name, count in Counter(names.to_pylist()).most_common(5))
+            self.notes.append(f"no records of {model_name} (register.model_name) in the window; it holds records "
+                              f"of {seen}")
+        return table
+
+
+def read_window(uri: str, since: datetime, until: datetime) -> Window:
+    """The records of the inference log at ``uri`` whose time is in ``[since, until)``, with notes: a log that
+    does not exist, each file that cannot be read (skipped), records dated at or after ``until``."""
     fs, root = filesystem(uri)
     fs.invalidate_cache()
     if not fs.exists(root):
-        return SCHEMA.empty_table()
-    days = {(since + timedelta(days=n)).strftime("%Y-%m-%d") for n in range((until - since).days + 2)}
-    files = [file for day in sorted(days) for file in fs.glob(f"{root}/date={day}/*.parquet")
+        return Window(SCHEMA.empty_table(), [f"the inference log {uri} does not exist: nothing was logged there yet, "
+                                             "or the servers log elsewhere (monitoring.log_uri, $SIAMESE_INFERENCE_LOG)"])
+    first = f"date={since:%Y-%m-%d}"  # ISO dates sort as text; later folders are read for records in the future
+    days = sorted(folder for folder in fs.glob(f"{root}/date=*") if folder.rsplit("/", 1)[-1] >= first)
+    files = [file for day in days for file in fs.glob(f"{day}/*.parquet")
              if not file.rsplit("/", 1)[-1].startswith(".")]  # a file being written is hidden until renamed
-    if not files:
-        return SCHEMA.empty_table()
-    dataset = ds.dataset(files, filesystem=fs, format="parquet", schema=SCHEMA)
-    moment = pa.timestamp("ms", tz="UTC")
-    return dataset.to_table(filter=(pc.field("time") >= pa.scalar(since, moment)) & (pc.field("time") < pa.scalar(until, moment)))
+    with ThreadPoolExecutor(READERS) as pool:
+        read = list(pool.map(lambda file: _log_file(fs, file), files))
+    tables, notes, future = [], [], 0
+    for file, table in zip(files, read):
+        if isinstance(table, str):
+            notes.append(f"skipped {file}: {table}")
+            continue
+        times = table.column("time")
+        future += pc.sum(pc.greater_equal(times, pa.scalar(until, MOMENT))).as_py() or 0
+        tables.append(table.filter(pc.and_(pc.greater_equal(times, pa.scalar(since, MOMENT)),
+                                           pc.less(times, pa.scalar(until, MOMENT)))))
+    if future:
+        notes.append(f"{future} records are dated at or after the window's end ({until:%Y-%m-%d %H:%M} UTC) and were "
+                     "left out: is the clock of a machine that logs to it ahead?")
+    return Window(pa.concat_tables(tables) if tables else SCHEMA.empty_table(), notes)
+
+
+def _log_file(fs, path: str) -> pa.Table | str:
+    """One file of the log in the log's schema (columns it lacks are null), or what makes it unreadable."""
+    try:
+        with fs.open(path, "rb") as file:
+            table = pq.read_table(file)
+        found = {column.name: column.type for column in table.schema}
+        problems = [f"column {name} is {found[name]}, not {SCHEMA.field(name).type}" for name in SCHEMA.names
+                    if name in found and not found[name].equals(SCHEMA.field(name).type)]
+        missing = [name for name in REQUIRED if name not in found]
+        if missing:
+            problems.append(f"no column {', '.join(missing)}")
+        if problems:
+            return f"not a file of the inference log ({'; '.join(problems)})"
+        return pa.table([table.column(name) if name in found else pa.nulls(table.num_rows, SCHEMA.field(name).type)
+                         for name in SCHEMA.names], schema=SCHEMA)
+    except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
+        message = str(exc).strip().removeprefix("Could not open Parquet input source '<Buffer>': ")
+        return (message.splitlines() or [type(exc).__name__])[0][:300]
 
 
 def embedding_drift(reference: np.ndarray, current: np.ndarray, seed: int = 0) -> float | None:

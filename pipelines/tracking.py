@@ -9,6 +9,7 @@ the stage and the error. The registry side (versions, aliases, the gate) is in
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import logging
@@ -88,7 +89,9 @@ def client() -> MlflowClient:
     """A client on :func:`tracking_uri`; MLflow's fluent API is pointed there too.
 
     A new SQLite store is created under a file lock: two processes creating it at once
-    would otherwise race on its tables (``table experiments already exists``).
+    would otherwise race on its tables (``table experiments already exists``). It is created
+    private to its owner (0600, and SQLite gives its journals the database's mode); an existing
+    database keeps the mode it has, so one the user opened stays open.
     """
     uri = tracking_uri()
     if mlflow.get_tracking_uri() != uri:
@@ -97,6 +100,8 @@ def client() -> MlflowClient:
         database = Path(uri[len("sqlite:///") :])
         database.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(database.with_suffix(".init.lock"), timeout=300):
+            with contextlib.suppress(FileExistsError):  # an empty file is an empty database to SQLite and MLflow
+                os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             MlflowClient(uri).search_experiments(max_results=1)
         _READY_STORES.add(uri)
     return MlflowClient(uri)

@@ -40,7 +40,7 @@ def _write_errors_named(path: Path) -> Iterator[None]:
 
 
 @contextmanager
-def _interrupts_deferred() -> Iterator[None]:
+def interrupts_deferred() -> Iterator[None]:
     """SIGINT and SIGTERM received in the block take effect when it ends (Python runs signal handlers in the
     main thread only, so elsewhere the block runs as it is)."""
     if threading.current_thread() is not threading.main_thread():
@@ -85,7 +85,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~_umask())
         try:
             yield tmp
-            with _interrupts_deferred():  # the swap takes three steps: a signal between them would leave two
+            with interrupts_deferred():  # the swap takes three steps: a signal between them would leave two
                 old = None
                 if path.exists():
                     old = path.with_name(f".{path.name}.old-{os.getpid()}")

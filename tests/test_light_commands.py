@@ -1,10 +1,17 @@
 """Commands that only read or write the registry, the review queue or the training folder load no TensorFlow."""
 
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
+from pipelines.supervisor import port_free
+
+from support.http import free_port
 from support.models import logged_scorer, make_tiny_bundle, pipeline_params, register_bundle, use_sqlite_store
 
 MODEL = "tiny-recognizer"
@@ -52,3 +59,29 @@ def test_registry_review_and_feedback_commands_do_not_import_tensorflow(registry
     assert done.returncode == 0, done.stderr[-3000:]
     statuses = dict(line.split() for line in done.stdout.splitlines())
     assert statuses["rollback"] == statuses["promote"] == statuses["rollout"] == "0", done.stdout
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_siamese_ui_stops_its_mlflow_server_with_it(registry_of_two, tmp_path, stop_signal):
+    """SIGTERM (a supervisor) or Ctrl-C stops `siamese ui` and the MLflow server and workers it started: the port
+    is free again."""
+    uri, _ = registry_of_two
+    port = free_port()
+    log = tmp_path / "ui.log"
+    with log.open("wb") as out:
+        ui = subprocess.Popen([str(Path(sys.executable).parent / "siamese"), "ui", "--port", str(port)], cwd=tmp_path,
+                              env={**os.environ, "MLFLOW_TRACKING_URI": uri}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while port_free(port):
+            assert ui.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+        ui.send_signal(stop_signal)
+        ui.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not port_free(port):
+            time.sleep(0.5)
+        assert port_free(port), f"port {port} still served after siamese ui stopped:\n{log.read_text()[-2000:]}"
+        assert "MLflow UI stopped" in log.read_text()
+    finally:
+        ui.kill()

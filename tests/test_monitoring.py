@@ -264,7 +264,7 @@ def test_review_queue_and_feedback_import_add_a_labelled_class_as_a_new_data_ver
     from pipelines.feedback import import_feedback
     from pipelines.params import load_params
     from pipelines.tracking import PipelineRun
-    from siamese_core.errors import ImageError
+    from siamese_core.errors import DatasetError
 
     project = tmp_path / "project"
     shutil.copytree(watched.train, project / "data")
@@ -289,7 +289,7 @@ def test_review_queue_and_feedback_import_add_a_labelled_class_as_a_new_data_ver
         for moved in (image, image.with_suffix(".json")):
             moved.rename(labelled / moved.name)
     (labelled / "broken.png").write_bytes(b"\x89PNG not really")
-    with pytest.raises(ImageError, match="broken.png"):
+    with pytest.raises(DatasetError, match="broken.png: not a readable image"):
         import_feedback(labelled.parent, "data/train", by="alice")
     assert not Path("data/train/digit 5").exists() and Path("data.dvc").read_text() == before
     (labelled / "broken.png").unlink()
@@ -312,3 +312,109 @@ def test_review_queue_and_feedback_import_add_a_labelled_class_as_a_new_data_ver
     assert batch.dataset.digest == hashlib.sha256(Path(done["manifest"]).read_bytes()).hexdigest()[:32]
     assert json.loads(batch.dataset.profile)["per_class"] == {"digit 5": len(added)}
     run.end()
+
+
+def test_a_request_id_never_steers_where_a_review_image_is_written(watched, write_params, tmp_path):
+    """Issue 32, row 1: request ids that climb into the training data or out of the project write nothing outside
+    review/pending/; the images are named by the server, the client's id stays data in the sidecar, and the queue
+    is private (0600 files, 0700 folders)."""
+    (tmp_path / "data" / "train" / "Korean__character01").mkdir(parents=True)
+    params = _params(write_params, tmp_path, tmp_path / "log", log_images=True)
+    hostile = ["../../../data/train/Korean__character01/injected", "../../../../escaped/evil", "/tmp/evil", "..",
+               "..\\..\\x"]
+    base, server, _ = _serve(watched, tmp_path, params)
+    try:
+        for request_id in hostile:
+            assert [_ask(base, image, request_id)[0] for image in watched.heldout[:3]] == [200] * 3
+        deadline = time.monotonic() + 30
+        while _stats(base)["written"] < 15 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _stats(base)["review"] >= 5
+    finally:
+        stop_group(server)
+    review = tmp_path / "review"
+    outside = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_relative_to(review / "pending")
+               and not p.is_relative_to(tmp_path / "log") and p.name not in ("serve.log", "params.yaml")]
+    assert outside == [] and not (tmp_path.parent / "escaped").exists()
+    items = sorted((review / "pending").rglob("*.*"))
+    assert {p.parent.parent for p in items} == {review / "pending"}
+    assert {json.loads(p.read_text())["request_id"] for p in items if p.suffix == ".json"} <= set(hostile)
+    assert {oct(p.stat().st_mode & 0o777) for p in items} == {"0o600"}
+    assert {oct(p.stat().st_mode & 0o777) for p in (review, review / "pending", items[0].parent)} == {"0o700"}
+
+
+def test_the_monitoring_flow_names_and_skips_bad_files_and_versions_the_registry_does_not_hold(
+        watched, write_params, tmp_path, prefect_server, monkeypatch):
+    """Beside good records of version 1: random bytes, a truncated file, an empty one, two of other schemas, and
+    more records of a version 999 that was never registered. Each is named and skipped in one line; version 1 is
+    judged on its own records."""
+    import pyarrow as pa
+
+    from pipelines.flows import monitoring_flow
+    from pipelines.params import load_params
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", watched.uri)
+    log = tmp_path / "log"
+    params = _params(write_params, tmp_path, log)
+    _log_traffic(watched, log, watched.known[:12], load_params(params).monitoring)
+    good = sorted(log.rglob("*.parquet"))
+    day, records = good[0].parent, pa.concat_tables([pq.read_table(path) for path in good])
+    assert records.num_rows == 12
+    unregistered = records.set_column(records.schema.get_field_index("model_version"), "model_version",
+                                      pa.array(["999"] * 12))
+    pq.write_table(pa.concat_tables([unregistered] * 2), day / "unregistered.parquet")
+    (day / "random.parquet").write_bytes(os.urandom(4096))
+    (day / "truncated.parquet").write_bytes(good[0].read_bytes()[:good[0].stat().st_size // 2])
+    (day / "empty.parquet").write_bytes(b"")
+    pq.write_table(pa.table({"a": [1, 2]}), day / "foreign.parquet")
+    pq.write_table(records.set_column(0, "time", pa.array(["yesterday"] * 12)), day / "retyped.parquet")
+    result = monitoring_flow(str(params))
+    assert (result["model_version"], result["figures"]["records"]) == ("1", 12.0), result
+    notes = result["notes"]
+    for name, problem in (
+        ("random.parquet", "Parquet magic bytes not found in footer"),
+        ("truncated.parquet", "Parquet magic bytes not found in footer"),
+        ("empty.parquet", "Parquet file size is 0 bytes"),
+        ("foreign.parquet", "not a file of the inference log (no column time, request_id, model_name, "
+                            "model_version, label, distance, decision, latency_ms)"),
+        ("retyped.parquet", "not a file of the inference log (column time is string, not timestamp[ms, tz=UTC])"),
+    ):
+        [note] = [note for note in notes if f"/{name}:" in note]
+        assert note.startswith(f"skipped {day / name}: {problem}"), note
+    assert f"skipped 24 records of {MODEL} version 999: the registry has no such version" in notes
+    assert len([note for note in notes if note.startswith("skipped ")]) == 6 and not any("\n" in n for n in notes)
+
+
+def _write_records(folder: Path, name: str, times: list, model: str = MODEL) -> None:
+    import pyarrow as pa
+
+    from pipelines.inference_log import SCHEMA
+
+    rows = [{"time": moment, "request_id": f"r{n}", "model_name": model, "model_version": "1", "label": "digit 1",
+             "distance": 0.1, "decision": "known", "latency_ms": 2.0} for n, moment in enumerate(times)]
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), folder / name)
+
+
+def test_an_empty_window_says_why(watched, write_params, tmp_path, prefect_server, monkeypatch):
+    """No log folder: the flow names the path. Records of another model only, and records dated two days ahead:
+    the flow names the models it saw and counts the records in the future."""
+    from datetime import UTC, datetime, timedelta
+
+    from pipelines.flows import monitoring_flow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", watched.uri)
+    missing = tmp_path / "nowhere" / "log"
+    result = monitoring_flow(str(_params(write_params, tmp_path / "missing", missing)))
+    assert result["notes"] == ["no records in the window", f"the inference log {missing} does not exist: nothing "
+                               "was logged there yet, or the servers log elsewhere (monitoring.log_uri, "
+                               "$SIAMESE_INFERENCE_LOG)"]
+    log, now = tmp_path / "log", datetime.now(UTC)
+    _write_records(log / f"date={now:%Y-%m-%d}", "other.parquet", [now - timedelta(minutes=5)] * 3, model="other")
+    ahead = now + timedelta(days=2)
+    _write_records(log / f"date={ahead:%Y-%m-%d}", "ahead.parquet", [ahead] * 1000)
+    result = monitoring_flow(str(_params(write_params, tmp_path / "elsewhere", log)))
+    assert result["figures"]["records"] == 0 and result["notes"][0] == "no records in the window"
+    assert result["notes"][1].startswith("1000 records are dated at or after the window's end (")
+    assert result["notes"][1].endswith(" UTC) and were left out: is the clock of a machine that logs to it ahead?")
+    assert result["notes"][2] == f"no records of {MODEL} (register.model_name) in the window; it holds records of other (3)"

@@ -335,3 +335,67 @@ def test_the_servers_answer_rows_are_those_of_the_pyfunc_frame():
                      Match("unknown", 0.9, [("digit 2", 0.9)], "", 0.8)],
                     [Match("digit 1", 0.25, [("digit 1", 0.25)])]):
         assert answer_records(matches) == answer_frame(matches).to_dict(orient="records")
+
+
+def _post(base: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+    """POST ``body`` as it is, with only ``headers`` (http.client adds no Content-Type of its own)."""
+    connection = http.client.HTTPConnection(HOST, int(base.rsplit(":", 1)[1]), timeout=60)
+    try:
+        connection.request("POST", "/invocations", body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("server", ["siamese serve"], indirect=True)
+def test_rows_in_the_wrong_form_get_one_line_naming_the_row_and_the_form_expected(server):
+    base, gallery, _ = server
+    image = encode_image(gallery["digit 1"][0])
+    record = '{"image": "<base64>"}'
+    for payload, message in (
+        ({"inputs": [{"image": image}, "abc"]}, f"row 1 of 'inputs' is a string; every row must be a record like {record}"),
+        ({"dataframe_records": [{"image": image}, [image]]},
+         f"row 1 of 'dataframe_records' is a list; every row must be a record like {record}"),
+        ({"instances": [image, {"image": image}]}, "row 1 of 'instances' is a record but row 0 is a string: send every "
+         f"row as a base64 string, or every row as a record like {record}"),
+        ({"dataframe_split": {"columns": ["image"], "data": [{"image": image}]}},
+         "row 0 of 'dataframe_split' is a record (an object); its rows are lists of values in the order of 'columns' "
+         "(send records as 'dataframe_records')"),
+        ({"dataframe_split": {"columns": ["image"], "data": [image]}},
+         "row 0 of 'dataframe_split' is a string; its rows are lists of values in the order of 'columns'"),
+        ({"dataframe_split": {"columns": ["id", "image"], "data": [[1]]}},
+         "row 0 of 'dataframe_split' has 1 values; 'columns' names 2"),
+        ({"dataframe_split": [[image]]},
+         """'dataframe_split' must be an object {"columns": ["image"], "data": [["<base64>"], ...]}, got a list"""),
+        ({"inputs": {"image": {"a": image}}},
+         "the column 'image' of 'inputs' is a record (an object); expected a list of base64 strings"),
+        ({"dataframe_records": [{"image": image}, {"picture": image}]},
+         "the request needs a column 'image' of base64-encoded images, got columns ['picture'] in row 1"),
+        ({"inputs": 7}, "'inputs' is a number; expected a list of rows or an object of columns"),
+    ):
+        status, body = post_json(f"{base}/invocations", payload)
+        assert (status, body["message"]) == (400, message), payload
+    for payload in ({"inputs": [image]}, {"inputs": {"image": image}}, {"instances": [{"image": image}]},
+                    {"dataframe_split": {"columns": ["id", "image"], "data": [[7, image]]}}):
+        status, body = post_json(f"{base}/invocations", payload)
+        assert status == 200 and body["predictions"][0]["label"] == "digit 1", (payload, body)
+
+
+@pytest.mark.parametrize("server", ["siamese serve"], indirect=True)
+def test_a_body_that_is_not_json_gets_a_415_saying_json_is_expected(server):
+    """MLflow's own server also reads CSV and Parquet; this one refuses them in one line rather than read them as
+    JSON. A request with no Content-Type at all is read as JSON."""
+    base, gallery, _ = server
+    image = encode_image(gallery["digit 1"][0])
+    as_json = json.dumps({"inputs": [image]}).encode()
+    for content_type, body in (("text/csv", f"image\n{image}\n".encode()), ("application/vnd.apache.parquet", b"PAR1"),
+                               ("application/x-www-form-urlencoded", as_json)):  # curl -d without -H
+        status, answer = _post(base, body, {"Content-Type": content_type})
+        assert status == 415 and answer["message"] == (
+            f"Content-Type '{content_type}' is not accepted: this server takes JSON only (Content-Type: "
+            "application/json, an object with one key of ['dataframe_split', 'dataframe_records', 'inputs', "
+            "'instances'])"), answer
+    for headers in ({"Content-Type": "application/json; charset=utf-8"}, {"Content-Type": "Application/JSON"}, {}):
+        status, answer = _post(base, as_json, headers)
+        assert status == 200 and answer["predictions"][0]["label"] == "digit 1", (headers, answer)
