@@ -49,21 +49,36 @@ def _flow_logs(flow_run_id) -> list[str]:
     return [entry.message for entry in logs]
 
 
-def test_prefect_yaml_deploys_the_retraining_flow_on_the_params_schedule():
-    deployment = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"][0]
-    schedule = load_params(REPO / "params.yaml").schedule
-    assert deployment["entrypoint"] == "pipelines/flows.py:retraining_flow"
-    assert deployment["schedules"][0]["cron"] == schedule.cron
-    assert deployment["schedules"][0]["timezone"] == schedule.timezone
-    assert deployment["concurrency_limit"] == 1 and "retraining" in deployment["tags"]
-    params = load_params(REPO / "params.yaml")
-    [trigger] = deployment["triggers"]  # a drift event of this model starts the retraining, saying why
-    assert trigger["expect"] == ["siamese.monitoring.drift"]
-    assert trigger["match"]["prefect.resource.id"] == f"siamese.model.{params.register.model_name}"
-    assert trigger["parameters"]["trigger"] == "drift" and "monitoring_run_id" in trigger["parameters"]
-    monitoring = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"][1]
-    assert monitoring["entrypoint"] == "pipelines/flows.py:monitoring_flow"
-    assert monitoring["schedules"][0]["cron"] == params.monitoring.cron
+def test_prefect_yaml_says_what_the_deployments_table_says():
+    """prefect.yaml (prefect deploy --all) and `siamese flows serve` deploy the same flows from one table:
+    the crons, time zone and model name of params.yaml, a drift event of this model starting the retraining."""
+    from pipelines.deployments import deployments
+
+    table = deployments(load_params(REPO / "params.yaml"))
+    written = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    assert [{"triggers": [], **{k: v for k, v in d.items() if k != "work_pool"}} for d in written] == table
+    assert {d["work_pool"]["name"] for d in written} == {"siamese"}
+    [trigger] = table[0]["triggers"]
+    assert trigger["expect"] == ["siamese.monitoring.drift"] and trigger["parameters"]["trigger"] == "drift"
+
+
+def test_flows_serve_builds_each_deployment_of_the_table(monkeypatch):
+    """What `siamese flows serve` hands Prefect: the table's deployments, schedules and drift trigger."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipelines import flows
+    from pipelines.deployments import deployments
+
+    served = []
+    monkeypatch.setattr(flows, "prefect_serve", lambda *deployed: served.extend(deployed))
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # never called: serving is replaced
+        flows.serve(str(REPO / "params.yaml"))
+    table = deployments(load_params(REPO / "params.yaml"), str(REPO / "params.yaml"))
+    assert [d.name for d in served] == [spec["name"] for spec in table]
+    for deployment, spec in zip(served, table):
+        assert deployment.parameters == spec["parameters"] and deployment.concurrency_limit == 1
+        assert [s.schedule.cron for s in deployment.schedules] == [s["cron"] for s in spec["schedules"]]
+        assert [t.name for t in deployment.triggers] == [t["name"] for t in spec["triggers"]]
 
 
 def test_training_flow_tracks_one_run_and_registers_a_champion_that_predict_flow_serves(project):
