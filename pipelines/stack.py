@@ -3,10 +3,14 @@
 PostgreSQL (the MLflow and Prefect databases), an S3 server (moto behind a signature check),
 ``mlflow server`` (runs and registry in PostgreSQL, artifacts proxied to the S3 bucket) and a
 Prefect server with a process worker on pool ``siamese`` run as background processes on loopback
-ports. Their data, logs, ``stack.json`` (ports, pids, URLs, logs) and ``secrets.json`` live under
-one folder, ``.siamese-stack/`` by default. The pipeline uses the stack through environment
-variables only (:func:`client_env`); ``--auth`` runs the tracking server with MLflow's basic-auth
-app and a pipeline user, and the Prefect API with a login.
+ports. Their data, logs, ``stack.json`` (ports, pids, URLs, logs), ``secrets.json`` and ``env`` (the
+export lines) live under one folder, ``.siamese-stack/`` by default, private to its owner (0700; 0711
+when root starts it, so that the ``postgres`` user and the worker's user reach their own folders).
+The pipeline uses the stack through environment variables only (:func:`client_env`); ``--auth`` runs
+the tracking server with MLflow's basic-auth app and a pipeline user, and the Prefect API with a
+login. ``up`` prints where the credentials are, never the credentials; ``env`` prints the export
+lines, for ``eval``. ``status`` checks each service for real: a query on PostgreSQL, an object
+written and deleted on S3, an artifact written and deleted through MLflow.
 
 The S3 server writes every change to ``s3/journal`` before it answers and replays it when it
 starts, so the bucket outlives ``down`` and a crash or ``kill -9`` of the S3 server alike.
@@ -37,13 +41,14 @@ from pipelines.stack_state import (
     SERVICES,
     WORK_POOL,
     Stack,
-    client_env,
     dvc_remote_commands,
+    exports,
     load,
     new_stack,
     save,
     secrets,
     server_env,
+    write_env_file,
 )
 
 
@@ -61,6 +66,7 @@ def up(root: str | os.PathLike = DEFAULT_ROOT, auth: bool = False, base_port: in
         raise StackError(f"cannot start the stack: {reason}")
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o711 if os.geteuid() == 0 else 0o700)  # as root: 'postgres' and the worker's user pass through
     (root / ".gitignore").write_text("# siamese stack up: data, logs and secrets, never committed\n*\n")
     previous = load(root)
     if previous and previous.get("state") == "up" and any(supervisor.is_ours(s) for s in previous["services"].values()):
@@ -82,7 +88,8 @@ def up(root: str | os.PathLike = DEFAULT_ROOT, auth: bool = False, base_port: in
         save(stack)
         down(root)
         raise
-    stack.update(state="up", up_seconds=round(time.time() - stack["started_at"], 1), env=client_env(stack))
+    stack.update(state="up", up_seconds=round(time.time() - stack["started_at"], 1),
+                 env_file=str(write_env_file(stack)))
     save(stack)
     return stack
 
@@ -121,10 +128,6 @@ stack_app = typer.Typer(rich_markup_mode=None, help="Run the shared stack (Postg
 RootOption = Annotated[Path, typer.Option("--root", help="Folder for the stack's data, logs and stack.json.")]
 
 
-def _exports(stack: Stack) -> str:
-    return "\n".join(f"export {key}={value}" for key, value in client_env(stack).items())
-
-
 @stack_app.command("up")
 def up_command(root: RootOption = Path(DEFAULT_ROOT),
                auth: Annotated[bool, typer.Option("--auth", help="MLflow basic auth; the pipeline logs in "
@@ -132,7 +135,7 @@ def up_command(root: RootOption = Path(DEFAULT_ROOT),
                worker: Annotated[str | None, typer.Option(
                    "--worker-user", help="When root starts the stack: the user the worker runs flows as "
                    "(default: the owner of this folder; root only when named).")] = None) -> None:
-    """Start the services in the background, wait until each is healthy, print the variables to export."""
+    """Start the services in the background, wait until each is healthy, say where the variables to export are."""
     stack = guarded(lambda: up(root, auth=auth, worker=worker), tensorflow=False)
     typer.echo(f"stack up in {stack['up_seconds']} s under {stack['root']} (logs in {stack['root']}/logs); "
                f"the worker runs flows as user '{stack['services']['worker']['user']}'")
@@ -141,7 +144,8 @@ def up_command(root: RootOption = Path(DEFAULT_ROOT),
     if stack["auth"]:
         typer.echo(f"MLflow basic auth: the pipeline logs in as '{PIPELINE_USER}'; user 'admin' manages users "
                    f"(passwords in {stack['root']}/secrets.json)")
-    typer.echo("\n# use it from this shell (or: eval \"$(siamese stack env)\")\n" + _exports(stack))
+    typer.echo(f"\n# use it from this shell ({stack['env_file']} holds the credentials, readable by you only)\n"
+               f". {stack['env_file']}    # or: eval \"$(siamese stack env --root {stack['root']})\"")
     typer.echo("\n# point this clone's DVC remote at the bucket\n" + "\n".join(dvc_remote_commands(stack)))
 
 
@@ -160,12 +164,12 @@ def status_command(root: RootOption = Path(DEFAULT_ROOT)) -> None:
 
 @stack_app.command("env")
 def env_command(root: RootOption = Path(DEFAULT_ROOT)) -> None:
-    """Print the export lines for a running stack: eval "$(siamese stack env)"."""
+    """Print the export lines for a running stack, credentials included: eval "$(siamese stack env)"."""
     stack = load(root)
     if stack is None or stack.get("state") != "up":
         typer.secho(f"error: no running stack under {Path(root).resolve()}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
-    typer.echo(_exports(stack))
+    typer.echo(exports(stack))
 
 
 @stack_app.command("down")

@@ -1,9 +1,10 @@
 """The stack's services as recipes for the supervisor: PostgreSQL, the S3 server, the MLflow tracking
 server, the Prefect server and the Prefect worker.
 
-Each :class:`Recipe` starts its service in the background (``start``), waits until it is healthy and
+Each :class:`Recipe` starts its service in the background (``start``), waits until it answers and
 sets it up (``ready``: roles, the bucket, users, the work pool), says what is wrong with it
-(``check``: None when healthy) and stops it (``stop``). :data:`STAGES` is the order ``up`` runs them in.
+(``check``: None when healthy; a check does what the pipeline needs of the service: a query, a write)
+and stops it (``stop``). :data:`STAGES` is the order ``up`` runs them in.
 
 Hardening: PostgreSQL's services log in as roles without privileges (the superuser is
 ``siamese_admin``); the S3 server answers only requests signed with the stack's key and keeps every
@@ -21,6 +22,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from pipelines.supervisor import HOST, STARTUP_TIMEOUT_S
 
 PG_ADMIN = "siamese_admin"  # PostgreSQL's superuser; the services log in as roles without privileges
 _NO_BUCKET = ("404", "NoSuchBucket")
+PROBES = "stack-health"  # where the health checks write, and at once delete, their probes (bucket, artifacts)
 
 
 # ---------------------------------------------------------------- prerequisites
@@ -104,6 +107,13 @@ def worker_user(project: Path, requested: str | None) -> str:
     return user
 
 
+def _private_folder(path: Path) -> Path:
+    """``path``, made if missing, for its owner only (0700), also when an earlier version made it."""
+    path.mkdir(mode=0o700, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
 def _bin(name: str) -> str:
     """A console script of this environment (``prefect``), by absolute path."""
     return str(Path(sys.executable).parent / name)
@@ -137,9 +147,7 @@ def _start_postgres(stack: Stack, env: dict[str, str]) -> None:
     import psutil
 
     root, pg, keys = Path(stack["root"]), stack["services"]["postgres"], secrets(stack["root"])
-    folder, data = root / "postgres", root / "postgres" / "data"
-    folder.mkdir(exist_ok=True)
-    folder.chmod(0o700)
+    folder, data = _private_folder(root / "postgres"), root / "postgres" / "data"
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
         probe = subprocess.run(_as_postgres(["test", "-w", str(folder)]), check=False)
@@ -215,12 +223,15 @@ def _ensure_roles(port: int, keys: dict[str, str]) -> None:
 
 
 def _check_postgres(stack: Stack) -> str | None:
+    """PostgreSQL answers a query of the role ``mlflow`` on its database."""
     import psycopg2
 
     port, password = stack["services"]["postgres"]["port"], secrets(stack["root"])["postgres_password"]
     try:
-        psycopg2.connect(host=HOST, port=port, user="mlflow", password=password, dbname="mlflow",
-                         connect_timeout=3).close()
+        with closing(psycopg2.connect(host=HOST, port=port, user="mlflow", password=password, dbname="mlflow",
+                                      connect_timeout=3)) as connection, connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
     except psycopg2.Error as exc:
         return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return None
@@ -244,20 +255,20 @@ def _stop_postgres(stack: Stack) -> bool:
 # ---------------------------------------------------------------- s3
 
 
-def s3_client(stack: Stack) -> Any:
-    """A boto3 S3 client on the stack's S3 server, signing with the stack's key."""
+def s3_client(stack: Stack, config: Any = None) -> Any:
+    """A boto3 S3 client on the stack's S3 server, signing with the stack's key (``config``: botocore's)."""
     import boto3
 
     keys = secrets(stack["root"])
     return boto3.client("s3", endpoint_url=stack["services"]["s3"]["url"], aws_access_key_id=keys["aws_access_key_id"],
-                        aws_secret_access_key=keys["aws_secret_access_key"], region_name=REGION)
+                        aws_secret_access_key=keys["aws_secret_access_key"], region_name=REGION, config=config)
 
 
 def _start_s3(stack: Stack, env: dict[str, str]) -> None:
     """The S3 server (:mod:`pipelines.s3server`), replaying its journal ``s3/journal`` as it starts."""
     root, s3 = Path(stack["root"]), stack["services"]["s3"]
-    (root / "s3").mkdir(mode=0o700, exist_ok=True)
-    command = [sys.executable, "-m", "pipelines.s3server", HOST, str(s3["port"]), str(root / "s3" / "journal")]
+    command = [sys.executable, "-m", "pipelines.s3server", HOST, str(s3["port"]),
+               str(_private_folder(root / "s3") / "journal")]
     s3.update(supervisor.start(command, Path(s3["log"]), env, root))
 
 
@@ -295,9 +306,25 @@ def _s3_answers(stack: Stack) -> str | None:
 
 
 def _check_s3(stack: Stack) -> str | None:
-    """The bucket itself answers (a server that lost it is not healthy)."""
+    """The bucket itself answers (a server that lost it is not healthy) and takes a write: a probe object
+    put and deleted with the stack's key, without retries."""
+    import botocore.exceptions
+    from botocore.config import Config
+
     problem = _bucket_problem(stack)
-    return None if problem is None else problem[1]
+    if problem is not None:
+        return problem[1]
+    client = s3_client(stack, Config(retries={"total_max_attempts": 1}, read_timeout=30))
+    key = f"{PROBES}/{uuid.uuid4().hex}"
+    try:
+        client.put_object(Bucket=BUCKET, Key=key, Body=b"probe")
+        client.delete_object(Bucket=BUCKET, Key=key)
+    except botocore.exceptions.ClientError as exc:
+        error = exc.response.get("Error", {})
+        return f"cannot write to bucket '{BUCKET}': {error.get('Code', '?')} ({error.get('Message', '')})"
+    except botocore.exceptions.BotoCoreError as exc:
+        return f"cannot write to bucket '{BUCKET}': no answer ({type(exc).__name__})"
+    return None
 
 
 # ---------------------------------------------------------------- mlflow
@@ -314,7 +341,7 @@ def _start_mlflow(stack: Stack, env: dict[str, str]) -> None:
                "--host", HOST, "--port", str(ml["port"]), "--workers", "2"]
     if stack["auth"]:
         config = root / "mlflow" / "basic_auth.ini"
-        config.parent.mkdir(mode=0o700, exist_ok=True)  # the user store holds password hashes
+        _private_folder(config.parent)  # the user store holds password hashes
         config.write_text("[mlflow]\ndefault_permission = READ\n"
                           f"database_uri = sqlite:///{root / 'mlflow' / 'basic_auth.db'}\n"
                           "admin_username = admin\n"
@@ -329,7 +356,7 @@ def _start_mlflow(stack: Stack, env: dict[str, str]) -> None:
 
 def _mlflow_ready(stack: Stack) -> None:
     """Wait for the tracking server; with --auth, create the non-admin user the pipeline logs in as."""
-    _wait("mlflow", stack, _check_mlflow)
+    _wait("mlflow", stack, _mlflow_answers)
     if not stack["auth"]:
         return
     keys = secrets(stack["root"])
@@ -342,9 +369,28 @@ def _mlflow_ready(stack: Stack) -> None:
         raise StackError(f"mlflow: creating user '{PIPELINE_USER}' answered {status or 'nothing'}: {text[:300]}")
 
 
-def _check_mlflow(stack: Stack) -> str | None:
+def _mlflow_answers(stack: Stack) -> str | None:
     status, body = supervisor.http(stack["services"]["mlflow"]["url"] + "/health")
     return None if status == 200 else f"GET /health answered {status or 'nothing'} {body[:80]!r}"
+
+
+def _check_mlflow(stack: Stack) -> str | None:
+    """The tracking server answers a search of its store (PostgreSQL) and takes an artifact: a probe written
+    and deleted through its artifact proxy (so into the bucket); as user admin with --auth."""
+    problem = _mlflow_answers(stack)
+    if problem:
+        return problem
+    api = f"{stack['services']['mlflow']['url']}/api/2.0"
+    login = ("admin", secrets(stack["root"])["mlflow_admin_password"]) if stack["auth"] else None
+    probe = f"{api}/mlflow-artifacts/artifacts/{PROBES}/{uuid.uuid4().hex}"
+    for what, url, method, body in (("search its experiments", f"{api}/mlflow/experiments/search?max_results=1",
+                                     "GET", None),
+                                    ("write an artifact", probe, "PUT", b"probe"),
+                                    ("delete an artifact", probe, "DELETE", None)):
+        status, answer = supervisor.http(url, auth=login, method=method, body=body, timeout=60)
+        if status != 200:
+            return f"cannot {what}: {method} answered {status or 'nothing'} {answer[:120]!r}"
+    return None
 
 
 # ---------------------------------------------------------------- prefect server and worker
@@ -364,6 +410,7 @@ def _start_prefect(stack: Stack, env: dict[str, str]) -> None:
     login = prefect_login(stack)
     if login:
         env["PREFECT_SERVER_API_AUTH_STRING"] = ":".join(login)
+    _private_folder(Path(env["PREFECT_HOME"]))
     pf.update(supervisor.start([_bin("prefect"), "server", "start", "--host", HOST, "--port", str(pf["port"])],
                                Path(pf["log"]), env, Path(stack["root"])))
 
@@ -391,11 +438,12 @@ def _start_worker(stack: Stack, env: dict[str, str]) -> None:
             raise StackError(f"prefect work-pool create {WORK_POOL} failed: {output}")
     if wk["user"] != getpass.getuser():  # its own Prefect home: the stack's is readable by the stack's user only
         home = Path(stack["root"]) / "worker-home"
-        home.mkdir(mode=0o700, exist_ok=True)
+        _private_folder(home)
         shutil.chown(home, wk["user"])
         env = {**env, "PREFECT_HOME": str(home), "HOME": str(home)}
     command = [_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process", "--install-policy", "never"]
-    wk.update(supervisor.start(supervisor.as_user(wk["user"], command), Path(wk["log"]), env, Path(stack["project"])))
+    wk.update(supervisor.start(supervisor.as_user(wk["user"], command), Path(wk["log"]), env, Path(stack["project"]),
+                               private=False))  # flows write the project's files as when the user runs them
 
 
 def _check_worker(stack: Stack) -> str | None:

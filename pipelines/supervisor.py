@@ -32,15 +32,21 @@ STOP_TIMEOUT_S = 20
 Check = Callable[[], str | None]
 
 
-def start(command: list[str], log: Path, env: dict[str, str], cwd: Path) -> dict[str, Any]:
-    """Start ``command`` in the background in its own process group, output appended to ``log``.
+def start(command: list[str], log: Path, env: dict[str, str], cwd: Path, private: bool = True) -> dict[str, Any]:
+    """Start ``command`` in the background in its own process group, output appended to ``log`` (0600, in a
+    0700 folder). ``private``: the files it makes are its owner's only (umask 077).
 
     Returns the process as ``{"pid": ..., "started": ...}`` (the pid is also the group's id).
     """
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
+    log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    log.parent.chmod(0o700)
+    out = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(out, 0o600)  # a log an earlier version made readable by everyone
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=env, cwd=cwd, start_new_session=True)
+                                   env=env, cwd=cwd, start_new_session=True, umask=0o077 if private else -1)
+    finally:
+        os.close(out)
     return {"pid": process.pid, "started": psutil.Process(process.pid).create_time()}
 
 

@@ -87,28 +87,25 @@ def test_as_root_the_worker_runs_flows_as_the_project_owner_and_never_picks_root
     assert not (tmp_path / "stack-root" / "postgres").exists()
 
 
-def test_the_s3_journal_keeps_accepted_changes_in_order_and_drops_a_torn_last_record(tmp_path):
-    from pipelines.s3server import Journal, Journaled, call
+def test_stack_up_says_where_the_credentials_are_and_never_prints_them(tmp_path, monkeypatch):
+    """The command's output alone: `up` itself (which starts the services) returns a stack's state here."""
+    from typer.testing import CliRunner
 
-    applied = []
-
-    def app(environ, start_response):  # a stand-in for moto: /bucket/missing is refused
-        applied.append((environ["REQUEST_METHOD"], environ["PATH_INFO"], environ["wsgi.input"].read()))
-        start_response("404 Not Found" if environ["PATH_INFO"].endswith("missing") else "200 OK", [])
-        return [b""]
-
-    journal = Journal(tmp_path / "journal")
-    server = Journaled(app, journal)
-    for method, path, body in (("PUT", "/bucket/a", b"one"), ("GET", "/bucket/a", b""),
-                               ("DELETE", "/bucket/missing", b""), ("PUT", "/bucket/a", b"two")):
-        call(server, {"REQUEST_METHOD": method, "PATH_INFO": path}, body)
-    whole = journal.path.stat().st_size
-    with open(journal.path, "ab") as out:  # a kill -9 in the middle of a write
-        out.write(b'{"fields": {"REQUEST_METHOD": "PUT", "PATH_INFO": "/bucket/b"}, "body": 99}\nonly part')
-    applied.clear()
-    assert journal.replay(app) == 2
-    assert applied == [("PUT", "/bucket/a", b"one"), ("PUT", "/bucket/a", b"two")]
-    assert journal.path.stat().st_size == whole and oct(journal.path.stat().st_mode & 0o777) == "0o600"
+    root = tmp_path / "stack"
+    root.mkdir()
+    state = stack_state.new_stack(root, tmp_path, True, dict(zip(stack_state.SERVERS, range(54320, 54324))),
+                                  getpass.getuser())
+    state.update(state="up", up_seconds=1.0, env_file=str(stack_state.write_env_file(state)))
+    monkeypatch.setattr(stack, "up", lambda *args, **kwargs: state)
+    shown = CliRunner().invoke(app, ["stack", "up", "--auth", "--root", str(root)])
+    assert shown.exit_code == 0, shown.output
+    keys = json.loads((root / "secrets.json").read_text())
+    assert not [name for name, value in keys.items() if value in shown.output and name != "aws_access_key_id"]
+    assert f". {root / 'env'}" in shown.output and "readable by you only" in shown.output
+    exported = (root / "env").read_text()
+    for value in (keys["aws_secret_access_key"], keys["mlflow_user_password"], keys["prefect_api_password"]):
+        assert value in exported
+    assert oct((root / "env").stat().st_mode & 0o777) == "0o600"
 
 
 def test_s3_objects_survive_kill_9_of_the_server_and_a_clean_restart(tmp_path):
@@ -152,6 +149,9 @@ def test_s3_objects_survive_kill_9_of_the_server_and_a_clean_restart(tmp_path):
             small = client.get_object(Bucket=stack_state.BUCKET, Key="a key/with é+x")
             assert small["Body"].read() == b"small" and small["Metadata"] == {"run": "7"}
 
+        log = Path(state["services"]["s3"]["log"])
+        modes = {path: oct(path.stat().st_mode & 0o777) for path in (log.parent, log, root / "s3", root / "s3" / "journal")}
+        assert list(modes.values()) == ["0o700", "0o600", "0o700", "0o600"], modes
         os.kill(state["services"]["s3"]["pid"], signal.SIGKILL)
         deadline = time.monotonic() + 10
         while supervisor.is_ours(state["services"]["s3"]) and time.monotonic() < deadline:
@@ -230,7 +230,11 @@ def test_stack_comes_up_healthy_and_prints_how_to_use_it(shared_stack):
     root = Path(shared_stack["root"])
     assert stack.status(root) == dict.fromkeys(stack_state.SERVICES)
     saved = json.loads((root / "stack.json").read_text())
-    assert saved["state"] == "up" and oct((root / "stack.json").stat().st_mode & 0o777) == "0o600"
+    assert saved["state"] == "up" and saved["env_file"] == str(root / "env")
+    assert oct(root.stat().st_mode & 0o777) == ("0o711" if os.geteuid() == 0 else "0o700")
+    private = [path for path in root.rglob("*") if path.name != ".gitignore" and path.stat().st_mode & 0o077]
+    assert not private, [f"{path} {oct(path.stat().st_mode & 0o777)}" for path in private[:10]]
+    assert (root / "env").read_text() == stack_state.exports(shared_stack) + "\n"
     ports = [saved["services"][name]["port"] for name in ("postgres", "s3", "mlflow", "prefect")]
     assert len(set(ports)) == 4
     assert all(Path(s["log"]).is_file() and s["pid"] for s in saved["services"].values())
@@ -318,6 +322,9 @@ def test_s3_answers_only_requests_signed_with_the_stacks_key_and_its_admin_api_i
         with pytest.raises(urllib.error.HTTPError) as error:
             urllib.request.urlopen(refused_url)
         assert error.value.code == 403
+    s3_log = Path(shared_stack["services"]["s3"]["log"]).read_text()
+    assert "/signed%20check/a%2Bb.txt?X-Amz-Algorithm&X-Amz-Credential" in s3_log, s3_log[-2000:]
+    assert "X-Amz-Signature=" not in s3_log and "Signature=" not in s3_log  # no URL anyone could use again
     assert supervisor.http(f"{url}/moto-api/reset", method="POST")[0] == 404  # the admin API is closed
     assert good.get_object(**params)["Body"].read() == b"kept"
     good.delete_object(**params)
@@ -333,6 +340,31 @@ def test_stack_status_checks_the_bucket_not_just_the_port(shared_stack):
     finally:
         s3.create_bucket(Bucket=stack_state.BUCKET)
     assert stack.status(shared_stack["root"])["s3"] is None
+
+
+@needs_stack
+def test_stack_status_writes_through_each_service_and_a_service_that_cannot_write_is_down(shared_stack):
+    """The S3 server's journal cannot grow (a file-size limit on the running server, as a full disk): the
+    server still answers, but S3, and MLflow whose artifacts go there, are reported down in one line each."""
+    import psutil
+    from typer.testing import CliRunner
+
+    root = Path(shared_stack["root"])
+    assert stack.status(root) == dict.fromkeys(stack_state.SERVICES)
+    assert not _keys(shared_stack, ""), "the probes delete what they write"
+    s3_server = psutil.Process(shared_stack["services"]["s3"]["pid"])
+    s3_server.rlimit(psutil.RLIMIT_FSIZE, ((root / "s3" / "journal").stat().st_size, psutil.RLIM_INFINITY))
+    try:
+        health = stack.status(root)
+        shown = CliRunner().invoke(app, ["stack", "status", "--root", str(root)])
+    finally:
+        s3_server.rlimit(psutil.RLIMIT_FSIZE, (psutil.RLIM_INFINITY, psutil.RLIM_INFINITY))
+    assert health["s3"].startswith(f"cannot write to bucket '{stack_state.BUCKET}': InsufficientStorage"), health
+    assert health["mlflow"].startswith("cannot write an artifact: PUT answered 500"), health
+    assert health["postgres"] is None and health["prefect"] is None
+    assert shown.exit_code == 1 and [line.split()[:2] for line in shown.output.splitlines()] == [
+        ["postgres", "healthy"], ["s3", "DOWN"], ["mlflow", "DOWN"], ["prefect", "healthy"], ["worker", "healthy"]]
+    assert stack.status(root) == dict.fromkeys(stack_state.SERVICES)
 
 
 @needs_stack
@@ -428,6 +460,7 @@ def test_basic_auth_refuses_anonymous_requests_and_the_registry_survives_a_resta
     root = base / "stack"
     try:
         env = stack_state.client_env(stack.up(root, auth=True, base_port=None, worker=getpass.getuser()))
+        assert stack.status(root) == dict.fromkeys(stack_state.SERVICES)  # MLflow's probe logs in as admin
         url = env["MLFLOW_TRACKING_URI"]
         search = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
         assert supervisor.http(search)[0] == 401
