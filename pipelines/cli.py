@@ -336,14 +336,17 @@ def enroll(
     out: Annotated[Path | None, typer.Option(
         "--out", help="Bundle only: write the enlarged bundle here (default: in place).")] = None,
     promote: Annotated[bool, typer.Option(
-        "--promote", help="Registry only: make the new version the champion (default: alias 'enrolled').")] = False,
+        "--promote", help="Registry only: make the new version the champion, or with register.rollout shadow or "
+        "canary the challenger of a new rollout; refused while a rollout is live (default: alias 'enrolled').")] = False,
     dask_address: DaskOption = None,
+    params: ParamsOption = None,
 ) -> None:
     """Add classes or images to a gallery without retraining.
 
     A bundle folder is extended in place or written to --out. A registry model gets a new
     version with the enlarged gallery and the same network, tagged enrolled_from=<version>;
-    it takes the alias 'enrolled', or 'champion' with --promote.
+    it takes the alias 'enrolled', or with --promote goes the way register.rollout sets:
+    'champion' (direct), or 'challenger' of a new shadow or canary rollout.
     """
 
     def body():
@@ -362,10 +365,14 @@ def enroll(
             name, _, source = model.removeprefix("models:/").partition("@")
             if not source:
                 name, _, source = name.partition("/")
-            result = enroll_and_register(name, folder, source or "champion", promote, sharder)
+            result = enroll_and_register(name, folder, source or "champion", promote, sharder,
+                                         _settings(params).register)
             typer.echo(f"{name} version {result['version']} ({result['alias']}), enrolled from version "
                        f"{result['enrolled_from']}: gallery of {result['gallery_size']} images, "
                        f"new classes {result['new_classes']}")
+            if result["rollout"]:
+                typer.echo(f"in {result['rollout']} rollout: `siamese rollout status` shows its live evidence, "
+                           "`siamese promote` makes it champion")
             return
         if promote:
             _fail("--promote is for a registry model (models:/NAME@ALIAS)")
@@ -446,7 +453,7 @@ def promote(
         typer.echo(f"{model_name}: champion is version {done['champion']}{proof} (previous: {done['previous']}); "
                    f"reason recorded: {reason}")
 
-    _run(body)
+    _run(body, tensorflow=False)
 
 
 @app.command()
@@ -520,6 +527,9 @@ def ui(
     def body():
         import subprocess
 
+        import psutil
+
+        from pipelines.supervisor import stop as stop_group
         from pipelines.tracking import ensure_experiment, tracking_uri
 
         uri = tracking_uri()
@@ -531,8 +541,15 @@ def ui(
         experiment = ensure_experiment(load_params().register.experiment) if Path("params.yaml").is_file() else "0"
         typer.echo(f"MLflow UI: http://127.0.0.1:{port}/#/experiments/{experiment}?workflowType=machine_learning "
                    "(the model-training view; Ctrl-C stops it)", err=True)
-        subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-                        "--port", str(port)], check=False)
+        # its own process group, so that Ctrl-C or SIGTERM here stops MLflow's server and its workers together
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host",
+                                   "127.0.0.1", "--port", str(port)], start_new_session=True)
+        group = {"pid": server.pid, "started": psutil.Process(server.pid).create_time()}
+        try:
+            server.wait()
+        finally:
+            stop_group(group, timeout=10)
+            typer.echo("MLflow UI stopped", err=True)
 
     _run(body, check=lambda: _port_check("127.0.0.1", port))  # MLflow imports Keras: TensorFlow loads quietly
 
@@ -551,7 +568,7 @@ def rollback(
         typer.echo(f"{model_name}: rolled back to version {done['champion']} (previous: {done['previous']}); "
                    f"reason recorded: {reason}")
 
-    _run(body)
+    _run(body, tensorflow=False)
 
 
 registry_app = typer.Typer(help="Look after the model registry.", no_args_is_help=True, rich_markup_mode=None)
@@ -571,7 +588,7 @@ def registry_sign(
         digest = sign(model_name, version)
         typer.echo(f"{model_name} version {int(version)}: artifacts_sha256 {digest} recorded")
 
-    _run(body)
+    _run(body, tensorflow=False)
 
 
 @registry_app.command("repair")
@@ -590,7 +607,7 @@ def registry_repair(
         typer.echo(f"{model_name}: marked {len(marked)} incomplete version(s)" +
                    (f": {', '.join(marked)}" if marked else ""))
 
-    _run(body)
+    _run(body, tensorflow=False)
 
 
 def _stage_names() -> list[str]:
@@ -702,11 +719,15 @@ def rollout_status(
             typer.echo(f"{role:12}{version:>8}{mine['requests']:>10}{mine['images']:>8}{_percent(mine['unknown_rate']):>9}"
                        f"{_percent(mine['error_rate']):>8}{_figure(mine['mean_ms']):>9}{_figure(mine['p95_ms']):>8}")
         typer.echo(f"agreement: {_percent(counts['agreement'])} of {counts['compared']} images answered by both "
-                   f"({counts['skipped']} requests not compared); {counts['replicas']} replica(s) reporting")
+                   f"({counts['skipped']} requests not compared); {counts['replicas']} replica(s) reporting; "
+                   f"{counts['challenger']['keys']} client keys on the challenger, each counted for "
+                   f"{found['plan']['key_cap']} at most ({counts['capped']} requests over that)")
+        if counts["unverified"]:
+            typer.echo(f"unverified (no valid signature, left out of the counts): {', '.join(counts['unverified'])}")
         typer.echo("promotion: " + ("the evidence is there (siamese promote)" if not found["missing"] else
                                     "needs " + "; ".join(found["missing"])))
 
-    _run(body)
+    _run(body, tensorflow=False)
 
 
 def _percent(rate: float | None) -> str:
@@ -742,17 +763,24 @@ def flows_monitor(
         "--window-hours", help="How much of the inference log to judge (default: monitoring.window_hours).")] = None,
     params: ParamsOption = None,
 ) -> None:
-    """Run the monitoring flow once: the inference log's last window against the served version's reference."""
+    """Run the monitoring flow once: the inference log's last window (the answers the champion gave clients)
+    against its reference; shadow and canary records counted apart; where a drift event went; the report."""
 
     def body():
         from pipelines.flows import monitoring_flow
+        from pipelines.monitoring_run import rollout_line
 
         result = monitoring_flow(str(params or "params.yaml"), window_hours)
         figures = ", ".join(f"{key} {value:.4g}" for key, value in result["figures"].items() if value is not None)
         typer.echo(f"version {result['model_version']}: {figures}")
+        for other in result["rollouts"]:
+            typer.echo(rollout_line(other))
         typer.echo(f"drift: {'; '.join(result['fired'])}" if result["fired"] else "no rule fired")
+        if result["event"]:
+            typer.echo(f"drift event: {result['event']}")
         for note in result["notes"]:
             typer.echo(f"note: {note}")
+        typer.echo(f"report: {result['report']} ({result['report_uri']})")
 
     _run(body, tensorflow=False)
 
@@ -776,6 +804,8 @@ def review_push(label_studio: LabelStudioOption, params: ParamsOption = None) ->
         from pipelines.labelstudio import LabelStudio, push_review
 
         done = push_review(_review_dir(params), LabelStudio(label_studio))
+        for line in done["skipped"]:
+            typer.echo(f"skipped: {line}", err=True)
         typer.echo(f"{done['sent']} tasks sent to project {done['project']} at {label_studio}")
 
     _run(body, tensorflow=False)
@@ -788,9 +818,16 @@ def review_pull(label_studio: LabelStudioOption, params: ParamsOption = None) ->
     def body():
         from pipelines.labelstudio import LabelStudio, pull_labels
 
-        done = pull_labels(_review_dir(params), LabelStudio(label_studio))
+        settings = _settings(params)
+        done = pull_labels(settings.monitoring.review_dir, LabelStudio(label_studio), train_dir=settings.data.train_dir)
+        for line in done["refused"]:
+            typer.echo(f"refused: {line}", err=True)
         moved = ", ".join(f"{label} {n}" for label, n in sorted(done["labelled"].items())) or "none yet"
         typer.echo(f"labelled: {moved}")
+        typer.echo(f"pulled {sum(done['labelled'].values())}, refused {len(done['refused'])}, "
+                   f"not labelled yet {done['waiting']}")
+        if done["refused"]:
+            _fail(f"{len(done['refused'])} refused (above): fix those labels in Label Studio, then pull again")
 
     _run(body, tensorflow=False)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -19,11 +21,14 @@ from siamese_core.config import (
     validate_config,
 )
 from siamese_core.errors import ConfigError
+from siamese_core.metrics import flatten
 from siamese_core.sharding import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_SHARD_SIZE
 from siamese_core.validation import IMBALANCE_RATIO, MIN_SIDE
 
 DEFAULT_PARAMS = Path("params.yaml")
 PRESETS = Path(__file__).resolve().parent / "presets"
+SHIPPED = PRESETS / "shipped" / "params.yaml"  # not a preset: the values params.yaml ships with
+log = logging.getLogger(__name__)
 
 
 class DataConfig(Section):
@@ -67,6 +72,10 @@ class RegisterConfig(Section):
     promote_min_requests: int = Field(200, ge=0, description="Challenger requests `siamese promote` needs.")
     promote_min_agreement: float = Field(0.8, ge=0, le=1, description="Share of images on which both versions "
                                          "answered the same class that `siamese promote` needs.")
+    promote_min_keys: int = Field(20, ge=0, le=128, description="Distinct client keys the challenger must have "
+                                  "answered before `siamese promote` (128 at most: each replica publishes that many).")
+    evidence_key_cap: int = Field(10, ge=1, description="The most requests, and images, one client key adds to a "
+                                  "rollout's counts on each replica: no one client makes the evidence or the rollback.")
 
 
 class ComputeConfig(Section):
@@ -82,16 +91,20 @@ class ComputeConfig(Section):
 
 
 class DriftRules(Section):
-    """When the monitoring flow calls the traffic drifted: any one rule over its limit fires the drift event."""
+    """When the monitoring flow calls the traffic drifted: any one rule over its limit, significant at ``alpha``,
+    fires the drift event."""
 
-    unknown_rate_max: float = Field(0.25, ge=0, le=1, description="Share of answers 'unknown' (or, without "
-                                    "rejection, over the threshold) above which the traffic holds unknown classes.")
+    unknown_rate_max: float = Field(0.25, ge=0, le=1, description="Share of answers the clients got as 'unknown' "
+                                    "above which the traffic holds unknown classes (tested against the reference's "
+                                    "rate).")
     distance_shift_max: float = Field(0.3, ge=0, le=1, description="Kolmogorov-Smirnov statistic between the "
                                       "nearest distances of the window and of the test split.")
     embedding_drift_max: float = Field(0.75, ge=0.5, le=1, description="ROC AUC of a classifier telling the "
                                        "window's embeddings from the reference sample (0.5: no drift).")
     class_mix_max: float = Field(0.5, ge=0, le=1, description="Jensen-Shannon distance between the predicted-class "
                                  "mix of the window and of the test split.")
+    alpha: float = Field(0.01, gt=0, lt=1, description="Significance: a figure over its limit fires only when its "
+                         "test against the reference gives a p-value under this.")
 
 
 class MonitoringConfig(Section):
@@ -120,13 +133,17 @@ class MonitoringConfig(Section):
 
 
 class ServingConfig(Section):
-    """How `siamese serve` groups concurrent requests into one forward pass."""
+    """How `siamese serve` groups concurrent requests into one forward pass, and whom a canary counts as one client."""
 
     max_batch_images: int = Field(64, ge=1, le=1024, description="Images of concurrent requests recognised "
                                   "together at most.")
     max_wait_ms: float = Field(0.0, ge=0, le=1000, description="How long a batch waits for more requests once "
                                "one is there; 0: it takes what is queued while the previous batch runs.")
     tf_threads: int = Field(0, ge=0, le=256, description="Threads of one forward pass; 0: one per core.")
+    client_key_header: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9-]{1,64}$", description="The header a trusted proxy in front of the replicas sets "
+        "to the client's identity, read as the canary's client key; null: the connection's address. Name it only "
+        "when every request comes through that proxy, which replaces any value the client sent.")
 
 
 class ScheduleConfig(Section):
@@ -144,7 +161,8 @@ with warnings.catch_warnings():
         """The whole params.yaml: the library's sections plus data, register and schedule."""
 
         preset: str | None = Field(
-            None, description="A file of pipelines/presets/ (seed, fast-cpu, fewshot-cpu) whose keys replace those of params.yaml."
+            None, description="A file of pipelines/presets/ (seed, fast-cpu, fewshot-cpu, photos-cpu) whose keys replace "
+            "those params.yaml holds at their shipped values; a key you changed, and --set, win (one line names both)."
         )
         data: DataConfig = Field(default_factory=DataConfig)
         register: RegisterConfig = Field(default_factory=RegisterConfig)
@@ -190,23 +208,87 @@ def preset_config(base: Config, name: str | None) -> Config:
     return validate_config(Config, with_preset(base.model_dump(), name), f"preset {name}")
 
 
-def load_params(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> PipelineParams:
-    """Read params.yaml (or ``$SIAMESE_PARAMS``), apply its preset, then ``--set`` style overrides.
+def preset_keys(name: str | None) -> dict[str, Any]:
+    """The dotted keys preset ``name`` sets, with its values (those of a preset it ``extends`` included)."""
+    return flatten(with_preset({}, name))
 
-    A ``preset`` override selects a preset too; the other overrides win over the preset.
+
+def shipped_keys() -> dict[str, Any]:
+    """The dotted keys presets set, with the values params.yaml ships with (pipelines/presets/shipped/)."""
+    return flatten(yaml.safe_load(SHIPPED.read_text(encoding="utf-8")))
+
+
+def over_params(data: dict[str, Any], preset: dict[str, Any], shipped: dict[str, Any]
+                ) -> tuple[dict[str, Any], dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+    """Params sections ``data`` with a preset's dotted keys where ``data`` still holds the ``shipped`` value;
+    a key changed from it (in params.yaml or by ``dvc exp run -S``) is the user's and stays.
+
+    Returns the merged sections, the keys replaced ``{key: (old, new)}`` (among them any the user set to the
+    shipped value: that cannot be told apart) and the keys kept ``{key: (the user's, the preset's)}``.
+    """
+    merged = copy.deepcopy(data)
+    replaced, kept = {}, {}
+    for key, value in preset.items():
+        *sections, name = key.split(".")
+        node = merged
+        for section in sections:
+            node = node.setdefault(section, {})
+        old = node.get(name)
+        if old == value:
+            continue
+        if key in shipped and old != shipped[key]:
+            kept[key] = (old, value)
+        else:
+            node[name] = value
+            replaced[key] = (old, value)
+    return merged, replaced, kept
+
+
+def preset_note(name: str, replaced: dict[str, tuple[Any, Any]], kept: dict[str, tuple[Any, Any]]) -> str:
+    """One line naming the keys preset ``name`` replaced in params.yaml and those it left as the user set them."""
+    def show(value: Any) -> str:
+        return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+    parts = []
+    if replaced:
+        parts.append(f"set {len(replaced)} key(s) params.yaml holds at their shipped values: "
+                     + ", ".join(f"{key} {show(old)} -> {show(new)}" for key, (old, new) in replaced.items()))
+    if kept:
+        parts.append(f"kept {len(kept)} you changed: "
+                     + ", ".join(f"{key} {show(yours)} (preset: {show(its)})" for key, (yours, its) in kept.items()))
+    return (f"preset {name} " + "; ".join(parts) + ". A key set to its shipped value cannot be told from one "
+            "left alone: to keep such a value, pass it with --set, or copy the preset's keys into params.yaml and "
+            "set preset to null")
+
+
+def load_params(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> PipelineParams:
+    """Read params.yaml (or ``$SIAMESE_PARAMS``), apply its preset (:func:`over_params`: keys the user changed
+    win), then ``--set`` style overrides, which win over both. One logged line names what the preset replaced
+    and what it left.
+
+    A ``preset`` override selects a preset too.
     """
     file = Path(path or os.environ.get("SIAMESE_PARAMS") or DEFAULT_PARAMS)
     overrides = dict(overrides or {})
     data = load_config(file, PipelineParams).model_dump()
     data["preset"] = overrides.pop("preset", data["preset"])
-    params = validate_config(PipelineParams, with_preset(data, data["preset"]), str(file))
-    return apply_overrides(params, overrides) if overrides else params
+    merged, replaced, kept = over_params(data, preset_keys(data["preset"]), shipped_keys())
+    params = validate_config(PipelineParams, merged, str(file))
+    params = apply_overrides(params, overrides) if overrides else params
+    final = flatten(params.model_dump())
+    replaced = {key: change for key, change in replaced.items() if final.get(key) == change[1]}  # not --set after
+    kept = {key: change for key, change in kept.items() if final.get(key) == change[0]}
+    if replaced or kept:
+        log.warning(preset_note(data["preset"], replaced, kept))
+    return params
 
 
 def library_config(params_path: str | os.PathLike | None, preset: str | None, overrides: list[str]) -> Config:
-    """The library config of ``siamese train``: the seed's defaults or a params file's, then a preset, then
-    ``--set`` overrides (``--set preset=NAME`` selects the preset, as params.yaml and ``dvc exp run -S`` do)."""
+    """The library config of ``siamese train``: the seed's defaults, or a params file's (:func:`load_params`),
+    with a preset and ``--set`` overrides (``--set preset=NAME`` selects the preset, as params.yaml and ``dvc exp
+    run -S`` do); ``--set`` wins over both."""
     settings = parse_set_options(overrides)
     preset = settings.pop("preset", preset)
-    base = load_params(params_path).core() if params_path else Config()
-    return apply_overrides(preset_config(base, preset), settings)
+    if params_path:
+        return load_params(params_path, {**settings, "preset": preset} if preset else settings).core()
+    return apply_overrides(preset_config(Config(), preset), settings)

@@ -9,15 +9,18 @@ and records who moved it, when and why on the version's tags.
 
 from __future__ import annotations
 
+import atexit
 import getpass
 import hashlib
 import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
+import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +38,7 @@ from siamese_core.sharding import Sharder
 
 from .errors import NoChampionError, RegistryError
 from .files import tree_sha256
-from .params import PipelineParams
+from .params import PipelineParams, RegisterConfig
 from .rollout import end as end_rollout
 from .rollout import live_plan, plan_for
 from .tracking import PipelineRun, client, ensure_experiment, metric_values, tracked_run, tracking_uri
@@ -88,18 +91,71 @@ def load_champion(model_name: str):
     """The champion version of ``model_name`` as a pyfunc model, its artifacts checked first
     (NoChampionError when there is none, RegistryError when they differ from those registered)."""
     _require_alias(model_name)
-    return mlflow.pyfunc.load_model(str(verified_download(champion_uri(model_name))))
+    return load_version(champion_uri(model_name))
+
+
+def load_version(model_uri: str):
+    """The pyfunc model of a registered version (``models:/name/3`` or ``models:/name@alias``), its artifacts
+    checked first (:func:`verified_download`). The downloaded copy is removed once loaded, whether the load succeeded
+    or failed; a bundle whose gallery searches an on-disk index reads it while it answers, so its copy stays until
+    the model is released (garbage-collected, or the process ends)."""
+    local = verified_download(model_uri)
+    try:
+        model = _load_pyfunc(local)
+    except BaseException:
+        shutil.rmtree(local, ignore_errors=True)
+        raise
+    if _reads_its_files(model):
+        weakref.finalize(model, shutil.rmtree, local, True)
+    else:
+        shutil.rmtree(local, ignore_errors=True)
+    return model
+
+
+def _load_pyfunc(local: Path):
+    """The pyfunc model in the folder ``local``, with ``sys.path`` as it was: MLflow puts the folder's ``code/`` first
+    on it, and a folder about to be removed (in the shared temporary folder) must not stay where imports look."""
+    path = list(sys.path)
+    try:
+        return mlflow.pyfunc.load_model(str(local))
+    finally:
+        sys.path[:] = path
+
+
+def _reads_its_files(model) -> bool:
+    """Whether a loaded version still reads its folder: its gallery is searched through an on-disk index."""
+    recognizer = getattr(model.unwrap_python_model(), "recognizer", None)
+    return recognizer is not None and recognizer.gallery.ondisk_dir is not None
 
 
 def download_bundle(model_uri: str) -> Path:
     """The model bundle folder of a registered model, e.g. ``models:/name@champion``, downloaded locally
-    and checked against the digest recorded at registration.
+    and checked against the digest recorded at registration. The copy is removed when the process exits
+    (a recogniser loaded from it may read its on-disk index until then); :func:`bundle_copy` removes it sooner.
 
     A bundle is data, read by safe loaders (no pickle, Keras' safe mode), so a version registered
     before digests were recorded is still read, with a warning; its code never runs from here.
     """
+    bundle = _verified_bundle(model_uri)
+    atexit.register(shutil.rmtree, bundle.parent.parent, True)
+    return bundle
+
+
+@contextmanager
+def bundle_copy(model_uri: str) -> Iterator[Path]:
+    """:func:`download_bundle`'s folder for the length of a ``with`` block, removed when it ends."""
+    bundle = _verified_bundle(model_uri)
+    try:
+        yield bundle
+    finally:
+        shutil.rmtree(bundle.parent.parent, ignore_errors=True)
+
+
+def _verified_bundle(model_uri: str) -> Path:
+    """The bundle folder in a checked download of ``model_uri`` (its files read as data), or RegistryError."""
     local = verified_download(model_uri, unsigned_ok=True)
     if not (local / "artifacts" / "bundle").is_dir():
+        shutil.rmtree(local, ignore_errors=True)
         raise RegistryError(f"{model_uri}: the downloaded model holds no bundle (artifacts/bundle); it was not "
                             "registered by this project, or its artifacts are incomplete")
     return local / "artifacts" / "bundle"
@@ -117,12 +173,23 @@ def verified_download(model_uri: str, unsigned_ok: bool = False) -> Path:
     match the sha256 recorded on the version when it was registered (tag ``artifacts_sha256``).
 
     The digest lives in the tracking database, the files in the artifact store: a file changed in the
-    store is refused in one line (RegistryError), before any of its code runs.
+    store is refused in one line (RegistryError), before any of its code runs, and its copy removed. The
+    caller removes the copy it gets.
     """
     version = version_of(model_uri)
-    expected = version.tags.get(ARTIFACTS_DIGEST_TAG)
     local = _download(f"models:/{version.name}/{version.version}")
-    found = tree_sha256(local, _REGISTRATION_FILES)
+    try:
+        _check_digest(model_uri, version, tree_sha256(local, _REGISTRATION_FILES), unsigned_ok)
+    except BaseException:
+        shutil.rmtree(local, ignore_errors=True)
+        raise
+    return local
+
+
+def _check_digest(model_uri: str, version: ModelVersion, found: str, unsigned_ok: bool) -> None:
+    """RegistryError unless ``found`` is the digest recorded on ``version`` (a version without one: a warning where
+    ``unsigned_ok``)."""
+    expected = version.tags.get(ARTIFACTS_DIGEST_TAG)
     if not expected:
         unsigned = (f"{model_uri}: version {version.version} has no '{ARTIFACTS_DIGEST_TAG}' tag (registered before "
                     "digests were recorded), so its files cannot be checked")
@@ -133,28 +200,29 @@ def verified_download(model_uri: str, unsigned_ok: bool = False) -> Path:
     elif found != expected:
         raise RegistryError(f"{model_uri}: the artifacts of version {version.version} differ from those registered "
                             f"(sha256 {found[:12]}... against {expected[:12]}... recorded); refusing to load them")
-    return local
 
 
 def _download(model_uri: str) -> Path:
-    """The artifacts of ``model_uri`` in a new temporary folder, or a one-line RegistryError."""
-    target = tempfile.mkdtemp(prefix="siamese-model-")
+    """The artifacts of ``model_uri`` in a new private temporary folder (the caller removes it), or a one-line
+    RegistryError (and no folder left)."""
+    target = Path(tempfile.mkdtemp(prefix="siamese-model-"))
     quiet = logging.getLogger("mlflow.store.artifact.artifact_repo")  # its INFO line when nothing is found
     level = quiet.level
     quiet.setLevel(logging.WARNING)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=target,
-                                                         tracking_uri=tracking_uri()))
+        mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(target), tracking_uri=tracking_uri())
     except Exception as exc:  # the store's own errors (MLflow's, HTTP, boto's): missing objects, no answer
+        shutil.rmtree(target, ignore_errors=True)
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise RegistryError(f"{model_uri}: its artifacts could not be downloaded from the artifact store "
                             f"({type(exc).__name__}: {reason})") from None
     finally:
         quiet.setLevel(level)
-    if not any(p.is_file() for p in local.rglob("*")):
+    if not any(p.is_file() for p in target.rglob("*")):
+        shutil.rmtree(target, ignore_errors=True)
         raise RegistryError(f"{model_uri}: its artifacts could not be downloaded from the artifact store "
                             "(none found where the version points)")
-    return local
+    return target
 
 
 @contextmanager
@@ -226,11 +294,12 @@ def same_queries_scorer(train_dir: str | os.PathLike, test_dir: str | os.PathLik
         from siamese_core.evaluation import evaluate
         from siamese_core.recognizer import SiameseRecognizer
 
-        recognizer = SiameseRecognizer.load(download_bundle(f"models:/{champion.name}/{champion.version}"))
-        gallery = scan_folder(train_dir)
-        if sorted(recognizer.gallery.class_names) != sorted(gallery.class_names):
-            return None
-        scores = evaluate(recognizer.with_gallery(gallery), test_dir, recognizer.config.evaluate.top_k)
+        with bundle_copy(f"models:/{champion.name}/{champion.version}") as bundle:
+            recognizer = SiameseRecognizer.load(bundle)
+            gallery = scan_folder(train_dir)
+            if sorted(recognizer.gallery.class_names) != sorted(gallery.class_names):
+                return None
+            scores = evaluate(recognizer.with_gallery(gallery), test_dir, recognizer.config.evaluate.top_k)
         return float(scores.to_dict()[metric])
 
     return score
@@ -337,6 +406,7 @@ def set_champion(model_name: str, version: str, reason: str, action: str = "prom
         if exc.error_code in _MISSING:
             raise NoChampionError(f"registered model '{model_name}' has no version {version} in {tracking_uri()}") from None
         raise
+    _check_files(model_name, version, "promoted" if action == "promote" else "rolled back")
     with gate_lock(model_name):
         current = alias_version(model_name, CHAMPION)
         if current is not None and str(current.version) == str(version):
@@ -345,6 +415,15 @@ def set_champion(model_name: str, version: str, reason: str, action: str = "prom
         old = _make_champion(mlflow_client, model_name, str(version), action, reason)
         rollout.finish(model_name, version, evidence)
     return {"model_name": model_name, "champion": str(version), "previous": old, "reason": reason, "evidence": evidence}
+
+
+def _check_files(model_name: str, version: str, done: str) -> None:
+    """RegistryError (``not <done>: ...``) unless the stored files of ``version`` match the digest recorded at
+    registration: a server would refuse to load it, so it does not become champion."""
+    try:
+        shutil.rmtree(verified_download(f"models:/{model_name}/{version}"), ignore_errors=True)
+    except RegistryError as exc:
+        raise RegistryError(f"not {done}: {exc}; the champion stays where it is") from None
 
 
 STALE_REGISTRATION_S = 3600  # a version this old with no gate decision was left by a registration that died
@@ -379,8 +458,10 @@ def sign(model_name: str, version: str) -> str:
     if found.tags.get(ARTIFACTS_DIGEST_TAG):
         raise RegistryError(f"version {found.version} of {model_name} already has its digest; nothing to do")
     local = _download(f"models:/{model_name}/{found.version}")
-    digest = tree_sha256(local, _REGISTRATION_FILES)
-    shutil.rmtree(local, ignore_errors=True)
+    try:
+        digest = tree_sha256(local, _REGISTRATION_FILES)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
     client().set_model_version_tag(model_name, found.version, ARTIFACTS_DIGEST_TAG, digest)
     return digest
 
@@ -418,10 +499,12 @@ def _log_bundle_model(run_id: str, bundle_dir: str | os.PathLike) -> tuple[str, 
         pip_requirements=pip_requirements(),
     )
     stored = _download(info.model_uri)
-    digest = tree_sha256(stored, _REGISTRATION_FILES)
-    # MLflow only warns when the input example fails; a model that cannot serve is not registered.
-    mlflow.pyfunc.load_model(str(stored)).predict(input_example())
-    shutil.rmtree(stored, ignore_errors=True)
+    try:
+        digest = tree_sha256(stored, _REGISTRATION_FILES)
+        # MLflow only warns when the input example fails; a model that cannot serve is not registered.
+        _load_pyfunc(stored).predict(input_example())
+    finally:
+        shutil.rmtree(stored, ignore_errors=True)
     return info.model_uri, digest
 
 
@@ -492,7 +575,7 @@ def describe_version(model_name: str, version: str, text: str) -> None:
 
 
 def enroll_and_register(model_name: str, folder: str | os.PathLike, source: str = CHAMPION, promote: bool = False,
-                        sharder: Sharder | None = None) -> dict:
+                        sharder: Sharder | None = None, register: RegisterConfig | None = None) -> dict:
     """Enrol class folders into a registered version's gallery, and register the result as a new version.
 
     ``source`` is an alias or a version number of ``model_name``. Its bundle is downloaded,
@@ -500,43 +583,74 @@ def enroll_and_register(model_name: str, folder: str | os.PathLike, source: str 
     added to its gallery, and the enlarged bundle is logged as a new run and model version,
     both tagged ``enrolled_from=<source version>``. The run goes to the source run's experiment.
 
-    Aliases: with ``promote`` the new version becomes ``champion``, without the champion gate
-    (the source's test-set figure says nothing about the new classes, so the user decides);
-    otherwise it takes ``enrolled`` and the champion stays where it is.
+    Aliases: without ``promote`` the new version takes ``enrolled`` and the champion stays where it is. With
+    ``promote`` it goes the way to champion that ``register.rollout`` sets, without the champion gate (the source's
+    test-set figure says nothing about the new classes, so the user decides): in direct mode it becomes ``champion``;
+    in shadow or canary mode it becomes the ``challenger`` of a new rollout, and reaches champion on its live evidence.
+    While a rollout is live, ``promote`` is refused (RegistryError) before anything is enrolled.
     """
     from siamese_core.data import scan_folder
     from siamese_core.recognizer import SiameseRecognizer
 
+    if promote:
+        _refuse_during_rollout(model_name)
     mlflow_client = client()
     base = (mlflow_client.get_model_version(model_name, source) if str(source).isdigit()
             else _require_alias(model_name, source))
     images = scan_folder(folder)
-    recognizer = SiameseRecognizer.load(download_bundle(f"models:/{model_name}/{base.version}"), sharder)
-    known = set(recognizer.gallery.class_names)
-    recognizer.enroll(images)
-    new_classes = [name for name in recognizer.gallery.class_names if name not in known]
     tags = {"enrolled_from": str(base.version), "enrolled_folder": str(folder)}
     experiment_id = mlflow_client.get_run(base.run_id).info.experiment_id if base.run_id else ensure_experiment("siamese")
     run_name = f"enrol-{Path(folder).name}-into-v{base.version}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
-    with tempfile.TemporaryDirectory() as tmp, tracked_run(lambda: PipelineRun.create(experiment_id, run_name, tags)) as scope:
-        scope.stage = "enrol"
-        run = scope.run
-        bundle = recognizer.save(Path(tmp) / "bundle", {"enrolled_from": f"{model_name}/{base.version}"})
-        run.client.log_batch(run.run_id, params=[
-            Param(key, str(value)) for key, value in flatten(recognizer.config.model_dump(mode="json")).items()])
-        run.log_metrics({"gallery_size": len(recognizer.gallery), "classes": len(recognizer.gallery.class_names),
-                         "enrolled_images": len(images), "new_classes": len(new_classes)})
-        run.client.log_dict(run.run_id, {"folder": str(folder), "new_classes": new_classes,
-                                         "images": dict(Counter(images.label_names))}, "enrolment.json")
-        version = register_bundle(run.run_id, model_name, bundle, tags)
-        describe_version(model_name, version, (
-            f"Version {base.version} with {len(images)} images of `{folder}` enrolled into its gallery "
-            f"(new classes: {', '.join(new_classes) or 'none'}). Same network, no retraining."))
+    with bundle_copy(f"models:/{model_name}/{base.version}") as source_bundle, tempfile.TemporaryDirectory() as tmp:
+        recognizer = SiameseRecognizer.load(source_bundle, sharder)
+        known = set(recognizer.gallery.class_names)
+        recognizer.enroll(images)
+        new_classes = [name for name in recognizer.gallery.class_names if name not in known]
+        with tracked_run(lambda: PipelineRun.create(experiment_id, run_name, tags)) as scope:
+            scope.stage = "enrol"
+            run = scope.run
+            bundle = recognizer.save(Path(tmp) / "bundle", {"enrolled_from": f"{model_name}/{base.version}"})
+            run.client.log_batch(run.run_id, params=[
+                Param(key, str(value)) for key, value in flatten(recognizer.config.model_dump(mode="json")).items()])
+            run.log_metrics({"gallery_size": len(recognizer.gallery), "classes": len(recognizer.gallery.class_names),
+                             "enrolled_images": len(images), "new_classes": len(new_classes)})
+            run.client.log_dict(run.run_id, {"folder": str(folder), "new_classes": new_classes,
+                                             "images": dict(Counter(images.label_names))}, "enrolment.json")
+            version = register_bundle(run.run_id, model_name, bundle, tags)
+            describe_version(model_name, version, (
+                f"Version {base.version} with {len(images)} images of `{folder}` enrolled into its gallery "
+                f"(new classes: {', '.join(new_classes) or 'none'}). Same network, no retraining."))
+    reason = f"enrolled {folder} into version {base.version}"
     with gate_lock(model_name):
+        staged = (plan_for(register, version) if promote and register is not None and register.rollout != "direct"
+                  and alias_version(model_name, CHAMPION) is not None else None)
         if promote:
-            _make_champion(mlflow_client, model_name, version, "promote", f"enrolled {folder} into version {base.version}")
+            _refuse_during_rollout(model_name, version)
+        if staged is not None:
+            mlflow_client.set_registered_model_alias(model_name, CHALLENGER, version)
+            for key, tag in staged.tags().items():
+                mlflow_client.set_model_version_tag(model_name, version, key, tag)
+            _record_move(mlflow_client, model_name, version, "staged", reason)
+        elif promote:
+            _make_champion(mlflow_client, model_name, version, "promote", reason)
         else:
             mlflow_client.set_registered_model_alias(model_name, ENROLLED, version)
     return {"run_id": run.run_id, "model_name": model_name, "version": version,
-            "alias": CHAMPION if promote else ENROLLED, "enrolled_from": str(base.version),
-            "new_classes": new_classes, "gallery_size": len(recognizer.gallery)}
+            "alias": CHALLENGER if staged else CHAMPION if promote else ENROLLED, "enrolled_from": str(base.version),
+            "rollout": None if staged is None else staged.mode, "new_classes": new_classes,
+            "gallery_size": len(recognizer.gallery)}
+
+
+def _refuse_during_rollout(model_name: str, enrolled: str | None = None) -> None:
+    """RegistryError while a shadow or canary rollout of ``model_name`` is live: a version made champion beside it
+    would skip its evidence. An ``enrolled`` version already registered takes the alias ``enrolled`` first."""
+    live = live_plan(alias_version(model_name, CHALLENGER))
+    if live is None:
+        return
+    kept = ""
+    if enrolled is not None:
+        client().set_registered_model_alias(model_name, ENROLLED, enrolled)
+        kept = f"version {enrolled} took the alias '{ENROLLED}'; "
+    raise RegistryError(f"not promoted: version {live.version} of '{model_name}' is live as challenger in a {live.mode} "
+                        f"rollout, and every way to champion goes through it; {kept}enrol without --promote (alias "
+                        f"'{ENROLLED}') and promote once the rollout has ended (`siamese rollout status`)")

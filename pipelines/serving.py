@@ -7,12 +7,14 @@ answer as MLflow's do. What this server adds:
 
 - every answer carries ``X-Request-Id`` (the client's, or a new one) and, with an inference log
   configured, is logged (:mod:`pipelines.inference_log`); ``GET /stats`` counts what was logged and dropped;
-- the version is loaded through :func:`pipelines.registry.verified_download`: artifacts that differ
-  from those registered are refused, and the server does not start;
+- the version is loaded through :func:`pipelines.registry.load_version`: artifacts that differ
+  from those registered are refused, and the server does not start (a later version that fails to load
+  is warned about once and tried again less and less often); no download is left behind;
 - the body is bounded (``$SIAMESE_MAX_BODY_BYTES``): a larger one is refused from its
   ``Content-Length``, or as soon as it has read past the limit, before any of it is parsed;
 - a request nested too deeply, or with huge keys, gets a short 400 that echoes at most
-  ``ECHO_CHARS`` characters of what it sent.
+  ``ECHO_CHARS`` characters of what it sent; a row in the wrong form gets one line naming the row
+  and the form expected; a body that is not JSON (``text/csv``, Parquet) gets a 415.
 
 The model's own bounds (bytes and pixels per image, images per request, pixels decoded at once
 across requests, time per request) are those of :mod:`pipelines.pyfunc_model`.
@@ -29,6 +31,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from importlib.metadata import version as package_version
 from typing import Any
 
@@ -54,6 +57,9 @@ DRAIN_FACTOR = 4
 # The most characters of a request that an error message repeats.
 ECHO_CHARS = 80
 INPUT_FORMATS = ("dataframe_split", "dataframe_records", "inputs", "instances")
+JSON_TYPE = "application/json"  # the one Content-Type taken (MLflow's server also reads CSV and Parquet)
+RECORD = '{"image": "<base64>"}'  # a row as a record, as error messages show it
+SPLIT = '{"columns": ["image"], "data": [["<base64>"], ...]}'
 
 
 class BadRequest(Exception):
@@ -108,8 +114,14 @@ async def _drop(stream, most: int) -> None:
             return
 
 
-def parse_request(body: bytes) -> list:
-    """The ``image`` column of a request in one of MLflow's input formats (its values, unchecked), or BadRequest."""
+def parse_request(body: bytes, content_type: str | None = JSON_TYPE) -> list:
+    """The ``image`` column of a JSON request in one of MLflow's input formats (its values, unchecked), or a
+    one-line BadRequest: 415 for a body declared as anything but JSON, 400 naming the row and the form expected.
+    A request without a Content-Type is read as JSON."""
+    media_type = (content_type or JSON_TYPE).split(";")[0].strip().lower()
+    if media_type != JSON_TYPE:
+        raise BadRequest(f"Content-Type {_short(content_type)!r} is not accepted: this server takes JSON only "
+                         f"(Content-Type: {JSON_TYPE}, an object with one key of {list(INPUT_FORMATS)})", 415)
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -120,34 +132,76 @@ def parse_request(body: bytes) -> list:
         keys = [_short(k) for k in payload][:5] if isinstance(payload, dict) else type(payload).__name__
         raise BadRequest(f"the request must be a JSON object with one key of {list(INPUT_FORMATS)}, got {keys}")
     kind, data = next(iter(payload.items()))
-    try:
-        if kind == "dataframe_split":
-            columns = list(data["columns"])
-            if "image" not in columns:
-                raise _NoImageColumn(columns)
-            column = columns.index("image")
-            return [row[column] for row in data["data"]]
-        if isinstance(data, dict):  # inputs / instances as columns
-            if "image" not in data:
-                raise _NoImageColumn(list(data))
-            return [data["image"]] if isinstance(data["image"], str) else list(data["image"])
-        if not isinstance(data, list):
-            raise TypeError(f"expected a list of rows, got {type(data).__name__}")
-        if kind == "dataframe_records" or (data and isinstance(data[0], dict)):  # rows as records
-            missing = next((row for row in data if not isinstance(row, dict) or "image" not in row), None)
-            if missing is not None:
-                raise _NoImageColumn(list(missing) if isinstance(missing, dict) else [])
-            return [row["image"] for row in data]
-        return data  # inputs / instances as bare base64 strings
-    except _NoImageColumn as exc:
-        columns = [_short(c) for c in exc.args[0][:5]]
-        raise BadRequest(f"the request needs a column 'image' of base64-encoded images, got columns {columns}") from None
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise BadRequest(f"'{kind}' is not a table of images ({_short(exc)})") from None
+    if kind == "dataframe_split":
+        return _split_images(data)
+    if isinstance(data, dict):  # columns: {"image": [...]}
+        return _column_images(kind, data)
+    if not isinstance(data, list):
+        raise BadRequest(f"'{kind}' is {_what(data)}; expected a list of rows or an object of columns")
+    if kind == "dataframe_records" or (data and isinstance(data[0], dict)):
+        return _record_images(kind, data)
+    record = next((row for row, value in enumerate(data) if isinstance(value, dict)), None)
+    if record is not None:
+        raise BadRequest(f"row {record} of '{kind}' is a record but row 0 is {_what(data[0])}: send every row as a "
+                         f"base64 string, or every row as a record like {RECORD}")
+    return data  # bare base64 strings
 
 
-class _NoImageColumn(Exception):
-    """A request table without the column ``image``; its argument is the columns it has."""
+def _what(value) -> str:
+    """What a JSON value is, in words."""
+    if isinstance(value, dict):
+        return "a record (an object)"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return "a string"
+    return str(orjson.dumps(value), "ascii") if isinstance(value, bool) or value is None else "a number"
+
+
+def _no_image_column(columns: list, where: str = "") -> BadRequest:
+    shown = [_short(c) for c in columns[:5]]
+    return BadRequest(f"the request needs a column 'image' of base64-encoded images, got columns {shown}{where}")
+
+
+def _split_images(data) -> list:
+    """The ``image`` values of a ``dataframe_split`` table: rows are lists in the order of ``columns``."""
+    if not isinstance(data, dict) or not isinstance(data.get("columns"), list) or not isinstance(data.get("data"), list):
+        raise BadRequest(f"'dataframe_split' must be an object {SPLIT}, got {_what(data)}"
+                         + (f" with keys {[_short(k) for k in data][:5]}" if isinstance(data, dict) else ""))
+    columns = data["columns"]
+    if "image" not in columns:
+        raise _no_image_column(columns)
+    column = columns.index("image")
+    for row, values in enumerate(data["data"]):
+        if not isinstance(values, list):
+            raise BadRequest(f"row {row} of 'dataframe_split' is {_what(values)}; its rows are lists of values in "
+                             "the order of 'columns'" + (" (send records as 'dataframe_records')"
+                                                         if isinstance(values, dict) else ""))
+        if len(values) <= column:
+            raise BadRequest(f"row {row} of 'dataframe_split' has {len(values)} values; 'columns' names {len(columns)}")
+    return [values[column] for values in data["data"]]
+
+
+def _column_images(kind: str, data: dict) -> list:
+    """The ``image`` values of a table given as columns: ``{"image": [...]}`` (or one image as a string)."""
+    if "image" not in data:
+        raise _no_image_column(list(data))
+    images = data["image"]
+    if isinstance(images, str):
+        return [images]
+    if not isinstance(images, list):
+        raise BadRequest(f"the column 'image' of '{kind}' is {_what(images)}; expected a list of base64 strings")
+    return images
+
+
+def _record_images(kind: str, rows: list) -> list:
+    """The ``image`` values of a table given as records: ``[{"image": ...}, ...]``."""
+    for row, record in enumerate(rows):
+        if not isinstance(record, dict):
+            raise BadRequest(f"row {row} of '{kind}' is {_what(record)}; every row must be a record like {RECORD}")
+        if "image" not in record:
+            raise _no_image_column(list(record), f" in row {row}")
+    return [record["image"] for record in rows]
 
 
 def _error(message: str, status: int, code: str = "INVALID_PARAMETER_VALUE") -> JSONResponse:
@@ -176,14 +230,43 @@ class Rollout:
     tally: rollout.Tally
 
 
+# The longest wait before a version that failed to load is tried again.
+MAX_RETRY_S = 600
+
+
+class Retries:
+    """When a version that failed to load is tried again: after ``first`` seconds, then twice as long after each
+    failure, up to ``MAX_RETRY_S``. Its first failure is a warning; the later ones are not repeated."""
+
+    def __init__(self, first: float, clock=time.monotonic):
+        self.first, self.clock = first, clock
+        self._failed: dict[str, tuple[float, float]] = {}  # version -> (when it may be tried again, the next wait)
+
+    def due(self, version: str) -> bool:
+        failed = self._failed.get(version)
+        return failed is None or self.clock() >= failed[0]
+
+    def failed(self, version: str, what: str) -> None:
+        if version not in self._failed:
+            self._failed[version] = (0.0, self.first)
+            log.warning("%s; trying it again in %.0f s, waiting twice as long after each failure (up to %d s)",
+                        what, self.first, MAX_RETRY_S)
+        wait = self._failed[version][1]
+        self._failed[version] = (self.clock() + wait, min(2 * wait, MAX_RETRY_S))
+
+    def loaded(self, version: str) -> None:
+        self._failed.pop(version, None)
+
+
 class Served:
     """What ``model_uri`` serves now. With an alias (``models:/NAME@champion``) a watcher thread checks every
     ``reload_seconds`` which version the alias names; when it moves (promote, rollback, the gate), the new version
     is loaded and tried beside the old one, then swapped in with one assignment. A request holds the version it
-    started with, so none fails during the swap; a version that fails to load is logged and the old one stays.
+    started with, so none fails during the swap; a version that fails to load is logged once and tried again less
+    and less often (:class:`Retries`), while the old one stays.
 
     Serving ``@champion``, the watcher also follows the ``challenger`` of a live shadow or canary rollout
-    (:mod:`pipelines.rollout`): it loads it beside the champion, publishes this replica's tally to the registry
+    (:mod:`pipelines.rollout`): it loads it beside the champion, publishes this replica's signed tally to the registry
     and rolls the challenger back when the pooled counts of every replica say so."""
 
     def __init__(self, model_uri: str, monitoring: MonitoringConfig | None = None, reload_seconds: float = 5.0,
@@ -193,9 +276,20 @@ class Served:
         self.current = self._load(self._version())
         self.rollout: Rollout | None = None
         self._published: dict | None = None
+        self._retries = Retries(max(reload_seconds, 1.0))
+        self._unanswered = False  # the registry did not answer the last check
         self._stop = threading.Event()
         if "@" in model_uri and reload_seconds > 0:
             threading.Thread(target=self._watch, args=(reload_seconds,), name="alias-watcher", daemon=True).start()
+
+    @cached_property
+    def signing_key(self) -> bytes | None:
+        """The key this replica signs its tallies with (:func:`pipelines.rollout.signing_key`), read once."""
+        key = rollout.signing_key()
+        if key is None:
+            log.warning("no key to sign this replica's rollout tallies (%s): they are published unverified, and "
+                        "`siamese promote` takes none of them as evidence", rollout.SIGNING_KEY_VARIABLE)
+        return key
 
     def _version(self) -> tuple[str, str] | None:
         """The (name, version) the URI names now; None for a local model folder."""
@@ -224,19 +318,50 @@ class Served:
 
     def _watch(self, every: float) -> None:
         while not self._stop.wait(every):
-            try:
-                self._follow_champion()
-                if self.model_uri.startswith("models:/") and self.model_uri.endswith(f"@{rollout.CHAMPION}"):
-                    self._follow_challenger(self.model_uri[len("models:/"):].rpartition("@")[0])
-            except Exception as exc:  # the registry or the store not answering: keep serving what is loaded
-                log.warning("%s: could not check or load a new version (%s); still serving version %s",
-                            self.model_uri, _short(exc), self.current.version)
+            self.check()
+
+    def check(self) -> None:
+        """One look at the registry: follow the champion's alias and a live challenger. A registry that does not
+        answer is warned about once, until it answers again; what is loaded goes on serving."""
+        try:
+            self._follow_champion()
+            if self.model_uri.startswith("models:/") and self.model_uri.endswith(f"@{rollout.CHAMPION}"):
+                self._follow_challenger(self.model_uri[len("models:/"):].rpartition("@")[0])
+        except Exception as exc:  # the registry not answering
+            if not self._unanswered:
+                log.warning("%s: could not check for a new version (%s); still serving version %s, and checking on",
+                            self.model_uri, _first_line(exc), self.current.version)
+            self._unanswered = True
+            return
+        if self._unanswered:
+            log.warning("%s: the registry answers again", self.model_uri)
+        self._unanswered = False
+
+    def _try_load(self, named: tuple[str, str], alias: str | None = None, source: str = "http") -> Loaded | None:
+        """:meth:`_load`, or None when the version failed (logged once, tried again later) or is not due again."""
+        if not self._retries.due(named[1]):
+            return None
+        try:
+            loaded = self._load(named, alias, source)
+        except Exception as exc:  # its files refused, its download or load failed, or it failed the example
+            if isinstance(exc, TrialFailed) and alias == rollout.CHALLENGER:  # no replica should keep trying it
+                rollout.roll_back(named[0], named[1], f"{exc} on replica {self.replica}", self.replica)
+            self._retries.failed(named[1], f"{named[0]}: version {named[1]} could not be loaded ({_first_line(exc)}); "
+                                           f"still serving version {self.current.version}")
+            return None
+        self._retries.loaded(named[1])
+        return loaded
 
     def _follow_champion(self) -> None:
         named = self._version()
         if named is None or named[1] == self.current.version:
             return
-        loaded = self._load(named)
+        loaded = self._try_load(named)
+        if loaded is None:
+            return
+        live = self.rollout
+        if live is not None and live.plan.version == loaded.version:  # promoted: it must not shadow itself
+            self._end(named[0], live)
         old, self.current = self.current, loaded
         log.warning("%s now serves version %s (was %s)", self.model_uri, loaded.version, old.version)
         if old.inference_log is not None:
@@ -258,17 +383,16 @@ class Served:
                 return
             live = None
         if live is None:
-            try:
-                loaded = self._load((name, plan.version), rollout.CHALLENGER,
+            salt = self.signing_key or b""
+            loaded = self._try_load((name, plan.version), rollout.CHALLENGER,
                                     "shadow" if plan.mode == "shadow" else "http")
-            except TrialFailed as exc:  # it cannot answer at all: no replica should keep trying it
-                rollout.roll_back(name, plan.version, f"{exc} on replica {self.replica}", self.replica)
-                raise
-            self.rollout = Rollout(plan, loaded, rollout.Tally(plan, self.current.version))
+            if loaded is None:
+                return
+            self.rollout = Rollout(plan, loaded, rollout.Tally(plan, self.current.version, salt))
             log.warning("%s: version %s is live as challenger (%s%s)", name, plan.version, plan.mode,
                         f", {plan.share:.0%} of clients" if plan.mode == "canary" else "")
             return
-        reason = rollout.worse_by(plan, rollout.pooled(challenger))
+        reason = rollout.worse_by(plan, rollout.pooled(challenger, self.signing_key))
         if reason is not None and rollout.roll_back(name, plan.version, reason, self.replica):
             self._end(name, live)
 
@@ -280,13 +404,15 @@ class Served:
             live.challenger.inference_log.close()
 
     def _publish(self, name: str, live: Rollout) -> None:
-        """Write this replica's tally on the challenger's version, when it changed."""
+        """Write this replica's tally on the challenger's version, signed, when it changed."""
         from .registry import client
 
         report = live.tally.published()
         if report != self._published:
+            key = self.signing_key
+            signed = report if key is None else rollout.sign(report, key, name, live.plan.version, self.replica)
             client().set_model_version_tag(name, live.plan.version, rollout.REPLICA_PREFIX + self.replica,
-                                           json.dumps(report, sort_keys=True))
+                                           json.dumps(signed, sort_keys=True))
             self._published = report
 
     def route(self, client_key: str) -> tuple[Loaded, str, Rollout | None]:
@@ -298,6 +424,11 @@ class Served:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's first line, up to 300 characters: what a log line repeats of it."""
+    return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:300]
 
 
 class MicroBatcher:
@@ -395,11 +526,13 @@ def recognise_requests(model, requests: list[list]) -> list[Recognised | Excepti
 MAX_COMPARISONS = 64
 
 
-def build_app(served: Served, batcher: MicroBatcher | None = None) -> Starlette:
+def build_app(served: Served, batcher: MicroBatcher | None = None, client_key_header: str | None = None) -> Starlette:
     """The ASGI app answering with what ``served`` holds (a pyfunc model of this project). Each answer carries
     ``X-Request-Id`` (the client's, or a new one) and ``X-Model-Version`` (the version that answered). In a canary
-    rollout ``X-Client-Key`` (else the client's address) picks the version; in shadow and canary rollouts the other
-    version runs on the same images after the answer is sent, for the agreement."""
+    rollout the client key picks the version: the header ``client_key_header`` that a trusted proxy sets, else the
+    connection's address (a header the client picks is never read). In shadow and canary rollouts the other version
+    runs on the same images after the answer is sent, for the agreement; each client key counts in the rollout's
+    tally as far as the plan's ``key_cap`` allows."""
     from starlette.concurrency import run_in_threadpool
 
     from .inference_log import REQUEST_ID
@@ -411,11 +544,13 @@ def build_app(served: Served, batcher: MicroBatcher | None = None) -> Starlette:
     async def invocations(request: Request):
         request_id = request.headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
         REQUEST_ID.set(request_id)  # the worker thread runs in a copy of this context
-        client_key = request.headers.get("x-client-key") or (request.client.host if request.client else "")
+        client_key = ((request.headers.get(client_key_header) if client_key_header else None)
+                      or (request.client.host if request.client else ""))
         loaded, role, live = served.route(client_key)  # this request's version, whatever a swap does meanwhile
         response: Response
         try:
-            images = parse_request(await _read_body(request, limit))
+            images = parse_request(await _read_body(request, limit), request.headers.get("content-type"))
+            admitted = None if live is None else live.tally.admit(client_key, len(images))
             bundle_model = loaded.model.unwrap_python_model()
             if not hasattr(bundle_model, "recognise"):  # a version registered before batching: one call each
                 import pandas as pd
@@ -424,14 +559,14 @@ def build_app(served: Served, batcher: MicroBatcher | None = None) -> Starlette:
                 response = JSONResponse({"predictions": answers.to_dict(orient="records")})
             else:
                 try:
-                    done = await _recognised(bundle_model, images, role, live)
+                    done = await _recognised(bundle_model, images, role, live, admitted)
                 except _CanaryFailed:  # the champion answers; the failure counts against the canary
                     loaded, role = served.current, rollout.CHAMPION
                     bundle_model = loaded.model.unwrap_python_model()
-                    done = await _recognised(bundle_model, images, role, None)
+                    done = await _recognised(bundle_model, images, role, None, None)
                 bundle_model.record(done.images, done.matches, done.queries, done.started)
                 if live is not None:
-                    _compare(live, role, images, done)
+                    _compare(live, role, images, done, admitted)
                 response = Response(orjson.dumps({"predictions": answer_records(done.matches)}),
                                     media_type="application/json")
         except BadRequest as exc:
@@ -451,22 +586,25 @@ def build_app(served: Served, batcher: MicroBatcher | None = None) -> Starlette:
             response.headers["X-Model-Version"] = loaded.version
         return response
 
-    async def _recognised(model, images: list, role: str, live: Rollout | None) -> Recognised:
-        """The answer of ``model``, counted in the rollout's tally; _CanaryFailed when the challenger fails on it."""
+    async def _recognised(model, images: list, role: str, live: Rollout | None,
+                          admitted: rollout.Admitted | None) -> Recognised:
+        """The answer of ``model``, counted in the rollout's tally as far as ``admitted`` lets it; _CanaryFailed when
+        the challenger fails on it."""
         try:
             done = await batcher.recognise(model, images)
         except ServerError:
             if live is not None:
-                live.tally.add(role, len(images), 0, True, 0.0)
+                if admitted is not None:
+                    live.tally.add(role, admitted, 0, True, 0.0)
                 if role == rollout.CHALLENGER:
                     raise _CanaryFailed() from None
             raise
-        if live is not None:
-            live.tally.add(role, len(done.matches), _unknown(done.matches), False,
+        if live is not None and admitted is not None:
+            live.tally.add(role, admitted, _unknown(done.matches[:admitted.images]), False,
                            1000 * (time.perf_counter() - done.started))
         return done
 
-    def _compare(live: Rollout, role: str, images: list, answered: Recognised) -> None:
+    def _compare(live: Rollout, role: str, images: list, answered: Recognised, admitted: rollout.Admitted | None) -> None:
         """Run the other version on the request's images after answering: every request in shadow mode (the
         challenger, logged as ``shadow``), the canary's requests in canary mode (the champion)."""
         other = (live.challenger if live.plan.mode == "shadow" and role == rollout.CHAMPION else
@@ -481,11 +619,12 @@ def build_app(served: Served, batcher: MicroBatcher | None = None) -> Starlette:
         async def compare():
             model = other.model.unwrap_python_model()
             try:
-                done = await (_recognised(model, images, rollout.CHALLENGER, live) if shadow else
+                done = await (_recognised(model, images, rollout.CHALLENGER, live, admitted) if shadow else
                               batcher.recognise(model, images))
             except (RequestError, ServerError, _CanaryFailed):
                 return  # counted by _recognised in shadow mode; a champion failing is the champion's own log's
-            agreement = live.tally.agree([m.label for m in answered.matches], [m.label for m in done.matches])
+            agreement = live.tally.agree([m.label for m in answered.matches], [m.label for m in done.matches],
+                                         admitted)
             if shadow:
                 model.record(done.images, done.matches, done.queries, done.started, agreement)
 
@@ -532,11 +671,11 @@ def _unknown(matches: list) -> int:
 
 def load_for_serving(model_uri: str):
     """The pyfunc model of a registered version (``models:/NAME@alias`` or ``models:/NAME/3``), its artifacts
-    checked against the digest recorded at registration, or of a local model folder."""
-    from .registry import verified_download
+    checked against the digest recorded at registration and its download removed once loaded
+    (:func:`pipelines.registry.load_version`), or of a local model folder."""
+    from .registry import load_version
 
-    local = verified_download(model_uri) if model_uri.startswith("models:/") else model_uri
-    return mlflow.pyfunc.load_model(str(local))
+    return load_version(model_uri) if model_uri.startswith("models:/") else mlflow.pyfunc.load_model(model_uri)
 
 
 def _return_large_blocks_to_the_system() -> None:
@@ -579,13 +718,14 @@ def serve(model_uri: str, host: str, port: int, monitoring: MonitoringConfig | N
     from .pyfunc_model import SERVER_TIMEOUT_VARIABLE
 
     os.environ.setdefault(SERVER_TIMEOUT_VARIABLE, "60")  # the time limit per request, as mlflow models serve's
-    set_threads(batching or ServingConfig())
+    settings = batching or ServingConfig()
+    set_threads(settings)
     served = Served(model_uri, monitoring, reload_seconds, rollout.replica_id(port))
     if served.current.inference_log is not None:
         log.warning("logging every answer to %s", served.current.inference_log.uri)
     try:
         # httptools' C parser and uvloop: a third of a request's CPU went to the pure-Python parser
-        uvicorn.run(build_app(served, MicroBatcher(batching)), host=host, port=port, log_level="warning",
-                    access_log=False, http="httptools", loop="uvloop")
+        uvicorn.run(build_app(served, MicroBatcher(settings), settings.client_key_header), host=host, port=port,
+                    log_level="warning", access_log=False, http="httptools", loop="uvloop")
     finally:
         served.stop()

@@ -2,9 +2,10 @@
 environments built from them.
 
 ``stack.json`` holds ``root``, ``project`` (the folder the worker runs flows in), ``auth``,
-``state`` (starting, up, down), ``started_at`` and ``services``: per service its ``port``,
-``url``, ``log`` and, while it runs, the supervisor's ``pid`` and ``started``; the worker has
-``pool`` and ``user`` instead of a port. Both files are readable by their owner only.
+``state`` (starting, up, down), ``started_at``, ``env_file`` and ``services``: per service its
+``port``, ``url``, ``log`` and, while it runs, the supervisor's ``pid`` and ``started``; the worker
+has ``pool`` and ``user`` instead of a port. ``env`` holds the client environment as export lines.
+All three files are readable by their owner only.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets as tokens
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -30,19 +32,20 @@ PIPELINE_USER = "siamese"  # MLflow's login for the pipeline with --auth
 PREFECT_USER = "siamese"  # the Prefect API's basic-auth login with --auth
 REGION = "us-east-1"
 _SECRET_NAMES = ("postgres_admin_password", "postgres_password", "prefect_db_password", "aws_secret_access_key",
-                 "mlflow_admin_password", "mlflow_user_password", "prefect_api_password", "flask_secret_key")
+                 "mlflow_admin_password", "mlflow_user_password", "prefect_api_password", "flask_secret_key",
+                 "rollout_key")
 _CLIENT_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                      "AWS_DEFAULT_REGION", "PREFECT_API_URL", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                     "PREFECT_API_AUTH_STRING")  # every variable client_env may set
+                     "PREFECT_API_AUTH_STRING", "SIAMESE_ROLLOUT_KEY")  # every variable client_env may set
 
 Stack = dict[str, Any]
 
 
-def _write_private(path: Path, data: dict) -> None:
-    """JSON readable by this user only (it holds passwords), replaced atomically."""
+def _write_private(path: Path, text: str) -> None:
+    """``text`` readable by this user only (it holds passwords), replaced atomically."""
     with atomic_path(path) as tmp:
         tmp.chmod(0o600)
-        tmp.write_text(json.dumps(data, indent=2))
+        tmp.write_text(text)
 
 
 def secrets(root: Path | str) -> dict[str, str]:
@@ -52,7 +55,7 @@ def secrets(root: Path | str) -> dict[str, str]:
     made = {"aws_access_key_id": "siamese-stack", **{name: tokens.token_urlsafe(24) for name in _SECRET_NAMES},
             **kept}
     if made != kept:  # a new stack, or one made before a key was added
-        _write_private(path, made)
+        _write_private(path, json.dumps(made, indent=2))
     return made
 
 
@@ -64,7 +67,7 @@ def load(root: str | os.PathLike = DEFAULT_ROOT) -> Stack | None:
 
 def save(stack: Stack) -> None:
     """Write ``stack`` to its ``stack.json``."""
-    _write_private(Path(stack["root"]) / "stack.json", stack)
+    _write_private(Path(stack["root"]) / "stack.json", json.dumps(stack, indent=2))
 
 
 def new_stack(root: Path, project: Path, auth: bool, ports: dict[str, int], worker_user: str) -> Stack:
@@ -85,11 +88,24 @@ def client_env(stack: Stack) -> dict[str, str]:
     keys, services = secrets(stack["root"]), stack["services"]
     env = {"MLFLOW_TRACKING_URI": services["mlflow"]["url"], "MLFLOW_S3_ENDPOINT_URL": services["s3"]["url"],
            "AWS_ACCESS_KEY_ID": keys["aws_access_key_id"], "AWS_SECRET_ACCESS_KEY": keys["aws_secret_access_key"],
-           "AWS_DEFAULT_REGION": REGION, "PREFECT_API_URL": f"{services['prefect']['url']}/api"}
+           "AWS_DEFAULT_REGION": REGION, "PREFECT_API_URL": f"{services['prefect']['url']}/api",
+           "SIAMESE_ROLLOUT_KEY": keys["rollout_key"]}  # signs serving replicas' rollout tallies
     if stack["auth"]:
         env.update(MLFLOW_TRACKING_USERNAME=PIPELINE_USER, MLFLOW_TRACKING_PASSWORD=keys["mlflow_user_password"],
                    PREFECT_API_AUTH_STRING=":".join(prefect_login(stack) or ()))
     return env
+
+
+def exports(stack: Stack) -> str:
+    """The client environment as shell ``export`` lines (they hold the stack's credentials)."""
+    return "\n".join(f"export {key}={shlex.quote(value)}" for key, value in client_env(stack).items())
+
+
+def write_env_file(stack: Stack) -> Path:
+    """Write :func:`exports` to ``<root>/env``, readable by this user only; its path."""
+    path = Path(stack["root"]) / "env"
+    _write_private(path, exports(stack) + "\n")
+    return path
 
 
 def server_env(stack: Stack) -> dict[str, str]:

@@ -128,3 +128,37 @@ def test_enroll_and_predict_gallery_check_the_folder_as_train_does(bundle, tmp_p
     assert out.exit_code == 1 and "bad_name" in out.output and "reserved_name" in out.output, out.output
     assert "caf\\xe9" in out.output and "Traceback" not in out.output
     assert (target / "gallery.npz").read_bytes() == before
+
+
+def test_enrol_with_promote_goes_through_the_rollout(bundle, new_class, monkeypatch, tmp_path):
+    """`enroll --promote` while a canary is live is refused in one line, before anything is enrolled, whatever mode
+    params.yaml sets; with register.rollout canary and no live rollout the enrolled version becomes the challenger of
+    a new rollout, not the champion."""
+    import yaml
+
+    from pipelines import rollout
+
+    use_sqlite_store(monkeypatch, tmp_path)
+    canary = pipeline_params(NAME, rollout="canary")
+    for top1 in (0.5, 0.9):
+        register_bundle(canary, bundle.path, {"top1": top1}, bundle.history, [], {}, score_champion=logged_scorer())
+    client = MlflowClient()
+    assert client.get_registered_model(NAME).aliases == {"champion": 1, "challenger": 2}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"register": {"model_name": NAME, "rollout": "canary"}}))
+    enrol = ["enroll", str(new_class), "--model", f"models:/{NAME}@champion", "--promote"]
+    for command in ([*enrol, "--params", str(params)], enrol):
+        out = CliRunner().invoke(app, command)
+        assert out.exit_code == 1 and len(out.output.strip().splitlines()) == 1, out.output
+        assert f"not promoted: version 2 of '{NAME}' is live as challenger in a canary rollout" in out.output
+        assert "enrol without --promote" in out.output
+    assert client.get_registered_model(NAME).aliases == {"champion": 1, "challenger": 2}
+    assert len(client.search_model_versions(f"name = '{NAME}'")) == 2  # nothing was enrolled
+
+    assert rollout.roll_back(NAME, "2", "ended by the test", "test")
+    out = CliRunner().invoke(app, [*enrol, "--params", str(params)])
+    assert out.exit_code == 0 and "version 3 (challenger), enrolled from version 1" in out.output, out.output
+    assert "in canary rollout: `siamese rollout status`" in out.output
+    assert client.get_registered_model(NAME).aliases == {"champion": 1, "challenger": 3}
+    version = client.get_model_version(NAME, "3")
+    assert rollout.live_plan(version) is not None and version.tags["staged.reason"].startswith("enrolled ")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -93,7 +95,7 @@ def test_presets_replace_the_keys_they_name_and_set_wins(tmp_path):
     assert fewshot.evaluate.match == "class_mean" and fewshot.evaluate.test_time_views == 3  # its own; --set wins
     assert fewshot.evaluate.top_k == 5  # keys neither preset names stay
 
-    with pytest.raises(ConfigError, match=r"unknown preset 'fastest', expected one of \['fast-cpu', 'fewshot-cpu', 'seed'\]"):
+    with pytest.raises(ConfigError, match=r"unknown preset 'fastest', expected one of \['fast-cpu', 'fewshot-cpu', 'photos-cpu', 'seed'\]"):
         load_params(REPO / "params.yaml", {"preset": "fastest"})
 
 
@@ -112,3 +114,93 @@ def test_a_preset_is_a_name_never_a_path(tmp_path):
     with pytest.raises(ConfigError, match="unknown preset"):
         with_preset({}, relative)
     assert with_preset({"model": {}}, "fast-cpu")["model"]["backbone"] == "small_cnn"
+
+
+def test_params_yaml_is_in_the_form_dvc_writes_so_exp_run_set_changes_one_line(tmp_path):
+    """`dvc exp run -S key=value` rewrites params.yaml through DVC's YAML writer; the committed file is already in
+    that writer's form, so the only line that changes is the one set."""
+    from dvc.utils.serialize import modify_yaml
+
+    copy = tmp_path / "params.yaml"
+    copy.write_text((REPO / "params.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    with modify_yaml(str(copy)):
+        pass
+    assert copy.read_text(encoding="utf-8") == (REPO / "params.yaml").read_text(encoding="utf-8")
+    with modify_yaml(str(copy)) as data:
+        data["train"]["epochs"] = 3
+    changed = [(old, new) for old, new in zip((REPO / "params.yaml").read_text(encoding="utf-8").splitlines(),
+                                              copy.read_text(encoding="utf-8").splitlines()) if old != new]
+    assert len(changed) == 1 and changed[0][1].split("#")[0].strip() == "epochs: 3", changed
+
+
+def test_keys_the_user_changed_win_over_the_preset_and_one_line_names_the_rest(tmp_path, caplog):
+    """A preset replaces the keys params.yaml holds at their shipped values; a key changed from it stays, --set wins
+    over both, and one logged line names every key replaced and every key kept."""
+    from pipelines.params import library_config
+
+    def edit(data):
+        data.update(preset="fast-cpu")
+        data["train"]["augment"]["rotations_as_classes"] = False  # changed from the shipped true: the user's
+        data["model"]["margin"] = 0.3  # changed, and the preset's 0.2 differs: the user's
+        data["train"]["epochs"] = 24  # the shipped value: cannot be told from a key left alone
+
+    with caplog.at_level("WARNING", logger="pipelines.params"):
+        params = load_params(_with(tmp_path, edit), {"train.warmup_epochs": 2})
+    assert params.train.augment.rotations_as_classes is False and params.model.margin == 0.3  # the user's
+    assert params.model.input_size == 56 and params.train.epochs == 18  # the preset's, over shipped values
+    assert params.train.warmup_epochs == 2  # --set
+    [note] = [record.getMessage() for record in caplog.records]
+    assert "\n" not in note and note.startswith("preset fast-cpu set 2 key(s)")
+    assert "model.input_size 32 -> 56, train.epochs 24 -> 18" in note
+    assert "train.augment.rotations_as_classes false (preset: true)" in note and "model.margin 0.3 (preset: 0.2)" in note
+
+    config = library_config(tmp_path / "params.yaml", "photos-cpu", ["epochs=3"])  # siamese train --params --preset
+    assert (config.model.backbone, config.model.margin, config.train.epochs) == ("efficientnet_lite0", 0.3, 3)
+
+
+def test_the_shipped_values_are_those_of_params_yaml_for_every_key_a_preset_sets():
+    from pipelines.params import preset_keys, preset_names, shipped_keys
+    from siamese_core.metrics import flatten
+
+    shipped, params = shipped_keys(), flatten(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")))
+    named = {key for name in preset_names() for key in preset_keys(name)}
+    assert named <= set(shipped), f"add {sorted(named - set(shipped))} to pipelines/presets/shipped/params.yaml"
+    assert {key: params[key] for key in shipped} == shipped
+    plain = load_params(REPO / "params.yaml")
+    assert load_params(REPO / "params.yaml", {"preset": "photos-cpu"}).model.backbone == "efficientnet_lite0"
+    assert plain.preset is None and plain.model.backbone == "small_cnn"
+
+
+def test_dvc_exp_run_set_keys_win_over_the_preset(tmp_path):
+    """Through a real `dvc exp run -S`, which writes params.yaml: the issue's case, a key the preset also sets."""
+    import subprocess
+    import sys
+
+    from support.project import dvc_env
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(REPO / "params.yaml", repo)
+    (repo / "resolve.py").write_text(
+        "import json\nfrom pipelines.params import load_params\n"
+        "p = load_params()\n"
+        "json.dump({'rotations': p.train.augment.rotations_as_classes, 'size': p.model.input_size,"
+        " 'epochs': p.train.epochs}, open('resolved.json', 'w'))\n", encoding="utf-8")
+    (repo / "dvc.yaml").write_text("stages:\n  resolve:\n    cmd: python resolve.py\n    deps: [resolve.py]\n"
+                                   "    params: [preset, model, train]\n    outs: [resolved.json]\n", encoding="utf-8")
+    env = dvc_env(tmp_path)
+
+    def run(*args: str) -> str:
+        done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    dvc = (sys.executable, "-m", "dvc")
+    run("git", "init", "-q")
+    run(*dvc, "init", "-q")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "params")
+    output = run(*dvc, "exp", "run", "-S", "preset=fast-cpu", "-S", "train.augment.rotations_as_classes=false",
+                 "-S", "train.epochs=24")
+    assert json.loads((repo / "resolved.json").read_text()) == {"rotations": False, "size": 56, "epochs": 18}
+    assert "train.augment.rotations_as_classes false (preset: true)" in output and "train.epochs 24 -> 18" in output

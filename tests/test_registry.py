@@ -457,3 +457,113 @@ def test_a_version_registered_before_digests_is_read_as_data_and_served_only_onc
     assert registry.load_champion("tiny-recognizer") is not None
     again = CliRunner().invoke(app, ["registry", "sign", "tiny-recognizer", "1"])
     assert again.exit_code == 1 and "already has its digest" in again.output
+
+
+def _stored(name: str, version: str) -> Path:
+    """Where the artifact store keeps the files of a version."""
+    from urllib.parse import urlparse
+
+    client = MlflowClient()
+    model_id = client.get_model_version(name, version).source.removeprefix("models:/")
+    return Path(urlparse(client.get_logged_model(model_id).artifact_location).path)
+
+
+@pytest.fixture
+def private_tmp(monkeypatch, tmp_path):
+    """A temporary folder of this test's own, where the registry's downloads go, so they can be counted."""
+    import tempfile
+
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def _downloads(folder: Path) -> list[Path]:
+    return sorted(folder.glob("siamese-model-*"))
+
+
+def _tamper(name: str, version: str) -> Path:
+    config = _stored(name, version) / "artifacts" / "bundle" / "config.json"
+    config.write_text(config.read_text().replace('"margin"', '"margin" ', 1))
+    return config
+
+
+def test_a_promote_to_a_tampered_version_is_refused_at_promote_time_and_the_alias_stays(bundle, store, private_tmp):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    _log(bundle, 0.5)
+    assert _log(bundle, 0.4)["decision"] == "challenger"
+    assert _downloads(private_tmp) == []  # registering and scoring left no download behind
+    _tamper("tiny-recognizer", "2")
+    for command in (["promote", "tiny-recognizer", "2", "--reason", "tampered"],
+                    ["promote", "tiny-recognizer", "2", "--reason", "tampered", "--force"]):
+        out = CliRunner().invoke(app, command)
+        assert out.exit_code == 1 and len(out.output.strip().splitlines()) == 1, out.output
+        assert "not promoted: models:/tiny-recognizer/2: the artifacts of version 2 differ from those registered" in out.output
+    assert _aliases() == {"champion": 1, "challenger": 2}
+    assert "promote.reason" not in MlflowClient().get_model_version("tiny-recognizer", "2").tags
+    assert _downloads(private_tmp) == []
+
+
+def test_a_server_removes_every_download_and_backs_off_a_tampered_champion(bundle, store, private_tmp, monkeypatch,
+                                                                              caplog):
+    """The champion alias moved to a tampered version (as promote allowed before it checked): each check of the
+    server fails to load it, leaves no download behind, and is tried less and less often, with one warning."""
+    import logging
+
+    from pipelines import serving
+
+    _log(bundle, 0.5)
+    _log(bundle, 0.4)
+    served = serving.Served("models:/tiny-recognizer@champion", reload_seconds=0)
+    assert served.current.version == "1" and _downloads(private_tmp) == []  # loaded: its download is gone
+    config = _tamper("tiny-recognizer", "2")
+    MlflowClient().set_registered_model_alias("tiny-recognizer", "champion", "2")
+    attempts = []
+    download = registry._download
+    monkeypatch.setattr(registry, "_download", lambda uri: attempts.append(uri) or download(uri))
+    now = [0.0]
+    served._retries.clock = lambda: now[0]
+    with caplog.at_level(logging.WARNING, logger="pipelines.serving"):
+        for second in range(40):  # 40 checks, a second apart
+            now[0] = float(second)
+            served.check()
+    assert served.current.version == "1" and _downloads(private_tmp) == []
+    assert len(attempts) == 6  # at 0, 1, 3, 7, 15 and 31 s
+    warned = [r.getMessage() for r in caplog.records if "version 2 could not be loaded" in r.getMessage()]
+    assert len(warned) == 1 and "differ from those registered" in warned[0] and "still serving version 1" in warned[0]
+
+    config.write_text(config.read_text().replace('"margin" ', '"margin"', 1))  # the store repaired
+    now[0] = 63.0
+    served.check()
+    assert served.current.version == "2" and _downloads(private_tmp) == []
+
+
+def test_a_version_with_an_ondisk_index_keeps_its_download_while_it_is_loaded(store, private_tmp, tmp_path):
+    import gc
+
+    from siamese_core.data import scan_folder
+    from siamese_core.model import build_embedding_model
+    from siamese_core.recognizer import SiameseRecognizer, build_gallery
+
+    from support.images import make_digits_dataset
+    from support.models import make_tiny_bundle
+    from support.tiny import tiny_config
+
+    train_dir, _ = make_digits_dataset(tmp_path / "digits", classes=10, train_per_class=30, test_per_class=0)
+    config = tiny_config(embedding_dim=32, ondisk_min_rows=0)  # any size gets the on-disk index
+    network = build_embedding_model(config.model)
+    ondisk = SiameseRecognizer(network, build_gallery(network, scan_folder(train_dir)), config).save(tmp_path / "bundle")
+    tiny = make_tiny_bundle(tmp_path / "tiny")
+    _log(tiny, 0.5, bundle_dir=ondisk)
+    assert _downloads(private_tmp) == []
+    model = registry.load_champion("tiny-recognizer")
+    assert len(_downloads(private_tmp)) == 1  # its gallery's index is read from there while it answers
+    image = encode_image(sorted((train_dir / "digit 4").iterdir())[0])
+    assert model.predict(pd.DataFrame({"image": [image]}))["label"].tolist() == ["digit 4"]
+    del model
+    gc.collect()
+    assert _downloads(private_tmp) == []

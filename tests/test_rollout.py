@@ -57,13 +57,17 @@ def _register(bundles, name: str, which: str, top1: float, **register) -> dict:
 
 
 class Server:
-    """`siamese serve --model models:/NAME@champion` following its aliases every second."""
+    """`siamese serve --model models:/NAME@champion` following its aliases every second, behind a proxy it trusts to
+    set ``key_header`` (the client key of a canary)."""
 
-    def __init__(self, tmp_path: Path, uri: str, name: str, log_dir: Path | None = None):
+    def __init__(self, tmp_path: Path, uri: str, name: str, log_dir: Path | None = None,
+                 key_header: str = "X-Client-Key"):
         self.port, self.log_path = free_port(), tmp_path / f"serve-{uuid.uuid4().hex[:6]}.log"
         self.base = f"http://{HOST}:{self.port}"
-        command = [SIAMESE, "serve", "--model", f"models:/{name}@champion", "--reload-seconds", "1",
-                   "--host", HOST, "--port", str(self.port), *(() if log_dir else ("--no-log",))]
+        params = tmp_path / f"serve-{self.port}.yaml"
+        params.write_text(yaml.safe_dump({"serving": {"client_key_header": key_header}}))
+        command = [SIAMESE, "serve", "--model", f"models:/{name}@champion", "--reload-seconds", "1", "--params",
+                   str(params), "--host", HOST, "--port", str(self.port), *(() if log_dir else ("--no-log",))]
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TF_CPP_MIN_LOG_LEVEL": "3",
                **({"SIAMESE_INFERENCE_LOG": str(log_dir)} if log_dir else {})}
         with open(self.log_path, "wb") as log:
@@ -72,16 +76,18 @@ class Server:
         wait_until_ready(self.base, self.process, self.log_path)
         self.connection = http.client.HTTPConnection(HOST, self.port, timeout=60)
 
-    def ask(self, image: str, client_key: str | None = None, request_id: str | None = None) -> tuple[int, str, dict]:
-        """(status, answering version, first prediction) over a keep-alive connection."""
-        headers = {"Content-Type": "application/json", **({"X-Client-Key": client_key} if client_key else {}),
+    def ask(self, image: str | list[str], client_key: str | None = None, request_id: str | None = None,
+            header: str = "X-Client-Key") -> tuple[int, str, dict]:
+        """(status, answering version, first prediction) over a keep-alive connection; ``client_key`` in ``header``."""
+        headers = {"Content-Type": "application/json", **({header: client_key} if client_key else {}),
                    **({"X-Request-Id": request_id} if request_id else {})}
+        body = json.dumps({"inputs": image if isinstance(image, list) else [image]})
         try:
-            self.connection.request("POST", "/invocations", json.dumps({"inputs": [image]}), headers)
+            self.connection.request("POST", "/invocations", body, headers)
             response = self.connection.getresponse()
         except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):  # idle past keep-alive
             self.connection.close()
-            self.connection.request("POST", "/invocations", json.dumps({"inputs": [image]}), headers)
+            self.connection.request("POST", "/invocations", body, headers)
             response = self.connection.getresponse()
         body = json.loads(response.read())
         return response.status, response.headers["X-Model-Version"], body.get("predictions", [body])[0]
@@ -152,12 +158,12 @@ def test_a_shadow_changes_no_answer_is_logged_with_its_agreement_and_promotes_on
         evidence = json.loads(version.tags["promote.evidence"])
         assert evidence["forced"] and evidence["counts"]["challenger"]["requests"] == len(sent)
         assert version.tags["rollout.state"] == "promoted" and registry.alias_version("shadowed", "challenger") is None
+        server.wait_for(_live(server, None), "the finished rollout still live")  # asked before, v2 would shadow v1
         server.wait_for(lambda: server.ask(bundles["images"][0])[1] == "2", "the promoted version not answering")
-        server.wait_for(_live(server, None), "the finished rollout still live")
     finally:
         server.stop()
     now = datetime.now(UTC)
-    shadow = read_window(str(tmp_path / "log"), now - timedelta(hours=1), now + timedelta(hours=1)).to_pylist()
+    shadow = read_window(str(tmp_path / "log"), now - timedelta(hours=1), now + timedelta(hours=1)).table.to_pylist()
     records = [r for r in shadow if r["source"] == "shadow"]
     assert sorted(r["request_id"] for r in records) == sorted(sent)
     assert {r["model_version"] for r in records} == {"2"} and {r["agrees"] for r in records} == {False}
@@ -215,8 +221,7 @@ def test_a_challenger_that_fails_the_example_request_on_a_replica_is_rolled_back
         return loaded(named, alias, source)
 
     monkeypatch.setattr(served, "_load", load)
-    with pytest.raises(serving.TrialFailed):
-        served._follow_challenger("failing")
+    served._follow_challenger("failing")
     assert served.rollout is None and served.current.version == "1"
     assert registry.alias_version("failing", "challenger") is None
     tags = registry.client().get_model_version("failing", "2").tags
@@ -273,9 +278,7 @@ def test_in_shadow_mode_a_losing_version_takes_no_alias_and_a_newer_winner_repla
     assert registry.alias_version("gated", "champion").version == 1
     with pytest.raises(RegistryError, match="not promoted: 0 challenger requests, under the 200 required"):
         registry.set_champion("gated", "4", "too early", rollout_mode="shadow")
-    role = {"requests": 250, "images": 250, "errors": 0, "unknown": 5, "latency_ms_sum": 750.0, "p95_ms": 4.0}
-    registry.client().set_model_version_tag("gated", "4", "rollout.replica.host-1-1", json.dumps(
-        {"champion_version": "1", "compared": 250, "agreed": 240, "skipped": 0, "champion": role, "challenger": role}))
+    _publish("gated", "4", "host-1-1", _report(_role(250, keys=30), _role(250, keys=30), 250, 240), rollout.signing_key())
     done = registry.set_champion("gated", "4", "a week of shadow traffic", rollout_mode="shadow")
     assert done["champion"] == "4" and not done["evidence"]["forced"] and done["evidence"]["missing"] == []
     recorded = json.loads(registry.client().get_model_version("gated", "4").tags["promote.evidence"])
@@ -284,30 +287,166 @@ def test_in_shadow_mode_a_losing_version_takes_no_alias_and_a_newer_winner_repla
     assert _register(bundles, "gated", "tiny", 0.3)["decision"] == "challenger"  # direct mode: as before
 
 
-def test_the_rollback_rule_and_the_promotion_evidence_read_every_replicas_counts():
+def _role(requests: int, errors: int = 0, keys: int = 0, first_key: int = 0) -> dict:
+    """One version's counts in a replica's tally: one-image requests from ``keys`` client keys."""
+    return {"requests": requests, "images": requests, "errors": errors, "unknown": 0, "latency_ms_sum": 3.0 * requests,
+            "p95_ms": 5.0, "keys": keys,
+            "key_sample": [f"{n:016x}" for n in range(first_key, first_key + min(keys, rollout.KEY_SAMPLE))]}
+
+
+def _report(champion: dict, challenger: dict, compared: int, agreed: int) -> dict:
+    return {"champion_version": "1", "compared": compared, "agreed": agreed, "skipped": 0, "capped": 0,
+            "champion": champion, "challenger": challenger}
+
+
+def _publish(name: str, version: str, replica: str, report: dict, key: bytes | None) -> None:
+    """Write ``report`` as replica ``replica``'s tally on ``version``, signed with ``key`` (None: unsigned)."""
+    signed = report if key is None else rollout.sign(report, key, name, version, replica)
+    registry.client().set_model_version_tag(name, version, rollout.REPLICA_PREFIX + replica, json.dumps(signed))
+
+
+def test_the_rollback_rule_and_the_promotion_evidence_read_every_replicas_signed_counts():
     from types import SimpleNamespace
 
     plan = rollout.Plan("7", "canary", 0.2, rollback_margin=0.05, rollback_min_requests=40, promote_min_requests=100,
                         promote_min_agreement=0.9)
+    key = b"the stack's key"
 
-    def report(champion_requests, challenger_requests, challenger_errors, compared, agreed):
-        role = lambda requests, errors: {"requests": requests, "images": requests, "errors": errors, "unknown": 0,
-                                         "latency_ms_sum": 3.0 * requests, "p95_ms": 5.0}
-        return json.dumps({"champion_version": "6", "compared": compared, "agreed": agreed, "skipped": 0,
-                           "champion": role(champion_requests, 0), "challenger": role(challenger_requests,
-                                                                                      challenger_errors)})
+    def report(replica, challenger_requests, compared, agreed, first_key):
+        found = _report(_role(80, keys=12, first_key=first_key), _role(challenger_requests, 2, 12, first_key),
+                        compared, agreed)
+        return json.dumps(rollout.sign(found, key, "m", "7", replica))
 
-    version = SimpleNamespace(version="7", tags={**plan.tags(), "rollout.replica.a-1-1": report(80, 20, 2, 20, 19),
-                                                 "rollout.replica.b-1-2": report(80, 25, 2, 25, 24)})
-    counts = rollout.pooled(version)
+    tags = {**plan.tags(), "rollout.replica.a-1-1": report("a-1-1", 20, 20, 19, 0),
+            "rollout.replica.b-1-2": report("b-1-2", 25, 25, 24, 6)}
+    version = SimpleNamespace(name="m", version="7", tags=tags)
+    counts = rollout.pooled(version, key)
     assert counts["replicas"] == 2 and counts["challenger"]["requests"] == 45 and counts["champion"]["requests"] == 160
     assert counts["challenger"]["error_rate"] == pytest.approx(4 / 45) and counts["agreement"] == pytest.approx(43 / 45)
     assert counts["challenger"]["mean_ms"] == 3.0 and counts["challenger"]["p95_ms"] == 5.0
+    assert counts["challenger"]["keys"] == 18 and counts["unverified"] == []  # 6 keys reached both replicas
     assert rollout.live_plan(version) == plan
     reason = rollout.worse_by(plan, counts)  # 45 >= 40 requests, 8.9 % errors against 0 % + 5 %
     assert reason is not None and "error rate 0.089" in reason and "2 replica(s)" in reason
     missing = rollout.evidence(plan, counts)
-    assert len(missing) == 2 and "45 challenger requests, under the 100" in missing[0] and missing[1] == reason
-    one = SimpleNamespace(version="7", tags={**plan.tags(), "rollout.replica.a-1-1": report(80, 20, 2, 20, 19)})
-    assert rollout.worse_by(plan, rollout.pooled(one)) is None  # 20 requests: too few for the rule yet
+    assert len(missing) == 3 and "45 challenger requests, under the 100" in missing[0] and missing[2] == reason
+    assert "18 distinct client keys answered by the challenger, under the 20 required" in missing[1]
+    one = SimpleNamespace(name="m", version="7", tags={**plan.tags(), "rollout.replica.a-1-1": tags["rollout.replica.a-1-1"]})
+    assert rollout.worse_by(plan, rollout.pooled(one, key)) is None  # 20 requests: too few for the rule yet
     assert sum(rollout.to_challenger(plan, f"key-{n}") for n in range(5000)) == pytest.approx(1000, abs=4 * 28.3)
+
+    moved = {**plan.tags(), "rollout.replica.c-1-3": tags["rollout.replica.a-1-1"],  # a valid tally under another name
+             "rollout.replica.forged-host-1-1": json.dumps(_report(_role(5000, keys=500), _role(5000, keys=500), 5000,
+                                                                   5000))}
+    for written, with_key in ((moved, key), (tags, b"another key"), (tags, None)):
+        counts = rollout.pooled(SimpleNamespace(name="m", version="7", tags=written), with_key)
+        assert counts["replicas"] == 0 and counts["challenger"]["requests"] == 0 and len(counts["unverified"]) == 2
+        assert rollout.worse_by(plan, counts) is None and counts["agreement"] is None
+
+
+def test_a_tally_counts_each_client_key_up_to_its_cap():
+    plan = rollout.Plan("7", "canary", 0.2, 0.05, 40, 100, 0.9, key_cap=10)
+    tally = rollout.Tally(plan, "6", b"salt")
+    first, second = tally.admit("10.0.0.1", 6), tally.admit("10.0.0.1", 6)
+    assert first is not None and second is not None and (first.images, second.images) == (6, 4)
+    assert tally.admit("10.0.0.1", 1) is None and tally.admit("10.0.0.1", 0) is None  # images used up
+    assert [tally.admit("10.0.0.2", 0) is not None for _ in range(11)] == [True] * 10 + [False]  # requests too
+    for admitted, unknown in ((first, 6), (second, 4)):
+        tally.add(rollout.CHALLENGER, admitted, unknown, False, 1.0)
+    assert tally.agree(["a"] * 6, ["a"] * 3 + ["b"] * 3, second) == [True] * 3 + [False] * 3
+    published = tally.published()
+    assert published["challenger"]["requests"] == 2 and published["challenger"]["images"] == 10
+    assert published["challenger"]["keys"] == 1 and published["capped"] == 3
+    assert (published["compared"], published["agreed"]) == (4, 3)  # the first 4 images of the second request
+    assert "10.0.0.1" not in json.dumps(published)  # keys are kept as salted digests
+
+
+def test_a_client_picks_no_version_and_one_key_makes_neither_the_rollback_nor_the_evidence(bundles, tmp_path,
+                                                                                           monkeypatch):
+    """Only the header a trusted proxy sets (`serving.client_key_header`) is a client key: one the client names is not.
+    Through the proxy, one key's 70 noise images do not roll the canary back for everyone, and its 210 images do
+    not make the evidence: each key counts for `register.evidence_key_cap` (10) at most."""
+    uri = use_sqlite_store(monkeypatch, tmp_path)
+    monkeypatch.delenv(rollout.SIGNING_KEY_VARIABLE, raising=False)
+    canary = {"rollout": "canary", "canary_share": 0.5, "rollback_min_requests": 50}
+    _register(bundles, "keyed", "tiny", 0.5, **canary)
+    server = Server(tmp_path, uri, "keyed", key_header="X-Proxy-Client")
+    try:
+        assert _register(bundles, "keyed", "unknown", 0.9, **canary)["decision"] == "challenger"
+        server.wait_for(_live(server, "2"), "version 2 not live as canary")
+        plan = rollout.live_plan(registry.alias_version("keyed", "challenger"))
+        address = "2" if rollout.to_challenger(plan, HOST) else "1"
+        assert {server.ask(bundles["images"][0], f"pick-{n}")[1] for n in range(30)} == {address}  # X-Client-Key
+
+        noisy = next(f"proxy-{n}" for n in range(100) if rollout.to_challenger(plan, f"proxy-{n}"))
+        noise = [server.ask(bundles["images"][n % 6], noisy, header="X-Proxy-Client") for n in range(70)]
+        assert {(version, answer["label"]) for _, version, answer in noise} == {("2", "unknown")}
+        counted = 10 + (10 if address == "2" else 0)  # each key's first 10 requests
+        server.wait_for(lambda: (rollout.status("keyed").get("counts") or {}).get("capped", 0) >= 60 + counted - 10,
+                        "the capped tally not in the registry")
+        time.sleep(2.5)  # the rollback rule has run on those counts on every check since
+        counts = rollout.status("keyed")["counts"]
+        assert counts["challenger"]["requests"] == counted and counts["challenger"]["unknown_rate"] == 1.0
+        assert registry.alias_version("keyed", "challenger").version == 2
+        assert registry.client().get_model_version("keyed", "2").tags["rollout.state"] == "live"
+
+        assert _register(bundles, "keyed", "tiny", 0.95, **canary)["decision"] == "challenger"
+        server.wait_for(_live(server, "3"), "version 3 not live as canary")
+        plan = rollout.live_plan(registry.alias_version("keyed", "challenger"))
+        one = next(f"proxy-{n}" for n in range(100) if rollout.to_challenger(plan, f"proxy-{n}"))
+        answered = [server.ask(bundles["images"][n % 6], one, header="X-Proxy-Client")[1] for n in range(210)]
+        assert set(answered) == {"3"}
+        server.wait_for(lambda: (rollout.status("keyed").get("counts") or {}).get("capped") == 200,
+                        "the capped tally not in the registry")
+        shown = subprocess.run([SIAMESE, "rollout", "status", "keyed"], capture_output=True, text=True,
+                               env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+        assert shown.returncode == 0 and "the evidence is there" not in shown.stdout, shown.stdout
+        assert "needs 10 challenger requests, under the 200 required" in shown.stdout
+        assert "1 distinct client keys answered by the challenger, under the 20 required" in shown.stdout
+        assert "agreement: 100.0% of 10 images" in shown.stdout
+        with pytest.raises(RegistryError, match="not promoted: 10 challenger requests"):
+            registry.set_champion("keyed", "3", "one client's traffic", rollout_mode="canary")
+        assert registry.alias_version("keyed", "champion").version == 1
+    finally:
+        server.stop()
+
+
+def test_a_forged_tally_is_shown_unverified_and_is_no_evidence(bundles, tmp_path, monkeypatch):
+    """Tally tags written without the stack's key (none, or a guessed one), claiming 5,000 requests from 500 keys
+    that agree on every image: `siamese rollout status` shows them unverified and leaves them out, `siamese promote`
+    refuses them. A tally signed with the key (kept beside the SQLite store, owner-only) is evidence."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    use_sqlite_store(monkeypatch, tmp_path)
+    monkeypatch.delenv(rollout.SIGNING_KEY_VARIABLE, raising=False)
+    _register(bundles, "forged", "tiny", 0.5, rollout="canary")
+    assert _register(bundles, "forged", "tiny", 0.9, rollout="canary")["decision"] == "challenger"
+    huge = _report(_role(5000, keys=500), _role(5000, keys=500), 5000, 5000)
+    _publish("forged", "2", "forged-host-1-1", huge, None)
+    _publish("forged", "2", "forged-host-1-2", huge, b"a guessed key")
+    promote = ["promote", "forged", "2", "--reason", "forged evidence"]
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"register": {"model_name": "forged", "rollout": "canary"}}))
+    refused = CliRunner().invoke(app, [*promote, "--params", str(params)])
+    assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1, refused.output
+    assert "not promoted: 0 challenger requests" in refused.output
+    assert "left out, no valid signature: the tallies of forged-host-1-1, forged-host-1-2" in refused.output
+    assert registry.alias_version("forged", "champion").version == 1
+    shown = CliRunner().invoke(app, ["rollout", "status", "forged"])
+    assert shown.exit_code == 0 and "0 replica(s) reporting" in shown.output, shown.output
+    assert "unverified (no valid signature, left out of the counts): forged-host-1-1, forged-host-1-2" in shown.output
+    assert "the evidence is there" not in shown.output
+
+    key_file = tmp_path / "mlflow.rollout.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600 and rollout.signing_key() == key_file.read_bytes()
+    _publish("forged", "2", "real-host-1-1", huge, rollout.signing_key())  # what a replica of this store writes
+    done = registry.set_champion("forged", "2", "signed evidence", rollout_mode="canary")
+    assert not done["evidence"]["forced"] and done["evidence"]["counts"]["replicas"] == 1
+    assert done["evidence"]["counts"]["unverified"] == ["forged-host-1-1", "forged-host-1-2"]
+    key_file.chmod(0o644)  # others could read it, and forge
+    with pytest.raises(RegistryError, match="must be yours and readable by you only"):
+        rollout.signing_key()
+    monkeypatch.setenv(rollout.SIGNING_KEY_VARIABLE, "the stack's key")  # the stack's environment: it wins
+    assert rollout.signing_key() == b"the stack's key"
