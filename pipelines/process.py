@@ -38,6 +38,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("httpx", "httpcore", "mlflow.system_metrics", "mlflow.pyfunc", "mlflow.models.model"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # tf.function's "triggered tf.function retracing" warnings: the register stage calls several networks (the new
+    # one, the champion, the untrained baseline) once each by design, which TensorFlow counts as retracing
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 @contextmanager
