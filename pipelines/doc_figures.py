@@ -58,10 +58,20 @@ def _percent(metrics: dict, key: str) -> str:
 
 
 def render(metrics: dict) -> str:
-    """The demo table and the unknown-class sentence, from the flat metrics of an evaluate stage."""
-    rows = [
-        (f"known classes: top-1 on the test split ({metrics['n_queries']} queries)", "top1", _percent),
-        ("known classes: MAP@R", "map_at_r", lambda m, k: f"{m[k]:.3f}" if k in m else "-"),
+    """The demo table and the unknown-class sentence, from the flat metrics of an evaluate stage; top-1 and MAP@R
+    with their 95 % interval [low, high] where the metrics have one."""
+    def top1(m: dict, key: str) -> str:
+        low, high = m.get(f"{key}_ci95.low"), m.get(f"{key}_ci95.high")
+        return _percent(m, key) + (f" [{100 * low:.1f}, {100 * high:.1f}]" if low is not None and high is not None else "")
+
+    def map_at_r(m: dict, key: str) -> str:
+        low, high = m.get(f"{key}_ci95.low"), m.get(f"{key}_ci95.high")
+        return (f"{m[key]:.3f}" if key in m else "-") + (f" [{low:.3f}, {high:.3f}]" if low is not None and high
+                                                         is not None else "")
+
+    rows: list[tuple[str, str, typing.Callable[[dict, str], str]]] = [
+        (f"known classes: top-1 on the test split ({metrics['n_queries']} queries)", "top1", top1),
+        ("known classes: MAP@R", "map_at_r", map_at_r),
     ]
     for shots in (1, 5):
         key = f"fewshot.{shots}shot"
@@ -163,13 +173,44 @@ def render_quality() -> str:
     return "\n".join([QUALITY_START, *lines, QUALITY_END])
 
 
+BASELINES = ("model", "raw_pixels", "untrained")
+
+
+def _interval(figures: dict, key: str) -> tuple[float, float] | None:
+    """The 95 % interval of a figure where the benchmark measured one: top-1's Wilson interval over the test
+    queries, a few-shot mean plus or minus its half-width over episodes."""
+    if f"{key}_interval" in figures:
+        low, high = figures[f"{key}_interval"]
+        return low, high
+    if f"{key}_ci95" in figures:
+        return figures[key] - figures[f"{key}_ci95"], figures[key] + figures[f"{key}_ci95"]
+    return None
+
+
+def _cell(figures: dict, key: str) -> str:
+    value = figures.get(key)
+    if value is None:
+        return "-"
+    if f"{key}_interval" in figures:
+        low, high = figures[f"{key}_interval"]
+        return f"{100 * value:.1f} ({100 * low:.0f}-{100 * high:.0f})"
+    if f"{key}_ci95" in figures:
+        return f"{100 * value:.1f} ± {100 * figures[f'{key}_ci95']:.1f}"
+    return f"{100 * value:.1f}"
+
+
 def _trio(entry: dict, key: str) -> str:
-    """A figure of the trained network (bold when it beats both baselines) / raw pixels / untrained network."""
-    values = [entry[name].get(key) for name in ("model", "raw_pixels", "untrained")]
+    """A figure of the trained network / raw pixels / untrained network, with 95 % intervals where measured; the
+    trained one bold when it beats both baselines: its interval clear above theirs, or (no intervals) its value."""
+    values = [entry[name].get(key) for name in BASELINES]
     if values[0] is None:
         return "-"
-    cells = [f"{100 * v:.1f}" if v is not None else "-" for v in values]
-    wins = all(v is None or values[0] > v for v in values[1:])
+    intervals = [bounds for name in BASELINES if (bounds := _interval(entry[name], key)) is not None]
+    if len(intervals) == len(BASELINES):
+        wins = all(intervals[0][0] > other[1] for other in intervals[1:])
+    else:
+        wins = all(v is None or values[0] > v for v in values[1:])
+    cells = [_cell(entry[name], key) for name in BASELINES]
     return " / ".join([f"**{cells[0]}**" if wins else cells[0], *cells[1:]])
 
 
@@ -189,7 +230,8 @@ def render_small_data() -> str:
             o = entry["open_set"]
             unknowns = (f"{o['auroc']:.3f}, {100 * o['unknown_rejected']:.0f} %, {100 * o['known_accepted']:.0f} %"
                         if o else "-")
-            lines.append(f"| {title} | `{preset}` | {_trio(entry, 'top1')} | {_trio(entry, 'map_at_r')} | "
+            queries = f" ({entry['queries']} queries)" if "queries" in entry else ""
+            lines.append(f"| {title} | `{preset}`{queries} | {_trio(entry, 'top1')} | {_trio(entry, 'map_at_r')} | "
                          f"{_trio(entry, 'fewshot_1shot')} | {_trio(entry, 'fewshot_5shot')} | {unknowns} | "
                          f"{entry['train_seconds']:.0f} s |")
             title = ""

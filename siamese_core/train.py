@@ -36,7 +36,7 @@ from .distribute import is_chief, strategy_for
 from .embed import decode_all, embed_images, predict_array
 from .errors import ConfigError, DatasetError
 from .io import ensure_writable
-from .metrics import flatten
+from .metrics import flatten, validation_warning
 from .model import (
     OnlineTripletModel,
     SiameseModel,
@@ -378,6 +378,9 @@ def train(
         batches = _online_batches(config, data, done) if online else _offline_batches(config, plan, data)
         history, kept, collapsed_at = _fit(config, plan, embedding, data, batches, done, checkpoint,
                                                  callbacks or [], verbose)
+    warning = validation_warning(history)
+    if warning:
+        log.warning("%s", warning)
     if distributed:  # a plain single-device copy: the chief embeds its gallery and saves it alone
         trained, embedding = embedding, build_embedding_model(config.model)
         embedding.set_weights(trained.get_weights())

@@ -2,21 +2,24 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from pipelines.doc_figures import render
 from pipelines.files import write_json
 from siamese_core import openset
 from siamese_core.distance import squared_distances
 from siamese_core.errors import BundleError, DatasetError
-from siamese_core.evaluation import assess, baseline_check
-from siamese_core.evaluation_report import Baseline, EvaluationReport, QueryScores
+from siamese_core.evaluation import PerQuery, assess, assess_bundle, baseline_check
+from siamese_core.evaluation_report import Baseline, EvaluationReport
 from siamese_core.gallery import Gallery, Match
 from siamese_core.metrics import (
     accuracy_report,
     average_precision_at_r,
+    bootstrap_interval,
     few_shot_report,
     flat_metrics,
     map_at_r,
@@ -126,16 +129,84 @@ def test_simulated_unknowns_leave_each_class_fold_out_and_cross_fit():
                                   lambda g, q: g.search(q, 2))
 
 
-def test_baseline_check_names_the_shortfall_in_one_sentence():
-    scores = QueryScores.model_construct(top1=0.786, map_at_r=0.6)  # only the figures the check reads
-    baselines = {"baseline_raw_pixels": Baseline.model_construct(top1=0.957, map_at_r=0.5),
-                 "baseline_untrained": Baseline.model_construct(top1=0.7, map_at_r=0.4)}
-    check = baseline_check(scores, baselines)
-    assert not check.passed and "top-1 0.7860 against raw pixels 0.9570" in check.sentence
-    assert "cannot become champion" in check.sentence and check.sentence.count(".") >= 1
-    scores.top1 = 0.99
-    assert baseline_check(scores, baselines).passed and not baseline_check(scores, baselines, margin=0.05).passed
-    assert not baseline_check(QueryScores.model_construct(top1=1.0, map_at_r=1.0), {}).passed  # baselines not scored
+def _right(n: int, right: int, seed: int | None = None) -> PerQuery:
+    """Per-query values of n queries, ``right`` of them right (the first ones, or random ones with ``seed``);
+    AP@R 1 where right, 0 where wrong: the most uncertain MAP@R of that mean."""
+    correct = np.zeros(n, bool)
+    correct[np.random.default_rng(seed).permutation(n)[:right] if seed is not None else slice(0, right)] = True
+    return PerQuery(correct, correct.astype(float))
+
+
+def _both(baseline: PerQuery) -> dict[str, PerQuery]:
+    return {"baseline_raw_pixels": baseline, "baseline_untrained": baseline}
+
+
+def test_bootstrap_interval_by_hand():
+    assert bootstrap_interval(np.full(10, 0.25)) == (0.25, 0.25)  # no spread, no uncertainty
+    assert all(math.isnan(v) for v in bootstrap_interval(np.array([np.nan])))
+    assert bootstrap_interval([1.0, np.nan, 0.0], 0) == bootstrap_interval([1.0, 0.0], 0)  # NaN left out; 0: median
+    values = _right(400, 200, seed=3).values("top1")
+    low, high = bootstrap_interval(values, seed=1)
+    half = 1.96 * math.sqrt(0.25 / 400)  # the normal approximation of a proportion's interval: 0.049
+    assert low == pytest.approx(0.5 - half, abs=0.01) and high == pytest.approx(0.5 + half, abs=0.01)
+    assert bootstrap_interval(values, seed=1) == (low, high)  # seeded
+    narrower = bootstrap_interval(values, 0.5, seed=1)
+    assert low < narrower[0] < 0.5 < narrower[1] < high
+
+
+def test_sixteen_queries_cannot_tell_eleven_right_from_nine():
+    """The photo set of the issue: 16 test photos, the model right on 11, a baseline on 9."""
+    check = baseline_check(_right(16, 11), _both(_right(16, 9)))
+    assert not check.passed and check.verdict == "too few to tell" and check.n_queries == 16
+    assert "too few test images to tell (16 queries)" in check.sentence and "beats" not in check.sentence
+    assert "cannot become champion" in check.sentence and "evaluate.baseline_confidence" in check.sentence
+    top1 = check.comparisons[0]
+    assert (top1.baseline, top1.metric, top1.model, top1.against) == ("baseline_raw_pixels", "top1", 0.6875, 0.5625)
+    assert top1.difference_low <= 0 < 0.125 < top1.difference_high  # two queries apart: the interval reaches 0
+    plain = baseline_check(_right(16, 11), _both(_right(16, 9)), confidence=0)  # the bar lowered: figures alone
+    assert plain.passed and plain.verdict == "beats" and "beats both baselines on its own test split:" in plain.sentence
+
+
+def test_four_hundred_queries_tell_95_from_30_percent():
+    check = baseline_check(_right(400, 380, seed=0), _both(_right(400, 120, seed=1)))
+    assert check.passed and check.verdict == "beats"
+    assert "beats both baselines on its own test split, beyond the 95 % interval of each difference over 400 " \
+           "queries: top-1 0.9500 against at best 0.3000" in check.sentence
+    assert all(0.55 < c.difference_low < 0.65 < c.difference_high < 0.75 for c in check.comparisons)
+    assert not baseline_check(_right(400, 380, seed=0), _both(_right(400, 120, seed=1)), margin=0.7).passed
+
+
+def test_a_model_clearly_below_a_baseline_does_not_beat_it():
+    baselines = {"baseline_raw_pixels": _right(400, 380, seed=1), "baseline_untrained": _right(400, 120, seed=2)}
+    check = baseline_check(_right(400, 300, seed=0), baselines)
+    assert not check.passed and check.verdict == "does not beat"
+    assert "does not beat its baselines on its own test split (top-1 0.7500 against raw pixels 0.9500, " \
+           "difference -0." in check.sentence and "cannot become champion" in check.sentence
+    assert [c.verdict for c in check.comparisons] == ["does not beat", "does not beat", "beats", "beats"]
+    old = baseline_check(_right(400, 300), baselines, confidence=0)  # the figures alone, as before intervals
+    assert "(top-1 0.7500 against raw pixels 0.9500; MAP@R 0.7500 against raw pixels 0.9500)" in old.sentence
+
+
+def test_a_perfect_score_counts_as_not_beaten_and_missing_baselines_fail():
+    check = baseline_check(_right(16, 16), _both(_right(16, 16)))
+    assert check.passed and "top-1 1.0000 against at best 1.0000 (perfect)" in check.sentence
+    assert not baseline_check(_right(16, 16), {}).passed  # baselines not scored
+    assert baseline_check(_right(16, 16), {}).verdict is None
+
+
+def test_the_committed_demo_still_beats_its_baselines():
+    """metrics.json of the demo (240 queries): the model's top-1 and MAP@R against raw pixels and the untrained
+    network, each figure drawn as right/wrong queries at its rate (the widest interval a mean can have)."""
+    metrics = json.loads((Path(__file__).parents[1] / "metrics.json").read_text(encoding="utf-8"))
+    n = metrics["n_queries"]
+
+    def drawn(prefix: str, seed: int) -> PerQuery:
+        figures = [round(metrics[f"{prefix}{key}"] * n) for key in ("top1", "map_at_r")]
+        return PerQuery(_right(n, figures[0], seed).correct, _right(n, figures[1], seed + 1).values("top1"))
+
+    check = baseline_check(drawn("", 0), {name: drawn(f"{name}.", 10 * i) for i, name in
+                                          enumerate(("baseline_raw_pixels", "baseline_untrained"), start=1)})
+    assert n == 240 and check.passed, check.sentence
 
 
 def test_few_shot_falls_back_to_fewer_ways_and_says_so():
@@ -153,22 +224,28 @@ def test_flat_metrics_keeps_numbers_and_drops_tables():
         "top1": 0.5, "top3": 0.75, "class_avg_accuracy": 0.5, "macro_precision": 0.25, "n_queries": 4,
         "per_class_accuracy": {"a": 1.0}, "per_class_precision": {"a": 1.0}, "per_class_recall": {"a": 1.0},
         "confusion_matrix": {"labels": ["a"], "matrix": [[4]]}, "map_at_r": 0.6,
+        "top1_ci95": {"low": 0.25, "high": 0.75}, "map_at_r_ci95": {"low": 0.5, "high": 0.7},
         "calibration": {"score": "ratio", "threshold": 0.3, "fit_to": "known_accept", "known_accept_target": 0.9,
                         "unknown_reject_target": 0.8, "target_met": True, "target_judged_on": "x",
                         "known_accepted": 0.9, "unknown_rejected": 0.7, "accuracy_with_rejection": 0.8, "auroc": 0.85,
                         "auroc_by_score": {"ratio": 0.85}, "operating_points": [], "rounds": 3, "method": "m"},
         "baseline_untrained": {"top1": 0.25, "top3": 0.5, "class_avg_accuracy": 0.25, "map_at_r": 0.2,
                                "macro_precision": 0.1},
-        "baseline_check": {"passed": False, "margin": 0.0, "sentence": "x."},
+        "baseline_check": {"passed": False, "margin": 0.0, "sentence": "x.", "confidence": 0.95, "n_queries": 4,
+                           "verdict": "too few to tell", "comparisons": [{
+                               "baseline": "baseline_untrained", "metric": "top1", "model": 0.5, "against": 0.25,
+                               "difference_low": -0.25, "difference_high": 0.75, "verdict": "too few to tell"}]},
         "fewshot": {"1shot": {"mean": 0.9, "ci95": 0.01, "episodes": 10, "n_way": 5, "k_shot": 1}}, "notes": ["x"]})
     assert flat_metrics(report) == {
         "top1": 0.5, "top3": 0.75, "class_avg_accuracy": 0.5, "macro_precision": 0.25, "n_queries": 4, "map_at_r": 0.6,
+        "top1_ci95.low": 0.25, "top1_ci95.high": 0.75, "map_at_r_ci95.low": 0.5, "map_at_r_ci95.high": 0.7,
         "calibration.threshold": 0.3, "calibration.known_accept_target": 0.9, "calibration.unknown_reject_target": 0.8,
         "calibration.known_accepted": 0.9, "calibration.unknown_rejected": 0.7,
         "calibration.accuracy_with_rejection": 0.8, "calibration.auroc": 0.85, "calibration.auroc_by_score.ratio": 0.85,
         "calibration.rounds": 3, "baseline_untrained.top1": 0.25, "baseline_untrained.top3": 0.5,
         "baseline_untrained.class_avg_accuracy": 0.25, "baseline_untrained.map_at_r": 0.2,
-        "baseline_untrained.macro_precision": 0.1, "baseline_check.margin": 0.0, "fewshot.1shot.mean": 0.9,
+        "baseline_untrained.macro_precision": 0.1, "baseline_check.margin": 0.0,
+        "baseline_check.confidence": 0.95, "baseline_check.n_queries": 4, "fewshot.1shot.mean": 0.9,
         "fewshot.1shot.ci95": 0.01, "fewshot.1shot.episodes": 10, "fewshot.1shot.n_way": 5, "fewshot.1shot.k_shot": 1}
 
 
@@ -233,7 +310,15 @@ def test_assess_scores_baselines_open_set_and_few_shot(untrained):
     assert report.calibration.rounds == 3  # 3 gallery classes: each left out once
     assert report.open_set.n_unknown == len(heldout) and report.open_set.score == report.calibration.score
     assert len(result.known_scores) == len(test) and len(result.unknown_scores) == len(heldout)
-    assert report.baseline_check.passed is False  # the untrained network cannot beat itself
+    check = report.baseline_check
+    assert check.passed is False and check.verdict == "does not beat"  # the untrained network cannot beat itself
+    untrained_top1 = check.comparisons[2]
+    assert (untrained_top1.baseline, untrained_top1.metric) == ("baseline_untrained", "top1")
+    assert untrained_top1.difference_low == untrained_top1.difference_high == 0.0  # the same answers, query by query
+    for scores in (report, report.baseline_raw_pixels):
+        assert scores.top1_ci95.low <= scores.top1 <= scores.top1_ci95.high
+        assert scores.map_at_r_ci95.low <= scores.map_at_r <= scores.map_at_r_ci95.high
+    assert report.map_at_r_ci95.high - report.map_at_r_ci95.low > 0.05  # a handful of queries: a wide interval
     assert report.fewshot["1shot"].n_way == 2 and report.fewshot["5shot"].n_way == 2
     assert any("2-way instead of 20-way" in note for note in report.notes)
     assert len(result.unknown_distances) == len(heldout) and result.correct.shape == (len(test),)
@@ -251,10 +336,13 @@ def test_the_report_round_trips_through_evaluation_json(untrained, tmp_path):
     assert json.dumps(flat_metrics(read)) == json.dumps(flat_metrics(report))
     assert list(read.to_dict()) == [
         "top1", "top5", "class_avg_accuracy", "macro_precision", "n_queries", "per_class_accuracy",
-        "per_class_precision", "per_class_recall", "confusion_matrix", "map_at_r", "calibration",
-        "baseline_raw_pixels", "baseline_untrained", "baseline_check", "open_set", "fewshot", "notes"]
+        "per_class_precision", "per_class_recall", "confusion_matrix", "map_at_r", "top1_ci95", "map_at_r_ci95",
+        "calibration", "baseline_raw_pixels", "baseline_untrained", "baseline_check", "open_set", "fewshot", "notes"]
     assert list(read.to_dict()["baseline_raw_pixels"]) == [
-        "top1", "top5", "class_avg_accuracy", "map_at_r", "macro_precision", "fewshot", "size"]
+        "top1", "top5", "class_avg_accuracy", "map_at_r", "macro_precision", "top1_ci95", "map_at_r_ci95", "fewshot",
+        "size"]
+    assert list(read.to_dict()["baseline_check"]) == [
+        "passed", "margin", "sentence", "confidence", "n_queries", "verdict", "comparisons"]
 
 
 def test_a_report_without_optional_sections_leaves_them_out(tmp_path):
@@ -262,6 +350,31 @@ def test_a_report_without_optional_sections_leaves_them_out(tmp_path):
     report = assess(recognizer, test).report  # no baselines, no held-out classes, top-k is top-1
     assert list(report.to_dict()) == [
         "top1", "class_avg_accuracy", "macro_precision", "n_queries", "per_class_accuracy", "per_class_precision",
-        "per_class_recall", "confusion_matrix", "map_at_r", "calibration", "baseline_check", "notes"]
+        "per_class_recall", "confusion_matrix", "map_at_r", "top1_ci95", "map_at_r_ci95", "calibration",
+        "baseline_check", "notes"]
     write_json(tmp_path / "evaluation.json", report.to_dict())
     assert json.dumps(EvaluationReport.read(tmp_path / "evaluation.json").to_dict()) == json.dumps(report.to_dict())
+
+
+def test_assess_bundle_warns_when_validation_loss_rose(untrained):
+    recognizer, _, test, _ = untrained
+    rising = {"loss": [0.5] * 6, "val_loss": [0.2, 0.17, 0.2, 0.26, 0.3, 0.37]}
+    plain = recognizer.with_settings(baselines=False)
+    assert assess_bundle(plain, test).report.validation_warning is None  # no history in its metadata
+    plain.metadata = {"history": rising, "best_epoch": 6}  # as a bundle's metadata.json holds it
+    report = assess_bundle(plain, test).report
+    assert "lowest 0.17 at epoch 2 of 6, 0.37 at the last" in report.validation_warning
+    assert report.to_dict()["validation_warning"] == report.validation_warning
+
+
+def test_the_readme_demo_table_shows_intervals_where_the_metrics_have_them():
+    metrics = {"n_queries": 240, "top1": 0.9458, "map_at_r": 0.8018, "baseline_raw_pixels.top1": 0.3167,
+               "baseline_raw_pixels.map_at_r": 0.0724, "baseline_untrained.top1": 0.325,
+               "baseline_untrained.map_at_r": 0.0954}
+    assert "| **94.6 %** | 31.7 % | 32.5 % |" in render(metrics)  # an older metrics.json: no intervals
+    metrics.update({"top1_ci95.low": 0.9167, "top1_ci95.high": 0.9708, "map_at_r_ci95.low": 0.77,
+                    "map_at_r_ci95.high": 0.83, "baseline_untrained.top1_ci95.low": 0.2667,
+                    "baseline_untrained.top1_ci95.high": 0.3833})
+    table = render(metrics)
+    assert "| **94.6 % [91.7, 97.1]** | 31.7 % | 32.5 % [26.7, 38.3] |" in table
+    assert "| **0.802 [0.770, 0.830]** | 0.072 | 0.095 |" in table

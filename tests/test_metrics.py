@@ -1,10 +1,10 @@
-"""Accuracy report and few-shot episodes on hand-built cases."""
+"""Accuracy report, few-shot episodes and the validation-loss warning on hand-built cases."""
 
 import numpy as np
 import pytest
 
 from siamese_core.gallery import Match
-from siamese_core.metrics import accuracy_report, few_shot_accuracy
+from siamese_core.metrics import accuracy_report, few_shot_accuracy, validation_warning
 
 
 def test_accuracy_report_counts_top1_top_k_and_per_class():
@@ -30,3 +30,19 @@ def test_few_shot_is_perfect_on_separated_clusters_and_chance_on_noise():
     assert abs(noise["mean"] - 1 / 20) < 3 * noise["ci95"] + 0.01
     with pytest.raises(ValueError, match="needs 40 classes"):
         few_shot_accuracy(clustered, labels, n_way=40)
+
+
+def test_validation_warning_names_the_epoch_of_the_minimum():
+    """The photo run of the issue: validation loss fell to 0.168 at epoch 3, then rose to 0.374 by epoch 18."""
+    rising = [0.25, 0.2, 0.168, *np.linspace(0.18, 0.374, 15).tolist()]
+    warning = validation_warning({"loss": [1.0] * 18, "val_loss": rising})
+    assert warning.startswith("Validation loss rose over most of training: lowest 0.168 at epoch 3 of 18, 0.374 at "
+                              "the last.") and "train.epochs" in warning
+    assert validation_warning({"val_loss": [0.2, 0.17, 0.2, 0.26, 0.3, 0.37]}) is not None  # minimum at 2 of 6
+    falling = validation_warning({"val_loss": [0.4, 0.3, 0.25, 0.2, 0.19, 0.2]})
+    late = validation_warning({"val_loss": [0.4, 0.3, 0.2, 0.1, 0.3, 0.4]})  # minimum at epoch 4 of 6: second half
+    small = validation_warning({"val_loss": [0.2, 0.17, 0.2, 0.22, 0.24, 0.25]})  # under 1.5 times the minimum
+    assert falling is late is small is None
+    assert validation_warning({"val_loss": [0.1, 0.3, 0.5]}) is None  # too few epochs to say
+    assert validation_warning({"loss": [0.1, 0.3, 0.5, 0.7]}) is None  # no validation batches
+    assert validation_warning({"val_loss": [0.1, float("nan"), 0.5, 0.7]}) is None

@@ -47,6 +47,21 @@ def test_plots_are_valid_pngs_and_the_report_embeds_them(assessment, tmp_path):
     assert "2-way instead of 20-way" in page  # the few-shot fallback note
     assert "class='flag'" in page  # the untrained network does not beat itself: flagged
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert "Validation loss rose" not in page
+
+
+def test_the_report_shows_intervals_the_baseline_comparisons_and_the_validation_warning(assessment, tmp_path):
+    _, result = assessment
+    report = result.report.model_copy(update={"validation_warning": "Validation loss rose over most of training: "
+                                              "lowest 0.17 at epoch 2 of 6, 0.37 at the last."})
+    page = write_html(tmp_path / "report.html", report, {}).read_text(encoding="utf-8")
+    for scores in (report, report.baseline_raw_pixels, report.baseline_untrained):
+        for key in ("top1", "map_at_r"):
+            interval = getattr(scores, f"{key}_ci95")
+            assert f"{getattr(scores, key):.4f} [{interval.low:.4f}, {interval.high:.4f}]" in page
+    assert "difference (95 % interval)" in page and "does not beat" in page
+    assert "untrained</td><td>top1</td>" in page
+    assert "<p class='flag'>Validation loss rose over most of training: lowest 0.17 at epoch 2 of 6" in page
 
 
 def test_confusion_matrix_with_many_classes_stays_readable():
