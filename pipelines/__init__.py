@@ -13,17 +13,25 @@ Module map, one owner per idea:
 - ``runner``: running a stage, for ``siamese stage`` under ``dvc repro`` and for the flows (with their cache).
 - ``stagecache``: the flows' content-addressed cache of stage outputs.
 - ``flows``: the Prefect flows: training, prediction with the champion, retraining (scheduled or on a drift
-  event), monitoring; their deployments.
+  event), monitoring (a thin flow over ``monitoring_run``); their deployments.
 - ``tracking``: MLflow runs: what a run records, and the one place a pipeline's run ends (``pipeline_run``).
-- ``registry``: model versions, the champion gate, aliases, promotion, rollback, enrolment, signed artifacts.
+- ``registry``: every read and write of the model registry: versions, aliases (under the gate's lock), the gate's
+  and the rollouts' registry side, promotion, rollback, repair; it calls the pure rules of ``gate`` and ``rollout``.
+- ``gate``: the alias names and the champion gate's decision, a pure function of the figures (lineage, baselines).
+- ``scoring``: the champion and a new version scored on the queries both serve, before the gate's lock.
+- ``integrity``: what a version is: its files' sha256, its code's identity (checked by ``siamese serve``), its download.
+- ``enrolment``: new classes into a version's gallery without retraining, registered as a new version.
 - ``card``: a version's model card.
 - ``pyfunc_model``, ``served_model``: the registered MLflow model (models-from-code) and its request limits.
 - ``serving``: ``siamese serve``, the recogniser over HTTP with MLflow's scoring protocol: micro-batching, hot
   reload, the challenger beside the champion.
-- ``rollout``: shadow and canary plans on the challenger's version, replicas' tallies pooled from the registry,
+- ``rollout``: the rules of shadow and canary rollouts (pure): plans, replicas' signed tallies and their pooling,
   the automatic rollback rule and the evidence ``siamese promote`` asks for.
 - ``inference_log``: one record per answer, written in the background to date-partitioned Parquet; the review queue.
-- ``monitoring``: a window of the inference log against the version's reference profile; the drift rules.
+- ``monitoring``: a window of the inference log against the version's reference profile: whose answers are judged,
+  the figures, the drift rules (an effect over its limit, significant, on enough records), the report page.
+- ``monitoring_run``: one window of the monitoring flow: the served champion's records, the version's MLflow run
+  (through the one lifecycle), the report's location, the drift event and where it went.
 - ``feedback``: labelled review images into the training data, with a manifest.
 - ``files``: atomic JSON/CSV writers, DVC's content hash, linked copies, tree digests.
 - ``demo_data``: the embedded Omniglot slice, written out as class folders.

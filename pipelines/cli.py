@@ -360,7 +360,7 @@ def enroll(
         if model.startswith("models:/"):
             if out is not None:
                 _fail("--out is for a bundle folder; a registry model gets a new version instead")
-            from pipelines.registry import enroll_and_register
+            from pipelines.enrolment import enroll_and_register
 
             name, _, source = model.removeprefix("models:/").partition("@")
             if not source:
@@ -470,11 +470,12 @@ def serve(
         "--reload-seconds", min=0, help="How often to check the alias (models:/NAME@alias) and swap in the version "
         "it names now, without dropping a request; 0: never.")] = 5.0,
 ) -> None:
-    """Serve a registered model over HTTP with MLflow's scoring protocol (/invocations, /ping, /version),
-    its artifacts checked against those registered, request bodies bounded (SIAMESE_MAX_BODY_BYTES), concurrent
-    requests batched (params' serving section). A moved alias (promote, rollback, the gate) is followed: the new
-    version loads beside the old, then answers. Serving @champion, a live shadow or canary challenger
-    (register.rollout) is served beside it: see `siamese rollout status`."""
+    """Serve a registered model over HTTP with MLflow's scoring protocol (/invocations, /ping, /version; /ready,
+    /stats and Prometheus' /metrics besides), its artifacts checked against those registered, request bodies bounded
+    (SIAMESE_MAX_BODY_BYTES), concurrent requests batched, work it cannot answer in time shed with a 503 (params'
+    serving section). A moved alias (promote, rollback, the gate) is followed: the new version loads beside the old,
+    then answers. Serving @champion, a live shadow or canary challenger (register.rollout) is served beside it: see
+    `siamese rollout status`. SIGTERM drains: requests in progress are answered and logged, then it exits."""
 
     def body():
         import_tensorflow_quietly()
@@ -700,9 +701,9 @@ def rollout_status(
     def body():
         import json
 
-        from pipelines.rollout import status
+        from pipelines import registry
 
-        found = status(model_name or _settings(params).register.model_name)
+        found = registry.rollout_status(model_name or _settings(params).register.model_name)
         if as_json:
             typer.echo(json.dumps(found, indent=1))
             return

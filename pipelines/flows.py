@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow.compute as pc
 from prefect import get_run_logger, task
 from prefect import serve as prefect_serve
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -30,19 +27,18 @@ from prefect.flows import Flow
 from prefect.runtime import flow_run
 
 from siamese_core import sharding
-from siamese_core.errors import ConfigError
 from siamese_core.evaluation_report import EvaluationReport
 from siamese_core.sharding import Sharder
 
 from . import pipeline, runner
 from .card import run_summary
-from .errors import PIPELINE_USER_ERRORS, PrefectServerError, RegistryError
+from .deployments import deployments
+from .errors import PIPELINE_USER_ERRORS, PrefectServerError
 from .files import read_json
 from .params import MonitoringConfig, PipelineParams, load_params
 from .process import quiet_libraries
 
 RUNS = Path("runs")
-DEPLOYMENT_TAGS = ["siamese", "retraining"]
 
 
 def send_stage_logs_to_prefect() -> None:
@@ -280,149 +276,39 @@ def retraining_flow(params_path: str = "params.yaml", overrides: dict[str, Any] 
 @siamese_flow(name="siamese-monitoring", log_prints=True)
 def monitoring_flow(params_path: str = "params.yaml", window_hours: float | None = None) -> dict:
     """Judge the last ``window_hours`` (default ``monitoring.window_hours``) of the inference log against the
-    served version's reference profile; log the figures as the next point of the version's MLflow run in the
-    ``<experiment>-monitoring`` experiment (with the window's HTML report) and a Prefect artifact; when a rule
-    of ``monitoring.rules`` fires, emit ``siamese.monitoring.drift``, which starts the retraining deployment.
-    The version judged is the one with most records among those the registry holds; what was left out (bad log
-    files, versions the registry does not hold, records in the future) is warned about, one line each, and noted.
-    Returns the figures, the rules that fired, the notes and the run id."""
-    from .monitoring import EVENT, assess_traffic, read_window, report_html
-    from .tracking import ui_url
+    served champion's reference profile (:func:`pipelines.monitoring_run.monitor`): the window is the next point
+    of the version's MLflow run in the ``<experiment>-monitoring`` experiment, with its HTML report, and a
+    Prefect artifact; when a rule of ``monitoring.rules`` fires, it emits ``siamese.monitoring.drift`` (which
+    starts the retraining deployment of a Prefect server) and says where the event went. Returns the figures,
+    the rules that fired, the shadow and canary records counted apart, the notes, the event's fate, the
+    report's location and the run id."""
+    from .monitoring_run import monitor  # MLflow loads slowly: only when the flow runs
 
-    params = load_params(params_path)
-    settings, name = params.monitoring, params.register.model_name
-    uri = settings.log_location()
-    if uri is None:
-        raise ConfigError("monitoring.log_uri is null: there is no inference log to monitor")
-    until = datetime.now(UTC)
-    since = until - timedelta(hours=window_hours or settings.window_hours)
-    window = read_window(uri, since, until)
-    records = window.of_model(name)
-    version = reference = None
-    for candidate, count in Counter(records.column("model_version").to_pylist()).most_common():
-        if registered(name, candidate):
-            version, reference = candidate, reference_of(name, candidate)
-            break
-        window.notes.append(f"skipped {count} records of {name} version {candidate}: the registry has no such version")
-    records = records.filter(pc.equal(records.column("model_version"), version)) if version else records.slice(0, 0)
-    report = assess_traffic(records, reference, settings, since, until, name, version)
-    report.notes.extend(window.notes)
-    for note in window.notes:
-        get_run_logger().warning("monitoring %s: %s", name, note)
-    run, step = monitoring_run(params, name, report.model_version)
-    stamp = f"{until:%Y-%m-%dT%H:%M:%SZ}"
-    try:
-        run.log_metrics({key: value for key, value in report.figures.items() if value is not None}, step)
-        with tempfile.TemporaryDirectory() as tmp:
-            page = Path(tmp) / f"monitoring-{until:%Y%m%dT%H%M%SZ}.html"
-            page.write_text(report_html(report, reference, settings), encoding="utf-8")
-            run.log_artifact(page, "windows")
-        run.set_tags({"last_window": stamp, "drift": str(bool(report.fired)).lower(), "fired": "; ".join(report.fired)})
-    finally:
-        run.client.set_terminated(run.run_id)
-    figures = "\n".join(f"| {key} | {'-' if value is None else f'{value:.4g}'} |" for key, value in report.figures.items())
-    run_link = f"{ui_url()}/#/experiments/{run.info.experiment_id}/runs/{run.run_id}"
-    create_markdown_artifact(key="siamese-monitoring", description=f"Monitoring of {name}", markdown="\n".join([
-        f"# {name} version {report.model_version}: {'drift' if report.fired else 'no drift'}",
-        f"Window {since:%Y-%m-%d %H:%M} to {until:%Y-%m-%d %H:%M} UTC (point {step} of MLflow run "
-        f"[{run.run_id}]({run_link})).", "",
-        *(f"- fired: {rule}" for rule in report.fired), *(f"- {note}" for note in report.notes), "",
-        "| figure | value |", "|---|---|", figures]))
-    if report.fired:
-        from prefect.events import emit_event
-
-        emit_event(EVENT, resource={"prefect.resource.id": f"siamese.model.{name}", "prefect.resource.name": name},
-                   payload={"monitoring_run_id": run.run_id, "window": stamp, "model_version": report.model_version,
-                            "rules": report.fired})
-        get_run_logger().warning("drift on %s version %s: %s; event %s emitted", name, report.model_version,
-                                 "; ".join(report.fired), EVENT)
-    return {"run_id": run.run_id, "window": stamp, "model_version": report.model_version, "figures": report.figures,
-            "fired": report.fired, "notes": report.notes}
-
-
-def monitoring_run(params: PipelineParams, model_name: str, version: str | None):
-    """The MLflow run that holds a version's monitoring, one point per window (so the UI charts each figure over
-    time), opened on its first window; returns it and the step of the next point."""
-    from .tracking import PipelineRun, client, ensure_experiment
-
-    experiment = ensure_experiment(f"{params.register.experiment}-monitoring")
-    found = client().search_runs([experiment], f"tags.model_name = '{model_name}' and tags.model_version = '{version}'",
-                                 max_results=1)
-    if not found:
-        return PipelineRun.create(experiment, f"monitoring-{model_name}-v{version}",
-                                  {"model_name": model_name, "model_version": str(version)}), 0
-    run = PipelineRun(found[0].info.run_id)
-    return run, len(run.client.get_metric_history(run.run_id, "records"))
-
-
-def registered(model_name: str, version: str | None) -> bool:
-    """Whether the registry holds version ``version`` of ``model_name``."""
-    from mlflow.exceptions import MlflowException  # MLflow loads slowly: only when a flow asks the registry
-
-    from .registry import version_number
-    from .tracking import client
-
-    try:
-        client().get_model_version(model_name, version_number(str(version)))
-    except RegistryError:  # not a version number: a local bundle's answers, say
-        return False
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return False
-        raise
-    return True
-
-
-def reference_of(model_name: str, version: str):
-    """The reference profile registered with a version (None for a version registered without one)."""
-    from siamese_core.reference import REFERENCE_FILE, ReferenceProfile
-
-    from .registry import download_bundle
-
-    profile = download_bundle(f"models:/{model_name}/{version}") / REFERENCE_FILE
-    return ReferenceProfile.load(profile) if profile.is_file() else None
+    return monitor(load_params(params_path), window_hours, get_run_logger())
 
 
 def serve(params_path: str = "params.yaml") -> None:
-    """Serve the retraining flow on params.yaml's schedule, one run at a time (blocks; Ctrl-C stops it).
+    """Serve the deployments of :mod:`pipelines.deployments` (retraining on params.yaml's schedule and on drift,
+    monitoring), one run of each at a time (blocks; Ctrl-C stops it).
 
     Scheduled runs need a Prefect server (``prefect server start``, ``PREFECT_API_URL`` set): without one
     it stops at once with a PrefectServerError that says so.
     """
+    from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
         raise PrefectServerError(f"scheduled runs need a Prefect server (PREFECT_API_URL is not set): {START_A_SERVER}")
-    params = load_params(params_path)
-    schedule = params.schedule
-    # to_deployment is sync-compatible: called here, outside any event loop, it returns the deployment
-    retraining = retraining_flow.to_deployment(
-        name="siamese-retraining",
-        schedules=[Cron(schedule.cron, timezone=schedule.timezone, parameters={"trigger": "schedule"})],
-        parameters={"params_path": params_path},
-        tags=DEPLOYMENT_TAGS,
-        concurrency_limit=1,
-        triggers=[drift_trigger(params.register.model_name, params_path)],
-    )
-    monitoring = monitoring_flow.to_deployment(
-        name="siamese-monitoring",
-        schedules=[Cron(params.monitoring.cron, timezone=schedule.timezone)],
-        parameters={"params_path": params_path},
-        tags=["siamese", "monitoring"],
-        concurrency_limit=1,
-    )
-    prefect_serve(retraining, monitoring)  # type: ignore[arg-type]
-
-
-def drift_trigger(model_name: str, params_path: str):
-    """The automation that starts the retraining deployment when the monitoring emits a drift event for the model."""
-    from prefect.events import DeploymentEventTrigger
-
-    from .monitoring import EVENT
-
-    return DeploymentEventTrigger(
-        name=f"retrain {model_name} on drift", expect={EVENT}, match={"prefect.resource.id": f"siamese.model.{model_name}"},
-        parameters={"params_path": params_path, "trigger": "drift",
-                    "monitoring_run_id": "{{ event.payload.monitoring_run_id }}",
-                    "monitoring_window": "{{ event.payload.window }}"})
+    flows = {"pipelines/flows.py:retraining_flow": retraining_flow, "pipelines/flows.py:monitoring_flow": monitoring_flow}
+    served = []
+    for spec in deployments(load_params(params_path), params_path):
+        # to_deployment is sync-compatible: called here, outside any event loop, it returns the deployment
+        served.append(flows[spec["entrypoint"]].to_deployment(
+            name=spec["name"], description=spec["description"], tags=spec["tags"],
+            concurrency_limit=spec["concurrency_limit"], parameters=spec["parameters"],
+            schedules=[Cron(s["cron"], timezone=s["timezone"], parameters=s.get("parameters", {}))
+                       for s in spec["schedules"]],
+            triggers=[DeploymentEventTrigger(name=t["name"], expect=set(t["expect"]), match=t["match"],
+                                             parameters=t["parameters"]) for t in spec["triggers"]]))
+    prefect_serve(*served)  # type: ignore[arg-type]

@@ -3,10 +3,12 @@
 Every path that answers for a registered model writes here when a log is configured
 (``monitoring.log_uri``, or ``$SIAMESE_INFERENCE_LOG``): ``siamese serve`` over HTTP, ``predict_flow``
 and ``siamese predict --log``. A record holds the time, request id, model name, version and alias,
-the input's sha256, size and pixel dimensions, the top-k labels and distances, the decision (known or
-unknown) with its score, the margin to the second class, the latency, and optionally the embedding
-(float16). Images are never logged; with ``monitoring.log_images`` the images of answers that need a
-person (unknowns, small margins) are copied into the review queue.
+the input's sha256, size and pixel dimensions, the top-k labels and distances, the decision (what the
+client was answered: known or unknown), the unknown score and whether it is over the calibrated threshold
+(``over_threshold``: where rejection is off, the answers rejection would have made unknown), the margin to
+the second class, the latency, and optionally the embedding (float16). Images are never logged; with
+``monitoring.log_images`` the images of answers that need a person (unknown or over the threshold, small
+margins) are copied into the review queue.
 
 Logging never blocks or fails a request: records go into a bounded queue that a writer thread
 empties. Every record that cannot be queued or written is dropped and counted (:meth:`InferenceLog.stats`);
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import contextvars
 import hashlib
 import io
 import json
@@ -34,11 +35,13 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from siamese_core.data import UNKNOWN
 
 from .feedback import inside, name_problem
 
@@ -48,10 +51,6 @@ if TYPE_CHECKING:
     from .params import MonitoringConfig
 
 log = logging.getLogger(__name__)
-
-UNKNOWN = "unknown"
-# The request id of the request being answered: set by the HTTP server (from X-Request-Id or new).
-REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("siamese_request_id", default=None)
 
 SCHEMA = pa.schema([
     ("time", pa.timestamp("ms", tz="UTC")),
@@ -68,8 +67,9 @@ SCHEMA = pa.schema([
     ("distance", pa.float64()),
     ("top_k_labels", pa.list_(pa.string())),
     ("top_k_distances", pa.list_(pa.float64())),
-    ("decision", pa.string()),
+    ("decision", pa.string()),  # what the client was answered: known, or unknown (the label "unknown")
     ("unknown_score", pa.float64()),
+    ("over_threshold", pa.bool_()),  # the score over the calibrated threshold (null: no threshold)
     ("margin", pa.float64()),
     ("latency_ms", pa.float64()),
     ("embedding", pa.list_(pa.float16())),
@@ -134,17 +134,26 @@ def _dimensions(data: bytes) -> tuple[int | None, int | None]:
         return None, None
 
 
-def judged(recognizer, queries: np.ndarray, matches: list[Match]) -> list[tuple[str, float | None]]:
-    """Each answer's decision (``known`` or ``unknown``) and unknown score, as the monitoring counts them: an
-    answer over the bundle's calibrated threshold is unknown even where rejection is off and it was answered
-    with a class; without a threshold only a rejected answer is unknown."""
+class Judgement(NamedTuple):
+    """What an answer was, as the log records it."""
+
+    decision: str  # what the client was answered: "unknown" when its label is unknown, else "known"
+    unknown_score: float | None
+    over_threshold: bool | None  # the score over the calibrated threshold: rejected, or would be with rejection on
+
+
+def judged(recognizer, queries: np.ndarray, matches: list[Match]) -> list[Judgement]:
+    """Each answer's decision, exactly as the client was answered, with its unknown score and whether that is over
+    the bundle's calibrated threshold: where rejection is off, an answer over it keeps its class (``known``) and
+    is marked ``over_threshold``. Without a threshold there is no score to judge by (``over_threshold`` None)."""
+    decisions = [UNKNOWN if m.label == UNKNOWN else "known" for m in matches]
     threshold = recognizer.threshold
     if threshold is None or not len(matches):
-        return [(UNKNOWN if m.label == UNKNOWN else "known", m.unknown_score) for m in matches]
+        return [Judgement(decision, m.unknown_score, None) for decision, m in zip(decisions, matches)]
     given = [m.unknown_score for m in matches]
     scores = ([float(s) for s in given if s is not None] if None not in given
               else recognizer.unknown_scores(queries, matches).tolist())
-    return [(UNKNOWN if score > threshold else "known", float(score)) for score in scores]
+    return [Judgement(decision, float(score), score > threshold) for decision, score in zip(decisions, scores)]
 
 
 def margin_of(match: Match) -> float | None:
@@ -177,16 +186,16 @@ class InferenceLog:
         with self._lock:
             return dict(self._counts)
 
-    def submit(self, images: list[bytes], matches: list[Match], decisions: list[tuple[str, float | None]],
+    def submit(self, images: list[bytes], matches: list[Match], decisions: list[Judgement],
                embeddings: np.ndarray | None, latency_ms: float, request_id: str | None = None,
                agreement: list[bool] | None = None) -> None:
         """Queue one record per image of a request (``decisions`` from :func:`judged`); never raises, never waits.
         Every record that is not queued is counted as dropped."""
         queued = 0
         try:
-            request_id = request_id or REQUEST_ID.get() or uuid.uuid4().hex
+            request_id = request_id or uuid.uuid4().hex
             now = datetime.now(UTC)
-            for row, (data, match, (decision, score)) in enumerate(zip(images, matches, decisions)):
+            for row, (data, match, (decision, score, over)) in enumerate(zip(images, matches, decisions)):
                 width, height = _dimensions(data)
                 margin = margin_of(match)
                 record: dict[str, Any] = {
@@ -196,13 +205,14 @@ class InferenceLog:
                     "label": match.label, "distance": float(match.distance),
                     "top_k_labels": [label for label, _ in match.top_k],
                     "top_k_distances": [float(d) for _, d in match.top_k],
-                    "decision": decision, "unknown_score": score, "margin": margin,
+                    "decision": decision, "unknown_score": score, "over_threshold": over, "margin": margin,
                     "latency_ms": latency_ms,
                     "embedding": (embeddings[row].astype(np.float16)
                                   if self.settings.log_embeddings and embeddings is not None else None),
                     "agrees": None if agreement is None else agreement[row],
                 }
-                needs_review = decision == UNKNOWN or (margin is not None and margin < self.settings.review_margin)
+                needs_review = (decision == UNKNOWN or bool(over)
+                                or (margin is not None and margin < self.settings.review_margin))
                 image = data if self.settings.log_images and needs_review else None
                 self._queue.put_nowait((record, image, row))
                 queued += 1
@@ -305,7 +315,7 @@ class InferenceLog:
         folder = f"{pending}/{UNKNOWN if name_problem(suggested) else suggested}"
         stem = f"{folder}/{record['time']:%Y%m%dT%H%M%S%f}-{record['sha256'][:16]}-{row}"
         sidecar = {key: record[key] for key in ("request_id", "model_name", "model_version", "sha256", "label",
-                                                "distance", "decision", "unknown_score", "margin")}
+                                                "distance", "decision", "unknown_score", "over_threshold", "margin")}
         sidecar |= {"time": record["time"].isoformat(),
                     "top_k": [{"label": label, "distance": d}
                               for label, d in zip(record["top_k_labels"], record["top_k_distances"])]}
@@ -387,15 +397,8 @@ def open_log(settings: MonitoringConfig, model_uri: str, source: str) -> Inferen
 
 
 def attach(model, inference_log: InferenceLog | None) -> InferenceLog | None:
-    """Have a loaded pyfunc model of this project write its answers to ``inference_log``; returns the log, or
-    None (with a warning) for a version registered before the inference log existed, which cannot write one."""
-    if inference_log is None:
-        return None
-    python_model = model.unwrap_python_model()
-    if not hasattr(python_model, "log_to"):
-        log.warning("%s version %s was registered before the inference log existed: its answers are not logged; "
-                    "register it again to log them", inference_log.identity.name, inference_log.identity.version)
-        inference_log.close()
-        return None
-    python_model.log_to(inference_log)
+    """Have a loaded pyfunc model of this project write its answers to ``inference_log``; returns the log. Every
+    version loaded in this process runs this process's code (:mod:`pipelines.integrity`), so every one can."""
+    if inference_log is not None:
+        model.unwrap_python_model().log_to(inference_log)
     return inference_log

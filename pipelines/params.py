@@ -133,7 +133,8 @@ class MonitoringConfig(Section):
 
 
 class ServingConfig(Section):
-    """How `siamese serve` groups concurrent requests into one forward pass, and whom a canary counts as one client."""
+    """How `siamese serve` groups concurrent requests into one forward pass, how much work it takes on and for how long,
+    and whom a canary counts as one client."""
 
     max_batch_images: int = Field(64, ge=1, le=1024, description="Images of concurrent requests recognised "
                                   "together at most.")
@@ -144,6 +145,26 @@ class ServingConfig(Section):
         None, pattern=r"^[A-Za-z0-9-]{1,64}$", description="The header a trusted proxy in front of the replicas sets "
         "to the client's identity, read as the canary's client key; null: the connection's address. Name it only "
         "when every request comes through that proxy, which replaces any value the client sent.")
+    queue_images: int = Field(256, ge=1, le=100_000, description="Images taken on and not yet answered at most; a "
+                              "request that would pass it is answered 503 with Retry-After at once.")
+    deadline_ms: float = Field(10_000, gt=0, le=600_000, description="A request's time from its arrival: one the queue "
+                               "ahead says cannot be answered in time, or still unanswered when it passes, gets 503.")
+    decode_threads: int = Field(2, ge=1, le=64, description="Threads decoding requests' images, apart from the "
+                                "forward pass: a heavy request holds one of them, never the recogniser.")
+    max_header_bytes: int = Field(65_536, ge=1024, le=16_777_216, description="A request's head (request line and "
+                                  "headers) at most; a larger one is answered 431 and its connection closed.")
+    header_seconds: float = Field(10.0, gt=0, le=600, description="Time for a connection to send a request's head; "
+                                  "a slower one is answered 408 and closed.")
+    body_seconds: float = Field(30.0, gt=0, le=3600, description="Time for a request's body to arrive; a slower "
+                                "one is answered 408 and closed.")
+    max_connections: int = Field(1000, ge=1, le=1_000_000, description="Open connections and requests in progress at "
+                                 "most (uvicorn's limit_concurrency); a request past it is answered 503.")
+    drain_seconds: float = Field(10.0, ge=0, le=600, description="On SIGTERM: how long requests in progress may take "
+                                 "to be answered before the server stops (their log records are written either way).")
+    code_mismatch: Literal["warn", "refuse"] = Field(
+        "warn", description="When a version was registered with other code than the server runs (its code.sha256 "
+        "tag): warn in one line and serve it with the running code, or refuse to load it. `mlflow models serve` runs "
+        "the version's stored code.")
 
 
 class ScheduleConfig(Section):

@@ -282,6 +282,17 @@ class PipelineRun:
         return cls(run.info.run_id)
 
     @classmethod
+    def resume(cls, run_id: str) -> PipelineRun:
+        """Open an ended run again, for one more part of the same work (a window of a version's monitoring):
+        RUNNING, without the error of its last end. :func:`tracked_run` ends it again."""
+        run = cls(run_id)
+        for key in ("error", "failed_stage"):
+            if key in run.client.get_run(run_id).data.tags:
+                run.client.delete_tag(run_id, key)
+        run.client.update_run(run_id, RunStatus.to_string(RunStatus.RUNNING))
+        return run
+
+    @classmethod
     def start(cls, params: PipelineParams, description: str = "") -> PipelineRun:
         """Open a run: a unique name, the params, the context tags and the data as dataset inputs."""
         versions = data_versions(params)

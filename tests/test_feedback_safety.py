@@ -73,7 +73,7 @@ def _log(tmp_path: Path, review_dir: Path) -> InferenceLog:
 
 def _unknown(image: bytes, inference_log: InferenceLog, request_id: str, suggested: str = "digit 1") -> None:
     match = Match(label="unknown", distance=0.9, top_k=[(suggested, 0.9), ("digit 2", 1.0)], unknown_score=0.9)
-    inference_log.submit([image], [match], [("unknown", 0.9)], None, 1.0, request_id)
+    inference_log.submit([image], [match], [("unknown", 0.9, True)], None, 1.0, request_id)
 
 
 def test_a_request_id_or_a_served_class_never_steers_where_a_review_image_goes(tmp_path):

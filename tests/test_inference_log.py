@@ -25,7 +25,7 @@ def _log(folder: Path, **settings) -> InferenceLog:
 
 def _send(log: InferenceLog, images: int) -> None:
     match = Match("digit 1", 0.25, [("digit 1", 0.25), ("digit 2", 0.9)])
-    log.submit([b"not an image"] * images, [match] * images, [("known", 0.1)] * images, None, 1.5)
+    log.submit([b"not an image"] * images, [match] * images, [("known", 0.1, False)] * images, None, 1.5)
 
 
 def _until(log: InferenceLog, key: str, value: int) -> None:

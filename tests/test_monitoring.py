@@ -16,9 +16,11 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -59,10 +61,11 @@ def watched(tmp_path_factory):
                            heldout=sorted(map(str, Path(heldout).glob("*/*.png"))), train=bundle.path.parent / "data")
 
 
-def _params(write_params, folder: Path, log: Path | str, **monitoring) -> Path:
+def _params(write_params, folder: Path, log: Path | str, experiment: str = "siamese", **monitoring) -> Path:
+    """params.yaml in ``folder``: the log at ``log``, the monitoring runs in ``<experiment>-monitoring``."""
     folder.mkdir(parents=True, exist_ok=True)
-    settings = {"register.model_name": MODEL, "monitoring.log_uri": str(log), "monitoring.flush_seconds": 0.2,
-                "monitoring.min_records": 10, "monitoring.review_dir": str(folder / "review"),
+    settings = {"register.model_name": MODEL, "register.experiment": experiment, "monitoring.log_uri": str(log),
+                "monitoring.flush_seconds": 0.2, "monitoring.min_records": 10, "monitoring.review_dir": str(folder / "review"),
                 **{f"monitoring.{key}": value for key, value in monitoring.items()}}
     return write_params(folder / "params.yaml", settings)
 
@@ -205,36 +208,55 @@ def test_kill_9_of_the_server_leaves_only_readable_files(watched, write_params, 
     assert ds.dataset(log, format="parquet", partitioning="hive").to_table().num_rows == len(files)
 
 
-def _log_traffic(watched, log: Path, images: list[str], settings) -> None:
-    """Ask the champion as the served model is asked, logging to ``log``."""
+def _log_traffic(watched, log: Path, images: list[str], settings, reject: bool | None = None) -> list[str]:
+    """Ask the champion as the served model is asked, logging to ``log`` (``reject``: rejection on or off instead of
+    the bundle's setting); the labels it answered."""
     import pandas as pd
 
     from pipelines.inference_log import open_log
     from pipelines.registry import champion_uri, load_champion
 
     champion = load_champion(MODEL)
+    model = champion.unwrap_python_model()
+    if reject is not None:
+        model.recognizer = model.recognizer.with_settings(reject_unknown=reject)
     inference_log = open_log(settings.model_copy(update={"log_uri": str(log)}), champion_uri(MODEL), "http")
-    champion.unwrap_python_model().log_to(inference_log)
+    model.log_to(inference_log)
+    answered = []
     for start in range(0, len(images), 4):
-        champion.predict(pd.DataFrame({"image": [encode_image(p) for p in images[start:start + 4]]}))
+        answers = champion.predict(pd.DataFrame({"image": [encode_image(p) for p in images[start:start + 4]]}))
+        answered += answers["label"].tolist()
     inference_log.close()
+    return answered
 
 
-def test_the_monitoring_flow_tells_held_out_traffic_from_known_traffic(watched, write_params, tmp_path, prefect_server,
-                                                                       monkeypatch):
+@pytest.fixture(scope="module")
+def traffic(watched, tmp_path_factory):
+    """The champion's logs (embeddings kept) of known traffic and of held-out traffic, written once: copy them."""
+    from pipelines.params import MonitoringConfig
+
+    root = tmp_path_factory.mktemp("traffic")
+    settings = MonitoringConfig(flush_seconds=0.2, log_embeddings=True, review_dir=str(root / "review"))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", watched.uri)
+        for name in ("known", "heldout"):
+            _log_traffic(watched, root / name, getattr(watched, name), settings)
+    return SimpleNamespace(known=root / "known", heldout=root / "heldout")
+
+
+def test_the_monitoring_flow_tells_held_out_traffic_from_known_traffic(watched, traffic, write_params, tmp_path,
+                                                                       prefect_server, monkeypatch):
     """Known traffic fires no rule; held-out digits raise the unknown rate and shift the distances, and the flow
     logs both windows as points of the version's run in the monitoring experiment, each with an HTML report."""
     from mlflow import MlflowClient
 
     from pipelines.flows import monitoring_flow
-    from pipelines.params import load_params
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", watched.uri)
     results = {}
-    for name, images in (("known", watched.known), ("heldout", watched.heldout)):
-        params = _params(write_params, tmp_path / name, tmp_path / name / "log", log_embeddings=True)
-        _log_traffic(watched, tmp_path / name / "log", images, load_params(params).monitoring)
-        results[name] = monitoring_flow(str(params))
+    for name in ("known", "heldout"):
+        shutil.copytree(getattr(traffic, name), tmp_path / name / "log")
+        results[name] = monitoring_flow(str(_params(write_params, tmp_path / name, tmp_path / name / "log")))
     known, heldout = results["known"]["figures"], results["heldout"]["figures"]
     assert known["records"] == heldout["records"] == 60
     assert results["known"]["fired"] == [], results["known"]
@@ -254,6 +276,8 @@ def test_the_monitoring_flow_tells_held_out_traffic_from_known_traffic(watched, 
     assert len(pages) == 2
     page = Path(client.download_artifacts(run.info.run_id, pages[-1], str(tmp_path)))
     assert "Drift:" in page.read_text() and "data:image/png;base64" in page.read_text()
+    assert Path(results["heldout"]["report"]).read_text() == page.read_text()
+    assert results["heldout"]["report_uri"] == f"runs:/{run.info.run_id}/{pages[-1]}"
 
 
 def test_review_queue_and_feedback_import_add_a_labelled_class_as_a_new_data_version(watched, write_params, tmp_path,
@@ -399,8 +423,6 @@ def _write_records(folder: Path, name: str, times: list, model: str = MODEL) -> 
 def test_an_empty_window_says_why(watched, write_params, tmp_path, prefect_server, monkeypatch):
     """No log folder: the flow names the path. Records of another model only, and records dated two days ahead:
     the flow names the models it saw and counts the records in the future."""
-    from datetime import UTC, datetime, timedelta
-
     from pipelines.flows import monitoring_flow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", watched.uri)
@@ -418,3 +440,256 @@ def test_an_empty_window_says_why(watched, write_params, tmp_path, prefect_serve
     assert result["notes"][1].startswith("1000 records are dated at or after the window's end (")
     assert result["notes"][1].endswith(" UTC) and were left out: is the clock of a machine that logs to it ahead?")
     assert result["notes"][2] == f"no records of {MODEL} (register.model_name) in the window; it holds records of other (3)"
+
+
+def _rows(distances, decisions=None, times=None, version: str = "1", source: str = "http", alias: str = "champion",
+          agrees=None):
+    """Records of ``watched`` with these nearest distances, alternately of classes a and b."""
+    import pyarrow as pa
+
+    from pipelines.inference_log import SCHEMA
+
+    now = datetime.now(UTC)
+    rows = [{"time": times[n] if times else now, "request_id": f"r{n}", "source": source, "model_name": MODEL,
+             "model_version": version, "model_alias": alias, "label": "ab"[n % 2], "distance": float(distance),
+             "decision": decisions[n] if decisions else "known", "latency_ms": 1.0,
+             "agrees": None if agrees is None else agrees[n]} for n, distance in enumerate(distances)]
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def _reference(unknown_rate: float):
+    """A test split's profile: nearest distances uniform on [0, 1], this share of unknowns, classes a and b."""
+    from siamese_core.reference import ReferenceProfile
+
+    scores = (np.arange(400) >= 400 * (1 - unknown_rate)).astype(float)
+    return ReferenceProfile(np.linspace(0, 1, 400), scores, 0.5, {"a": 200, "b": 200}, {"a": 5, "b": 5},
+                            np.zeros((0, 4), np.float16))
+
+
+def test_a_rule_fires_only_on_an_effect_over_its_limit_that_is_significant_with_enough_records():
+    """Distances shifted by a KS statistic of 0.35 (limit 0.3) and 5 unknowns in 12 (0.42 against a reference of
+    0.2, limit 0.25): with 12 records neither test is significant at alpha 0.01, so nothing fires and the notes say
+    why; with 200 records both fire, each with its p-value; under min_records nothing fires."""
+    from pipelines.monitoring import assess_traffic
+    from pipelines.params import MonitoringConfig
+
+    reference, now = _reference(0.2), datetime.now(UTC)
+
+    def judged(n: int, unknowns: int, min_records: int = 10):
+        table = _rows(np.linspace(0.35, 1.0, n), ["unknown"] * unknowns + ["known"] * (n - unknowns))
+        return assess_traffic(table, reference, MonitoringConfig(min_records=min_records), now - timedelta(hours=1),
+                              now + timedelta(hours=1), MODEL, "1")
+
+    few = judged(12, 5)
+    assert few.figures["distance_ks"] == pytest.approx(0.35) and few.figures["unknown_rate"] == pytest.approx(5 / 12)
+    assert few.figures["distance_ks_pvalue"] > 0.01 and few.figures["unknown_rate_pvalue"] > 0.01
+    assert few.fired == [], few.fired
+    assert [note.split(" (p = ")[0] for note in few.notes if "not significant" in note] == [
+        "unknown_rate 0.417 is over its limit 0.25 but not significant", "distance_ks 0.350 is over its limit 0.3 but not "
+        "significant"]
+    many = judged(200, 70)
+    assert [rule.split(" (p = ")[0] for rule in many.fired] == ["unknown_rate 0.350 > 0.25", "distance_ks 0.350 > 0.3"]
+    assert all(float(rule.split(" (p = ")[1].rstrip(")")) < 1e-4 for rule in many.fired), many.fired
+    assert judged(200, 70, min_records=500).fired == []
+    assert "200 records, under monitoring.min_records (500): no rule fires" in judged(200, 70, min_records=500).notes
+
+
+def test_records_per_hour_are_taken_over_the_records_span_and_older_logs_read(tmp_path):
+    """80 records sent within one minute of a 24-hour window: 4800 an hour, not 3.3. A log file written before
+    ``over_threshold`` existed reads, the column null, and the over-threshold rate is then unknown (None)."""
+    from pipelines.inference_log import SCHEMA
+    from pipelines.monitoring import assess_traffic, read_window
+    from pipelines.params import MonitoringConfig
+
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
+    table = _rows([0.5] * 80, times=[start + timedelta(seconds=60 * n / 79) for n in range(80)])
+    older = table.drop_columns(["over_threshold"])
+    assert older.schema.equals(SCHEMA.remove(SCHEMA.get_field_index("over_threshold")))
+    folder = tmp_path / "log" / f"date={start:%Y-%m-%d}"
+    folder.mkdir(parents=True)
+    pq.write_table(older, folder / "older.parquet")
+    window = read_window(str(tmp_path / "log"), start - timedelta(hours=22), start + timedelta(hours=2))
+    assert window.notes == [] and window.table.column("over_threshold").null_count == 80
+    report = assess_traffic(window.table, None, MonitoringConfig(), start - timedelta(hours=22),
+                            start + timedelta(hours=2), MODEL, "1")
+    assert report.figures["span_hours"] == pytest.approx(1 / 60)
+    assert report.figures["records_per_hour"] == pytest.approx(4800)
+    assert report.figures["over_threshold_rate"] is None and report.figures["unknown_rate"] == 0
+
+
+def test_the_champions_answers_are_chosen_and_shadow_and_canary_records_counted_apart():
+    """A window after a promotion, in a rollout: answers of the champion (version 2) and of the champion before it
+    (version 1), a shadow and a canary of version 3, and records of a version 9 the registry never held."""
+    import pyarrow as pa
+
+    from pipelines.monitoring import roles, rollout_records, served_version
+
+    early, late = datetime.now(UTC) - timedelta(hours=2), datetime.now(UTC) - timedelta(hours=1)
+    table = pa.concat_tables([
+        _rows([0.1] * 8, times=[early] * 8, version="1"), _rows([0.1] * 5, times=[late] * 5, version="2"),
+        _rows([0.9] * 8, version="3", source="shadow", alias="challenger", agrees=[True] * 6 + [False] * 2),
+        _rows([0.9] * 4, version="3", alias="challenger"), _rows([0.1] * 3, version="9")])
+    answers, shadow, canary = roles(table, "challenger")
+    assert (answers.num_rows, shadow.num_rows, canary.num_rows) == (16, 8, 4)
+    held = {"1", "2", "3"}.__contains__
+    assert served_version(answers, MODEL, "2", held) == ("2", [
+        f"skipped 3 records of {MODEL} version 9: the registry has no such version",
+        f"left out 8 answers of {MODEL} version 1: the judged version is 2"])
+    version, notes = served_version(answers, MODEL, None, held)  # no champion alias: the version that answered last
+    assert version == "2" and notes[1] == ("the champion (no alias) gave no answers in the window: judging version 2, "
+                                           "which answered last")
+    assert rollout_records(shadow, "shadow") == [{"role": "shadow", "version": "3", "records": 8, "agreement": 0.75}]
+    assert rollout_records(canary, "canary") == [{"role": "canary", "version": "3", "records": 4, "agreement": None}]
+
+
+def test_the_monitoring_flow_judges_the_champions_answers_and_keeps_shadow_and_canary_apart(
+        watched, traffic, write_params, tmp_path, prefect_server, monkeypatch):
+    """Beside the champion's 60 answers to known traffic, as many shadow and canary records of held-out digits (of
+    version 1 too, a tie): the window judges the 60 answers only and fires nothing; the rollouts are counted apart."""
+    import pyarrow as pa
+
+    from pipelines.flows import monitoring_flow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", watched.uri)
+    log = tmp_path / "log"
+    shutil.copytree(traffic.known, log)
+    heldout = pa.concat_tables([pq.read_table(path) for path in sorted(traffic.heldout.rglob("*.parquet"))])
+
+    def as_role(source: str, agrees: bool | None):
+        table = heldout
+        for name, value, kind in (("source", source, pa.string()), ("model_alias", "challenger", pa.string()),
+                                  ("agrees", agrees, pa.bool_())):
+            table = table.set_column(table.schema.get_field_index(name), name, pa.array([value] * len(table), kind))
+        return table
+
+    day = next(log.glob("date=*"))
+    pq.write_table(as_role("shadow", False), day / "shadow.parquet")
+    pq.write_table(as_role("http", None), day / "canary.parquet")
+    result = monitoring_flow(str(_params(write_params, tmp_path, log, experiment="roles")))
+    assert (result["model_version"], result["figures"]["records"], result["fired"]) == ("1", 60, []), result
+    assert result["rollouts"] == [{"role": "shadow", "version": "1", "records": 60, "agreement": 0.0},
+                                  {"role": "canary", "version": "1", "records": 60, "agreement": None}]
+
+
+def test_the_log_records_what_the_client_was_answered_and_the_would_be_rejection_apart(
+        watched, write_params, tmp_path, prefect_server, monkeypatch):
+    """The same known and held-out digits, asked with rejection on and off. On: the decision is the answer, and
+    over_threshold agrees with it. Off: every client got a class, every decision is known, and the answers over the
+    threshold (the same ones) are marked over_threshold; monitoring reports unknown_rate 0 beside the over-threshold
+    rate, and the unknown-rate rule does not fire on what no client saw."""
+    from pipelines.flows import monitoring_flow
+    from pipelines.params import load_params
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", watched.uri)
+    images = watched.known[:12] + watched.heldout[:12]
+    digests = [hashlib.sha256(Path(image).read_bytes()).hexdigest() for image in images]
+    over = {}
+    for reject in (True, False):
+        folder = tmp_path / f"reject-{reject}"
+        params = _params(write_params, folder, folder / "log", experiment=f"reject-{reject}")
+        answered = dict(zip(digests, _log_traffic(watched, folder / "log", images, load_params(params).monitoring,
+                                                  reject)))
+        records = _records(folder / "log", len(images))
+        assert len(records) == len(images)
+        seen = [(answered[r["sha256"]], r["decision"], r["over_threshold"]) for r in records]
+        over[reject] = {r["sha256"] for r in records if r["over_threshold"]}
+        if reject:
+            assert all(decision == ("unknown" if label == "unknown" else "known") for label, decision, _ in seen)
+            assert all(flag == (decision == "unknown") for _, decision, flag in seen), seen
+        else:
+            assert all(label != "unknown" and decision == "known" for label, decision, _ in seen), seen
+            result = monitoring_flow(str(params))
+            assert result["figures"]["unknown_rate"] == 0
+            assert result["figures"]["over_threshold_rate"] == len(over[False]) / len(images)
+            assert not any(rule.startswith("unknown_rate") for rule in result["fired"])
+    assert over[True] == over[False] and len(over[False]) >= 6  # most held-out digits are over the threshold
+
+
+def test_a_failed_window_ends_its_run_failed_and_the_next_window_finished(watched, traffic, write_params, tmp_path,
+                                                                         prefect_server, monkeypatch):
+    """The monitoring run is ended by the one lifecycle: a window that fails (its report cannot be written) leaves
+    the version's run FAILED with the error; the next window resumes it and ends it FINISHED, the error gone."""
+    from mlflow import MlflowClient
+
+    import pipelines.monitoring_run as monitoring_run
+    from pipelines.flows import monitoring_flow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", watched.uri)
+    shutil.copytree(traffic.known, tmp_path / "log")
+    params = str(_params(write_params, tmp_path, tmp_path / "log", experiment="lifecycle"))
+    first = monitoring_flow(params)
+    writes = monitoring_run.report_html
+
+    def full_disk(*args):
+        raise OSError("[Errno 28] No space left on device")
+
+    monkeypatch.setattr(monitoring_run, "report_html", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        monitoring_flow(params)
+    client = MlflowClient(watched.uri)
+    run = client.get_run(first["run_id"])
+    assert run.info.status == "FAILED" and "No space left on device" in run.data.tags["error"]
+    monkeypatch.setattr(monitoring_run, "report_html", writes)
+    again = monitoring_flow(params)
+    run = client.get_run(first["run_id"])
+    assert again["run_id"] == first["run_id"] and run.info.status == "FINISHED" and "error" not in run.data.tags
+
+
+def test_the_drift_event_says_which_automations_expect_it(watched, traffic, write_params, tmp_path, prefect_server,
+                                                          monkeypatch):
+    """On a Prefect server with an automation that expects the model's drift event and one for another model, the
+    window names the first only; with no server it says that nothing received the event."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.actions import DoNothing
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger
+    from prefect.settings import PREFECT_API_URL
+
+    from pipelines.flows import monitoring_flow
+    from pipelines.monitoring import EVENT
+    from pipelines.monitoring_run import delivery
+
+    assert delivery(None, []) == (
+        "nothing received it: PREFECT_API_URL is not set, so siamese.monitoring.drift went to a temporary Prefect "
+        "server that stopped with this flow; the retraining deployment and its drift trigger need a Prefect server: "
+        "start one (prefect server start), set PREFECT_API_URL and run `siamese flows serve`")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", watched.uri)
+    shutil.copytree(traffic.heldout, tmp_path / "log")
+    params = str(_params(write_params, tmp_path, tmp_path / "log", experiment="events"))
+    with get_client(sync_client=True) as prefect:
+        made = [prefect.create_automation(AutomationCore(
+            name=f"retrain {model}", trigger=EventTrigger(expect={EVENT}, match={"prefect.resource.id": f"siamese.model.{model}"}),
+            actions=[DoNothing()])) for model in (MODEL, "another")]
+        try:
+            result = monitoring_flow(params)
+        finally:
+            for automation in made:
+                prefect.delete_automation(automation)
+    assert result["fired"] and result["event"] == (f"sent to the Prefect server {PREFECT_API_URL.value()}; automations "
+                                                   f"that expect it: 'retrain {MODEL}'")
+
+
+def test_siamese_flows_monitor_prints_the_report_and_where_the_event_went_without_tensorflow(
+        watched, traffic, write_params, tmp_path, prefect_server):
+    """`siamese flows monitor` in a fresh process on held-out traffic: the drift, the event sent to a server where no
+    automation expects it (never "emitted"), the report's path, and TensorFlow never imported."""
+    from prefect.settings import PREFECT_API_URL
+
+    shutil.copytree(traffic.heldout, tmp_path / "log")
+    params = _params(write_params, tmp_path, tmp_path / "log", experiment="cli")
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom pipelines.cli import app\n"
+            f"done = CliRunner().invoke(app, ['flows', 'monitor', '--params', {str(params)!r}])\n"
+            "print(done.output)\nprint('tensorflow imported:', 'tensorflow' in sys.modules)\nsys.exit(done.exit_code)")
+    url = PREFECT_API_URL.value()
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(watched, PREFECT_API_URL=url),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert "tensorflow imported: False" in lines
+    assert any(line.startswith("drift: unknown_rate ") for line in lines), lines
+    assert (f"drift event: sent to the Prefect server {url}, where no automation expects siamese.monitoring.drift: "
+            "nothing starts a retraining (run `siamese flows serve` against that server)") in lines
+    assert not any("emitted" in line for line in lines)
+    [report] = [line.removeprefix("report: ") for line in lines if line.startswith("report: ")]
+    page, _, uri = report.partition(" (")
+    assert "<h1>Monitoring: watched version 1</h1>" in Path(page).read_text()
+    assert uri.startswith("runs:/") and uri.endswith(f"/windows/{Path(page).name})")
