@@ -23,8 +23,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from pipelines.pyfunc_model import encode_image
 
@@ -90,6 +92,16 @@ def _send(base: str, images: list[Path]) -> None:
             assert response.status == 200
 
 
+def _out_of_domain(folder: Path, count: int) -> list[Path]:
+    """``count`` images of coloured noise: traffic plainly unlike any handwritten character."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    paths = [folder / f"{i}.png" for i in range(count)]
+    for path in paths:
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(path)
+    return paths
+
+
 def _monitor(repo: Path, env: dict) -> dict:
     done = subprocess.run([sys.executable, "-c", MONITOR], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert "RESULT " in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
@@ -140,10 +152,11 @@ def _walk_through(repo: Path, run, dvc, known: list[Path], heldout: list[Path], 
         time.sleep(2)  # the log writes within monitoring.flush_seconds
         calm = _monitor(repo, env)
         _send(base, heldout)
+        _send(base, _out_of_domain(repo.parent / "noise", 60))  # a shift no CPU's numerics can hide
         time.sleep(2)
         drift = _monitor(repo, env)
         times["traffic and two monitoring runs"] = time.monotonic() - clock
-        assert calm["figures"]["records"] == len(known) and drift["figures"]["records"] == len(known) + len(heldout)
+        assert calm["figures"]["records"] == len(known) and drift["figures"]["records"] == len(known) + len(heldout) + 60
         # the answers over the threshold jump, answered unknown where the champion rejects (reject_unknown: auto
         # turns it on only when the calibration met its target), with a class where it does not
         assert drift["figures"]["over_threshold_rate"] > calm["figures"]["over_threshold_rate"] + 0.15, (calm, drift)
