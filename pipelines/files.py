@@ -10,6 +10,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from dvc_data.hashfile.hash import file_md5
+from dvc_data.hashfile.hash_info import HashInfo
+from dvc_data.hashfile.tree import Tree
+
 from siamese_core.io import atomic_path
 
 
@@ -37,10 +41,6 @@ def content_hash(path: str | os.PathLike) -> str:
 
     ``__pycache__`` folders and ``.pyc`` files are left out, as .dvcignore leaves them out.
     """
-    from dvc_data.hashfile.hash import file_md5
-    from dvc_data.hashfile.hash_info import HashInfo
-    from dvc_data.hashfile.tree import Tree
-
     path = Path(path)
     if path.is_file():
         return file_md5(str(path))

@@ -23,7 +23,7 @@ from siamese_core.config import (
 from siamese_core.errors import ConfigError
 from siamese_core.metrics import flatten
 from siamese_core.sharding import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_SHARD_SIZE
-from siamese_core.validation import IMBALANCE_RATIO, MIN_SIDE
+from siamese_core.validation import IMBALANCE_RATIO, MIN_SIDE, validate_dataset
 
 DEFAULT_PARAMS = Path("params.yaml")
 PRESETS = Path(__file__).resolve().parent / "presets"
@@ -49,8 +49,6 @@ class DataConfig(Section):
     def validation(self, train_dir: str | os.PathLike | None = None, test_dir: str | os.PathLike | None = None):
         """The dataset validation report of ``train_dir`` and ``test_dir`` (default: this section's folders),
         with this section's levels and limits: what the validate stage and ``siamese train`` check."""
-        from siamese_core.validation import validate_dataset
-
         return validate_dataset(train_dir or self.train_dir, test_dir or self.test_dir, open_set=self.open_set,
                                 strict=self.strict, imbalance_ratio=self.imbalance_ratio, min_side=self.min_side)
 

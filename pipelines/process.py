@@ -4,6 +4,7 @@ expected problems turned into one line on stderr and an exit status."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -14,6 +15,10 @@ from typing import NoReturn, TypeVar
 
 import click
 import typer
+
+from siamese_core.errors import DatasetError
+
+from .errors import PIPELINE_USER_ERRORS
 
 T = TypeVar("T")
 
@@ -32,8 +37,6 @@ def quiet_libraries() -> None:
     download progress bars (local copies of a few files) and its system-metrics and input-example
     notices, and a line per HTTP request of Prefect's and MLflow's clients. Called by the entry
     points (the CLI, the flows), never on import."""
-    import logging
-
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("httpx", "httpcore", "mlflow.system_metrics", "mlflow.pyfunc", "mlflow.models.model"):
@@ -47,8 +50,6 @@ def quiet_libraries() -> None:
 def showing_progress(*loggers: str) -> Iterator[None]:
     """Inside the block, print the INFO lines of ``loggers`` (long phases saying what they do) plainly on
     stderr; the handler goes when the block ends, so nothing holds on to this command's stderr."""
-    import logging
-
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     saved = {name: logging.getLogger(name).level for name in loggers}
@@ -70,7 +71,7 @@ def import_tensorflow_quietly() -> None:
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
-            import tensorflow  # noqa: F401
+            import tensorflow  # noqa: F401  # lazy, and the point: TensorFlow's start-up lines hidden
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -79,8 +80,6 @@ def import_tensorflow_quietly() -> None:
 def existing(path: Path, argument: str, kind: str = "path") -> Path:
     """``path``, or a user error naming the ``argument`` it was given for when it does not exist
     (``kind``: "folder" or "file" also checks it is one)."""
-    from siamese_core.errors import DatasetError
-
     if not path.exists():
         raise DatasetError(f"{argument}: {path}: does not exist")
     if kind == "folder" and not path.is_dir():
@@ -110,8 +109,6 @@ def guarded(action: Callable[[], T], tensorflow: bool = True, check: Callable[[]
     and exit status 1 (a traceback with ``--debug``); an interrupt or SIGTERM is exit status 130, its
     outputs untouched; a closed pipe (``| head``) is not an error.
     """
-    from .errors import PIPELINE_USER_ERRORS
-
     terminate_as_interrupt()
     debug = _debugging()
     try:

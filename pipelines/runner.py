@@ -17,6 +17,7 @@ from siamese_core import sharding
 from . import stagecache
 from .params import PipelineParams
 from .pipeline import STAGES, TRAINED, StageContext, stage_key
+from .tracking import pipeline_run
 
 log = logging.getLogger(__name__)
 LAST_STAGE = list(STAGES)[-1]
@@ -55,8 +56,6 @@ def run_alone(name: str, params: PipelineParams, root: Path = Path(".")) -> dict
     """Run one stage as its own process does under ``dvc repro``: stages after train attach to the
     run that trained the model while it is open; the last stage ends it. Large embedding jobs go to
     the Dask cluster of ``compute.dask_address`` ($SIAMESE_DASK_ADDRESS), if one is set."""
-    from .tracking import pipeline_run
-
     order, compute = list(STAGES), params.compute
     trained = root / TRAINED if order.index(name) > order.index("train") else None
     with (pipeline_run(params, trained, end=name == LAST_STAGE) as scope,

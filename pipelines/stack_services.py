@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from pipelines import supervisor
 from pipelines.errors import StackError
 from pipelines.stack_state import BUCKET, PIPELINE_USER, REGION, WORK_POOL, Stack, client_env, prefect_login, secrets
@@ -144,8 +146,6 @@ def _as_postgres(command: list[str]) -> list[str]:
 
 def _start_postgres(stack: Stack, env: dict[str, str]) -> None:
     """initdb once (superuser ``siamese_admin``, password auth on loopback), then start on the port."""
-    import psutil
-
     root, pg, keys = Path(stack["root"]), stack["services"]["postgres"], secrets(stack["root"])
     folder, data = _private_folder(root / "postgres"), root / "postgres" / "data"
     if os.geteuid() == 0:
@@ -189,7 +189,7 @@ def _ensure_roles(port: int, keys: dict[str, str]) -> None:
     """One login role per database (``mlflow``, ``prefect``), owner of its database and nothing else: no
     superuser, no CREATEDB or CREATEROLE, no CONNECT to the other's database. A cluster made before these
     roles (its superuser was ``mlflow``) gets the admin role and loses the superuser on ``mlflow``."""
-    import psycopg2
+    import psycopg2  # lazy: the [stack] extra, installed only where the stack runs
 
     def connect(user: str, password: str, database: str = "postgres") -> Any:
         connection = psycopg2.connect(host=HOST, port=port, user=user, password=password, dbname=database,
@@ -224,7 +224,7 @@ def _ensure_roles(port: int, keys: dict[str, str]) -> None:
 
 def _check_postgres(stack: Stack) -> str | None:
     """PostgreSQL answers a query of the role ``mlflow`` on its database."""
-    import psycopg2
+    import psycopg2  # lazy: the [stack] extra, installed only where the stack runs
 
     port, password = stack["services"]["postgres"]["port"], secrets(stack["root"])["postgres_password"]
     try:
@@ -257,7 +257,7 @@ def _stop_postgres(stack: Stack) -> bool:
 
 def s3_client(stack: Stack, config: Any = None) -> Any:
     """A boto3 S3 client on the stack's S3 server, signing with the stack's key (``config``: botocore's)."""
-    import boto3
+    import boto3  # lazy: the [stack] extra, installed only where the stack runs
 
     keys = secrets(stack["root"])
     return boto3.client("s3", endpoint_url=stack["services"]["s3"]["url"], aws_access_key_id=keys["aws_access_key_id"],
@@ -287,7 +287,7 @@ def _s3_ready(stack: Stack) -> None:
 
 def _bucket_problem(stack: Stack) -> tuple[str, str] | None:
     """None when a HEAD of the bucket with the stack's keys succeeds, else (error code, what went wrong)."""
-    import botocore.exceptions
+    import botocore.exceptions  # lazy: the [stack] extra
 
     try:
         s3_client(stack).head_bucket(Bucket=BUCKET)
@@ -308,8 +308,8 @@ def _s3_answers(stack: Stack) -> str | None:
 def _check_s3(stack: Stack) -> str | None:
     """The bucket itself answers (a server that lost it is not healthy) and takes a write: a probe object
     put and deleted with the stack's key, without retries."""
-    import botocore.exceptions
-    from botocore.config import Config
+    import botocore.exceptions  # lazy: the [stack] extra
+    from botocore.config import Config  # lazy: the [stack] extra
 
     problem = _bucket_problem(stack)
     if problem is not None:
