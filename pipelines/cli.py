@@ -104,10 +104,13 @@ def train(
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Training epochs.")] = None,
     params: Annotated[Path | None, typer.Option("--params", help="A params.yaml to start from.")] = None,
     preset: Annotated[str | None, typer.Option(
-        "--preset", help="seed (the original ResNet50 model), fast-cpu (small CNN, online mining) or fewshot-cpu "
-                         "(fast-cpu plus test-time views and class means, for new classes). Without --preset or "
-                         "--params: the seed's model, ResNet50 with ImageNet weights at 200 px, which needs the "
-                         "weights in Keras' cache (--set weights=null trains it from scratch).")] = None,
+        "--preset", help="By kind of data: greyscale drawings, characters, symbols: fast-cpu (small CNN, online "
+                         "mining); the same or faces, with classes enrolled later from one or a few images: "
+                         "fewshot-cpu; colour photos (places, products, objects): photos-cpu (EfficientNet-Lite0, "
+                         "ImageNet weights installed with the project, offline); the original recipe, for a GPU: "
+                         "seed (ResNet50, ImageNet weights from Keras' cache). Without --preset or --params: the "
+                         "seed's model, which needs those weights (--set model.weights=null trains it from "
+                         "scratch).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last epoch.")] = False,
     set_: SetOption = None,
 ) -> None:

@@ -95,6 +95,14 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _way_back() -> str:
+    """Under ``dvc exp run`` (which sets DVC_EXP_BASELINE_REV), how to undo what its ``-S`` options wrote into
+    params.yaml: they stay there after a failed run, so running the same line again fails the same way."""
+    if "DVC_EXP_BASELINE_REV" not in os.environ:
+        return ""
+    return "; dvc exp run -S left its values in params.yaml: `git checkout params.yaml` goes back to the committed ones"
+
+
 def _debugging() -> bool:
     """Whether the command line asked for full tracebacks (``siamese --debug ...``)."""
     context = click.get_current_context(silent=True)
@@ -120,7 +128,7 @@ def guarded(action: Callable[[], T], tensorflow: bool = True, check: Callable[[]
     except PIPELINE_USER_ERRORS as exc:
         if debug:
             raise
-        fail(str(exc))
+        fail(str(exc) + _way_back())
     except KeyboardInterrupt:
         fail("interrupted; existing outputs are untouched", 130)
     except BrokenPipeError:  # the reader stopped early (`| head`): not an error

@@ -204,3 +204,29 @@ def test_dvc_exp_run_set_keys_win_over_the_preset(tmp_path):
                  "-S", "train.epochs=24")
     assert json.loads((repo / "resolved.json").read_text()) == {"rotations": False, "size": 56, "epochs": 18}
     assert "train.augment.rotations_as_classes false (preset: true)" in output and "train.epochs 24 -> 18" in output
+
+
+def test_a_failed_dvc_exp_run_says_in_one_line_how_to_get_params_yaml_back(tmp_path):
+    """`dvc exp run -S` writes params.yaml before the stage runs; when the stage fails on the user's input, its one
+    line says how to go back, since running the same line again fails the same way."""
+    import subprocess
+    import sys
+
+    from support.project import dvc_env
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(REPO / "params.yaml", repo)
+    siamese = Path(sys.executable).parent / "siamese"
+    (repo / "dvc.yaml").write_text(f"stages:\n  fit:\n    cmd: {siamese} train --train nowhere --test nowhere --out m\n"
+                                   "    params: [model]\n", encoding="utf-8")
+    env = dvc_env(tmp_path)
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "commit", "-qm", "params"]):
+        subprocess.run(command, cwd=repo, env=env, check=True, capture_output=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", "model.input_size=48"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("error: --train")]
+    assert "nowhere: does not exist" in line and "`git checkout params.yaml` goes back" in line, done.stderr
+    assert "input_size: 48" in (repo / "params.yaml").read_text()
