@@ -22,9 +22,17 @@ Module map, one owner per idea:
 - ``integrity``: what a version is: its files' sha256, its code's identity (checked by ``siamese serve``), its download.
 - ``enrolment``: new classes into a version's gallery without retraining, registered as a new version.
 - ``card``: a version's model card.
+- ``gallery_ops``: a gallery listed and corrected (classes or entries removed, a class renamed) on a bundle folder or as
+  a new registered version, with the gate's checks for a gallery edit (pure).
+- ``erasure``: a class or images erased from every place the pipeline keeps them, with an audit record.
+- ``batch_predict``: a folder or ``s3://`` prefix recognised into one Parquet table, in resumable shards (here or on
+  Dask).
 - ``pyfunc_model``, ``served_model``: the registered MLflow model (models-from-code) and its request limits.
-- ``serving``: ``siamese serve``, the recogniser over HTTP with MLflow's scoring protocol: micro-batching, hot
-  reload, the challenger beside the champion.
+- ``serving/``: ``siamese serve``, the recogniser over HTTP with MLflow's scoring protocol, one module a job:
+  ``protocol`` (requests read and bounded: body, rows, head size and time; errors in one line), ``following`` (the
+  versions a server follows: hot reload, the live challenger, this replica's tally), ``batcher`` (micro-batches, a
+  bounded queue and a deadline per request: what cannot finish in time is shed), ``metrics`` (``/metrics``), ``app``
+  (the routes, ``serve()``, the drain on SIGTERM).
 - ``rollout``: the rules of shadow and canary rollouts (pure): plans, replicas' signed tallies and their pooling,
   the automatic rollback rule and the evidence ``siamese promote`` asks for.
 - ``inference_log``: one record per answer, written in the background to date-partitioned Parquet; the review queue.
@@ -35,6 +43,8 @@ Module map, one owner per idea:
 - ``feedback``: labelled review images into the training data, with a manifest.
 - ``files``: atomic JSON/CSV writers, DVC's content hash, linked copies, tree digests.
 - ``demo_data``: the embedded Omniglot slice, written out as class folders.
+- ``tuning``: ``siamese tune`` and the tuning flow: an Optuna study over the search space on a split of the
+  training folder, each trial a nested MLflow run, resumable, trials in rounds (serial or on Dask).
 - ``doc_figures``: the measured figures of the README and docs/, generated from metrics.json and benchmark results.
 - ``stack``: ``siamese stack up | status | env | down``; ``supervisor`` (process groups, health checks,
   ports), ``stack_services`` (each service's recipe), ``stack_state`` (stack.json, secrets, environments),

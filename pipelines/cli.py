@@ -172,6 +172,54 @@ def train(
 
 
 @app.command()
+def tune(
+    train_dir: Annotated[Path, typer.Option("--train", help="Training folder: <dir>/<class>/<image>. Trials train "
+                                            "and validate on a split of it alone.")],
+    minutes: Annotated[float, typer.Option("--minutes", min=0.1, help="Wall-clock budget of the search; a trial "
+                                           "still running when it ends stops at its next epoch.")],
+    out: Annotated[Path, typer.Option("--out", help="Params file to write with the winning settings (for siamese "
+                                      "train --params, or as params.yaml for dvc exp run and the pipeline).")],
+    test_dir: Annotated[Path | None, typer.Option("--test", help="Test folder: scores the winner only, at the end.")] = None,
+    heldout_dir: Annotated[Path | None, typer.Option(
+        "--heldout", help="Classes never trained on: scores the winner's 1-shot accuracy only, at the end.")] = None,
+    trials: Annotated[int | None, typer.Option("--trials", min=1, help="Finished trials the study holds at most "
+                                               "(those of an earlier, stopped session count).")] = None,
+    dask_address: Annotated[str | None, typer.Option(
+        "--dask-address", help="Run each round's trials side by side on this Dask scheduler (tcp://host:8786).")] = None,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, help="Trials asked per round: side by side on Dask, "
+                                          "one after another without; the same number gives the same trials.")] = 2,
+    params: ParamsOption = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="KEY=VALUE", help="Pin a config key (not searched), value read as YAML; repeatable.")] = None,
+) -> None:
+    """Search the settings that score best on your training folder within --minutes (Optuna), every trial a
+    nested MLflow run; write the winner as a params file and compare it with the presets.
+
+    Running the same command again resumes the study (its storage is optuna.db beside MLflow's database).
+    """
+
+    def check():
+        from siamese_core.config import parse_set_options
+
+        settings["pins"] = parse_set_options(set_ or [])
+        existing(train_dir, "--train", "folder")
+        for folder, name in ((test_dir, "--test"), (heldout_dir, "--heldout")):
+            if folder is not None:
+                existing(folder, name, "folder")
+
+    def body():
+        from pipelines.tuning import summary_text
+        from pipelines.tuning import tune as run_study
+
+        result = run_study(train_dir, out, minutes, trials, test_dir, heldout_dir, params, settings["pins"],
+                           dask_address, parallel=parallel, progress=sys.stderr.isatty())
+        typer.echo(summary_text(result))
+
+    settings: dict = {}
+    _run(body, check=check)
+
+
+@app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files to recognise.")],
     model: Annotated[str, typer.Option(
@@ -482,7 +530,7 @@ def serve(
 
     def body():
         import_tensorflow_quietly()
-        from pipelines.serving import serve as run_server
+        from pipelines.serving import serve as run_server  # uvicorn and the model's code: only when serving
 
         typer.echo(f"serving {model} on http://{host}:{port}/invocations", err=True)
         settings = _settings(params)
@@ -871,6 +919,163 @@ def feedback_import(
     _run(body, tensorflow=False)
 
 
+gallery_app = typer.Typer(help="List and correct what a gallery knows: its classes and images.", no_args_is_help=True,
+                          rich_markup_mode=None)
+GalleryModel = Annotated[str, typer.Argument(
+    help="A bundle folder, or a registered model: models:/NAME@ALIAS or models:/NAME/VERSION.")]
+EditReasonOption = Annotated[str, typer.Option("--reason", help="Why: kept in the new version's card and the "
+                                               "bundle's metadata.")]
+
+
+@gallery_app.command("list")
+def gallery_list(
+    model: GalleryModel,
+    images: Annotated[bool, typer.Option("--images", help="List each entry: its stable id, class and source "
+                                         "sha256.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """The gallery's classes with their image counts (with --images, each entry)."""
+
+    def body():
+        from pipelines import gallery_ops
+
+        gallery = gallery_ops.read_gallery(model)
+        found = gallery_ops.entries(gallery) if images else gallery_ops.class_counts(gallery)
+        if as_json:
+            typer.echo(json.dumps(found, ensure_ascii=False))
+        elif images:
+            for entry in found:
+                typer.echo(f"{entry['id']}\t{entry['class']}\t{entry['sha256'] or '-'}\t{entry['path']}")
+        else:
+            for name, count in found.items():
+                typer.echo(f"{name}\t{count}")
+
+    _run(body, tensorflow=False)
+
+
+def _gallery_edit(model: str, edit, params: Path | None) -> None:
+    from pipelines import gallery_ops
+
+    if not model.startswith("models:/"):
+        _check_model(model)
+        with _bundle_lock(Path(model), timeout=-1):
+            done = gallery_ops.edit_bundle(model, edit)
+        typer.echo(f"{done['bundle']}: {done['change']}; gallery now {done['images']} images in {done['classes']} "
+                   "classes")
+        return
+    name, _, source = model.removeprefix("models:/").partition("@")
+    if not source:
+        name, _, source = name.partition("/")
+    done = gallery_ops.edit_registered(name, source or "champion", edit, _settings(params).register)
+    typer.echo(f"{name} version {done['version']} ({done['alias'] or 'no alias'}), from version {done['from']}: "
+               f"{done['change']}; gallery {done['images']} images in {done['classes']} classes")
+    typer.echo(f"gate: {done['gate']}")
+
+
+@gallery_app.command("remove")
+def gallery_remove(
+    model: GalleryModel,
+    reason: EditReasonOption,
+    classes: Annotated[list[str] | None, typer.Option("--class", help="A class to remove; repeatable.")] = None,
+    image: Annotated[list[str] | None, typer.Option(
+        "--image", help="An entry to remove, by its id or source sha256 (`siamese gallery list --images`); "
+        "repeatable.")] = None,
+    params: ParamsOption = None,
+) -> None:
+    """Remove classes or entries. A bundle folder is rewritten in place; a registered model gets a new version, made
+    champion through the gate's checks when edited from the champion."""
+
+    def body():
+        from pipelines.gallery_ops import Edit
+
+        if not classes and not image:
+            _fail("give --class or --image: what to remove")
+        _gallery_edit(model, Edit(reason, tuple(classes or ()), tuple(image or ())), params)
+
+    _run(body, tensorflow=model.startswith("models:/"))  # a new version is checked to serve
+
+
+@gallery_app.command("relabel")
+def gallery_relabel(
+    model: GalleryModel,
+    old: Annotated[str, typer.Option("--class", help="The class to rename.")],
+    new: Annotated[str, typer.Option("--to", help="Its new name (merged into that class if it exists).")],
+    reason: EditReasonOption,
+    params: ParamsOption = None,
+) -> None:
+    """Rename a class (or merge it into another). A registered model gets a new version, as with remove."""
+
+    def body():
+        from pipelines.gallery_ops import Edit
+
+        _gallery_edit(model, Edit(reason, renames={old: new}), params)
+
+    _run(body, tensorflow=model.startswith("models:/"))
+
+
+@app.command("predict-batch")
+def predict_batch(
+    input_uri: Annotated[str, typer.Argument(metavar="INPUT", help="A folder or an s3:// prefix of images.")],
+    out: Annotated[Path, typer.Option("--out", help="The Parquet table to write; its parts go to OUT.parts/.")],
+    model: Annotated[str | None, typer.Option(
+        "--model", help="A bundle folder or a registry URI (default: models:/<register.model_name>@champion).")] = None,
+    dask_address: DaskOption = None,
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Images per shard (one part file each).")] = 512,
+    params: ParamsOption = None,
+) -> None:
+    """Recognise every image of a folder or bucket prefix into one Parquet table, shard by shard: a rerun skips the
+    shards already written; an unreadable image is a row with its error."""
+
+    def body():
+        from pipelines.batch_predict import predict_with
+        from siamese_core import sharding
+
+        uri = model or f"models:/{_settings(params).register.model_name}@champion"
+        _check_model(uri)
+        done = predict_with(uri, input_uri, out, sharding.dask_address(dask_address), shard_size)
+        typer.echo(f"{done['images']} images ({done['errors']} with errors) by {done['model']} into {done['out']}: "
+                   f"{done['shards']} shards, {done['skipped_shards']} already written")
+
+    _run(body)
+
+
+@app.command()
+def erase(
+    reason: Annotated[str, typer.Option("--reason", help="Why (the request): kept in the audit record.")],
+    name: Annotated[str | None, typer.Option("--class", help="The class to erase everywhere.")] = None,
+    digests: Annotated[list[str] | None, typer.Option(
+        "--image-digest", help="The sha256 of an image to erase everywhere; repeatable.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List every place and object; change nothing.")] = False,
+    as_json: JsonOption = False,
+    params: ParamsOption = None,
+) -> None:
+    """Erase a class or images from every place the pipeline keeps them: the data and its DVC cache and remote,
+    every registered version (the champion gets a new version without them), run artifacts, the inference log, the
+    review queue, the stage cache and run workspaces; an audit record goes to the <experiment>-erasure experiment."""
+
+    def body():
+        from pipelines import erasure
+
+        settings = _settings(params)
+        if not name and not digests:
+            _fail("give --class or --image-digest: what to erase")
+        found = set(d.lower() for d in digests or ())
+        if name:
+            found |= erasure.class_digests(settings, name)
+        done = erasure.erase(settings, erasure.Target(name, frozenset(found)), reason, dry_run)
+        if as_json:
+            typer.echo(json.dumps(done, ensure_ascii=False))
+            return
+        for place, objects in done["places"].items():
+            typer.echo(f"{place}: {len(objects)}")
+            for item in objects:
+                typer.echo(f"  {item}")
+        if not dry_run:
+            typer.echo(f"erased; audit run {done['audit_run']}, new champion version {done['new_version'] or 'none'}")
+
+    _run(body, tensorflow=not dry_run)
+
+
 from pipelines.stack import stack_app  # the `siamese stack` commands
 
 app.add_typer(stack_app, name="stack")
@@ -879,6 +1084,7 @@ app.add_typer(flows_app, name="flows")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(review_app, name="review")
+app.add_typer(gallery_app, name="gallery")
 
 
 def __getattr__(name: str) -> object:

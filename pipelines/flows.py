@@ -312,3 +312,34 @@ def serve(params_path: str = "params.yaml") -> None:
             triggers=[DeploymentEventTrigger(name=t["name"], expect=set(t["expect"]), match=t["match"],
                                              parameters=t["parameters"]) for t in spec["triggers"]]))
     prefect_serve(*served)  # type: ignore[arg-type]
+
+
+@siamese_flow(name="siamese-tuning", log_prints=True)
+def tuning_flow(train_dir: str, out: str, minutes: float, trials: int | None = None, test_dir: str | None = None,
+                heldout_dir: str | None = None, params_path: str | None = None, pins: dict[str, Any] | None = None,
+                dask_address: str | None = None, parallel: int = 2) -> dict:
+    """``siamese tune`` as a flow (:func:`pipelines.tuning.tune`, the same code): search the settings that score
+    best on ``train_dir`` within ``minutes``, write them to the params file ``out``; returns the study's result
+    and logs its summary."""
+    from .tuning import summary_text, tune  # Optuna and MLflow load only when the flow runs
+
+    send_stage_logs_to_prefect()
+    result = tune(train_dir, out, minutes, trials, test_dir, heldout_dir, params_path, pins, dask_address,
+                  parallel=parallel, progress=False)
+    get_run_logger().info("%s", summary_text(result))
+    return result.to_dict()
+
+
+@siamese_flow(name="siamese-batch-predict", log_prints=True)
+def batch_predict_flow(input_uri: str, out: str, model_uri: str | None = None, dask_address: str | None = None,
+                       shard_size: int = 512, params_path: str = "params.yaml") -> dict:
+    """``siamese predict-batch`` as a flow (:func:`pipelines.batch_predict.predict_with`, the same code): every image
+    under ``input_uri`` recognised by ``model_uri`` (default: the champion) into the Parquet table ``out``, in
+    resumable shards; a rerun of a failed flow run skips the shards already written."""
+    from .batch_predict import predict_with  # TensorFlow loads only when the flow runs
+
+    quiet_libraries()
+    uri = model_uri or f"models:/{load_params(params_path).register.model_name}@champion"
+    done = predict_with(uri, input_uri, out, sharding.dask_address(dask_address), shard_size, progress=False)
+    get_run_logger().info("%s", done)
+    return done

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import zipfile
@@ -20,6 +21,18 @@ def faiss_ivf(index):
     import faiss
 
     return faiss.extract_index_ivf(index)
+
+
+def file_digests(paths: list[str]) -> list[str]:
+    """The sha256 of each file in ``paths`` ("" for one that is not a file here): a gallery entry's stable id."""
+    digests = []
+    for path in paths:
+        try:
+            with open(path, "rb") as file:
+                digests.append(hashlib.file_digest(file, "sha256").hexdigest())
+        except (OSError, TypeError):
+            digests.append("")
+    return digests
 
 
 @dataclass
@@ -55,7 +68,8 @@ class Gallery:
     ``ondisk_dir`` it goes through the IVF-PQ index on disk there (:mod:`siamese_core.ondisk`),
     and ``embeddings`` may be a memory-mapped array that is never read whole. With ``class_means``
     a query's distance to a class is its distance to the class's mean row (exact search over the
-    means; the nearest path is the nearest image of the best class).
+    means; the nearest path is the nearest image of the best class). ``digests`` holds each row's source sha256
+    ("" where unknown; None: not recorded, as in galleries saved before they were).
     """
 
     embeddings: np.ndarray
@@ -66,17 +80,20 @@ class Gallery:
     nprobe: int = NPROBE
     ondisk_dir: str | None = None
     class_means: bool = False
+    digests: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.embeddings, np.ndarray) and self.embeddings.dtype == np.float32):
             self.embeddings = np.asarray(self.embeddings, dtype=np.float32)  # (a float32 memory map stays one)
         self.labels = np.asarray(self.labels, dtype=np.int64)
-        if not (len(self.embeddings) == len(self.labels) == len(self.paths)):
-            raise ValueError("gallery embeddings, labels and paths differ in length")
+        if not (len(self.embeddings) == len(self.labels) == len(self.paths)) or (
+                self.digests is not None and len(self.digests) != len(self.paths)):
+            raise ValueError("gallery embeddings, labels, paths and digests differ in length")
         if np.any(self.labels[1:] < self.labels[:-1]):  # grouped already (as saved): a memory map stays one
             order = np.argsort(self.labels, kind="stable")
             self.embeddings, self.labels = np.ascontiguousarray(self.embeddings[order]), self.labels[order]
             self.paths = [self.paths[i] for i in order]
+            self.digests = None if self.digests is None else [self.digests[i] for i in order]
         present = np.unique(self.labels)
         if not np.array_equal(present, np.arange(len(self.class_names))):
             raise ValueError(f"gallery labels must index its {len(self.class_names)} class names, each at least once; "
@@ -124,7 +141,7 @@ class Gallery:
         shards = (np.asarray(self.embeddings[i : i + shard_rows]) for i in range(0, rows, shard_rows))
         build_ondisk_index(shards, sample, rows, Path(folder))
         return Gallery(self.embeddings, self.labels, list(self.class_names), list(self.paths), self.index_threshold,
-                       self.nprobe, str(folder), self.class_means)
+                       self.nprobe, str(folder), self.class_means, self.digests)
 
     def means(self) -> np.ndarray:
         """Each class's mean row ``(classes, dim)``, scaled back to unit length when the rows are; computed once."""
@@ -233,7 +250,31 @@ class Gallery:
             self.index_threshold,
             self.nprobe,
             class_means=self.class_means,
+            digests=None if self.digests is None else [*self.digests, *file_digests(list(paths))],
         )
+
+    def entry_digests(self) -> list[str]:
+        """Each row's source sha256: as recorded, else read from its file where it is on this machine ("" if not)."""
+        return list(self.digests) if self.digests is not None else file_digests(self.paths)
+
+    def kept(self, keep: np.ndarray) -> Gallery:
+        """A gallery of the rows where ``keep`` is true (held in memory); classes left with no row are dropped.
+        A gallery kept from one with an on-disk index has none: its writer builds one again."""
+        keep = np.asarray(keep, dtype=bool)
+        names = [name for label, name in enumerate(self.class_names) if keep[self.labels == label].any()]
+        renumber = {self.class_names.index(name): i for i, name in enumerate(names)}
+        digests = self.entry_digests()
+        return Gallery(np.asarray(self.embeddings[keep]), np.array([renumber[int(c)] for c in self.labels[keep]]),
+                       names, [p for p, k in zip(self.paths, keep) if k], self.index_threshold, self.nprobe,
+                       class_means=self.class_means, digests=[d for d, k in zip(digests, keep) if k])
+
+    def relabelled(self, old: str, new: str) -> Gallery:
+        """This gallery with class ``old`` named ``new``; into ``new``'s rows when that class exists already."""
+        names = [name for name in self.class_names if name != old]
+        names += [] if new in names else [new]
+        labels = [names.index(new if self.class_names[c] == old else self.class_names[c]) for c in self.labels]
+        return Gallery(self.embeddings, np.array(labels), names, list(self.paths), self.index_threshold, self.nprobe,
+                       self.ondisk_dir, self.class_means, self.entry_digests())
 
     @staticmethod
     def ondisk_files(path: str | Path) -> tuple[Path, Path]:
@@ -246,14 +287,15 @@ class Gallery:
         vectors in ``<name>-vectors.npy`` beside it (memory-mapped when loaded) and its index in ``<name>-index/``."""
         path = Path(path)
         ondisk = self.ondisk_dir is not None
+        arrays = {
+            "embeddings": np.zeros((0, self.embeddings.shape[1]), np.float32) if ondisk else self.embeddings,
+            "labels": self.labels,
+            "class_names": np.array(self.class_names, dtype=str),
+            "paths": np.array(self.paths, dtype=str),
+            **({} if self.digests is None else {"digests": np.array(self.digests, dtype=str)}),
+        }
         with open(path, "wb") as fh:
-            np.savez(
-                fh,
-                embeddings=np.zeros((0, self.embeddings.shape[1]), np.float32) if ondisk else self.embeddings,
-                labels=self.labels,
-                class_names=np.array(self.class_names, dtype=str),
-                paths=np.array(self.paths, dtype=str),
-            )
+            np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub reads a ** dict as allow_pickle
         if ondisk:
             vectors, index = self.ondisk_files(path)
             np.save(vectors, self.embeddings)
@@ -270,7 +312,9 @@ class Gallery:
                 if index.is_dir():
                     embeddings = np.load(vectors, mmap_mode="r")
                     options["ondisk_dir"] = str(index)
-                gallery = cls(embeddings, data["labels"], data["class_names"].tolist(), data["paths"].tolist(), **options)
+                digests = data["digests"].tolist() if "digests" in data else None
+                gallery = cls(embeddings, data["labels"], data["class_names"].tolist(), data["paths"].tolist(),
+                              digests=digests, **options)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             raise BundleError(f"{path}: not a readable gallery ({type(exc).__name__}: {str(exc)[:120]}); the bundle "
                               "is damaged: copy it again or rebuild it") from None

@@ -18,7 +18,7 @@ from .config import Config, EvaluateConfig, validate_config
 from .data import UNKNOWN, ImageFolder, scan_folder
 from .embed import ImageSource, embed_images
 from .errors import BundleError, ConfigError, DatasetError
-from .gallery import Gallery, Match
+from .gallery import Gallery, Match, file_digests
 from .io import atomic_dir, atomic_path
 from .model import load_embedding
 from .openset import class_scales, rejection_on, unknown_scores
@@ -52,7 +52,8 @@ def build_gallery(embedding: keras.Model, folder: ImageFolder, settings: Evaluat
     embeddings = embed_images(embedding, folder.paths, settings.embed_batch_size, progress=progress,
                               views=settings.test_time_views, shift=settings.test_time_shift, sharder=sharder,
                               model_file=model_file)
-    return Gallery(embeddings, folder.labels, list(folder.class_names), list(folder.paths))
+    return Gallery(embeddings, folder.labels, list(folder.class_names), list(folder.paths),
+                   digests=file_digests(list(folder.paths)))
 
 
 def save_trained_bundle(embedding: keras.Model, train_folder: ImageFolder, config: Config, path: str | os.PathLike,
