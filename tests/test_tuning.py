@@ -1,0 +1,183 @@
+"""siamese tune: a real Optuna study over tiny trials, each a nested run of a real MLflow store on SQLite."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from pipelines.params import load_params, preset_keys
+from pipelines.tuning import (
+    COMPARED_PRESETS,
+    SEARCH_SPACE,
+    base_params,
+    free_space,
+    preset_point,
+    pruned,
+    space_table,
+    split_folder,
+    trial_params,
+    tune,
+)
+from siamese_core.data import scan_folder
+from siamese_core.errors import ConfigError
+from siamese_core.metrics import flatten
+from tests.support.images import make_digits_dataset
+from tests.support.tiny import TINY_NETWORK
+
+# The tiny network for 2 epochs, one view: the search keeps pooling, mining, margin, learning rate, schedule,
+# augmentation and matching.
+PINS = {**{f"model.{key}": value for key, value in TINY_NETWORK.items()}, "train.epochs": 2,
+        "train.classes_per_batch": 6, "evaluate.test_time_views": 1}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return make_digits_dataset(tmp_path_factory.mktemp("digits"), classes=8, train_per_class=8, test_per_class=2)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A fresh MLflow store and study storage, the study's workspace in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("SIAMESE_TUNING_STORAGE", raising=False)
+    return tmp_path
+
+
+def test_every_compared_preset_is_a_point_of_the_search_space():
+    base = base_params(None)
+    for name in COMPARED_PRESETS:
+        point = preset_point(name, base, SEARCH_SPACE)
+        assert point is not None, name
+        trained = flatten(trial_params(base, point, {}).model_dump())
+        assert {key: trained[key] for key in preset_keys(name)} == preset_keys(name)
+    assert "`network`" in space_table() and "efficientnet_lite0" in space_table()
+
+
+def test_a_pinned_key_leaves_the_search_and_wins():
+    space = free_space({"model.input_size": 40, "train.epochs": 3})
+    assert {d.name for d in space}.isdisjoint({"network", "train.epochs"})
+    params = trial_params(base_params(None), preset_point("fast-cpu", base_params(None), space),
+                          {"model.input_size": 40, "train.epochs": 3}, preset="fast-cpu")
+    assert (params.model.input_size, params.train.epochs, params.model.pooling) == (40, 3, "gem")
+
+
+def test_the_split_validates_on_classes_and_images_training_never_sees(digits):
+    folder = scan_folder(digits[0])
+    split = split_folder(folder, seed=42)
+    trained = {p for paths in split["train"].values() for p in paths}
+    assert set(split["unseen"]).isdisjoint(split["train"]) and len(split["unseen"]) == 2
+    assert set(split["known"]) <= set(split["train"])
+    assert trained.isdisjoint(p for paths in split["known"].values() for p in paths)
+    assert split == split_folder(folder, seed=42) and split != split_folder(folder, seed=7)
+
+
+def test_pruning_judges_a_trial_against_completed_trials_of_earlier_rounds():
+    earlier = [{0: 0.8, 1: 0.9, 2: 0.95}, {0: 0.7, 1: 0.85}]
+    assert pruned(earlier, {0: 0.1, 1: 0.2})
+    assert not pruned(earlier, {0: 0.9, 1: 0.95})
+    assert not pruned(earlier, {0: 0.1})  # epoch 1 is warm-up
+    assert not pruned(earlier[:1], {0: 0.1, 1: 0.2})  # two completed trials before any is pruned
+
+
+def test_no_trial_within_the_budget_is_one_line(digits, store):
+    with pytest.raises(ConfigError, match="no trial finished within 0 minute"):
+        tune(digits[0], store / "tuned.yaml", minutes=0, pins=PINS, presets=())
+
+
+@pytest.fixture(scope="module")
+def first_session(digits, tmp_path_factory):
+    """``siamese tune`` for 2 trials (the first two presets), as a user runs it."""
+    root = tmp_path_factory.mktemp("tune")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        patch.delenv("SIAMESE_TUNING_STORAGE", raising=False)
+        pins = [part for key, value in PINS.items() for part in ("--set", f"{key}={json.dumps(value)}")]
+        result = CliRunner().invoke(app, ["tune", "--train", str(digits[0]), "--test", str(digits[1]), "--minutes",
+                                          "10", "--trials", "2", "--out", str(root / "tuned.yaml"), *pins])
+    assert result.exit_code == 0, result.output
+    return root, result.output
+
+
+def _runs(root):
+    mlflow = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name("siamese").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return mlflow, parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def test_every_trial_is_a_nested_run_with_its_epochs(first_session):
+    root, output = first_session
+    mlflow, parents, children = _runs(root)
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert {c.data.tags["preset"] for c in children} == {"fast-cpu", "fewshot-cpu"}
+    for child in children:
+        assert child.data.tags["state"] in ("COMPLETE", "PRUNED")
+        assert len(mlflow.get_metric_history(child.info.run_id, "val_objective")) == 2  # one point per epoch
+        assert "model.pooling" in child.data.params
+    assert parent.data.tags["best_trial"] in ("0", "1") and parent.info.status == "FINISHED"
+    artifacts = {a.path for a in mlflow.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "search_space.md", "summary.txt", "tuned.yaml"} <= artifacts
+    assert "preset fast-cpu: " in output and "preset fewshot-cpu: " in output and "preset photos-cpu: not run" in output
+    assert "objective: 0.5 x 1-shot" in output and "test top-1" in output
+    assert f"--params {root / 'tuned.yaml'} --out model" in output
+
+
+def test_the_params_file_trains_as_it_is(first_session, tmp_path, digits):
+    root, _ = first_session
+    params = load_params(root / "tuned.yaml")
+    assert params.preset is None and params.data.train_dir == str(digits[0])
+    assert params.model.input_size == 32 and params.train.epochs == 2  # the pins stay as given
+    result = CliRunner().invoke(app, ["train", "--train", str(digits[0]), "--test", str(digits[1]), "--params",
+                                      str(root / "tuned.yaml"), "--epochs", "1", "--out", str(tmp_path / "model")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_a_stopped_study_resumes_without_rerunning_its_trials(first_session, digits, monkeypatch):
+    root, _ = first_session
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    before = {c.info.run_id for c in _runs(root)[2]}
+    result = tune(digits[0], root / "tuned.yaml", minutes=10, trials=3, test_dir=digits[1], pins=PINS,
+                  progress=False)
+    assert [row["trial"] for row in result.trials] == [0, 1, 2]
+    _, parents, children = _runs(root)
+    assert len(parents) == 1 and len(children) == 3 and before < {c.info.run_id for c in children}
+    assert {c.data.tags["preset"] for c in children} == set(COMPARED_PRESETS)
+
+
+def _sampled(root, digits, dask_address=None):
+    study = tune(digits[0], root / "tuned.yaml", minutes=10, trials=3, pins=PINS, presets=(),
+                 dask_address=dask_address, progress=False)
+    storage = optuna.load_study(study_name=study.study, storage=study.storage)
+    return [t.params for t in storage.get_trials()]
+
+
+def test_trials_on_dask_are_the_trials_of_a_serial_run(digits, tmp_path, monkeypatch):
+    from distributed import LocalCluster
+
+    serial, parallel = tmp_path / "serial", tmp_path / "dask"
+    for root in (serial, parallel):
+        root.mkdir()
+    monkeypatch.chdir(serial)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{serial / 'mlflow.db'}")
+    expected = _sampled(serial, digits)
+    monkeypatch.chdir(parallel)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{parallel / 'mlflow.db'}")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        assert _sampled(parallel, digits, cluster.scheduler_address) == expected
+    assert len(expected) == 3 and len({json.dumps(p, sort_keys=True) for p in expected}) == 3
+
+
+def test_the_docs_show_the_search_space_as_declared():
+    assert space_table() in (Path(__file__).parent.parent / "docs" / "how-to" / "tuning.md").read_text()
