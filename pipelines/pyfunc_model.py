@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,13 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import Array, Object, Property
+from PIL import Image
 
-from siamese_core.data import PixelBudget, max_image_pixels
+from siamese_core.data import PixelBudget, decode_image, max_image_pixels
 from siamese_core.errors import USER_ERRORS, ImageError
+
+from .imports import requirements
+from .inference_log import judged
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +90,12 @@ def _limit(variable: str, default: int) -> int:
         log.error("%s=%r is not a whole number", variable, value)
         raise ServerError() from None
 
+
+def max_request_rows() -> int:
+    """The most images in one request: ``$SIAMESE_MAX_REQUEST_ROWS`` or the default."""
+    return _limit("SIAMESE_MAX_REQUEST_ROWS", DEFAULT_MAX_REQUEST_ROWS)
+
+
 def encode_image(source: str | os.PathLike | bytes) -> str:
     """Base64 text of an image file (read on the client) or of encoded image bytes."""
     data = bytes(source) if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
@@ -93,8 +104,6 @@ def encode_image(source: str | os.PathLike | bytes) -> str:
 
 def input_example() -> pd.DataFrame:
     """One small grey PNG, base64-encoded: the example request logged with the model."""
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), (128, 128, 128)).save(buffer, format="PNG")
     return pd.DataFrame({"image": [encode_image(buffer.getvalue())]})
@@ -103,8 +112,6 @@ def input_example() -> pd.DataFrame:
 def pip_requirements() -> list[str]:
     """What the served model needs: the packages its code imports (followed through siamese_core),
     pinned to the versions installed when it is logged."""
-    from .imports import requirements
-
     return requirements("pipelines.served_model")
 
 
@@ -126,7 +133,7 @@ def decode_base64_images(model_input) -> list[bytes]:
             f"expected a DataFrame with an 'image' column or a list of base64 strings, got {type(model_input).__name__}"
         )
     limit = _limit("SIAMESE_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES)
-    max_rows = _limit("SIAMESE_MAX_REQUEST_ROWS", DEFAULT_MAX_REQUEST_ROWS)
+    max_rows = max_request_rows()
     if len(values) > max_rows:
         raise ImageError(f"{len(values)} images in one request, over the limit of {max_rows}; "
                          "send them in several requests")
@@ -145,12 +152,31 @@ def decode_base64_images(model_input) -> list[bytes]:
     return images
 
 
+class DeadlinePassed(RequestError):
+    """A request's time ran out before its images were decoded: ``mlflow models serve`` answers it 400 as it always
+    has, ``siamese serve`` 503 with Retry-After (the server was too busy, not the request wrong)."""
+
+
+@dataclass(frozen=True)
+class Asked:
+    """One request of a batch: its image bytes and decoded arrays, its id, when it arrived (``time.monotonic()``),
+    for a shadow answer the labels the client got (each image's agreement is logged), and whether it is logged (a
+    canary's comparison with the champion is not: no client got it)."""
+
+    images: list[bytes]
+    arrays: list[np.ndarray]
+    request_id: str | None
+    arrived: float
+    client_labels: list[str] | None = None
+    recorded: bool = True
+
+
 class SiameseBundleModel(PythonModel):
     """Recognises base64-encoded images with the model bundle logged as the artifact ``bundle``."""
 
     def load_context(self, context) -> None:
         """Load the recogniser from the bundle folder."""
-        from siamese_core.recognizer import SiameseRecognizer
+        from siamese_core.recognizer import SiameseRecognizer  # TensorFlow: only where a version is loaded
 
         self.recognizer = SiameseRecognizer.load(context.artifacts["bundle"])
         self.inference_log = None
@@ -160,26 +186,24 @@ class SiameseBundleModel(PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         """One row per image: the nearest class (``unknown`` when rejected), its squared distance, the top-k
         classes as JSON, and, when the bundle rejects unknown classes, the unknown score."""
-        started = time.perf_counter()
-        images, arrays = self.decode(model_input)
-        matches, queries = self.recognise(arrays)
-        self.record(images, matches, queries, started)
-        return answer_frame(matches)
-
-    def decode(self, model_input) -> tuple[list[bytes], list[np.ndarray]]:
-        """The image bytes of a request and their decoded arrays, within the pixel budget and the server's time
-        limit; a bad request is a RequestError naming its row."""
-        from siamese_core.data import decode_image
-
+        started = time.monotonic()
         timeout = os.environ.get(SERVER_TIMEOUT_VARIABLE)
-        deadline = time.monotonic() + float(timeout) if timeout else float("inf")
+        images, arrays = self.decode(model_input, time.monotonic() + float(timeout) if timeout else None)
+        answer = self.answer([Asked(images, arrays, None, started)])[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer_frame(answer)
+
+    def decode(self, model_input, deadline: float | None = None) -> tuple[list[bytes], list[np.ndarray]]:
+        """The image bytes of a request and their decoded arrays, within the pixel budget and by ``deadline`` (a
+        ``time.monotonic()``; past it, DeadlinePassed); a bad request is a RequestError naming its row."""
         try:
             encoded = decode_base64_images(model_input)
             arrays = []
             for row, data in enumerate(encoded):
-                if time.monotonic() > deadline:
-                    raise RequestError(f"stopped at image {row} of {len(encoded)}: the request ran past the "
-                                       f"server's time limit of {timeout} s ({SERVER_TIMEOUT_VARIABLE})")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise DeadlinePassed(f"stopped at image {row} of {len(encoded)}: the request ran past its time "
+                                         f"limit ({SERVER_TIMEOUT_VARIABLE}, or siamese serve's serving.deadline_ms)")
                 try:
                     arrays.append(decode_image(data, self.recognizer.input_size, budget=self.decoding))
                 except ImageError as exc:
@@ -188,28 +212,34 @@ class SiameseBundleModel(PythonModel):
             raise RequestError(str(exc)) from None
         return encoded, arrays
 
-    def recognise(self, arrays: list[np.ndarray]) -> tuple[list, np.ndarray]:
-        """The matches and embeddings of decoded images (those of several requests at once, for the server's
-        micro-batches); a failure is a ServerError, its traceback in the log."""
+    def answer(self, batch: list[Asked]) -> list[list | ServerError]:
+        """Each request's matches, all recognised in one forward pass and each logged when a log is attached (with
+        its request id, its latency from arrival and, for a shadow answer, its agreement); a failing forward pass
+        is a ServerError for every request, its traceback in the log."""
+        arrays = [array for asked in batch for array in asked.arrays]
         try:
             queries = self.recognizer.embed(arrays) if arrays else np.zeros((0, 0), np.float32)
-            return (self.recognizer.match(queries) if arrays else []), queries
-        except MlflowException:
-            raise
+            matches = self.recognizer.match(queries) if arrays else []
         except Exception:
             log.exception("prediction failed")
-            raise ServerError() from None
+            failed = ServerError()
+            return [failed] * len(batch)
+        answers: list[list | ServerError] = []
+        start = 0
+        for asked in batch:
+            end = start + len(asked.arrays)
+            answers.append(matches[start:end])
+            self._record(asked, matches[start:end], queries[start:end])
+            start = end
+        return answers
 
-    def record(self, images: list[bytes], matches: list, queries: np.ndarray, started: float,
-               agreement: list[bool] | None = None) -> None:
-        """Log the answers of one request (``started``: its ``time.perf_counter()``) when a log is attached;
-        ``agreement``: for a shadow answer, whether each image's label is the one the client got."""
-        if self.inference_log is not None:
-            from .inference_log import judged
-
-            latency_ms = 1000 * (time.perf_counter() - started)
-            self.inference_log.submit(images, matches, judged(self.recognizer, queries, matches), queries, latency_ms,
-                                      agreement=agreement)
+    def _record(self, asked: Asked, matches: list, queries: np.ndarray) -> None:
+        """Log the answers of one request when a log is attached."""
+        if self.inference_log is not None and asked.recorded:
+            agreement = (None if asked.client_labels is None else
+                         [m.label == label for m, label in zip(matches, asked.client_labels)])
+            self.inference_log.submit(asked.images, matches, judged(self.recognizer, queries, matches), queries,
+                                      1000 * (time.monotonic() - asked.arrived), asked.request_id, agreement)
 
     def log_to(self, inference_log) -> None:
         """Write a record of every answer to ``inference_log`` (a :class:`pipelines.inference_log.InferenceLog`)."""

@@ -57,6 +57,9 @@ def server(request, registered, tmp_path_factory):
 def _serve(tmp_path, command, uri, bundle, name):
     port = free_port()
     log_path = tmp_path / "serve.log"
+    # the memory tests' near-limit images take their time on a busy machine: no request here is shed for lateness
+    # (shedding has its own server in tests/test_serving_load.py)
+    (tmp_path / "params.yaml").write_text("serving:\n  deadline_ms: 300000\n")
     command = [*command, "--host", HOST, "--port", str(port)]
     # The MLflow CLI starts `uvicorn` by name: the interpreter's bin folder must be on PATH.
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])

@@ -1,4 +1,5 @@
-"""Servers under test: a free loopback port, JSON requests, waiting for /ping, stopping a process group."""
+"""Servers under test: a free loopback port, JSON requests, waiting for /ping, stopping a process group, raw
+exchanges on a socket, and /metrics parsed."""
 
 from __future__ import annotations
 
@@ -60,3 +61,34 @@ def stop_group(process: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def exchange(host: str, port: int, head: bytes, body: bytes = b"", then_wait: bool = True) -> tuple[int, bytes]:
+    """Send ``head`` and ``body`` on a new connection, then read until the server closes it: (status, what it sent).
+    A server that closes while the client still sends is read all the same."""
+    with socket.create_connection((host, port), timeout=60) as sock:
+        try:
+            sock.sendall(head + body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        received = b""
+        while then_wait:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += chunk
+    return (int(received.split(b" ", 2)[1]) if received.startswith(b"HTTP/") else 0), received
+
+
+def metric_values(base: str) -> dict[str, float]:
+    """The samples ``GET /metrics`` reports, parsed by prometheus_client: ``name{label="value",...}`` -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {sample.name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items())) + "}"
+                           if sample.labels else ""): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
