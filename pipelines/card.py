@@ -9,6 +9,7 @@ from siamese_core.metrics import flatten
 from siamese_core.openset import rejection_on
 
 from .params import PipelineParams
+from .tracking import tracking_uri, ui_links
 
 _HEADLINE = ("top1", "top5", "class_avg_accuracy", "map_at_r", "fewshot.1shot.mean", "fewshot.5shot.mean")
 _BASELINES = (("model", ""), ("raw pixels", "baseline_raw_pixels."), ("untrained network", "baseline_untrained."))
@@ -105,8 +106,6 @@ SUMMARY_ROWS = (("top-1", "top1"), ("MAP@R", "map_at_r"), ("1-shot", "fewshot.1s
 def run_summary(record: dict, metrics: dict, report: Path, experiment_id: str) -> str:
     """What a pipeline run produced, in a few lines: the version and its alias, the headline figures beside
     the baselines, where the report is and how to open the MLflow UI on the version."""
-    from .tracking import tracking_uri, ui_links
-
     _, version_link = ui_links(experiment_id, record)
     alias = {"champion": "it is the champion now"}.get(record["decision"], "the champion stays where it was")
     lines = [f"{record['model_name']} version {record['version']}: {record['decision']} ({alias})",

@@ -1,10 +1,12 @@
-"""The MLflow model registry: versions, the champion gate, aliases, promotion and rollback, model cards.
+"""The MLflow model registry: every read and write of versions and aliases, calling the pure rules of
+:mod:`pipelines.gate` (the champion gate) and :mod:`pipelines.rollout` (plans, tallies, evidence).
 
 Aliases: ``champion`` (what the predict flow and serving load), ``previous`` (the champion
 it replaced, for rollback), ``challenger`` (a version that did not beat the champion; with
 ``register.rollout: shadow | canary``, the winner on live traffic, see :mod:`pipelines.rollout`) and
 ``enrolled`` (a version with an enlarged gallery). Every alias move runs under one lock
-and records who moved it, when and why on the version's tags.
+and records who moved it, when and why on the version's tags. What a version is (its files' digest, its
+code's identity, its download) is :mod:`pipelines.integrity`'s.
 """
 
 from __future__ import annotations
@@ -12,52 +14,44 @@ from __future__ import annotations
 import atexit
 import getpass
 import hashlib
+import json
 import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 import weakref
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
 from filelock import FileLock
-from mlflow.entities import Param
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from siamese_core.errors import ConfigError
-from siamese_core.metrics import flatten
-from siamese_core.sharding import Sharder
 
+from . import integrity
 from .errors import NoChampionError, RegistryError
-from .files import tree_sha256
+from .gate import CHALLENGER, CHAMPION, ENROLLED, PREVIOUS, Decision, Scores, decide
 from .params import PipelineParams, RegisterConfig
-from .rollout import end as end_rollout
-from .rollout import live_plan, plan_for
-from .tracking import PipelineRun, client, ensure_experiment, metric_values, tracked_run, tracking_uri
+from .pyfunc_model import SIGNATURE, input_example, pip_requirements
+from .rollout import PLAN_PREFIX, Plan, evidence, live_plan, now, plan_for, pooled, signing_key
+from .tracking import PipelineRun, client, metric_values, tracking_uri
 
 log = logging.getLogger(__name__)
-CHAMPION, CHALLENGER, PREVIOUS, ENROLLED = "champion", "challenger", "previous", "enrolled"
-REJECTED = "rejected"  # a gate decision, not an alias: a loser while a shadow or canary rollout holds 'challenger'
-# The sha256 of a version's artifacts as registered (files.tree_sha256), kept in the tracking database.
-ARTIFACTS_DIGEST_TAG = "artifacts_sha256"
-# Written by MLflow into the stored model when the version is registered (its name and number, as YAML data).
-_REGISTRATION_FILES = frozenset({"registered_model_meta"})
-_PACKAGE_DIRS = [str(Path(__file__).resolve().parents[1] / name) for name in ("siamese_core", "pipelines")]
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 GATE_TIMEOUT_S = 600
 MODEL_DESCRIPTION = (
     "Siamese triplet-loss image recogniser: an image gets the class of its nearest gallery image, with the "
     "squared distance. Input: a column `image` of base64-encoded image bytes. Aliases: `champion` (served), "
-    "`previous` (the champion before it, for `siamese rollback`), `challenger` (did not beat the champion), "
-    "`enrolled` (a gallery enlarged without retraining). Each version's description is its model card."
+    "`previous` (the champion before it, for `siamese rollback`), `challenger` (did not beat the champion, or, in a "
+    "shadow or canary rollout, the winner on live traffic), `enrolled` (a gallery enlarged without retraining). Each "
+    "version's description is its model card."
 )
 
 
@@ -94,14 +88,17 @@ def load_champion(model_name: str):
     return load_version(champion_uri(model_name))
 
 
-def load_version(model_uri: str):
+def load_version(model_uri: str, code_mismatch: str = "warn"):
     """The pyfunc model of a registered version (``models:/name/3`` or ``models:/name@alias``), its artifacts
-    checked first (:func:`verified_download`). The downloaded copy is removed once loaded, whether the load succeeded
-    or failed; a bundle whose gallery searches an on-disk index reads it while it answers, so its copy stays until
-    the model is released (garbage-collected, or the process ends)."""
-    local = verified_download(model_uri)
+    checked first (:func:`verified_download`) and its code compared with the code this process runs
+    (:func:`pipelines.integrity.check_code`: ``code_mismatch`` warn or refuse). The downloaded copy is removed once
+    loaded, whether the load succeeded or failed; a bundle whose gallery searches an on-disk index reads it while it
+    answers, so its copy stays until the model is released (garbage-collected, or the process ends)."""
+    version = version_of(model_uri)
+    integrity.check_code(version, code_mismatch)
+    local = integrity.checked_download(model_uri, version)
     try:
-        model = _load_pyfunc(local)
+        model = integrity.load_pyfunc(local)
     except BaseException:
         shutil.rmtree(local, ignore_errors=True)
         raise
@@ -110,16 +107,6 @@ def load_version(model_uri: str):
     else:
         shutil.rmtree(local, ignore_errors=True)
     return model
-
-
-def _load_pyfunc(local: Path):
-    """The pyfunc model in the folder ``local``, with ``sys.path`` as it was: MLflow puts the folder's ``code/`` first
-    on it, and a folder about to be removed (in the shared temporary folder) must not stay where imports look."""
-    path = list(sys.path)
-    try:
-        return mlflow.pyfunc.load_model(str(local))
-    finally:
-        sys.path[:] = path
 
 
 def _reads_its_files(model) -> bool:
@@ -176,53 +163,7 @@ def verified_download(model_uri: str, unsigned_ok: bool = False) -> Path:
     store is refused in one line (RegistryError), before any of its code runs, and its copy removed. The
     caller removes the copy it gets.
     """
-    version = version_of(model_uri)
-    local = _download(f"models:/{version.name}/{version.version}")
-    try:
-        _check_digest(model_uri, version, tree_sha256(local, _REGISTRATION_FILES), unsigned_ok)
-    except BaseException:
-        shutil.rmtree(local, ignore_errors=True)
-        raise
-    return local
-
-
-def _check_digest(model_uri: str, version: ModelVersion, found: str, unsigned_ok: bool) -> None:
-    """RegistryError unless ``found`` is the digest recorded on ``version`` (a version without one: a warning where
-    ``unsigned_ok``)."""
-    expected = version.tags.get(ARTIFACTS_DIGEST_TAG)
-    if not expected:
-        unsigned = (f"{model_uri}: version {version.version} has no '{ARTIFACTS_DIGEST_TAG}' tag (registered before "
-                    "digests were recorded), so its files cannot be checked")
-        if not unsigned_ok:
-            raise RegistryError(f"{unsigned}; if you trust what the artifact store holds, record it with "
-                                f"`siamese registry sign {version.name} {version.version}`, or register it again")
-        log.warning("%s; its bundle is read as data only", unsigned)
-    elif found != expected:
-        raise RegistryError(f"{model_uri}: the artifacts of version {version.version} differ from those registered "
-                            f"(sha256 {found[:12]}... against {expected[:12]}... recorded); refusing to load them")
-
-
-def _download(model_uri: str) -> Path:
-    """The artifacts of ``model_uri`` in a new private temporary folder (the caller removes it), or a one-line
-    RegistryError (and no folder left)."""
-    target = Path(tempfile.mkdtemp(prefix="siamese-model-"))
-    quiet = logging.getLogger("mlflow.store.artifact.artifact_repo")  # its INFO line when nothing is found
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)
-    try:
-        mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(target), tracking_uri=tracking_uri())
-    except Exception as exc:  # the store's own errors (MLflow's, HTTP, boto's): missing objects, no answer
-        shutil.rmtree(target, ignore_errors=True)
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise RegistryError(f"{model_uri}: its artifacts could not be downloaded from the artifact store "
-                            f"({type(exc).__name__}: {reason})") from None
-    finally:
-        quiet.setLevel(level)
-    if not any(p.is_file() for p in target.rglob("*")):
-        shutil.rmtree(target, ignore_errors=True)
-        raise RegistryError(f"{model_uri}: its artifacts could not be downloaded from the artifact store "
-                            "(none found where the version points)")
-    return target
+    return integrity.checked_download(model_uri, version_of(model_uri), unsigned_ok)
 
 
 @contextmanager
@@ -234,7 +175,7 @@ def gate_lock(model_name: str):
     one, a file lock beside the SQLite store (or in the temp folder), which serialises the
     runs of this machine only.
     """
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL  # Prefect takes seconds to import: only where a lock is taken
 
     if PREFECT_API_URL.value():
         from prefect.client.orchestration import get_client
@@ -278,105 +219,71 @@ def _make_champion(mlflow_client: MlflowClient, model_name: str, version: str, a
     return None if old is None else str(old.version)
 
 
-ChampionScorer = Callable[[ModelVersion], "float | None"]
-
-
-def same_queries_scorer(train_dir: str | os.PathLike, test_dir: str | os.PathLike, metric: str) -> ChampionScorer:
-    """Score a champion version as this run's model was scored: its network embeds this run's gallery
-    images (``train_dir``) and test queries (``test_dir``), searched with its own settings.
-
-    Returns None for a champion whose gallery serves other classes than ``train_dir`` holds: it belongs
-    to another data lineage, and its figures on this data would say nothing about what it serves.
-    """
-
-    def score(champion: ModelVersion) -> float | None:
-        from siamese_core.data import scan_folder
-        from siamese_core.evaluation import evaluate
-        from siamese_core.recognizer import SiameseRecognizer
-
-        with bundle_copy(f"models:/{champion.name}/{champion.version}") as bundle:
-            recognizer = SiameseRecognizer.load(bundle)
-            gallery = scan_folder(train_dir)
-            if sorted(recognizer.gallery.class_names) != sorted(gallery.class_names):
-                return None
-            scores = evaluate(recognizer.with_gallery(gallery), test_dir, recognizer.config.evaluate.top_k)
-        return float(scores.to_dict()[metric])
-
-    return score
-
-
-def _decide(champion: ModelVersion | None, value: float, metric: str, greater_is_better: bool,
-            score_champion: ChampionScorer, baselines: dict | None) -> tuple[bool, float | None, str]:
-    """Whether the new version becomes champion, the champion's figure on the same queries, and why, in words."""
-    if baselines is not None and not baselines.get("passed"):
-        return False, None, baselines.get("sentence", "it does not beat its baselines")
-    if champion is None:
-        return True, None, f"{metric} {value:.4f}; there was no champion before"
-    previous = score_champion(champion)
-    if previous is None:
-        return True, None, (f"champion version {champion.version} serves other classes (another data lineage), so the "
-                            f"two are not compared; this version serves this data and beats its baselines, and "
-                            f"version {champion.version} stays reachable as 'previous'")
-    wins = value > previous if greater_is_better else value < previous
-    return wins, previous, (f"{metric} {value:.4f} against champion version {champion.version}'s {previous:.4f} "
-                            f"on the same test queries and gallery: {'better' if wins else 'not better'}")
+ChampionScorer = Callable[[ModelVersion], "Scores | None"]
 
 
 def apply_gate(
     mlflow_client: MlflowClient, run_id: str, model_name: str, version: str, metric: str, value: float,
-    greater_is_better: bool, score_champion: ChampionScorer, baselines: dict | None = None, rollout=None,
+    greater_is_better: bool, score_champion: ChampionScorer, baselines: dict | None = None, rollout: Plan | None = None,
 ) -> tuple[str, float | None, str]:
-    """Give ``version`` the champion alias if it beats its baselines and the champion on the same queries, else challenger.
+    """Apply the champion gate (:func:`pipelines.gate.decide`) to ``version``, whose ``metric`` is ``value``.
 
-    With a ``rollout`` plan (:class:`pipelines.rollout.Plan`, shadow or canary) a winner that has a champion to
-    replace takes ``challenger`` with the plan as tags, and reaches ``champion`` through ``siamese promote`` once it
-    has live evidence; a loser then takes no alias (the challenger's place is the live rollout's) and its decision is
-    ``rejected``. The first version of a model becomes champion in every mode.
+    ``score_champion(champion)`` scores the current champion on the queries both serve
+    (:func:`pipelines.scoring.same_queries_scorer`); it runs before the lock is taken, so a registration scoring a
+    champion holds no one up. Under the lock the champion is read again: if it moved meanwhile, the new one is scored
+    (outside the lock) and the gate decides again; so the read-decide-move is atomic, and two runs finishing at once
+    cannot leave the worse one in place. ``baselines`` is the evaluation's ``baseline_check``; ``rollout`` the plan of a
+    shadow or canary rollout, whose winner takes ``challenger`` with the plan as tags (a loser: no alias, ``rejected``).
 
-    ``score_champion(champion)`` scores the current champion on this run's queries (None: it serves other
-    classes, and a version that beats its baselines replaces it); ``baselines`` is the evaluation's
-    ``baseline_check``. The read-compare-move runs under a lock, so two runs finishing at once cannot both
-    compare against the same old champion and leave the worse one in place. The replaced champion keeps
-    the alias ``previous``. The decision, both figures and the reason are logged on run ``run_id`` and on
-    the version. Returns ``(decision, champion's figure on the same queries, reason)``.
+    The replaced champion keeps the alias ``previous``. The decision, both figures and the reason are logged on run
+    ``run_id`` and on the version. Returns ``(decision, champion's figure on the shared queries, reason)``.
     """
-    with gate_lock(model_name):
-        champion = alias_version(model_name, CHAMPION)
-        wins, previous, reason = _decide(champion, value, metric, greater_is_better, score_champion, baselines)
-        staged = rollout is not None and rollout.mode != "direct"
-        if not wins:
-            decision = REJECTED if staged else CHALLENGER
-        elif staged and previous is not None:  # a champion of the same data to replace: live traffic first
-            decision = CHALLENGER
-        else:
-            decision = CHAMPION
-        if decision == CHALLENGER and staged:
-            reason = (f"{reason}; in {rollout.mode} rollout: `siamese rollout status` shows its live evidence, "
-                      "`siamese promote` makes it champion")
-        gate = {
-            "gate.decision": decision,
-            "gate.reason": reason,
-            "gate.metric": metric,
-            "gate.value": str(value),
-            "gate.previous_champion_version": str(None if champion is None else champion.version),
-            "gate.previous_champion_value": str(previous),
-        }
-        for key, tag in gate.items():
-            mlflow_client.set_tag(run_id, key, tag)
-            mlflow_client.set_model_version_tag(model_name, version, key, tag)
-        if previous is not None:
-            mlflow_client.log_metric(run_id, f"previous_champion.{metric}", previous)
-        if decision == CHAMPION:
-            _make_champion(mlflow_client, model_name, version, "gate", reason)
-        elif decision == CHALLENGER:
-            replaced = alias_version(model_name, CHALLENGER)
-            if staged and live_plan(replaced) is not None:  # a newer winner takes the live rollout's place
-                end_rollout(mlflow_client, model_name, str(replaced.version), "replaced")
-            mlflow_client.set_registered_model_alias(model_name, CHALLENGER, version)
-            if staged:
-                for key, tag in rollout.tags().items():
-                    mlflow_client.set_model_version_tag(model_name, version, key, tag)
-    return decision, previous, reason
+    mode = "direct" if rollout is None else rollout.mode
+    champion = alias_version(model_name, CHAMPION)
+    compared = baselines is None or bool(baselines.get("passed"))  # a version that fails its baselines is not compared
+    while True:
+        scores = score_champion(champion) if champion is not None and compared else None
+        with gate_lock(model_name):
+            current = alias_version(model_name, CHAMPION)
+            if (current and current.version) == (champion and champion.version):
+                found = decide(None if champion is None else str(champion.version), value, scores, metric,
+                               greater_is_better, baselines, mode)
+                _record_decision(mlflow_client, run_id, model_name, version, metric, value, champion, found)
+                _move_for(mlflow_client, model_name, version, found, rollout)
+                return found.decision, found.previous, found.reason
+        champion = current  # it moved while the old one was scored
+
+
+def _record_decision(mlflow_client: MlflowClient, run_id: str, model_name: str, version: str, metric: str,
+                     value: float, champion: ModelVersion | None, found: Decision) -> None:
+    gate = {
+        "gate.decision": found.decision,
+        "gate.reason": found.reason,
+        "gate.metric": metric,
+        "gate.value": str(value),
+        "gate.previous_champion_version": str(None if champion is None else champion.version),
+        "gate.previous_champion_value": str(found.previous),
+    }
+    for key, tag in gate.items():
+        mlflow_client.set_tag(run_id, key, tag)
+        mlflow_client.set_model_version_tag(model_name, version, key, tag)
+    if found.previous is not None:
+        mlflow_client.log_metric(run_id, f"previous_champion.{metric}", found.previous)
+
+
+def _move_for(mlflow_client: MlflowClient, model_name: str, version: str, found: Decision, rollout: Plan | None) -> None:
+    """Move the aliases a gate decision gives ``version``."""
+    if found.decision == CHAMPION:
+        _make_champion(mlflow_client, model_name, version, "gate", found.reason)
+    elif found.decision == CHALLENGER:
+        staged = rollout if rollout is not None and rollout.mode != "direct" else None
+        replaced = alias_version(model_name, CHALLENGER)
+        if staged is not None and live_plan(replaced) is not None:  # a newer winner takes the live rollout's place
+            end_rollout(mlflow_client, model_name, str(replaced.version), "replaced")
+        mlflow_client.set_registered_model_alias(model_name, CHALLENGER, version)
+        if staged is not None:
+            for key, tag in staged.tags().items():
+                mlflow_client.set_model_version_tag(model_name, version, key, tag)
 
 
 def version_number(version: str | int) -> str:
@@ -392,10 +299,8 @@ def set_champion(model_name: str, version: str, reason: str, action: str = "prom
     """Make ``version`` the champion by hand, recording ``reason``; the old champion becomes ``previous``.
 
     A promote in shadow or canary mode (``rollout_mode``, or a live rollout of the model) needs the challenger's live
-    evidence (:func:`pipelines.rollout.check_promotion`) unless ``force``; the evidence is recorded on the version
+    evidence (:func:`check_promotion`) unless ``force``; the evidence is recorded on the version
     and its rollout ends."""
-    from . import rollout
-
     if not reason.strip():
         raise RegistryError("a reason is required: it is recorded on the version")
     version = version_number(version)
@@ -411,10 +316,10 @@ def set_champion(model_name: str, version: str, reason: str, action: str = "prom
         current = alias_version(model_name, CHAMPION)
         if current is not None and str(current.version) == str(version):
             raise RegistryError(f"version {version} of '{model_name}' is already the champion")
-        evidence = rollout.check_promotion(model_name, version, rollout_mode, force) if action == "promote" else None
+        found = check_promotion(model_name, version, rollout_mode, force) if action == "promote" else None
         old = _make_champion(mlflow_client, model_name, str(version), action, reason)
-        rollout.finish(model_name, version, evidence)
-    return {"model_name": model_name, "champion": str(version), "previous": old, "reason": reason, "evidence": evidence}
+        _finish_rollout(mlflow_client, model_name, version, found)
+    return {"model_name": model_name, "champion": str(version), "previous": old, "reason": reason, "evidence": found}
 
 
 def _check_files(model_name: str, version: str, done: str) -> None:
@@ -444,9 +349,9 @@ def repair(model_name: str, older_than_s: float = STALE_REGISTRATION_S) -> list[
         if now_ms - (version.creation_timestamp or now_ms) < older_than_s * 1000:
             continue
         mlflow_client.set_model_version_tag(model_name, version.version, "registration", "incomplete")
-        if version.run_id and mlflow_client.get_run(version.run_id).info.status == "RUNNING":
-            mlflow_client.set_tag(version.run_id, "error", f"registration of version {version.version} was interrupted")
-            mlflow_client.set_terminated(version.run_id, "FAILED")
+        run = PipelineRun(version.run_id) if version.run_id else None
+        if run is not None and run.is_open:  # ended FAILED by the one lifecycle, as any failed run
+            run.end(RegistryError(f"registration of version {version.version} was interrupted"), "register")
         marked.append(str(version.version))
     return marked
 
@@ -455,14 +360,14 @@ def sign(model_name: str, version: str) -> str:
     """Record the sha256 of a version's stored files (tag ``artifacts_sha256``) for a version registered
     before digests were recorded: trust on first use, by hand. A version that has one keeps it."""
     found = version_of(f"models:/{model_name}/{version_number(version)}")
-    if found.tags.get(ARTIFACTS_DIGEST_TAG):
+    if found.tags.get(integrity.ARTIFACTS_DIGEST_TAG):
         raise RegistryError(f"version {found.version} of {model_name} already has its digest; nothing to do")
-    local = _download(f"models:/{model_name}/{found.version}")
+    local = integrity.download(f"models:/{model_name}/{found.version}")
     try:
-        digest = tree_sha256(local, _REGISTRATION_FILES)
+        digest = integrity.stored_digest(local)
     finally:
         shutil.rmtree(local, ignore_errors=True)
-    client().set_model_version_tag(model_name, found.version, ARTIFACTS_DIGEST_TAG, digest)
+    client().set_model_version_tag(model_name, found.version, integrity.ARTIFACTS_DIGEST_TAG, digest)
     return digest
 
 
@@ -471,11 +376,10 @@ def rollback(model_name: str, reason: str) -> dict:
     return set_champion(model_name, str(_require_alias(model_name, PREVIOUS).version), reason, "rollback")
 
 
-def _log_bundle_model(run_id: str, bundle_dir: str | os.PathLike) -> tuple[str, str]:
+def _log_bundle_model(run_id: str, bundle_dir: str | os.PathLike) -> tuple[str, dict[str, str]]:
     """Log a bundle folder as the pyfunc model ``model`` of run ``run_id`` (models-from-code, no pickle),
-    checked to serve its example. Returns its model URI and the sha256 of its artifacts as stored."""
-    from .pyfunc_model import SIGNATURE, input_example, pip_requirements
-
+    checked to serve its example. Returns its model URI and the tags of what was stored: the sha256 of its
+    artifacts and the identity of its code."""
     if not Path(bundle_dir).is_dir():
         raise FileNotFoundError(f"{bundle_dir}: model bundle folder does not exist")
     if Path(bundle_dir).name != "bundle":  # MLflow stores the folder under its own name; readers look for bundle/
@@ -493,27 +397,28 @@ def _log_bundle_model(run_id: str, bundle_dir: str | os.PathLike) -> tuple[str, 
         model_id=logged.model_id,
         python_model=str(Path(__file__).with_name("served_model.py")),
         artifacts={"bundle": str(bundle_dir)},
-        code_paths=_PACKAGE_DIRS,
+        code_paths=[str(path) for path in integrity.PACKAGE_DIRS],
         signature=SIGNATURE,
         input_example=input_example(),
         pip_requirements=pip_requirements(),
     )
-    stored = _download(info.model_uri)
+    stored = integrity.download(info.model_uri)
     try:
-        digest = tree_sha256(stored, _REGISTRATION_FILES)
+        tags = {**integrity.code_tags(stored), integrity.ARTIFACTS_DIGEST_TAG: integrity.stored_digest(stored)}
         # MLflow only warns when the input example fails; a model that cannot serve is not registered.
-        _load_pyfunc(stored).predict(input_example())
+        integrity.load_pyfunc(stored).predict(input_example())
     finally:
         shutil.rmtree(stored, ignore_errors=True)
-    return info.model_uri, digest
+    return info.model_uri, tags
 
 
 def register_bundle(run_id: str, model_name: str, bundle_dir: str | os.PathLike, tags: dict[str, str] | None = None) -> str:
     """Log ``bundle_dir`` as the model of run ``run_id`` and register it as a new version of ``model_name``,
-    with the sha256 of its stored files (tag ``artifacts_sha256``). Returns the version; moves no alias."""
-    model_uri, digest = _log_bundle_model(run_id, bundle_dir)
+    with the sha256 of its stored files (tag ``artifacts_sha256``) and the identity of its code (``code.version``,
+    ``code.sha256``: :func:`pipelines.integrity.code_tags`). Returns the version; moves no alias."""
+    model_uri, stored = _log_bundle_model(run_id, bundle_dir)
     mlflow_client = client()
-    version = str(mlflow.register_model(model_uri, model_name, tags={**(tags or {}), ARTIFACTS_DIGEST_TAG: digest}).version)
+    version = str(mlflow.register_model(model_uri, model_name, tags={**(tags or {}), **stored}).version)
     if not mlflow_client.get_registered_model(model_name).description:
         mlflow_client.update_registered_model(model_name, MODEL_DESCRIPTION)
     return version
@@ -574,58 +479,16 @@ def describe_version(model_name: str, version: str, text: str) -> None:
     client().update_model_version(model_name, version, description=text)
 
 
-def enroll_and_register(model_name: str, folder: str | os.PathLike, source: str = CHAMPION, promote: bool = False,
-                        sharder: Sharder | None = None, register: RegisterConfig | None = None) -> dict:
-    """Enrol class folders into a registered version's gallery, and register the result as a new version.
-
-    ``source`` is an alias or a version number of ``model_name``. Its bundle is downloaded,
-    the images of ``folder`` (``<class>/<image>``) are embedded by its unchanged network and
-    added to its gallery, and the enlarged bundle is logged as a new run and model version,
-    both tagged ``enrolled_from=<source version>``. The run goes to the source run's experiment.
-
-    Aliases: without ``promote`` the new version takes ``enrolled`` and the champion stays where it is. With
-    ``promote`` it goes the way to champion that ``register.rollout`` sets, without the champion gate (the source's
-    test-set figure says nothing about the new classes, so the user decides): in direct mode it becomes ``champion``;
-    in shadow or canary mode it becomes the ``challenger`` of a new rollout, and reaches champion on its live evidence.
-    While a rollout is live, ``promote`` is refused (RegistryError) before anything is enrolled.
-    """
-    from siamese_core.data import scan_folder
-    from siamese_core.recognizer import SiameseRecognizer
-
-    if promote:
-        _refuse_during_rollout(model_name)
+def place_enrolled(model_name: str, version: str, promote: bool, register: RegisterConfig | None, reason: str):
+    """Give an enrolled ``version`` its alias, under the gate's lock: ``enrolled``; with ``promote``, the way to
+    champion ``register.rollout`` sets (``champion`` in direct mode, else the ``challenger`` of a new rollout, whose
+    plan it returns). RegistryError while another rollout is live (the version then keeps ``enrolled``)."""
     mlflow_client = client()
-    base = (mlflow_client.get_model_version(model_name, source) if str(source).isdigit()
-            else _require_alias(model_name, source))
-    images = scan_folder(folder)
-    tags = {"enrolled_from": str(base.version), "enrolled_folder": str(folder)}
-    experiment_id = mlflow_client.get_run(base.run_id).info.experiment_id if base.run_id else ensure_experiment("siamese")
-    run_name = f"enrol-{Path(folder).name}-into-v{base.version}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
-    with bundle_copy(f"models:/{model_name}/{base.version}") as source_bundle, tempfile.TemporaryDirectory() as tmp:
-        recognizer = SiameseRecognizer.load(source_bundle, sharder)
-        known = set(recognizer.gallery.class_names)
-        recognizer.enroll(images)
-        new_classes = [name for name in recognizer.gallery.class_names if name not in known]
-        with tracked_run(lambda: PipelineRun.create(experiment_id, run_name, tags)) as scope:
-            scope.stage = "enrol"
-            run = scope.run
-            bundle = recognizer.save(Path(tmp) / "bundle", {"enrolled_from": f"{model_name}/{base.version}"})
-            run.client.log_batch(run.run_id, params=[
-                Param(key, str(value)) for key, value in flatten(recognizer.config.model_dump(mode="json")).items()])
-            run.log_metrics({"gallery_size": len(recognizer.gallery), "classes": len(recognizer.gallery.class_names),
-                             "enrolled_images": len(images), "new_classes": len(new_classes)})
-            run.client.log_dict(run.run_id, {"folder": str(folder), "new_classes": new_classes,
-                                             "images": dict(Counter(images.label_names))}, "enrolment.json")
-            version = register_bundle(run.run_id, model_name, bundle, tags)
-            describe_version(model_name, version, (
-                f"Version {base.version} with {len(images)} images of `{folder}` enrolled into its gallery "
-                f"(new classes: {', '.join(new_classes) or 'none'}). Same network, no retraining."))
-    reason = f"enrolled {folder} into version {base.version}"
     with gate_lock(model_name):
         staged = (plan_for(register, version) if promote and register is not None and register.rollout != "direct"
                   and alias_version(model_name, CHAMPION) is not None else None)
         if promote:
-            _refuse_during_rollout(model_name, version)
+            refuse_during_rollout(model_name, version)
         if staged is not None:
             mlflow_client.set_registered_model_alias(model_name, CHALLENGER, version)
             for key, tag in staged.tags().items():
@@ -635,13 +498,10 @@ def enroll_and_register(model_name: str, folder: str | os.PathLike, source: str 
             _make_champion(mlflow_client, model_name, version, "promote", reason)
         else:
             mlflow_client.set_registered_model_alias(model_name, ENROLLED, version)
-    return {"run_id": run.run_id, "model_name": model_name, "version": version,
-            "alias": CHALLENGER if staged else CHAMPION if promote else ENROLLED, "enrolled_from": str(base.version),
-            "rollout": None if staged is None else staged.mode, "new_classes": new_classes,
-            "gallery_size": len(recognizer.gallery)}
+    return staged
 
 
-def _refuse_during_rollout(model_name: str, enrolled: str | None = None) -> None:
+def refuse_during_rollout(model_name: str, enrolled: str | None = None) -> None:
     """RegistryError while a shadow or canary rollout of ``model_name`` is live: a version made champion beside it
     would skip its evidence. An ``enrolled`` version already registered takes the alias ``enrolled`` first."""
     live = live_plan(alias_version(model_name, CHALLENGER))
@@ -654,3 +514,67 @@ def _refuse_during_rollout(model_name: str, enrolled: str | None = None) -> None
     raise RegistryError(f"not promoted: version {live.version} of '{model_name}' is live as challenger in a {live.mode} "
                         f"rollout, and every way to champion goes through it; {kept}enrol without --promote (alias "
                         f"'{ENROLLED}') and promote once the rollout has ended (`siamese rollout status`)")
+
+
+def end_rollout(mlflow_client, model_name: str, version: str, state: str, details: dict[str, str] | None = None) -> None:
+    """Record on ``version`` that its rollout ended (``state``: promoted, rolled_back or replaced), with ``details``
+    as further ``rollout.`` tags; no replica serves it as challenger after this."""
+    for key, value in {"state": state, **(details or {})}.items():
+        mlflow_client.set_model_version_tag(model_name, str(version), PLAN_PREFIX + key, value)
+
+
+def roll_back(model_name: str, version: str, reason: str, by: str) -> bool:
+    """End the live rollout of ``version`` (the alias ``challenger`` leaves it, its state becomes ``rolled_back``), under
+    the gate's lock; False when another replica or a promote ended it first."""
+    with gate_lock(model_name):
+        current = alias_version(model_name, CHALLENGER)
+        if current is None or str(current.version) != str(version) or live_plan(current) is None:
+            return False
+        mlflow_client = client()
+        mlflow_client.delete_registered_model_alias(model_name, CHALLENGER)
+        end_rollout(mlflow_client, model_name, version, "rolled_back",
+            {"rolled_back.reason": reason, "rolled_back.by": by, "rolled_back.at": now()})
+    log.warning("%s version %s rolled back: %s", model_name, version, reason)
+    return True
+
+
+def rollout_status(model_name: str) -> dict:
+    """The champion, the challenger and its live plan, the pooled counts and what promotion still lacks."""
+    champion, challenger = alias_version(model_name, CHAMPION), alias_version(model_name, CHALLENGER)
+    plan = live_plan(challenger)
+    found: dict = {"model_name": model_name, "champion": None if champion is None else str(champion.version),
+                   "challenger": None if challenger is None else str(challenger.version),
+                   "mode": None if plan is None else plan.mode, "plan": None if plan is None else asdict(plan)}
+    if plan is not None:
+        found["counts"] = pooled(challenger, signing_key())
+        found["missing"] = evidence(plan, found["counts"])
+    return found
+
+
+def check_promotion(model_name: str, version: str, mode: str, force: bool) -> dict | None:
+    """Before ``siamese promote``: in shadow or canary mode, the live evidence the challenger ``version`` has, or
+    RegistryError saying what it lacks (``force``: promote anyway, recording that). Returns the evidence to record."""
+    found = rollout_status(model_name)
+    if mode == "direct" and found["plan"] is None:
+        return None
+    if found["challenger"] != str(version) or found["plan"] is None:
+        missing = [f"version {version} is not the challenger of a live rollout, so it has no live-traffic evidence"]
+    else:
+        missing = found["missing"]
+    unverified = (found.get("counts") or {}).get("unverified")
+    if missing and not force:
+        left_out = f" (left out, no valid signature: the tallies of {', '.join(unverified)})" if unverified else ""
+        raise RegistryError(f"not promoted: {'; '.join(missing)}{left_out}. Check with `siamese rollout status`, or "
+                            "promote anyway with --force")
+    return {"mode": found["mode"] or mode, "forced": bool(missing), "missing": missing, "counts": found.get("counts")}
+
+
+def _finish_rollout(mlflow_client: MlflowClient, model_name: str, version: str, evidence_found: dict | None) -> None:
+    """After a promote: record the evidence on the version and end its rollout (alias ``challenger`` removed)."""
+    if evidence_found is not None:
+        mlflow_client.set_model_version_tag(model_name, str(version), "promote.evidence",
+                                            json.dumps(evidence_found, sort_keys=True)[:4900])
+    current = alias_version(model_name, CHALLENGER)
+    if current is not None and str(current.version) == str(version):
+        mlflow_client.delete_registered_model_alias(model_name, CHALLENGER)
+        end_rollout(mlflow_client, model_name, version, "promoted")

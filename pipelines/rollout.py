@@ -1,4 +1,7 @@
-"""Shadow and canary rollout: a challenger on live traffic before it becomes champion.
+"""Shadow and canary rollout, its rules: a challenger on live traffic before it becomes champion.
+
+Pure rules and counts, no registry call: :mod:`pipelines.registry` reads and writes the plans, tallies and aliases
+(``roll_back``, ``rollout_status``, ``check_promotion``) and calls these.
 
 With ``register.rollout: shadow`` or ``canary``, a version that passes the champion gate takes the alias
 ``challenger`` (not ``champion``) and carries its plan as version tags (``rollout.mode``, ``rollout.share``...).
@@ -36,11 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RegistryError
+from .gate import CHALLENGER, CHAMPION
 from .tracking import tracking_uri
 
 log = logging.getLogger(__name__)
 
-CHAMPION, CHALLENGER = "champion", "challenger"
 MODES = ("direct", "shadow", "canary")
 PLAN_PREFIX = "rollout."
 REPLICA_PREFIX = "rollout.replica."
@@ -71,7 +74,7 @@ class Plan:
         """The version tags that record this plan (state ``live``)."""
         values = {key: str(value) for key, value in asdict(self).items() if key != "version"}
         return {**{PLAN_PREFIX + key: value for key, value in values.items()}, PLAN_PREFIX + "state": "live",
-                PLAN_PREFIX + "started_at": _now()}
+                PLAN_PREFIX + "started_at": now()}
 
 
 def plan_for(register, version: str = "") -> Plan:
@@ -105,7 +108,8 @@ def to_challenger(plan: Plan, key: str) -> bool:
     return int.from_bytes(digest[:8], "big") < plan.share * 2**64
 
 
-def _now() -> str:
+def now() -> str:
+    """Now, as the rollout tags record it."""
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
@@ -338,74 +342,3 @@ def signing_key() -> bytes | None:
         raise RegistryError(f"{path}: the key that signs rollout tallies must be yours and readable by you only "
                             f"(chmod 600 {path}), or anyone who reads it can forge live evidence")
     return path.read_bytes().strip()
-
-
-def end(mlflow_client, model_name: str, version: str, state: str, details: dict[str, str] | None = None) -> None:
-    """Record on ``version`` that its rollout ended (``state``: promoted, rolled_back or replaced), with ``details``
-    as further ``rollout.`` tags; no replica serves it as challenger after this."""
-    for key, value in {"state": state, **(details or {})}.items():
-        mlflow_client.set_model_version_tag(model_name, str(version), PLAN_PREFIX + key, value)
-
-
-def roll_back(model_name: str, version: str, reason: str, by: str) -> bool:
-    """End the live rollout of ``version`` (the alias ``challenger`` leaves it, its state becomes ``rolled_back``), under
-    the gate's lock; False when another replica or a promote ended it first."""
-    from .registry import alias_version, client, gate_lock
-
-    with gate_lock(model_name):
-        current = alias_version(model_name, CHALLENGER)
-        if current is None or str(current.version) != str(version) or live_plan(current) is None:
-            return False
-        mlflow_client = client()
-        mlflow_client.delete_registered_model_alias(model_name, CHALLENGER)
-        end(mlflow_client, model_name, version, "rolled_back",
-            {"rolled_back.reason": reason, "rolled_back.by": by, "rolled_back.at": _now()})
-    log.warning("%s version %s rolled back: %s", model_name, version, reason)
-    return True
-
-
-def status(model_name: str) -> dict:
-    """The champion, the challenger and its live plan, the pooled counts and what promotion still lacks."""
-    from .registry import alias_version
-
-    champion, challenger = alias_version(model_name, CHAMPION), alias_version(model_name, CHALLENGER)
-    plan = live_plan(challenger)
-    found: dict = {"model_name": model_name, "champion": None if champion is None else str(champion.version),
-                   "challenger": None if challenger is None else str(challenger.version),
-                   "mode": None if plan is None else plan.mode, "plan": None if plan is None else asdict(plan)}
-    if plan is not None:
-        found["counts"] = pooled(challenger, signing_key())
-        found["missing"] = evidence(plan, found["counts"])
-    return found
-
-
-def check_promotion(model_name: str, version: str, mode: str, force: bool) -> dict | None:
-    """Before ``siamese promote``: in shadow or canary mode, the live evidence the challenger ``version`` has, or
-    RegistryError saying what it lacks (``force``: promote anyway, recording that). Returns the evidence to record."""
-    found = status(model_name)
-    if mode == "direct" and found["plan"] is None:
-        return None
-    if found["challenger"] != str(version) or found["plan"] is None:
-        missing = [f"version {version} is not the challenger of a live rollout, so it has no live-traffic evidence"]
-    else:
-        missing = found["missing"]
-    unverified = (found.get("counts") or {}).get("unverified")
-    if missing and not force:
-        left_out = f" (left out, no valid signature: the tallies of {', '.join(unverified)})" if unverified else ""
-        raise RegistryError(f"not promoted: {'; '.join(missing)}{left_out}. Check with `siamese rollout status`, or "
-                            "promote anyway with --force")
-    return {"mode": found["mode"] or mode, "forced": bool(missing), "missing": missing, "counts": found.get("counts")}
-
-
-def finish(model_name: str, version: str, evidence_found: dict | None) -> None:
-    """After a promote: record the evidence on the version and end its rollout (alias ``challenger`` removed)."""
-    from .registry import alias_version, client
-
-    mlflow_client = client()
-    if evidence_found is not None:
-        mlflow_client.set_model_version_tag(model_name, str(version), "promote.evidence",
-                                            json.dumps(evidence_found, sort_keys=True)[:4900])
-    current = alias_version(model_name, CHALLENGER)
-    if current is not None and str(current.version) == str(version):
-        mlflow_client.delete_registered_model_alias(model_name, CHALLENGER)
-        end(mlflow_client, model_name, version, "promoted")

@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from pipelines import registry
+from pipelines import enrolment, registry
 from pipelines.cli import app
 from pipelines.pyfunc_model import encode_image
 from siamese_core.errors import DatasetError
@@ -60,7 +60,7 @@ def test_enrolment_registers_a_new_version_and_moves_aliases_as_documented(bundl
     register_bundle(pipeline_params(NAME), bundle.path, metrics, bundle.history, [], {"git_commit": "x"},
                               score_champion=logged_scorer())
 
-    result = registry.enroll_and_register(NAME, new_class)
+    result = enrolment.enroll_and_register(NAME, new_class)
     assert (result["version"], result["alias"], result["enrolled_from"]) == ("2", "enrolled", "1")
     assert result["new_classes"] == ["digit 7"]
     client = MlflowClient()
@@ -155,7 +155,7 @@ def test_enrol_with_promote_goes_through_the_rollout(bundle, new_class, monkeypa
     assert client.get_registered_model(NAME).aliases == {"champion": 1, "challenger": 2}
     assert len(client.search_model_versions(f"name = '{NAME}'")) == 2  # nothing was enrolled
 
-    assert rollout.roll_back(NAME, "2", "ended by the test", "test")
+    assert registry.roll_back(NAME, "2", "ended by the test", "test")
     out = CliRunner().invoke(app, [*enrol, "--params", str(params)])
     assert out.exit_code == 0 and "version 3 (challenger), enrolled from version 1" in out.output, out.output
     assert "in canary rollout: `siamese rollout status`" in out.output

@@ -12,33 +12,37 @@ import pytest
 from mlflow import MlflowClient
 
 from pipelines import registry, tracking
+from pipelines.gate import CHALLENGER, CHAMPION, REJECTED, Scores, decide
 
 from support.models import logged_scorer
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "race"
 
-# A registration's gate in its own process, held between reading the champion and moving the alias
-# until the test creates <signals>/go. With "unlocked", the gate runs with no lock at all.
+# A registration's gate in its own process, held between reading the champion (under the lock) and moving the
+# alias until the test creates <signals>/go. With "unlocked", the gate runs with no lock at all. The champion is
+# scored before the lock is taken; the decision, under it, is where a gate is held.
 GATE = """
 import sys, time
 from pathlib import Path
 from contextlib import nullcontext
 from mlflow import MlflowClient
 from pipelines import registry
+from support.models import logged_scorer
 
 run_id, version, value, signals, hold, mode = sys.argv[1:]
+decide = registry.decide
 
-def held(champion):
-    found = MlflowClient().get_run(champion.run_id).data.metrics["top1"]
+def held(*args):
     Path(signals, f"{version}.read").touch()
     while hold == "hold" and not Path(signals, "go").exists():
         time.sleep(0.05)
-    return found
+    return decide(*args)
 
+registry.decide = held
 if mode == "unlocked":
     registry.gate_lock = lambda name: nullcontext()
-print(registry.apply_gate(MlflowClient(), run_id, "race", version, "top1", float(value), True, held)[0])
+print(registry.apply_gate(MlflowClient(), run_id, "race", version, "top1", float(value), True, logged_scorer())[0])
 """
 
 
@@ -98,10 +102,30 @@ def test_two_machines_both_beating_the_champion_leave_the_better_one(tmp_path, m
     made = _versions(client, [0.7, 0.8, 0.95])
     registry.apply_gate(client, made[0.7][0], NAME, made[0.7][1], "top1", 0.7, True, logged_scorer())
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PREFECT_API_URL": PREFECT_API_URL.value(),
-           "PYTHONPATH": str(REPO)}
+           "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
     champion = _race(tmp_path, env, made, mode)
     if mode == "locked":  # through the Prefect server's concurrency limit: the second gate waits, then beats 0.8
         assert champion == made[0.95][1]
         assert client.get_registered_model(NAME).aliases["previous"] == int(made[0.8][1])
     else:  # the same interleaving with no shared lock: both read 0.7, the worse one writes last and wins
         assert champion == made[0.8][1]
+
+
+def test_the_gate_decides_from_the_figures_alone():
+    """The decision is a pure function: no registry, no model."""
+    passed = {"passed": True}
+    assert decide(None, 0.5, None, "top1", True, passed).decision == CHAMPION  # the first version, in every mode
+    assert decide(None, 0.5, None, "top1", True, passed, "shadow").decision == CHAMPION
+    failed = decide("1", 0.9, Scores(0.1), "top1", True, {"passed": False, "sentence": "no"}, "canary")
+    assert (failed.decision, failed.reason) == (REJECTED, "no")
+    assert decide("1", 0.9, Scores(0.1), "top1", True, passed).decision == CHAMPION
+    assert decide("1", 0.9, Scores(0.1), "top1", True, passed, "shadow").decision == CHALLENGER
+    assert decide("1", 0.1, Scores(0.1), "top1", True, passed).decision == CHALLENGER  # a tie does not win
+    assert decide("1", 0.1, Scores(0.9), "top1", False, passed, "canary").decision == CHALLENGER  # lower is better
+    grown = decide("1", 0.2, Scores(0.5, 0.8, added=("digit 3",)), "top1", True, passed, "shadow")
+    assert grown.decision == CHALLENGER and grown.previous == 0.5  # its figure on the shared queries decides
+    assert "0.8000 against champion version 1's 0.5000" in grown.reason and "it adds digit 3" in grown.reason
+    assert decide("1", 0.9, Scores(0.5, 0.3), "top1", True, passed, "shadow").decision == REJECTED
+    assert decide("1", 0.9, None, "top1", True, passed).decision == CHAMPION  # another data set, direct: replaced
+    unrelated = decide("1", 0.9, None, "top1", True, passed, "shadow")
+    assert unrelated.decision == CHALLENGER and unrelated.previous is None and "another data set" in unrelated.reason

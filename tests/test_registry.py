@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from pipelines import registry, tracking
+from pipelines import integrity, registry, scoring, tracking
 from pipelines.pyfunc_model import RequestError, ServerError, encode_image
 from siamese_core.errors import BundleError
 
@@ -131,16 +131,16 @@ def test_the_champion_is_scored_on_this_runs_queries_and_one_of_other_classes_is
     _log(bundle, 0.5)
     champion = registry.alias_version("tiny-recognizer")
     train_dir, test_dir = bundle.path.parent / "data/train", bundle.path.parent / "data/test"
-    on_same_queries = registry.same_queries_scorer(train_dir, test_dir, "map_at_r")(champion)
+    on_same_queries = scoring.same_queries_scorer(bundle.path, train_dir, test_dir, "map_at_r")(champion).champion
     recognizer = SiameseRecognizer.load(bundle.path).with_gallery(scan_folder(train_dir))
     assert on_same_queries == pytest.approx(evaluate(recognizer, test_dir).map_at_r)
     assert on_same_queries != 0.5  # measured, not read from the champion's run
 
     other_train, other_test = make_digits_dataset(tmp_path / "other", classes=3, first=5)
-    assert registry.same_queries_scorer(other_train, other_test, "top1")(champion) is None
+    assert scoring.same_queries_scorer(bundle.path, other_train, other_test, "top1")(champion) is None
     result = register_bundle(
         pipeline_params(), bundle.path, {"top1": 0.1}, bundle.history, [], TAGS,
-        score_champion=registry.same_queries_scorer(other_train, other_test, "top1"),
+        score_champion=scoring.same_queries_scorer(bundle.path, other_train, other_test, "top1"),
         baselines={"passed": True, "sentence": "beats both"})
     assert result["decision"] == "champion" and "serves other classes" in result["reason"]
     assert result["previous_champion_value"] is None  # figures from other data are never compared
@@ -448,7 +448,7 @@ def test_a_version_registered_before_digests_is_read_as_data_and_served_only_onc
     from pipelines.cli import app
 
     _log(bundle, 0.5)
-    MlflowClient().delete_model_version_tag("tiny-recognizer", "1", registry.ARTIFACTS_DIGEST_TAG)
+    MlflowClient().delete_model_version_tag("tiny-recognizer", "1", integrity.ARTIFACTS_DIGEST_TAG)
     with pytest.raises(registry.RegistryError, match="siamese registry sign tiny-recognizer 1"):
         registry.load_champion("tiny-recognizer")  # its code would run: refused
     assert (registry.download_bundle("models:/tiny-recognizer@champion") / "config.json").is_file()  # data: read
@@ -523,8 +523,8 @@ def test_a_server_removes_every_download_and_backs_off_a_tampered_champion(bundl
     config = _tamper("tiny-recognizer", "2")
     MlflowClient().set_registered_model_alias("tiny-recognizer", "champion", "2")
     attempts = []
-    download = registry._download
-    monkeypatch.setattr(registry, "_download", lambda uri: attempts.append(uri) or download(uri))
+    download = integrity.download
+    monkeypatch.setattr(integrity, "download", lambda uri: attempts.append(uri) or download(uri))
     now = [0.0]
     served._retries.clock = lambda: now[0]
     with caplog.at_level(logging.WARNING, logger="pipelines.serving"):

@@ -17,15 +17,17 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from pipelines import registry, rollout
+from pipelines import registry, rollout, scoring
 from pipelines.errors import RegistryError
 from pipelines.monitoring import read_window
 from pipelines.pyfunc_model import encode_image
 from siamese_core.config import apply_overrides
-from siamese_core.recognizer import SiameseRecognizer, store_threshold
+from siamese_core.data import scan_folder
+from siamese_core.recognizer import SiameseRecognizer, build_gallery, store_threshold
 
 from support.http import HOST, free_port, stop_group, wait_until_ready
 from support.models import logged_scorer, make_tiny_bundle, pipeline_params, register_bundle, use_sqlite_store
@@ -131,7 +133,7 @@ def test_a_shadow_changes_no_answer_is_logged_with_its_agreement_and_promotes_on
         assert {version for _, version, _ in shadowed} == {"1"}
 
         def published():
-            counts = rollout.status("shadowed").get("counts")
+            counts = registry.rollout_status("shadowed").get("counts")
             return counts if counts and counts["compared"] == len(sent) else None
 
         counts = server.wait_for(published, "the shadow's tally not in the registry")
@@ -287,6 +289,51 @@ def test_in_shadow_mode_a_losing_version_takes_no_alias_and_a_newer_winner_repla
     assert _register(bundles, "gated", "tiny", 0.3)["decision"] == "challenger"  # direct mode: as before
 
 
+def test_a_version_retrained_on_feedback_with_a_new_class_goes_through_the_gate_and_the_shadow(bundles, tmp_path,
+                                                                                              monkeypatch):
+    """Feedback adds 'digit 3' to the training data; the retrained version serves four classes, the champion three.
+    It is compared with the champion on the champion's three classes (both networks scored on those queries), wins,
+    and under a shadow rollout becomes the challenger: the champion stays until promotion on live evidence."""
+    from support.images import make_digits_dataset
+
+    use_sqlite_store(monkeypatch, tmp_path)
+    train_dir, test_dir = make_digits_dataset(tmp_path / "data", classes=3)
+    make_digits_dataset(tmp_path / "data", classes=1, first=3)  # the reviewed class `siamese feedback import` adds
+    trained = SiameseRecognizer.load(bundles["tiny"])
+    known = scan_folder(train_dir)
+    new_version = trained.with_gallery(known).save(tmp_path / "retrained")
+    blind = SiameseRecognizer.load(bundles["tiny"])  # a champion whose network tells nothing apart
+    blind.embedding.set_weights([np.zeros_like(w) for w in blind.embedding.get_weights()])
+    old_classes = scoring.only(known, {"digit 0", "digit 1", "digit 2"})
+    SiameseRecognizer(blind.embedding, build_gallery(blind.embedding, old_classes), blind.config).save(tmp_path / "old")
+    params = pipeline_params("fed", rollout="shadow")
+    passed = {"passed": True, "sentence": "beats both"}
+    first = register_bundle(params, tmp_path / "old", {"top1": 0.34}, bundles["history"], [], {},
+                            score_champion=logged_scorer(), baselines=passed)
+    assert first["decision"] == "champion"
+    retrained = register_bundle(
+        params, new_version, {"top1": 1.0}, bundles["history"], [], {}, baselines=passed,
+        score_champion=scoring.same_queries_scorer(new_version, train_dir, test_dir, "top1"))
+    assert retrained["decision"] == "challenger", retrained["reason"]
+    assert "classes both serve (it adds digit 3)" in retrained["reason"]
+    assert retrained["previous_champion_value"] == pytest.approx(1 / 3)  # every query answered by one class
+    assert registry.alias_version("fed", "champion").version == 1  # unchanged
+    assert rollout.live_plan(registry.alias_version("fed", "challenger")).mode == "shadow"
+    with pytest.raises(RegistryError, match="not promoted: 0 challenger requests"):
+        registry.set_champion("fed", "2", "too early", rollout_mode="shadow")
+    _publish("fed", "2", "host-1-1", _report(_role(250, keys=30), _role(250, keys=30), 250, 240), rollout.signing_key())
+    assert registry.set_champion("fed", "2", "a week of shadow traffic", rollout_mode="shadow")["champion"] == "2"
+    assert registry.alias_version("fed", "challenger") is None and registry.alias_version("fed", "previous").version == 1
+
+    other_train, other_test = make_digits_dataset(tmp_path / "other", classes=2, first=6)  # another data set
+    other = trained.with_gallery(other_train).save(tmp_path / "other-bundle")
+    unrelated = register_bundle(
+        params, other, {"top1": 0.9}, bundles["history"], [], {}, baselines=passed,
+        score_champion=scoring.same_queries_scorer(other, other_train, other_test, "top1"))
+    assert unrelated["decision"] == "challenger" and "another data set" in unrelated["reason"]
+    assert registry.alias_version("fed", "champion").version == 2  # not compared, and still not champion at once
+
+
 def _role(requests: int, errors: int = 0, keys: int = 0, first_key: int = 0) -> dict:
     """One version's counts in a replica's tally: one-image requests from ``keys`` client keys."""
     return {"requests": requests, "images": requests, "errors": errors, "unknown": 0, "latency_ms_sum": 3.0 * requests,
@@ -382,10 +429,10 @@ def test_a_client_picks_no_version_and_one_key_makes_neither_the_rollback_nor_th
         noise = [server.ask(bundles["images"][n % 6], noisy, header="X-Proxy-Client") for n in range(70)]
         assert {(version, answer["label"]) for _, version, answer in noise} == {("2", "unknown")}
         counted = 10 + (10 if address == "2" else 0)  # each key's first 10 requests
-        server.wait_for(lambda: (rollout.status("keyed").get("counts") or {}).get("capped", 0) >= 60 + counted - 10,
+        server.wait_for(lambda: (registry.rollout_status("keyed").get("counts") or {}).get("capped", 0) >= 60 + counted - 10,
                         "the capped tally not in the registry")
         time.sleep(2.5)  # the rollback rule has run on those counts on every check since
-        counts = rollout.status("keyed")["counts"]
+        counts = registry.rollout_status("keyed")["counts"]
         assert counts["challenger"]["requests"] == counted and counts["challenger"]["unknown_rate"] == 1.0
         assert registry.alias_version("keyed", "challenger").version == 2
         assert registry.client().get_model_version("keyed", "2").tags["rollout.state"] == "live"
@@ -396,7 +443,7 @@ def test_a_client_picks_no_version_and_one_key_makes_neither_the_rollback_nor_th
         one = next(f"proxy-{n}" for n in range(100) if rollout.to_challenger(plan, f"proxy-{n}"))
         answered = [server.ask(bundles["images"][n % 6], one, header="X-Proxy-Client")[1] for n in range(210)]
         assert set(answered) == {"3"}
-        server.wait_for(lambda: (rollout.status("keyed").get("counts") or {}).get("capped") == 200,
+        server.wait_for(lambda: (registry.rollout_status("keyed").get("counts") or {}).get("capped") == 200,
                         "the capped tally not in the registry")
         shown = subprocess.run([SIAMESE, "rollout", "status", "keyed"], capture_output=True, text=True,
                                env={**os.environ, "MLFLOW_TRACKING_URI": uri})

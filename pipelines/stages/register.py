@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pandas as pd
+
 from siamese_core.data import scan_folder
 from siamese_core.errors import DatasetError
 from siamese_core.evaluation_report import EvaluationReport
@@ -15,7 +17,7 @@ from siamese_core.recognizer import store_threshold
 from siamese_core.reference import REFERENCE_FILE
 from siamese_core.report import report_images, write_html
 
-from .. import registry, tracking
+from .. import registry, scoring, tracking
 from ..card import changed_params, model_card, run_summary
 from ..files import read_json, write_json
 from ..pipeline import (
@@ -34,6 +36,7 @@ from ..pipeline import (
     VALIDATION_TEXT,
     StageContext,
 )
+from ..pyfunc_model import encode_image
 
 log = logging.getLogger(__name__)
 COUNT_KEYS = ("episodes", "n_way", "k_shot", "n_queries", "n_known", "n_unknown", "size")
@@ -70,8 +73,8 @@ def run(ctx: StageContext) -> dict:
         shutil.copy(ctx.path(REFERENCE), bundle / REFERENCE_FILE)
         result = registry.log_and_register(
             run, params, bundle, metrics, artifacts, {"data_hash": data},
-            score_champion=registry.same_queries_scorer(params.data.train_dir, params.data.test_dir,
-                                                        params.register.metric),
+            score_champion=scoring.same_queries_scorer(bundle, params.data.train_dir, params.data.test_dir,
+                                                       params.register.metric),
             baselines=evaluation.baseline_check.to_dict())
     lineage = {"MLflow run": f"{mlflow_run.info.run_name} ({run.run_id})",
                **{key: value for key, value in mlflow_run.data.tags.items() if key in LINEAGE_TAGS}}
@@ -95,10 +98,6 @@ def run(ctx: StageContext) -> dict:
 
 def _try_champion(params) -> dict:
     """The champion's answer for the first test image, loaded and asked as a served model is."""
-    import pandas as pd
-
-    from ..pyfunc_model import encode_image
-
     test = scan_folder(params.data.test_dir)
     champion = registry.load_champion(params.register.model_name)
     answer = champion.predict(pd.DataFrame({"image": [encode_image(test.paths[0])]})).iloc[0]

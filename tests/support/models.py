@@ -64,9 +64,10 @@ def use_sqlite_store(monkeypatch, root: Path) -> str:
 
 def logged_scorer(metric: str = "top1"):
     """A champion scorer for registrations that share one test split: the champion's own logged figure."""
+    from pipelines.gate import Scores
     from pipelines.tracking import client
 
-    return lambda champion: client().get_run(champion.run_id).data.metrics.get(metric)
+    return lambda champion: Scores(client().get_run(champion.run_id).data.metrics[metric])
 
 
 def pipeline_params(model_name: str = "tiny-recognizer", **register) -> PipelineParams:
