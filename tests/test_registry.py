@@ -222,7 +222,7 @@ def test_champion_rejects_paths_non_images_and_oversized_requests(bundle, store,
     assert huge.message.startswith("row 1: refused, image too large (9000x9000 pixels, over the limit of 40000000")
     assert huge.get_http_status_code() == 400
     monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "0")
-    assert refused([good, good]).message.startswith("stopped at image 0 of 2: the request ran past the server's time")
+    assert refused([good, good]).message.startswith("stopped at image 0 of 2: the request ran past its time")
     monkeypatch.setenv("SIAMESE_MAX_REQUEST_ROWS", "many")
     failed = refused([good], ServerError)
     assert failed.get_http_status_code() == 500 and "server log" in failed.message
