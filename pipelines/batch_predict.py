@@ -30,7 +30,7 @@ from siamese_core.io import atomic_path
 from siamese_core.sharding import connect, shards
 
 from .inference_log import ModelIdentity, filesystem, judged
-from .registry import download_bundle
+from .registry import download_bundle, model_identity
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 DEFAULT_SHARD_SIZE = 512
@@ -177,4 +177,4 @@ def predict_with(model_uri: str, input_uri: str, out: str | os.PathLike, dask_ad
     """:func:`predict_batch` with a bundle folder or a registered version (``models:/NAME@alias``), downloaded here;
     its rows name the version. The code of ``siamese predict-batch`` and of the batch-prediction flow."""
     bundle = download_bundle(model_uri) if model_uri.startswith("models:/") else Path(model_uri)
-    return predict_batch(input_uri, out, bundle, ModelIdentity.of(model_uri), dask_address, shard_size, progress)
+    return predict_batch(input_uri, out, bundle, model_identity(model_uri), dask_address, shard_size, progress)

@@ -6,18 +6,40 @@ TensorFlow is imported inside the commands, so ``siamese --help`` answers at onc
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
 
+import psutil
 import typer
+from filelock import FileLock, Timeout
 
+from pipelines import pipeline
+from pipelines.demo_data import write_demo_data
+from pipelines.feedback import import_feedback
+from pipelines.inference_log import judged, open_log
+from pipelines.labelstudio import LabelStudio, pull_labels, push_review
+from pipelines.params import DataConfig, PipelineParams, library_config, load_params
 from pipelines.process import existing, import_tensorflow_quietly, quiet_libraries, showing_progress
 from pipelines.process import fail as _fail
 from pipelines.process import guarded as _run
+from pipelines.supervisor import bind_problem
+from pipelines.supervisor import stop as stop_group
+from siamese_core import sharding
+from siamese_core.config import parse_set_options
+from siamese_core.data import scan_folder
+from siamese_core.errors import BundleError, ConfigError, DatasetError
+from siamese_core.evaluation_report import summary
+from siamese_core.io import ensure_writable
+from siamese_core.validation import validate_folder
 
 app = typer.Typer(
     help="Siamese triplet-loss image recogniser: train on class folders, recognise new images "
@@ -45,7 +67,6 @@ ParamsOption = Annotated[Path | None, typer.Option(
 
 def _check_model(model: str) -> None:
     """A local bundle path must be a folder (a registry URI is checked when it is downloaded)."""
-    from siamese_core.errors import BundleError
 
     if not model.startswith("models:/") and not Path(model).is_dir():
         raise BundleError.not_a_folder(model)
@@ -55,7 +76,7 @@ def _bundle_path(model: str) -> Path:
     """A local bundle folder, downloading it from the MLflow registry for a ``models:/`` URI."""
     if not model.startswith("models:/"):
         return Path(model)
-    from pipelines.registry import download_bundle
+    from pipelines.registry import download_bundle  # lazy: MLflow loads in seconds
 
     return download_bundle(model)
 
@@ -65,7 +86,6 @@ def _check_dataset(train_dir: Path, test_dir: Path, params: Path | None) -> None
 
     With a params file, its ``data`` section sets the levels and limits, as in the validate stage.
     """
-    from pipelines.params import DataConfig, load_params
 
     report = (load_params(params).data if params else DataConfig()).validation(train_dir, test_dir)
     _refuse_or_warn(report, f"dataset validation failed with {len(report.errors)} errors "
@@ -74,7 +94,6 @@ def _check_dataset(train_dir: Path, test_dir: Path, params: Path | None) -> None
 
 def _check_gallery_folder(folder: Path) -> None:
     """The checks a training folder gets, for a folder to enrol or search: every problem in one error."""
-    from siamese_core.validation import validate_folder
 
     report = validate_folder(folder)
     _refuse_or_warn(report, f"{folder}: {len(report.errors)} problems, nothing was enrolled or searched")
@@ -82,7 +101,6 @@ def _check_gallery_folder(folder: Path) -> None:
 
 def _refuse_or_warn(report, headline: str) -> None:
     """A DatasetError with ``headline`` and the report when it has errors; else its warnings on stderr."""
-    from siamese_core.errors import DatasetError
 
     if not report.ok:
         raise DatasetError(f"{headline}:\n{report.text(max_paths=20)}")
@@ -122,7 +140,6 @@ def train(
     settings = {}
 
     def check():
-        from pipelines.params import library_config
 
         extra = [*(set_ or []), *([f"train.epochs={epochs}"] if epochs else [])]
         settings["config"] = library_config(params, preset, extra)
@@ -130,17 +147,12 @@ def train(
         existing(test_dir, "--test", "folder")
 
     def body():
-        import shutil
 
-        from filelock import Timeout
 
-        from siamese_core.data import scan_folder
-        from siamese_core.distribute import is_chief, worker_slice
-        from siamese_core.errors import ConfigError
-        from siamese_core.evaluation import check_baselines
-        from siamese_core.io import ensure_writable
-        from siamese_core.recognizer import SiameseRecognizer, save_trained_bundle
-        from siamese_core.train import train as run_training
+        from siamese_core.distribute import is_chief, worker_slice  # lazy: TensorFlow
+        from siamese_core.evaluation import check_baselines  # lazy: TensorFlow
+        from siamese_core.recognizer import SiameseRecognizer, save_trained_bundle  # lazy: TensorFlow
+        from siamese_core.train import train as run_training  # lazy: TensorFlow
 
         config = settings["config"]
         progress = 1 if sys.stdout.isatty() else 2  # a pipe gets one plain line per epoch, no bars
@@ -199,7 +211,6 @@ def tune(
     """
 
     def check():
-        from siamese_core.config import parse_set_options
 
         settings["pins"] = parse_set_options(set_ or [])
         existing(train_dir, "--train", "folder")
@@ -208,8 +219,8 @@ def tune(
                 existing(folder, name, "folder")
 
     def body():
-        from pipelines.tuning import summary_text
-        from pipelines.tuning import tune as run_study
+        from pipelines.tuning import summary_text  # lazy: Optuna and MLflow load in seconds
+        from pipelines.tuning import tune as run_study  # lazy: Optuna and MLflow load in seconds
 
         result = run_study(train_dir, out, minutes, trials, test_dir, heldout_dir, params, settings["pins"],
                            dask_address, parallel=parallel, progress=sys.stderr.isatty())
@@ -236,15 +247,15 @@ def predict(
     unknown classes, the unknown score; above the threshold the class is 'unknown')."""
 
     def body():
-        from pipelines.inference_log import judged, open_log
-        from siamese_core.recognizer import SiameseRecognizer
+        from pipelines.registry import model_identity  # lazy: MLflow loads in seconds
+        from siamese_core.recognizer import SiameseRecognizer  # lazy: TensorFlow
 
         if gallery is not None:
             _check_gallery_folder(gallery)
         recognizer = SiameseRecognizer.load(_bundle_path(model))
         if gallery is not None:
             recognizer = recognizer.with_gallery(gallery, progress=True)
-        inference_log = open_log(_monitoring(params), model, "cli") if log else None
+        inference_log = open_log(_monitoring(params), model_identity(model), "cli") if log else None
         started = time.perf_counter()
         queries = recognizer.embed([str(p) for p in images])
         matches = recognizer.match(queries, top_k=top_k)
@@ -266,7 +277,6 @@ def predict(
         for image in images:
             existing(image, "IMAGES", "file")
         if log and _monitoring(params).log_location() is None:
-            from siamese_core.errors import ConfigError
 
             raise ConfigError("--log: monitoring.log_uri is null in the params file; set a folder or s3:// URI")
         if gallery is not None:
@@ -301,10 +311,8 @@ def evaluate(
     """
 
     def body():
-        from siamese_core import sharding
-        from siamese_core.data import scan_folder
-        from siamese_core.evaluation import assess_bundle
-        from siamese_core.recognizer import SiameseRecognizer
+        from siamese_core.evaluation import assess_bundle  # lazy: TensorFlow
+        from siamese_core.recognizer import SiameseRecognizer  # lazy: TensorFlow
 
         with sharding.on_dask(sharding.dask_address(dask_address)) as sharder, \
                 showing_progress("siamese_core.evaluation"):
@@ -337,7 +345,6 @@ def _views(count: int) -> str:
 def _evaluation_text(report) -> str:
     """An :class:`~siamese_core.evaluation_report.EvaluationReport` as the lines a person reads: figures,
     baselines, threshold, held-out classes."""
-    from siamese_core.evaluation_report import summary
 
     def figures(scores) -> str:
         return "  ".join(f"{key} {value:.4f}" for key, value in summary(scores).items() if key != "macro_precision")
@@ -370,10 +377,7 @@ def _bundle_lock(bundle: Path, timeout: float):
     """The lock of a bundle folder: one writer at a time among this machine's processes ('siamese train' and
     'siamese enroll' take it). It lives in the temporary folder, keyed by the bundle's path, so the bundle's
     folder holds nothing but bundles."""
-    import hashlib
-    import tempfile
 
-    from filelock import FileLock
 
     key = hashlib.sha256(str(bundle.resolve()).encode()).hexdigest()[:16]
     return FileLock(Path(tempfile.gettempdir()) / f"siamese-bundle-{key}.lock", timeout=timeout)
@@ -401,7 +405,6 @@ def enroll(
     """
 
     def body():
-        from siamese_core import sharding
 
         with sharding.on_dask(sharding.dask_address(dask_address)) as sharder:
             enrol(sharder)
@@ -411,7 +414,7 @@ def enroll(
         if model.startswith("models:/"):
             if out is not None:
                 _fail("--out is for a bundle folder; a registry model gets a new version instead")
-            from pipelines.enrolment import enroll_and_register
+            from pipelines.enrolment import enroll_and_register  # lazy: TensorFlow
 
             name, _, source = model.removeprefix("models:/").partition("@")
             if not source:
@@ -427,7 +430,7 @@ def enroll(
             return
         if promote:
             _fail("--promote is for a registry model (models:/NAME@ALIAS)")
-        from siamese_core.recognizer import SiameseRecognizer
+        from siamese_core.recognizer import SiameseRecognizer  # lazy: TensorFlow
 
         with _bundle_lock(Path(out or model), timeout=-1):  # another enrolment into it finishes first, then this one
             recognizer = SiameseRecognizer.load(model, sharder)
@@ -459,9 +462,7 @@ def demo_data(
     """
 
     def body():
-        import subprocess
 
-        from pipelines.demo_data import write_demo_data
 
         if out.is_dir() and any(out.iterdir()):
             typer.echo(f"{out} already holds data; nothing written")
@@ -495,7 +496,7 @@ def promote(
     (`siamese rollout status`); the evidence is recorded on the version and the rollout ends."""
 
     def body():
-        from pipelines.registry import set_champion
+        from pipelines.registry import set_champion  # lazy: MLflow loads in seconds
 
         done = set_champion(model_name, version, reason, rollout_mode=_settings(params).register.rollout, force=force)
         evidence = done["evidence"]
@@ -544,7 +545,6 @@ def serve(
 
 def _settings(params: Path | None):
     """The params of ``params`` (or of $SIAMESE_PARAMS or ./params.yaml; the defaults where there is none)."""
-    from pipelines.params import PipelineParams, load_params
 
     if params is None and not os.environ.get("SIAMESE_PARAMS") and not Path("params.yaml").is_file():
         return PipelineParams()
@@ -558,8 +558,6 @@ def _monitoring(params: Path | None):
 
 def _port_check(host: str, port: int) -> None:
     """A one-line ConfigError naming --port when ``host:port`` cannot be listened on (in use, not allowed)."""
-    from pipelines.supervisor import bind_problem
-    from siamese_core.errors import ConfigError
 
     problem = bind_problem(port, host)
     if problem is not None:
@@ -577,18 +575,14 @@ def ui(
     """
 
     def body():
-        import subprocess
 
-        import psutil
 
-        from pipelines.supervisor import stop as stop_group
-        from pipelines.tracking import ensure_experiment, tracking_uri
+        from pipelines.tracking import ensure_experiment, tracking_uri  # lazy: MLflow loads in seconds
 
         uri = tracking_uri()
         if uri.startswith("http"):
             typer.echo(f"the tracking server's UI: {uri.rstrip('/')}")
             return
-        from pipelines.params import load_params
 
         experiment = ensure_experiment(load_params().register.experiment) if Path("params.yaml").is_file() else "0"
         typer.echo(f"MLflow UI: http://127.0.0.1:{port}/#/experiments/{experiment}?workflowType=machine_learning "
@@ -614,7 +608,7 @@ def rollback(
     """Make the 'previous' version the champion again; the rolled-back one becomes 'previous'."""
 
     def body():
-        from pipelines.registry import rollback as roll_back
+        from pipelines.registry import rollback as roll_back  # lazy: MLflow loads in seconds
 
         done = roll_back(model_name, reason)
         typer.echo(f"{model_name}: rolled back to version {done['champion']} (previous: {done['previous']}); "
@@ -635,7 +629,7 @@ def registry_sign(
     before digests were recorded, when you trust what the artifact store holds now."""
 
     def body():
-        from pipelines.registry import sign
+        from pipelines.registry import sign  # lazy: MLflow loads in seconds
 
         digest = sign(model_name, version)
         typer.echo(f"{model_name} version {int(version)}: artifacts_sha256 {digest} recorded")
@@ -653,7 +647,7 @@ def registry_repair(
     """Mark versions left by registrations killed midway: tag registration=incomplete, end their runs FAILED."""
 
     def body():
-        from pipelines.registry import repair
+        from pipelines.registry import repair  # lazy: MLflow loads in seconds
 
         marked = repair(model_name, older_than)
         typer.echo(f"{model_name}: marked {len(marked)} incomplete version(s)" +
@@ -663,9 +657,8 @@ def registry_repair(
 
 
 def _stage_names() -> list[str]:
-    from pipelines.pipeline import STAGES
 
-    return list(STAGES)
+    return list(pipeline.STAGES)
 
 
 @app.command()
@@ -683,9 +676,8 @@ def stage(
     """
 
     def body():
-        import logging
 
-        from pipelines.runner import run_alone
+        from pipelines.runner import run_alone  # lazy: MLflow loads in seconds
 
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         run_alone(name, settings["params"])
@@ -693,13 +685,9 @@ def stage(
     settings = {}
 
     def check():
-        from pipelines.params import load_params
-        from pipelines.pipeline import STAGES
-        from siamese_core.config import parse_set_options
-        from siamese_core.errors import ConfigError
 
-        if name not in STAGES:
-            raise ConfigError(f"no stage '{name}': the stages are {', '.join(STAGES)}")
+        if name not in pipeline.STAGES:
+            raise ConfigError(f"no stage '{name}': the stages are {', '.join(pipeline.STAGES)}")
         settings["params"] = load_params(params, parse_set_options(set_ or []))
 
     _run(body, check=check)  # every stage loads TensorFlow (MLflow imports Keras): quietly, after the checks
@@ -719,10 +707,8 @@ def dvc_yaml(
     """
 
     def body():
-        from pipelines.params import load_params
-        from pipelines.pipeline import dvc_yaml as render
 
-        text = render(load_params(params))
+        text = pipeline.dvc_yaml(load_params(params))
         current = Path("dvc.yaml").read_text(encoding="utf-8") if Path("dvc.yaml").is_file() else ""
         if check:
             if current != text:
@@ -750,9 +736,8 @@ def rollout_status(
     rates, latency; and what promoting the challenger still needs."""
 
     def body():
-        import json
 
-        from pipelines import registry
+        from pipelines import registry  # lazy: MLflow loads in seconds
 
         found = registry.rollout_status(model_name or _settings(params).register.model_name)
         if as_json:
@@ -802,7 +787,7 @@ def flows_serve(params: ParamsOption = None) -> None:
     """
 
     def body():
-        from pipelines.flows import serve as serve_flows
+        from pipelines.flows import serve as serve_flows  # lazy: Prefect and MLflow load in seconds
 
         serve_flows(str(params or "params.yaml"))
 
@@ -819,8 +804,8 @@ def flows_monitor(
     against its reference; shadow and canary records counted apart; where a drift event went; the report."""
 
     def body():
-        from pipelines.flows import monitoring_flow
-        from pipelines.monitoring_run import rollout_line
+        from pipelines.flows import monitoring_flow  # lazy: Prefect and MLflow load in seconds
+        from pipelines.monitoring_run import rollout_line  # lazy: Prefect and MLflow load in seconds
 
         result = monitoring_flow(str(params or "params.yaml"), window_hours)
         figures = ", ".join(f"{key} {value:.4g}" for key, value in result["figures"].items() if value is not None)
@@ -853,7 +838,6 @@ def review_push(label_studio: LabelStudioOption, params: ParamsOption = None) ->
     """Send the pending review images (not sent before) as tasks, the model's answer pre-annotated."""
 
     def body():
-        from pipelines.labelstudio import LabelStudio, push_review
 
         done = push_review(_review_dir(params), LabelStudio(label_studio))
         for line in done["skipped"]:
@@ -868,7 +852,6 @@ def review_pull(label_studio: LabelStudioOption, params: ParamsOption = None) ->
     """Move the images labelled in Label Studio to labelled/<class>/, ready for `siamese feedback import`."""
 
     def body():
-        from pipelines.labelstudio import LabelStudio, pull_labels
 
         settings = _settings(params)
         done = pull_labels(settings.monitoring.review_dir, LabelStudio(label_studio), train_dir=settings.data.train_dir)
@@ -905,7 +888,6 @@ def feedback_import(
     """
 
     def body():
-        from pipelines.feedback import import_feedback
 
         settings = _settings(params)
         source = labelled or Path(settings.monitoring.review_dir) / "labelled"
@@ -937,7 +919,7 @@ def gallery_list(
     """The gallery's classes with their image counts (with --images, each entry)."""
 
     def body():
-        from pipelines import gallery_ops
+        from pipelines import gallery_ops  # lazy: MLflow loads in seconds
 
         gallery = gallery_ops.read_gallery(model)
         found = gallery_ops.entries(gallery) if images else gallery_ops.class_counts(gallery)
@@ -954,7 +936,7 @@ def gallery_list(
 
 
 def _gallery_edit(model: str, edit, params: Path | None) -> None:
-    from pipelines import gallery_ops
+    from pipelines import gallery_ops  # lazy: MLflow loads in seconds
 
     if not model.startswith("models:/"):
         _check_model(model)
@@ -986,7 +968,7 @@ def gallery_remove(
     champion through the gate's checks when edited from the champion."""
 
     def body():
-        from pipelines.gallery_ops import Edit
+        from pipelines.gallery_ops import Edit  # lazy: MLflow loads in seconds
 
         if not classes and not image:
             _fail("give --class or --image: what to remove")
@@ -1006,7 +988,7 @@ def gallery_relabel(
     """Rename a class (or merge it into another). A registered model gets a new version, as with remove."""
 
     def body():
-        from pipelines.gallery_ops import Edit
+        from pipelines.gallery_ops import Edit  # lazy: MLflow loads in seconds
 
         _gallery_edit(model, Edit(reason, renames={old: new}), params)
 
@@ -1027,8 +1009,7 @@ def predict_batch(
     shards already written; an unreadable image is a row with its error."""
 
     def body():
-        from pipelines.batch_predict import predict_with
-        from siamese_core import sharding
+        from pipelines.batch_predict import predict_with  # lazy: TensorFlow
 
         uri = model or f"models:/{_settings(params).register.model_name}@champion"
         _check_model(uri)
@@ -1054,7 +1035,7 @@ def erase(
     review queue, the stage cache and run workspaces; an audit record goes to the <experiment>-erasure experiment."""
 
     def body():
-        from pipelines import erasure
+        from pipelines import erasure  # lazy: MLflow loads in seconds
 
         settings = _settings(params)
         if not name and not digests:

@@ -19,12 +19,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from prefect import get_run_logger, task
 from prefect import serve as prefect_serve
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.events import DeploymentEventTrigger
 from prefect.flows import Flow
 from prefect.runtime import flow_run
+from prefect.schedules import Cron
+from prefect.settings import PREFECT_API_URL
+from prefect.utilities.annotations import unmapped
+from prefect_dask import DaskTaskRunner
 
 from siamese_core import sharding
 from siamese_core.evaluation_report import EvaluationReport
@@ -35,8 +41,12 @@ from .card import run_summary
 from .deployments import deployments
 from .errors import PIPELINE_USER_ERRORS, PrefectServerError
 from .files import read_json
+from .inference_log import attach, open_log
 from .params import MonitoringConfig, PipelineParams, load_params
-from .process import quiet_libraries
+from .process import import_tensorflow_quietly, quiet_libraries
+from .pyfunc_model import encode_image
+from .registry import alias_version, champion_uri, load_champion, model_identity
+from .tracking import client, data_hash, pipeline_run, ui_links
 
 RUNS = Path("runs")
 
@@ -83,8 +93,6 @@ def dask_sharding(params: PipelineParams) -> Iterator[Sharder | None]:
     if address is None:
         yield None
         return
-    from prefect.utilities.annotations import unmapped
-    from prefect_dask import DaskTaskRunner
 
     sharding.check_scheduler(address, params.compute.dask_connect_timeout)  # a scheduler that is not there: one line
     with DaskTaskRunner(address=address, client_kwargs={"timeout": params.compute.dask_connect_timeout}) as runner:
@@ -98,7 +106,6 @@ def dask_sharding(params: PipelineParams) -> Iterator[Sharder | None]:
 
 def publish_artifacts(record: dict, workspace: Path, experiment_id: str) -> None:
     """The flow run's Prefect artifacts: the decision with links (markdown) and per-class accuracy (table)."""
-    from .tracking import ui_links
 
     run_link, version_link = ui_links(experiment_id, record)
     metrics = read_json(workspace / pipeline.METRICS)
@@ -167,7 +174,6 @@ def training_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | 
     command, params and input contents are unchanged since some earlier run is reused from
     the cache. A failure ends the MLflow run FAILED with the error; nothing is registered.
     """
-    from .tracking import pipeline_run
 
     send_stage_logs_to_prefect()
     params = load_params(params_path, overrides)
@@ -189,7 +195,6 @@ def training_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | 
 @task(name="data-hash")
 def data_hash_task(params: PipelineParams) -> str:
     """The content hash of the data folders."""
-    from .tracking import data_hash
 
     return data_hash(params)
 
@@ -202,8 +207,6 @@ def _worth_retrying(task, task_run, state) -> bool:
 @task(name="champion-data-hash", retries=2, retry_delay_seconds=5, retry_condition_fn=_worth_retrying)
 def champion_data_hash(model_name: str) -> tuple[str, str | None] | None:
     """The champion's version and the ``data_hash`` tag of its run, or None when there is no champion."""
-    from .registry import alias_version
-    from .tracking import client
 
     version = alias_version(model_name)
     if version is None:
@@ -215,18 +218,13 @@ def champion_data_hash(model_name: str) -> tuple[str, str | None] | None:
 def predict_task(images: list[str], model_name: str, monitoring: MonitoringConfig | None = None) -> list[dict]:
     """Recognise image files with the champion, sending them base64-encoded as a served model gets them; its
     answers go to the inference log that ``monitoring`` names (None: not logged)."""
-    import pandas as pd
 
-    from .inference_log import attach, open_log
-    from .process import import_tensorflow_quietly
-    from .pyfunc_model import encode_image
-    from .registry import champion_uri, load_champion
 
     if not images:
         return []
     import_tensorflow_quietly()
     champion = load_champion(model_name)
-    inference_log = attach(champion, open_log(monitoring, champion_uri(model_name), "flow") if monitoring else None)
+    inference_log = attach(champion, open_log(monitoring, model_identity(champion_uri(model_name)), "flow") if monitoring else None)
     answers = champion.predict(pd.DataFrame({"image": [encode_image(p) for p in images]}))
     if inference_log is not None:
         inference_log.close()
@@ -294,9 +292,6 @@ def serve(params_path: str = "params.yaml") -> None:
     Scheduled runs need a Prefect server (``prefect server start``, ``PREFECT_API_URL`` set): without one
     it stops at once with a PrefectServerError that says so.
     """
-    from prefect.events import DeploymentEventTrigger
-    from prefect.schedules import Cron
-    from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
         raise PrefectServerError(f"scheduled runs need a Prefect server (PREFECT_API_URL is not set): {START_A_SERVER}")

@@ -37,9 +37,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from siamese_core.data import UNKNOWN
 
@@ -85,23 +87,10 @@ class ModelIdentity:
     version: str
     alias: str | None = None
 
-    @classmethod
-    def of(cls, model_uri: str) -> ModelIdentity:
-        """The identity of ``models:/NAME@alias``, ``models:/NAME/3`` or a local bundle folder."""
-        if not model_uri.startswith("models:/"):
-            return cls(name=os.path.basename(os.path.normpath(model_uri)), version="local")
-        from .registry import version_of
-
-        version = version_of(model_uri)
-        alias = model_uri.partition("@")[2] or None
-        return cls(name=version.name, version=str(version.version), alias=alias)
-
 
 def filesystem(uri: str):
     """The fsspec filesystem and root path of a folder or URI; an ``s3://`` one uses the stack's endpoint
     (``$MLFLOW_S3_ENDPOINT_URL``) and gives up on an unreachable server within seconds, not minutes."""
-    import fsspec
-
     options: dict[str, Any] = {}
     if uri.startswith("s3://"):
         options = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 30, "retries": {"max_attempts": 2}}}
@@ -125,8 +114,6 @@ def _private(path: str, flags: int) -> int:
 
 
 def _dimensions(data: bytes) -> tuple[int | None, int | None]:
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(data)) as image:  # the header only
             return image.size
@@ -381,8 +368,6 @@ def _write_private(path: str, data: bytes) -> None:
 
 
 def _extension(image: bytes) -> str:
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(image)) as opened:
             return "." + (opened.format or "img").lower().replace("jpeg", "jpg")
@@ -390,10 +375,10 @@ def _extension(image: bytes) -> str:
         return ".img"
 
 
-def open_log(settings: MonitoringConfig, model_uri: str, source: str) -> InferenceLog | None:
+def open_log(settings: MonitoringConfig, identity: ModelIdentity, source: str) -> InferenceLog | None:
     """The inference log for answers of ``model_uri``, or None when logging is off."""
     uri = settings.log_location()
-    return InferenceLog(uri, settings, ModelIdentity.of(model_uri), source) if uri else None
+    return InferenceLog(uri, settings, identity, source) if uri else None
 
 
 def attach(model, inference_log: InferenceLog | None) -> InferenceLog | None:

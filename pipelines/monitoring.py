@@ -24,6 +24,7 @@ after the window's end, versions the registry does not hold.
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 from collections import Counter
@@ -291,13 +292,11 @@ def assess_traffic(table: pa.Table, reference: ReferenceProfile | None, settings
 
 def _distance_chart(report: TrafficReport, reference: ReferenceProfile | None) -> str:
     """The window's nearest distances against the reference's, as an inline PNG (base64)."""
-    import base64
-
     # matplotlib loads slowly: only when a report is drawn
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the file-only backend
 
     figure, axis = plt.subplots(figsize=(7, 3.2))
     both = report.distances if reference is None else np.r_[report.distances, reference.nearest_distances]

@@ -38,6 +38,7 @@ from siamese_core.errors import ConfigError
 from . import integrity
 from .errors import NoChampionError, RegistryError
 from .gate import CHALLENGER, CHAMPION, ENROLLED, PREVIOUS, Decision, Scores, decide
+from .inference_log import ModelIdentity
 from .params import PipelineParams, RegisterConfig
 from .pyfunc_model import SIGNATURE, input_example, pip_requirements
 from .rollout import PLAN_PREFIX, Plan, evidence, live_plan, now, plan_for, pooled, signing_key
@@ -155,6 +156,15 @@ def version_of(model_uri: str) -> ModelVersion:
     return _require_alias(name, alias) if alias else client().get_model_version(name, version_number(rest))
 
 
+def model_identity(model_uri: str) -> ModelIdentity:
+    """Which model ``models:/NAME@alias``, ``models:/NAME/3`` or a local bundle folder is, as the inference log
+    records it (a folder's version is "local")."""
+    if not model_uri.startswith("models:/"):
+        return ModelIdentity(name=os.path.basename(os.path.normpath(model_uri)), version="local")
+    version = version_of(model_uri)
+    return ModelIdentity(name=version.name, version=str(version.version), alias=model_uri.partition("@")[2] or None)
+
+
 def verified_download(model_uri: str, unsigned_ok: bool = False) -> Path:
     """A fresh local copy of a registered version (``models:/name/3`` or ``models:/name@alias``) whose files
     match the sha256 recorded on the version when it was registered (tag ``artifacts_sha256``).
@@ -178,6 +188,7 @@ def gate_lock(model_name: str):
     from prefect.settings import PREFECT_API_URL  # Prefect takes seconds to import: only where a lock is taken
 
     if PREFECT_API_URL.value():
+        # the same lazy Prefect, for the server's concurrency limit
         from prefect.client.orchestration import get_client
         from prefect.concurrency.sync import concurrency
         from prefect.exceptions import PrefectHTTPStatusError

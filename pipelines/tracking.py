@@ -32,6 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
+from siamese_core.data import scan_folder
 from siamese_core.errors import ConfigError
 from siamese_core.metrics import flatten, is_number
 
@@ -194,7 +195,7 @@ def context_tags() -> dict[str, str]:
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
     if os.environ.get("DVC_EXP_BASELINE_REV"):
         tags["dvc.baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
-    from prefect.runtime import flow_run
+    from prefect.runtime import flow_run  # lazy: Prefect takes seconds to import, and only a flow's run needs it
 
     if flow_run.id:
         tags.update({"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)})
@@ -208,7 +209,7 @@ def run_name(params: PipelineParams, data_hash_value: str) -> str:
 
     What tells runs apart comes first, as the MLflow runs table shows only the start of a name.
     """
-    from prefect.runtime import flow_run
+    from prefect.runtime import flow_run  # lazy: Prefect takes seconds to import, and only a flow's run needs it
 
     origin = os.environ.get("DVC_EXP_NAME") or (flow_run.name if flow_run.id else None)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
@@ -218,8 +219,6 @@ def run_name(params: PipelineParams, data_hash_value: str) -> str:
 
 def data_profiles(params: PipelineParams, versions: dict[str, str] | None = None) -> dict[str, dict]:
     """Each data folder's path, DVC digest and profile (classes, images, images per class); missing folders left out."""
-    from siamese_core.data import scan_folder
-
     versions = versions or data_versions(params)
     folders = {"train": params.data.train_dir, "test": params.data.test_dir, "heldout": params.data.heldout_dir}
     profiles = {}
@@ -349,7 +348,7 @@ class PipelineRun:
 
     def epoch_callback(self):
         """A Keras callback logging each epoch's figures to this run as it ends (the UI shows a live curve)."""
-        import keras
+        import keras  # lazy: TensorFlow, only for a training that logs its epochs
 
         run = self
 

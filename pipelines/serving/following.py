@@ -130,7 +130,7 @@ class Served:
         uri = settings.log_location() if settings is not None else None
         inference_log = None
         if settings is not None and uri is not None:
-            identity = (ModelIdentity.of(self.model_uri) if named is None else
+            identity = (registry.model_identity(self.model_uri) if named is None else
                         ModelIdentity(named[0], named[1], alias or self.model_uri.partition("@")[2] or None))
             inference_log = attach(pyfunc, InferenceLog(uri, settings, identity, source))
         return Loaded(pyfunc, pyfunc.unwrap_python_model(), None if named is None else named[1], inference_log)
