@@ -19,6 +19,55 @@ def _figure(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else "-" if value is None else str(value)
 
 
+def _with_interval(metrics: dict, key: str):
+    """A figure of flat ``metrics`` with its 95 % interval ``[low, high]`` beside it where the metrics hold one."""
+    value, low, high = metrics.get(key), metrics.get(f"{key}_ci95.low"), metrics.get(f"{key}_ci95.high")
+    return value if low is None or high is None or value is None else f"{value:.4f} [{low:.2f}, {high:.2f}]"
+
+
+def rejection_line(params: PipelineParams, evaluation: EvaluationReport | None) -> str:
+    """One line: whether this version answers unknown images ``unknown``, and why not when it does not."""
+    calibration = evaluation.calibration if evaluation else None
+    if calibration is None:
+        return ("unknowns: not rejected: no threshold was calibrated (it needs several gallery classes); "
+                "every image gets its nearest class")
+    if rejection_on(params.evaluate.reject_unknown, {"target_met": calibration.target_met}):
+        return (f"unknowns: rejected above {calibration.threshold:.4g} ({calibration.known_accepted:.0%} of known "
+                f"queries accepted, {calibration.unknown_rejected:.0%} of unknown ones rejected)")
+    why = ("evaluate.reject_unknown is false" if params.evaluate.reject_unknown is False else
+           f"the calibration missed its target: {calibration.unknown_rejected:.0%} of unknown queries rejected at "
+           f"{calibration.known_accepted:.0%} of known ones accepted, against {calibration.unknown_reject_target:.0%}")
+    return f"unknowns: not rejected ({why}); every image gets its nearest class"
+
+
+def preset_hint(backbone: str, colour: float) -> str | None:
+    """A line naming the preset likely to do better on this data (``colour``: the share of training images in
+    colour), or None."""
+    if colour >= 0.5 and backbone != "efficientnet_lite0":
+        return ("hint: the training images are colour photos; preset photos-cpu (ImageNet-pretrained, offline) "
+                "is likely to do better on them")
+    if colour < 0.5 and backbone == "efficientnet_lite0":
+        return "hint: the training images are greyscale; preset fast-cpu is likely to do as well, in less time"
+    return None
+
+
+def summary_notes(params: PipelineParams, evaluation: EvaluationReport, sample: dict, colour: float) -> list[str]:
+    """The run summary's lines beyond its figures: the baseline verdict when it is not a clear win, the
+    validation-loss warning, whether unknowns are rejected, the sample prediction marked right or wrong, and a
+    preset likely to do better."""
+    notes = []
+    if evaluation.baseline_check.verdict not in (None, "beats"):
+        notes.append(f"baselines: {evaluation.baseline_check.sentence}")
+    if evaluation.validation_warning:
+        notes.append(f"training: {evaluation.validation_warning}")
+    notes.append(rejection_line(params, evaluation))
+    verdict = "right" if sample["label"] == sample["true_label"] else "wrong"
+    notes.append(f"sample: the champion answers {sample['image']} (class '{sample['true_label']}') with "
+                 f"'{sample['label']}' at distance {sample['distance']:.4f}: {verdict}")
+    hint = preset_hint(params.model.backbone, colour)
+    return notes + ([hint] if hint else [])
+
+
 def text_table(header: list[str], rows: list[list]) -> list[str]:
     """A table as an aligned, fenced text block: every Markdown renderer (MLflow's model page included)
     shows it in columns with space between them, which its bare Markdown tables do not. Numbers are
@@ -60,6 +109,8 @@ def model_card(
         "",
         f"**Baselines:** {evaluation.baseline_check.sentence if evaluation else 'not checked.'}",
         "",
+        *([f"**Training:** {evaluation.validation_warning}", ""] if evaluation and evaluation.validation_warning
+          else []),
         "## Data",
         "",
         *text_table(["split", "folder", "DVC md5", "classes", "images"],
@@ -68,9 +119,16 @@ def model_card(
         "## Metrics (test split, nearest gallery image; few-shot on held-out classes)",
         "",
     ]
-    rows = [[key, *(metrics.get(f"{prefix}{key}") for _, prefix in _BASELINES)] for key in _HEADLINE]
+    rows = [[key, *(_with_interval(metrics, f"{prefix}{key}") for _, prefix in _BASELINES)] for key in _HEADLINE]
     lines += text_table(["metric", *(name for name, _ in _BASELINES)],
                         [row for row in rows if any(value is not None for value in row[1:])])
+    comparisons = evaluation.baseline_check.comparisons if evaluation else None
+    if comparisons:
+        confidence = evaluation.baseline_check.confidence if evaluation else 0.0
+        lines += ["", f"Model minus baseline on the same queries ({confidence:.0%} interval of the difference):", "",
+                  *text_table(["metric", "baseline", "difference", "verdict"],
+                              [[c.metric, c.baseline, f"[{c.difference_low:+.3f}, {c.difference_high:+.3f}]",
+                                c.verdict] for c in comparisons])]
     threshold = metrics.get("calibration.threshold")
     lines += ["", "## Unknown classes", ""]
     lines.append(
@@ -113,6 +171,12 @@ def run_summary(record: dict, metrics: dict, report: Path, experiment_id: str) -
     lines += [f"{label:<8}{metrics[key]:>8.4f}{metrics.get(f'baseline_raw_pixels.{key}', float('nan')):>12.4f}"
               f"{metrics.get(f'baseline_untrained.{key}', float('nan')):>11.4f}" for label, key in SUMMARY_ROWS
               if key in metrics]
+    intervals = ["   ".join(f"{name} [{metrics[f'{prefix}{key}_ci95.low']:.2f}, {metrics[f'{prefix}{key}_ci95.high']:.2f}]"
+                           for name, prefix in (("model", ""), ("raw", "baseline_raw_pixels."),
+                                                ("untrained", "baseline_untrained."))
+                           if f"{prefix}{key}_ci95.low" in metrics) for _, key in SUMMARY_ROWS[:2]]
+    lines += [f"{'':<8}95 % intervals of {label}: {text}" for (label, _), text in zip(SUMMARY_ROWS, intervals) if text]
+    lines += record.get("notes", [])
     lines.append(f"report: {report}")
     opener = "" if tracking_uri().startswith("http") else "siamese ui (in a second terminal), then "
     lines.append(f"MLflow: {opener}{version_link}")

@@ -186,6 +186,22 @@ def scan_folder(root: str | os.PathLike) -> ImageFolder:
     return ImageFolder(root, paths, np.asarray(labels, dtype=np.int64), names, skipped)
 
 
+def colour_share(paths: list[str], sample: int = 24) -> float:
+    """The share of up to ``sample`` evenly spaced images of ``paths`` that are in colour (their channels differ
+    somewhere); unreadable ones are left out. 0.0 for none read."""
+    picked = paths[:: max(1, len(paths) // sample)][:sample]
+    colour = read = 0
+    for path in picked:
+        try:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB").resize((32, 32)), dtype=np.int16)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+        read += 1
+        colour += bool(np.abs(pixels[..., 0] - pixels[..., 1]).max() > 8 or np.abs(pixels[..., 1] - pixels[..., 2]).max() > 8)
+    return colour / read if read else 0.0
+
+
 def _to_rgb_array(image: Image.Image, size: int) -> np.ndarray:
     image.draft("RGB", (size, size))  # JPEG: decode at the smallest scale still >= size
     ImageOps.exif_transpose(image, in_place=True)  # a copy would hold the full-size image twice

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from siamese_core.data import scan_folder
+from siamese_core.data import colour_share, scan_folder
 from siamese_core.errors import DatasetError
 from siamese_core.evaluation_report import EvaluationReport
 from siamese_core.recognizer import store_threshold
@@ -18,7 +18,7 @@ from siamese_core.reference import REFERENCE_FILE
 from siamese_core.report import report_images, write_html
 
 from .. import registry, scoring, tracking
-from ..card import changed_params, model_card, run_summary
+from ..card import changed_params, model_card, run_summary, summary_notes
 from ..files import read_json, write_json
 from ..pipeline import (
     BUNDLE,
@@ -87,11 +87,10 @@ def run(ctx: StageContext) -> dict:
                header=_report_header(params, record, versions))
     run.log_artifact(ctx.path(REPORT))
     record["sample_prediction"] = _try_champion(params)
+    train = scan_folder(params.data.train_dir)
+    record["notes"] = summary_notes(params, evaluation, record["sample_prediction"], colour_share(list(train.paths)))
     write_json(ctx.path(REGISTRATION), record)
-    sample = record["sample_prediction"]
     log.info("%s version %s is %s: %s", result["model_name"], result["version"], result["decision"], result["reason"])
-    log.info("champion predicts %s (a '%s') as '%s' at distance %.4f",
-             sample["image"], sample["true_label"], sample["label"], sample["distance"])
     log.info("\n%s", run_summary(record, read_json(ctx.path(METRICS)), ctx.path(REPORT), mlflow_run.info.experiment_id))
     return record
 
