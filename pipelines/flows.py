@@ -26,6 +26,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import DeploymentEventTrigger
 from prefect.flows import Flow
+from prefect.logging.handlers import APILogHandler
 from prefect.runtime import flow_run
 from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL
@@ -52,14 +53,15 @@ RUNS = Path("runs")
 
 
 def send_stage_logs_to_prefect() -> None:
-    """Give the stages' loggers Prefect's handlers, so their lines reach the flow run's logs; quiet the
-    libraries' own output (:func:`pipelines.process.quiet_libraries`)."""
+    """Give the stages' loggers Prefect's API handler, so their lines reach the flow run's logs; quiet the
+    libraries' own output (:func:`pipelines.process.quiet_libraries`). Only that handler: whatever else a host
+    process hung on Prefect's loggers (a test runner's capture) would then see each line twice."""
     quiet_libraries()
-    extra = logging.getLogger("prefect.extra")
+    extra = [handler for handler in logging.getLogger("prefect.extra").handlers if isinstance(handler, APILogHandler)]
     for name in ("pipelines", "siamese_core"):
         logger = logging.getLogger(name)
         logger.setLevel(logging.INFO)
-        for handler in extra.handlers:
+        for handler in extra:
             if handler not in logger.handlers:
                 logger.addHandler(handler)
 
