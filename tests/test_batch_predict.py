@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from pipelines.batch_predict import predict_batch
 from pipelines.cli import app
-from pipelines.inference_log import ModelIdentity
+from pipelines.registry import model_identity
 from siamese_core.recognizer import SiameseRecognizer
 
 from support.images import make_digits_dataset
@@ -91,7 +91,7 @@ def test_two_dask_workers_give_the_same_rows(bundle, images, clean, tmp_path):
     from distributed import LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        done = predict_batch(str(images), tmp_path / "dask.parquet", bundle.path, ModelIdentity.of(str(bundle.path)),
+        done = predict_batch(str(images), tmp_path / "dask.parquet", bundle.path, model_identity(str(bundle.path)),
                              cluster.scheduler_address, shard_size=40, progress=False)
     assert done["images"] == 451 and done["skipped_shards"] == 0
     rows = pq.read_table(tmp_path / "dask.parquet").to_pandas()

@@ -74,7 +74,7 @@ def test_erase_a_class_everywhere_and_the_champion_serves_the_rest(tmp_path, mon
 
     recognizer = SiameseRecognizer.load(tiny.path)  # traffic of every class, logged with images and embeddings
     traffic = [p for paths in tiny.gallery_images.values() for p in paths[:3]]
-    log = open_log(params.monitoring, f"models:/{NAME}@champion", "cli")
+    log = open_log(params.monitoring, registry.model_identity(f"models:/{NAME}@champion"), "cli")
     queries = recognizer.embed(traffic)
     matches = recognizer.match(queries)
     log.submit([Path(p).read_bytes() for p in traffic], matches, judged(recognizer, queries, matches), queries, 5.0)

@@ -214,13 +214,13 @@ def _log_traffic(watched, log: Path, images: list[str], settings, reject: bool |
     import pandas as pd
 
     from pipelines.inference_log import open_log
-    from pipelines.registry import champion_uri, load_champion
+    from pipelines.registry import champion_uri, load_champion, model_identity
 
     champion = load_champion(MODEL)
     model = champion.unwrap_python_model()
     if reject is not None:
         model.recognizer = model.recognizer.with_settings(reject_unknown=reject)
-    inference_log = open_log(settings.model_copy(update={"log_uri": str(log)}), champion_uri(MODEL), "http")
+    inference_log = open_log(settings.model_copy(update={"log_uri": str(log)}), model_identity(champion_uri(MODEL)), "http")
     model.log_to(inference_log)
     answered = []
     for start in range(0, len(images), 4):
