@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from siamese_core.data import decode_image
+from siamese_core.data import IMAGE_SUFFIXES, decode_image
 from siamese_core.errors import DatasetError, ImageError
 from siamese_core.io import atomic_path
 from siamese_core.sharding import connect, shards
@@ -32,7 +32,6 @@ from siamese_core.sharding import connect, shards
 from .inference_log import ModelIdentity, filesystem, judged
 from .registry import download_bundle, model_identity
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 DEFAULT_SHARD_SIZE = 512
 SCHEMA = pa.schema([
     ("source", pa.string()),

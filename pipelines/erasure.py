@@ -32,6 +32,7 @@ from urllib.parse import unquote, urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from siamese_core.data import IMAGE_SUFFIXES
 from siamese_core.gallery import Gallery
 from siamese_core.io import atomic_path
 
@@ -42,7 +43,6 @@ from .inference_log import filesystem
 from .params import PipelineParams
 from .tracking import client, ensure_experiment
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 SCAN_MAX_BYTES = 256 * 1024 * 1024
 
 

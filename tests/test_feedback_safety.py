@@ -29,6 +29,7 @@ from siamese_core.data import IMAGE_SUFFIXES
 from siamese_core.errors import DatasetError
 from siamese_core.gallery import Match
 
+from support.disks import tmpfs
 from support.http import HOST
 from support.messy import noise
 
@@ -112,16 +113,8 @@ def test_review_images_and_sidecars_are_private(tmp_path):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 256 KiB tmpfs: a real full disk (mounting needs root; the test skips without it)."""
-    path = tmp_path / "small"
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(path)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "small", "size=256k") as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def test_a_full_review_disk_leaves_no_part_of_an_item_and_warns_once_per_outage(tmp_path, small_disk, caplog):

@@ -5,26 +5,14 @@ Mounting needs root; without it these tests skip with the reason.
 
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import pytest
 
+from support.disks import tmpfs
 from support.images import make_digits_dataset
 from support.tiny import tiny_set_options
 
 TINY = [*tiny_set_options(), "--epochs", "2"]
-
-
-@contextmanager
-def _tmpfs(path, options: str):
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def _train(tmp_path, out) -> subprocess.CompletedProcess:
@@ -35,7 +23,7 @@ def _train(tmp_path, out) -> subprocess.CompletedProcess:
 
 
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_nothing(tmp_path):
-    with _tmpfs(tmp_path / "small", "size=16k") as small:
+    with tmpfs(tmp_path / "small", "size=16k") as small:
         result = _train(tmp_path, small / "bundle")
         left = sorted(p.name for p in small.iterdir())
     assert result.returncode == 1, result.stderr[-2000:]
@@ -46,7 +34,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_nothing(tmp_path
 
 
 def test_a_read_only_output_folder_fails_before_training(tmp_path):
-    with _tmpfs(tmp_path / "readonly", "ro,size=16k") as readonly:
+    with tmpfs(tmp_path / "readonly", "ro,size=16k") as readonly:
         result = _train(tmp_path, readonly / "bundle")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
