@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 import urllib.request
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from support.http import HOST, free_port, stop_group
+from support.messy import noise, write
 from support.project import REPO
 
 TOKEN = "siamese-review-token-0123456789"
@@ -69,7 +69,7 @@ def test_review_tasks_go_to_label_studio_pre_annotated_and_labels_come_back(labe
     for row, (suggested, image) in enumerate(answers):
         folder = review / "pending" / suggested
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / "data" / "demo" / "heldout" / "Latin__character01" / "00.png", folder / f"req{row}-0.png")
+        write(folder / f"req{row}-0.png", noise(seed=row))
         (folder / f"req{row}-0.json").write_text(json.dumps({
             "request_id": f"req{row}", "sha256": f"{image * 64}", "model_version": "3", "decision": "unknown",
             "unknown_score": 0.8, "top_k": [{"label": suggested, "distance": 0.7}, {"label": "digit 0", "distance": 0.9}]}))
