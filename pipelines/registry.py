@@ -542,9 +542,10 @@ def roll_back(model_name: str, version: str, reason: str, by: str) -> bool:
         if current is None or str(current.version) != str(version) or live_plan(current) is None:
             return False
         mlflow_client = client()
-        mlflow_client.delete_registered_model_alias(model_name, CHALLENGER)
+        # The state first: a reader that finds the alias gone then also finds why.
         end_rollout(mlflow_client, model_name, version, "rolled_back",
             {"rolled_back.reason": reason, "rolled_back.by": by, "rolled_back.at": now()})
+        mlflow_client.delete_registered_model_alias(model_name, CHALLENGER)
     log.warning("%s version %s rolled back: %s", model_name, version, reason)
     return True
 
@@ -587,5 +588,5 @@ def _finish_rollout(mlflow_client: MlflowClient, model_name: str, version: str, 
                                             json.dumps(evidence_found, sort_keys=True)[:4900])
     current = alias_version(model_name, CHALLENGER)
     if current is not None and str(current.version) == str(version):
+        end_rollout(mlflow_client, model_name, version, "promoted")  # the state first, as in roll_back
         mlflow_client.delete_registered_model_alias(model_name, CHALLENGER)
-        end_rollout(mlflow_client, model_name, version, "promoted")
