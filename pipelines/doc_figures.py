@@ -4,9 +4,9 @@
 from the metrics.json that ``dvc repro`` wrote, and the learning-quality and small-data tables in
 ``docs/`` from the JSON reports of ``benchmarks/omniglot.py``, ``benchmarks/enrolment_levers.py`` and
 ``benchmarks/small_data.py`` kept in ``benchmarks/results/``, and the serving tables from those of
-``benchmarks/serving.py``, ``benchmarks/scale_out.py`` and ``benchmarks/ray_serve.py``; and the params.yaml
-reference in ``docs/reference/config.md`` from the typed params model. A test fails when a page and its sources
-disagree.
+``benchmarks/serving.py``, ``benchmarks/scale_out.py`` and ``benchmarks/ray_serve.py``, and the tuning table from
+that of ``benchmarks/tuning.py``; and the params.yaml reference in ``docs/reference/config.md`` from the typed params
+model. A test fails when a page and its sources disagree.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ SERVING_START, SERVING_END = ("<!-- serving: generated from benchmarks/results/s
 SCALE_START, SCALE_END = ("<!-- scale-out: generated from benchmarks/results/scale-out.json and ray-serve.json by "
                           "python -m pipelines.doc_figures -->", "<!-- end of scale-out -->")
 SCALING_PAGE, SERVING_PAGE = ROOT / "docs" / "how-to" / "scaling.md", ROOT / "docs" / "how-to" / "serving.md"
+TUNING_PAGE = ROOT / "docs" / "how-to" / "tuning.md"
+TUNING_START, TUNING_END = ("<!-- tuning: generated from benchmarks/results/tuning.json by python -m "
+                            "pipelines.doc_figures -->", "<!-- end of tuning -->")
 CONFIG_PAGE = ROOT / "docs" / "reference" / "config.md"
 CONFIG_START, CONFIG_END = ("<!-- params reference: generated from pipelines/params.py by python -m pipelines.doc_figures -->",
                             "<!-- end of params reference -->")
@@ -313,6 +316,29 @@ def render_scale_out() -> str:
     return "\n".join([SCALE_START, *lines, SCALE_END])
 
 
+def render_tuning() -> str:
+    """The tuning benchmark: on each set, the tuned settings against the best compared preset, on the validation
+    objective and, both trained on the whole training folder, on the test split and the held-out classes."""
+    report = _load("tuning.json")
+    lines = ["| data set | settings | validation objective | test top-1 | held-out classes, 1-shot | search |",
+             "|---|---|---|---|---|---|"]
+    for name, data in report["sets"].items():
+        winner, preset, final = data["winner"], data["best_preset"], data["final"]
+        tuned = f"tuned: trial {winner['trial']}" + (f" (the preset `{winner['preset']}`)" if winner["preset"] else "")
+        rows = [(tuned, winner, final["tuned"], f"{data['trials']} trials, {_minutes(data['seconds'])}"),
+                (f"best preset: `{preset}`", data["presets"][preset], final["best_preset"], "-")]
+        for title, row, scores, search in rows:
+            lines.append(f"| {name} | {title} | {_cell(row, 'objective')} | {_cell(scores, 'test_top1')} | "
+                         f"{scores['heldout_way']}-way {_cell(scores, 'heldout_1shot')} | {search} |")
+            name = ""
+    lines += ["", "In %, with 95 % intervals: the objective's combines those of its two parts, the held-out 1-shot's is "
+                  "over its episodes, test top-1's a bootstrap over the test queries. "
+                  f"{report['minutes']:g} minutes of tuning per set on {report['cores']} cores ({report['machine']}); "
+                  "the search time includes training the winner on the whole training folder. "
+                  f"`python -m benchmarks.tuning --minutes {report['minutes']:g}`."]
+    return "\n".join([TUNING_START, *lines, TUNING_END])
+
+
 def _keys(model: type[BaseModel], prefix: str = "") -> list[tuple[str, typing.Any]]:
     """Every key of a params model, dotted, with its pydantic field; sections are walked, not listed."""
     keys = []
@@ -382,6 +408,7 @@ def update(metrics_file: Path) -> list[Path]:
               (README, SERVING_START, SERVING_END, render_serving()),
               (SERVING_PAGE, SERVING_START, SERVING_END, render_serving(with_seed=True)),
               (SCALING_PAGE, SCALE_START, SCALE_END, render_scale_out()),
+              (TUNING_PAGE, TUNING_START, TUNING_END, render_tuning()),
               (CONFIG_PAGE, CONFIG_START, CONFIG_END, render_config_reference())]
     return [page for page, start, end, block in blocks if _replace_block(page, start, end, block)]
 

@@ -20,8 +20,12 @@ import logging
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +37,7 @@ import yaml
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from siamese_core.config import apply_overrides, validate_config
+from siamese_core.config import Config, apply_overrides, validate_config
 from siamese_core.data import ImageFolder, scan_folder
 from siamese_core.errors import ConfigError, DatasetError
 from siamese_core.metrics import few_shot_accuracy, flatten
@@ -53,6 +57,10 @@ IMAGE_SHARE = 0.2  # of each trained class's images (of those with 3 or more), h
 FEWSHOT_WAY, EPISODES = 20, 200  # the 1-shot episodes (fewer ways when fewer validation classes)
 PRUNER = {"n_startup_trials": 2, "n_warmup_steps": 1}  # optuna.pruners.MedianPruner's settings
 STUDY_SCHEMA = 1  # part of the study's name: a change to the split or the objective starts a new study
+
+
+# Set by Ctrl-C or SIGTERM during a study in this process (see noting_interrupts)
+INTERRUPTED = threading.Event()
 
 
 @dataclass(frozen=True)
@@ -305,7 +313,8 @@ class TrialSpec:
 
 @dataclass
 class TrialOutcome:
-    """A trial's end: COMPLETE with its score, or PRUNED (``reason``: the pruner, or the budget)."""
+    """A trial's end: COMPLETE with its score, PRUNED (``reason``: the pruner, or the budget), or FAIL when the
+    budget ended before it started."""
 
     number: int
     state: str
@@ -330,24 +339,46 @@ def run_trial(spec: TrialSpec) -> TrialOutcome:
     """Train one trial on the split's training classes, scoring the validation objective after every epoch
     (logged to the trial's nested MLflow run, and its pruning signal), then score the trained network as the
     product searches (the trial's test-time views and matching)."""
-    # TensorFlow and the library's training load here, in the process that trains (a Dask worker too), so
-    # `siamese tune --help`, the flows module and the study's driver stay light
-    import keras
-    from tqdm import tqdm
-
-    from siamese_core.config import Config
-    from siamese_core.embed import decode_all, embed_images, predict_array
-    from siamese_core.model import build_embedding_model, split_frozen_trunk
-    from siamese_core.seeding import seeded
-    from siamese_core.train import train
-
     start = time.time()
+    if start >= spec.deadline:  # asked in a round that the budget ended before it started
+        return TrialOutcome(spec.number, "FAIL", {}, 0.0, "", reason="not started: the time budget had run out")
     config = Config.model_validate(spec.config)
     mlflow = MlflowClient(spec.tracking_uri)
     run = mlflow.create_run(spec.experiment_id, run_name=f"trial {spec.number}", tags={
         "mlflow.parentRunId": spec.parent_run_id, "optuna.trial": str(spec.number), "preset": spec.preset or "",
         "state": "RUNNING"})
     run_id = run.info.run_id
+    try:  # the trial's run ends KILLED on Ctrl-C, FAILED on an error, from its first moment
+        figures, values, reason = _train_and_score(spec, config, mlflow, run_id)
+        state = "PRUNED" if figures is None else "COMPLETE"
+        if figures is not None:
+            mlflow.log_batch(run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in {
+                "objective": figures.value, "objective_ci95": figures.ci, "fewshot_1shot": figures.fewshot,
+                "fewshot_1shot_ci95": figures.fewshot_ci, "top1": figures.top1, "top1_ci95": figures.top1_ci}.items()])
+        mlflow.log_batch(run_id, tags=[RunTag("state", state), RunTag("reason", reason)])
+        mlflow.set_terminated(run_id, "FINISHED")
+    except BaseException as exc:
+        mlflow.set_tag(run_id, "state", "FAIL")
+        mlflow.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    return TrialOutcome(spec.number, state, values, time.time() - start, run_id, figures, reason)
+
+
+def _train_and_score(spec: TrialSpec, config: Config, mlflow: MlflowClient, run_id: str
+                     ) -> tuple[Score | None, dict[int, float], str]:
+    """Train the trial, logging each epoch's validation objective to its run and stopping where the pruner or the
+    budget says; returns its score as the product searches (None when stopped early), the per-epoch values and
+    why it stopped."""
+    # TensorFlow and the library's training load here, in the process that trains (a Dask worker too), so
+    # `siamese tune --help`, the flows module and the study's driver stay light
+    import keras
+    from tqdm import tqdm
+
+    from siamese_core.embed import decode_all, embed_images, predict_array
+    from siamese_core.model import build_embedding_model, split_frozen_trunk
+    from siamese_core.seeding import seeded
+    from siamese_core.train import train
+
     mlflow.log_batch(run_id, params=[Param(k, str(v)) for k, v in {**spec.point, "preset": spec.preset}.items()])
     folders = {part: scan_folder(path) for part, path in spec.split.items()}
     classes = sorted({c for f in folders.values() for c in f.class_names})
@@ -364,6 +395,7 @@ def run_trial(spec: TrialSpec) -> TrialOutcome:
                leave=True)
 
     def epoch_end(epoch: int, logs: dict | None) -> None:
+        raise_if_interrupted()
         top = callback.model.embedding  # the network training updates (after a cached frozen trunk)
         embedded = {part: predict_array(top, x, config.evaluate.embed_batch_size) for part, x in images.items()}
         one_view = config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"test_time_views": 1})})
@@ -384,27 +416,15 @@ def run_trial(spec: TrialSpec) -> TrialOutcome:
     callback = keras.callbacks.LambdaCallback(on_epoch_end=epoch_end)
     try:
         result = train(config, spec.split["train"], callbacks=[callback], verbose=0)
-        figures = None
-        if not stopped["reason"]:  # as the product embeds and searches: the trial's views and matching
-            e = config.evaluate
-            embedded = {part: embed_images(result.embedding, f.paths, e.embed_batch_size, views=e.test_time_views,
-                                           shift=e.test_time_shift) for part, f in folders.items()}
-            recognizer = _recognizer(result.embedding, embedded, labels, config)
-            figures = score(embedded, labels, recognizer.classify_among, config.train.seed)
-    except BaseException:
-        mlflow.set_tag(run_id, "state", "FAIL")
-        mlflow.set_terminated(run_id, "FAILED")
-        raise
     finally:
         bar.close()
-    state = "PRUNED" if figures is None else "COMPLETE"
-    if figures is not None:
-        mlflow.log_batch(run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in {
-            "objective": figures.value, "objective_ci95": figures.ci, "fewshot_1shot": figures.fewshot,
-            "fewshot_1shot_ci95": figures.fewshot_ci, "top1": figures.top1, "top1_ci95": figures.top1_ci}.items()])
-    mlflow.log_batch(run_id, tags=[RunTag("state", state), RunTag("reason", stopped["reason"])])
-    mlflow.set_terminated(run_id, "FINISHED")
-    return TrialOutcome(spec.number, state, values, time.time() - start, run_id, figures, stopped["reason"])
+    if stopped["reason"]:
+        return None, values, stopped["reason"]
+    e = config.evaluate  # as the product embeds and searches: the trial's views and matching
+    embedded = {part: embed_images(result.embedding, f.paths, e.embed_batch_size, views=e.test_time_views,
+                                   shift=e.test_time_shift) for part, f in folders.items()}
+    recognizer = _recognizer(result.embedding, embedded, labels, config)
+    return score(embedded, labels, recognizer.classify_among, config.train.seed), values, ""
 
 
 def base_params(path: str | os.PathLike | None) -> PipelineParams:
@@ -425,7 +445,7 @@ def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 def _enqueue_presets(study: optuna.Study, presets: tuple[str, ...], base: PipelineParams,
                      space: tuple[Dimension, ...]) -> list[str]:
     """Queue the compared presets not yet tried (again after a failure); returns those outside the space."""
-    waiting = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+    waiting = (optuna.trial.TrialState.WAITING,)
     tried = {t.user_attrs.get("preset") for t in finished(study) + study.get_trials(deepcopy=False, states=waiting)}
     outside = []
     for name in presets:
@@ -487,11 +507,80 @@ def _table_csv(rows: list[dict[str, Any]]) -> str:
     return text.getvalue()
 
 
-def _run_round(specs: list[TrialSpec], dask_client) -> list[TrialOutcome]:
+def _run_round(specs: list[TrialSpec], dask_client) -> Iterator[TrialOutcome]:
+    """The round's trials, each yielded as it ends (so an interrupt keeps those that ended): one after another,
+    or side by side on Dask (those still running are cancelled when the round stops early)."""
     if dask_client is None:
-        return [run_trial(spec) for spec in specs]
+        yield from (run_trial(spec) for spec in specs)
+        return
+    from distributed import as_completed  # Dask loads only when trials run on a cluster
+
     futures = [dask_client.submit(run_trial, spec, pure=False) for spec in specs]
-    return dask_client.gather(futures)
+    try:
+        for future in as_completed(futures):
+            yield future.result()
+    finally:
+        dask_client.cancel(futures)
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome) -> None:
+    """Record a trial's outcome in the study: its per-epoch values, time, reason, MLflow run and figures."""
+    for step, value in outcome.values.items():
+        trial.report(value, step)
+    trial.set_user_attr("seconds", round(outcome.seconds, 1))
+    trial.set_user_attr("reason", outcome.reason)
+    trial.set_user_attr("mlflow_run_id", outcome.run_id)
+    if outcome.score is None:
+        failed = outcome.state == "FAIL"
+        study.tell(trial, state=optuna.trial.TrialState.FAIL if failed else optuna.trial.TrialState.PRUNED)
+        return
+    figures = outcome.score
+    for key, value in {"fewshot_1shot": figures.fewshot, "fewshot_1shot_ci95": figures.fewshot_ci,
+                       "top1": figures.top1, "top1_ci95": figures.top1_ci, "objective_ci95": figures.ci}.items():
+        trial.set_user_attr(key, value)
+    study.tell(trial, figures.value)
+
+
+def raise_if_interrupted() -> None:
+    """Raise the Ctrl-C that Python swallowed (see :func:`noting_interrupts`), at a point where it propagates."""
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def noting_interrupts() -> Iterator[None]:
+    """Inside the block, Ctrl-C and SIGTERM still raise KeyboardInterrupt, and are also noted in
+    :data:`INTERRUPTED`: one that lands in a garbage-collection callback, which Python swallows (printing a
+    traceback, here left out), is raised again at the next epoch or trial. Only the main thread handles signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    INTERRUPTED.clear()
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {number: handler for number, handler in handlers.items() if callable(handler)}
+    unraisable_hook = sys.unraisablehook
+
+    def note(number, frame):
+        INTERRUPTED.set()
+        handlers[number](number, frame)
+
+    def unless_interrupt(unraisable):
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            unraisable_hook(unraisable)
+
+    for number in handlers:
+        signal.signal(number, note)
+    sys.unraisablehook = unless_interrupt
+    try:
+        yield
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        sys.unraisablehook = unraisable_hook
+
+
+class StudyInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during a study; the message says what was kept and how to resume, in one line."""
 
 
 def tune(train_dir: str | os.PathLike, out: str | os.PathLike, minutes: float, trials: int | None = None,
@@ -504,8 +593,9 @@ def tune(train_dir: str | os.PathLike, out: str | os.PathLike, minutes: float, t
     it on ``test_dir`` and ``heldout_dir`` when given (after training it on the whole ``train_dir``).
 
     Trials run in rounds of ``parallel``: on the Dask scheduler at ``dask_address`` side by side, else one after
-    another, with the same trials either way. Ctrl-C ends the study's MLflow run KILLED; its finished trials stay
-    in the storage and the same command resumes it.
+    another, with the same trials either way. Each trial is recorded as it ends, so Ctrl-C keeps every finished
+    trial in the storage: the study's MLflow run ends KILLED and :class:`StudyInterrupted` says in one line what was
+    kept; the same command resumes the study.
     """
     started = time.time()
     deadline = started + minutes * 60
@@ -529,6 +619,8 @@ def tune(train_dir: str | os.PathLike, out: str | os.PathLike, minutes: float, t
     mlflow.log_text(run_id, space_table(space), "search_space.md")
     mlflow.log_dict(run_id, {"objective": OBJECTIVE, "pins": pins, "presets": list(presets), "storage": storage,
                              "split": split_sizes}, "study.json")
+    for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # left running by a session that was killed
     outside = _enqueue_presets(study, presets, base, space)
     if outside:
         log.warning("not compared: preset(s) %s set values outside the search space", ", ".join(outside))
@@ -539,45 +631,39 @@ def tune(train_dir: str | os.PathLike, out: str | os.PathLike, minutes: float, t
 
         dask_client = Client(dask_address, timeout=base.compute.dask_connect_timeout)
     asked: list[optuna.Trial] = []
-    try:
-        while len(finished(study)) < target and time.time() < deadline:
-            earlier = [dict(t.intermediate_values) for t in study.get_trials(
-                deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
-            asked = [study.ask() for _ in range(int(min(parallel, target - len(finished(study)))))]
-            specs = []
-            for trial in asked:
-                point = {d.name: d.suggest(trial) for d in space}
-                preset = trial.user_attrs.get("preset")
-                config = trial_params(base, point, pins, preset).core().model_dump(mode="json")
-                specs.append(TrialSpec(trial.number, point, preset, config, split_paths, earlier, deadline,
-                                       tracking_uri(), experiment_id, run_id, progress))
-            for trial, outcome in zip(asked, _run_round(specs, dask_client), strict=True):
-                for step, value in outcome.values.items():
-                    trial.report(value, step)
-                trial.set_user_attr("seconds", round(outcome.seconds, 1))
-                trial.set_user_attr("reason", outcome.reason)
-                trial.set_user_attr("mlflow_run_id", outcome.run_id)
-                if outcome.score is None:
-                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                    continue
-                figures = outcome.score
-                for key, value in {"fewshot_1shot": figures.fewshot, "fewshot_1shot_ci95": figures.fewshot_ci,
-                                   "top1": figures.top1, "top1_ci95": figures.top1_ci, "objective_ci95": figures.ci}.items():
-                    trial.set_user_attr(key, value)
-                study.tell(trial, outcome.score.value)
-            asked = []
-    except KeyboardInterrupt:
-        for trial in asked:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        mlflow.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
-        log.warning("interrupted: the study's %d finished trials are kept in %s (study %s); the same command "
-                    "resumes it", len(finished(study)), storage, name)
-        raise
-    finally:
-        if dask_client is not None:
-            dask_client.close()
-    return _conclude(study, run_id, base, pins, train_path, out_path, test_dir, heldout_dir, presets, started,
-                     minutes, storage, split_sizes)
+    with noting_interrupts():
+        try:
+            while len(finished(study)) < target and time.time() < deadline:
+                earlier = [dict(t.intermediate_values) for t in study.get_trials(
+                    deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+                asked = [study.ask() for _ in range(int(min(parallel, target - len(finished(study)))))]
+                specs = []
+                for trial in asked:
+                    point = {d.name: d.suggest(trial) for d in space}
+                    preset = trial.user_attrs.get("preset")
+                    config = trial_params(base, point, pins, preset).core().model_dump(mode="json")
+                    trial.set_user_attr("epochs", config["train"]["epochs"])
+                    specs.append(TrialSpec(trial.number, point, preset, config, split_paths, earlier, deadline,
+                                           tracking_uri(), experiment_id, run_id, progress))
+                by_number = {trial.number: trial for trial in asked}
+                for outcome in _run_round(specs, dask_client):
+                    _tell(study, by_number[outcome.number], outcome)
+                    raise_if_interrupted()
+                asked = []
+            return _conclude(study, run_id, base, pins, train_path, out_path, test_dir, heldout_dir, presets, started,
+                             minutes, storage, split_sizes)
+        except (KeyboardInterrupt, Exception) as exc:
+            for trial in asked:  # those of the round that had not ended
+                study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            if not isinstance(exc, KeyboardInterrupt):
+                mlflow.set_terminated(run_id, "FAILED")
+                raise
+            mlflow.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+            raise StudyInterrupted(f"interrupted: {len(finished(study))} finished trial(s) kept in {storage} (study "
+                                   f"{name}); the same command resumes the study") from None
+        finally:
+            if dask_client is not None:
+                dask_client.close()
 
 
 def _conclude(study: optuna.Study, run_id: str, base: PipelineParams, pins: dict[str, Any], train_path: Path,
@@ -587,12 +673,8 @@ def _conclude(study: optuna.Study, run_id: str, base: PipelineParams, pins: dict
     mlflow = client()
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
-        mlflow.set_terminated(run_id, "FAILED")
-        done = finished(study)
-        slowest = max((t.user_attrs.get("seconds") or 0 for t in done), default=0)
-        raise ConfigError(f"no trial finished within {minutes:g} minute(s)"
-                          + (f" ({len(done)} stopped early, the longest after {slowest:.0f} s)" if done else "")
-                          + ": give --minutes more, or pin a smaller network or fewer epochs with --set")
+        raise ConfigError(f"no trial finished within {minutes:g} minute(s){_needed(finished(study))}: give "
+                          "--minutes more, or pin a smaller network or fewer epochs with --set")
     best = study.best_trial
     winner = trial_params(base, best.params, pins, best.user_attrs.get("preset"))
     data = {**winner.data.model_dump(), "train_dir": str(train_path),
@@ -625,6 +707,17 @@ def _conclude(study: optuna.Study, run_id: str, base: PipelineParams, pins: dict
     return result
 
 
+def _needed(stopped: list[optuna.trial.FrozenTrial]) -> str:
+    """What the longest of the trials the budget stopped ran, and what a whole trial would need at that pace."""
+    ran = [t for t in stopped if t.intermediate_values and t.user_attrs.get("seconds")]
+    if not ran:
+        return ""
+    t = max(ran, key=lambda t: t.user_attrs["seconds"])
+    epochs, seconds, done = t.user_attrs.get("epochs"), t.user_attrs["seconds"], len(t.intermediate_values)
+    pace = f" of {epochs}: a whole trial needs about {seconds * epochs / done / 60:.1f} min" if epochs else ""
+    return f" (trial {t.number} ran {done} epoch(s) in {seconds:.0f} s{pace})"
+
+
 def final_scores(params: PipelineParams, train_dir: Path, test_dir, heldout_dir) -> dict[str, Any]:
     """The winner trained on the whole training folder, scored on ``test_dir`` (top-1) and ``heldout_dir`` (1-shot,
     enrolled as enrolment does): the first time the study sees those folders."""
@@ -641,6 +734,8 @@ def final_scores(params: PipelineParams, train_dir: Path, test_dir, heldout_dir)
     if test_dir:
         report = evaluate(recognizer, test_dir, top_k=config.evaluate.top_k, seed=config.train.seed)
         scores["test_top1"] = float(report.top1)
+        if report.top1_ci95 is not None:
+            scores["test_top1_interval"] = [report.top1_ci95.low, report.top1_ci95.high]
     if heldout_dir:
         folder = scan_folder(heldout_dir)
         n_way = min(FEWSHOT_WAY, len(folder.class_names))
@@ -663,8 +758,9 @@ def summary_text(result: TuningResult) -> str:
     """What the user acts on: the winner against each preset on the same split, the time, the command."""
     states = [row["state"] for row in result.trials]
     sizes = result.split
+    failed = f", {states.count('FAIL')} interrupted or failed" if "FAIL" in states else ""
     lines = [f"study {result.study}: {len(states)} trials ({states.count('COMPLETE')} complete, "
-             f"{states.count('PRUNED')} pruned) in {result.seconds / 60:.1f} min; storage {result.storage}",
+             f"{states.count('PRUNED')} pruned{failed}) in {result.seconds / 60:.1f} min; storage {result.storage}",
              f"objective: {OBJECTIVE}; validated on {sizes['unseen']} images of unseen classes and {sizes['known']} "
              f"held-out images, trained on {sizes['train']}",
              f"  winner, trial {result.best['trial']}{' (preset ' + result.best['preset'] + ')' if result.best['preset'] else ''}: "
@@ -672,7 +768,9 @@ def summary_text(result: TuningResult) -> str:
     lines += [f"  preset {name}: {_figure(row)}" for name, row in result.presets.items()]
     final = result.final
     if final:
-        parts = ([f"test top-1 {final['test_top1']:.3f}"] if "test_top1" in final else []) + (
+        bounds = final.get("test_top1_interval")
+        interval = f" [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else ""
+        parts = ([f"test top-1 {final['test_top1']:.3f}{interval}"] if "test_top1" in final else []) + (
             [f"held-out classes {final['heldout_way']}-way 1-shot {final['heldout_1shot']:.3f} ± "
              f"{final['heldout_1shot_ci95']:.3f}"] if "heldout_1shot" in final else [])
         lines.append("the winner trained on the whole training folder: " + ", ".join(parts))

@@ -1,7 +1,9 @@
-"""The documentation site as a reader gets it: the params reference is the params model, and lists render as lists."""
+"""The documentation site as a reader gets it: the params reference is the params model, the tuning table is its
+benchmark's results, and lists render as lists."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -10,7 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.doc_figures import CONFIG_END, CONFIG_PAGE, CONFIG_START, generated_block, render_config_reference
+from pipelines.doc_figures import (
+    CONFIG_END,
+    CONFIG_PAGE,
+    CONFIG_START,
+    RESULTS,
+    TUNING_END,
+    TUNING_PAGE,
+    TUNING_START,
+    generated_block,
+    render_config_reference,
+    render_tuning,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # A line of a paragraph or list item that starts with a list marker: Markdown that did not become a list.
@@ -26,6 +39,18 @@ def test_the_params_reference_is_generated_from_the_params_model():
         for key in getattr(PipelineParams(), section).model_dump():
             assert f"| `{section}.{key}` |" in block or f"| `{section}.{key}." in block, f"{section}.{key}"
     assert "| `register.rollout` | `direct` | `direct` |" in block
+
+
+def test_the_tuning_table_is_generated_from_its_results():
+    block = generated_block(TUNING_PAGE, TUNING_START, TUNING_END)
+    assert block == render_tuning(), "run python -m pipelines.doc_figures"
+    report = json.loads((RESULTS / "tuning.json").read_text(encoding="utf-8"))
+    for name, data in report["sets"].items():
+        preset, final = data["presets"][data["best_preset"]], data["final"]["best_preset"]
+        assert f"| {name} | tuned: trial {data['winner']['trial']}" in block
+        assert f"| best preset: `{data['best_preset']}` | {100 * preset['objective']:.1f} ± " \
+               f"{100 * preset['objective_ci95']:.1f} |" in block
+        assert f"-way {100 * final['heldout_1shot']:.1f} ± {100 * final['heldout_1shot_ci95']:.1f} |" in block
 
 
 def test_a_markdown_list_without_a_blank_line_before_it_is_caught():

@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from contextlib import closing
 from pathlib import Path
 
 import optuna
@@ -11,14 +19,17 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.params import load_params, preset_keys
+from pipelines.flows import tuning_flow
+from pipelines.params import PipelineParams, load_params, preset_keys
 from pipelines.tuning import (
     COMPARED_PRESETS,
     SEARCH_SPACE,
     base_params,
     free_space,
+    noting_interrupts,
     preset_point,
     pruned,
+    raise_if_interrupted,
     space_table,
     split_folder,
     trial_params,
@@ -34,6 +45,11 @@ from tests.support.tiny import TINY_NETWORK
 # augmentation and matching.
 PINS = {**{f"model.{key}": value for key, value in TINY_NETWORK.items()}, "train.epochs": 2,
         "train.classes_per_batch": 6, "evaluate.test_time_views": 1}
+
+
+def pin_options(**changes) -> list[str]:
+    """PINS (with ``changes``) as ``siamese tune --set`` options."""
+    return [part for key, value in {**PINS, **changes}.items() for part in ("--set", f"{key}={json.dumps(value)}")]
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +107,21 @@ def test_no_trial_within_the_budget_is_one_line(digits, store):
         tune(digits[0], store / "tuned.yaml", minutes=0, pins=PINS, presets=())
 
 
+def test_a_budget_too_short_for_one_trial_says_so_in_one_line(digits, store):
+    """Half a minute for trials of 100,000 epochs: the first trial stops at the epoch after the budget, the next
+    does not start, and the user reads what one trial would need."""
+    result = CliRunner().invoke(app, ["tune", "--train", str(digits[0]), "--minutes", "0.5", "--out",
+                                      str(store / "tuned.yaml"), *pin_options(**{"train.epochs": 100_000})])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert re.search(r"^error: no trial finished within 0\.5 minute\(s\) \(trial 0 ran \d+ epoch\(s\) in \d+ s of "
+                     r"100000: a whole trial needs about [\d.]+ min\): give --minutes more, or pin a smaller network "
+                     r"or fewer epochs with --set\n\Z", result.output, re.M), result.output
+    assert not (store / "tuned.yaml").exists()
+    _, parents, children = _runs(store)
+    assert parents[0].info.status == "FAILED" and len(children) == 1  # the round's second trial never started
+    assert re.fullmatch(r"stopped at epoch \d+: the time budget ran out", children[0].data.tags["reason"])
+
+
 @pytest.fixture(scope="module")
 def first_session(digits, tmp_path_factory):
     """``siamese tune`` for 2 trials (the first two presets), as a user runs it."""
@@ -99,9 +130,8 @@ def first_session(digits, tmp_path_factory):
         patch.chdir(root)
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         patch.delenv("SIAMESE_TUNING_STORAGE", raising=False)
-        pins = [part for key, value in PINS.items() for part in ("--set", f"{key}={json.dumps(value)}")]
         result = CliRunner().invoke(app, ["tune", "--train", str(digits[0]), "--test", str(digits[1]), "--minutes",
-                                          "10", "--trials", "2", "--out", str(root / "tuned.yaml"), *pins])
+                                          "10", "--trials", "2", "--out", str(root / "tuned.yaml"), *pin_options()])
     assert result.exit_code == 0, result.output
     return root, result.output
 
@@ -181,3 +211,98 @@ def test_trials_on_dask_are_the_trials_of_a_serial_run(digits, tmp_path, monkeyp
 
 def test_the_docs_show_the_search_space_as_declared():
     assert space_table() in (Path(__file__).parent.parent / "docs" / "how-to" / "tuning.md").read_text()
+
+
+def test_a_ctrl_c_that_python_swallows_is_raised_at_the_next_check(capfd):
+    """SIGINT landing in a finalizer (as one did in a garbage-collection callback of SQLAlchemy's): Python cannot
+    raise it there and prints a traceback; during a study it is kept quiet and raised at the next epoch or trial."""
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with noting_interrupts():
+        Finalized()  # collected at once: the interrupt arrives inside __del__
+        with pytest.raises(KeyboardInterrupt):
+            raise_if_interrupted()
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _finished_trials(database: Path) -> int:
+    """How many trials optuna.db holds as COMPLETE or PRUNED (read only; 0 while it is being created)."""
+    try:
+        with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT count(*) FROM trials WHERE state IN ('COMPLETE', 'PRUNED')").fetchone()[0]
+    except sqlite3.OperationalError:  # no file or tables yet, or locked by the writer
+        return 0
+
+
+def test_ctrl_c_keeps_the_finished_trials_and_the_same_command_resumes(digits, tmp_path):
+    """A real `siamese tune` sent SIGINT once a trial has finished: one line and status 130, the study's run KILLED,
+    the finished trials kept in optuna.db and as child runs; the same command then runs only the missing trials."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("SIAMESE_TUNING_STORAGE", None)
+    command = [str(Path(sys.executable).parent / "siamese"), "tune", "--train", str(digits[0]), "--minutes", "30",
+               "--trials", "3", "--out", str(tmp_path / "tuned.yaml"), *pin_options()]
+    with (tmp_path / "out.txt").open("w") as out, (tmp_path / "err.txt").open("w") as err:
+        session = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=err)
+    try:
+        deadline = time.monotonic() + 900
+        while _finished_trials(tmp_path / "optuna.db") < 1:
+            assert session.poll() is None and time.monotonic() < deadline, (tmp_path / "err.txt").read_text()[-3000:]
+            time.sleep(0.2)
+        session.send_signal(signal.SIGINT)
+        session.wait(timeout=120)
+    finally:
+        session.kill()
+    stderr = (tmp_path / "err.txt").read_text()
+    assert session.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert re.search(r"^error: interrupted: \d finished trial\(s\) kept in sqlite:///\S+/optuna\.db \(study tune-\S+\); "
+                     r"the same command resumes the study$", stderr, re.M), stderr[-3000:]
+    assert stderr.count("interrupted") == 1 and not (tmp_path / "tuned.yaml").exists()
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    (name,) = optuna.study.get_all_study_names(storage)
+    kept = {t.number: (t.state, t.value, t.user_attrs["mlflow_run_id"])
+            for t in optuna.load_study(study_name=name, storage=storage).get_trials()
+            if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)}
+    assert 1 <= len(kept) < 3
+    mlflow, parents, children = _runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "KILLED"
+    for child in children:  # the finished trials' runs; the one Ctrl-C stopped, if any, KILLED
+        trial = int(child.data.tags["optuna.trial"])
+        expected = ("FINISHED", kept[trial][2]) if trial in kept else ("KILLED", child.info.run_id)
+        assert (child.info.status, child.info.run_id) == expected, (trial, child.info.status)
+    assert set(kept) <= {int(c.data.tags["optuna.trial"]) for c in children}
+    stopped_a_trial = any(c.info.status == "KILLED" for c in children)
+
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert ("pruned, 1 interrupted or failed)" in again.stdout) == stopped_a_trial, again.stdout
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+    done = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(done) == 3 and all(kept[t.number] == (t.state, t.value, t.user_attrs["mlflow_run_id"])
+                                  for t in done if t.number in kept)
+    assert sorted(t.user_attrs["preset"] for t in done) == sorted(COMPARED_PRESETS)  # none run twice
+    mlflow, parents_after, children = _runs(tmp_path)
+    assert [p.info.run_id for p in parents_after] == [parents[0].info.run_id]
+    assert parents_after[0].info.status == "FINISHED"
+    runs_of = [int(c.data.tags["optuna.trial"]) for c in children if c.info.status == "FINISHED"]
+    assert sorted(runs_of) == sorted(t.number for t in done)  # one run per finished trial: none redone
+
+
+def test_the_flow_runs_the_cli_code_and_writes_the_same_params_file(digits, store, prefect_server):
+    """tuning_flow's study is the CLI's: `siamese tune` with the same arguments resumes it (no new trial) and
+    writes the same params file, which the params model loads."""
+    state = tuning_flow(str(digits[0]), str(store / "flow.yaml"), 10, trials=1, pins=PINS, return_state=True)
+    assert state.is_completed() and state.result()["best"]["preset"] == "fast-cpu"
+    params = load_params(store / "flow.yaml")
+    assert isinstance(params, PipelineParams) and params.preset is None
+    assert (params.data.train_dir, params.model.input_size, params.train.epochs) == (str(digits[0]), 32, 2)
+    result = CliRunner().invoke(app, ["tune", "--train", str(digits[0]), "--minutes", "10", "--trials", "1",
+                                      "--out", str(store / "cli.yaml"), *pin_options()])
+    assert result.exit_code == 0, result.output
+    assert (store / "cli.yaml").read_text() == (store / "flow.yaml").read_text()
+    _, parents, children = _runs(store)
+    assert len(parents) == 1 and len(children) == 1 and parents[0].info.status == "FINISHED"
