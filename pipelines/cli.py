@@ -219,11 +219,14 @@ def tune(
                 existing(folder, name, "folder")
 
     def body():
-        from pipelines.tuning import summary_text  # lazy: Optuna and MLflow load in seconds
+        from pipelines.tuning import StudyInterrupted, summary_text  # lazy: Optuna and MLflow load in seconds
         from pipelines.tuning import tune as run_study  # lazy: Optuna and MLflow load in seconds
 
-        result = run_study(train_dir, out, minutes, trials, test_dir, heldout_dir, params, settings["pins"],
-                           dask_address, parallel=parallel, progress=sys.stderr.isatty())
+        try:
+            result = run_study(train_dir, out, minutes, trials, test_dir, heldout_dir, params, settings["pins"],
+                               dask_address, parallel=parallel, progress=sys.stderr.isatty())
+        except StudyInterrupted as stopped:  # what was kept and how to resume, instead of the generic line
+            _fail(str(stopped), 130)
         typer.echo(summary_text(result))
 
     settings: dict = {}
@@ -1027,12 +1030,17 @@ def erase(
     digests: Annotated[list[str] | None, typer.Option(
         "--image-digest", help="The sha256 of an image to erase everywhere; repeatable.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List every place and object; change nothing.")] = False,
+    label_studio: Annotated[str | None, typer.Option(
+        "--label-studio", envvar="LABEL_STUDIO_URL", help="The review queue's Label Studio server ($LABEL_STUDIO_URL, "
+        "token in $LABEL_STUDIO_API_KEY): its tasks showing or naming them are deleted too.")] = None,
     as_json: JsonOption = False,
     params: ParamsOption = None,
 ) -> None:
     """Erase a class or images from every place the pipeline keeps them: the data and its DVC cache and remote,
-    every registered version (the champion gets a new version without them), run artifacts, the inference log, the
-    review queue, the stage cache and run workspaces; an audit record goes to the <experiment>-erasure experiment."""
+    every registered version (the champion gets a new version without them), pipeline outputs, run artifacts, the
+    inference log, the review queue and its Label Studio tasks, the stage cache and run workspaces, and the tracking
+    database's rows naming the class; an audit record goes to the <experiment>-erasure experiment. With a tracking
+    server, $MLFLOW_BACKEND_STORE_URI names its database."""
 
     def body():
         from pipelines import erasure  # lazy: MLflow loads in seconds
@@ -1043,7 +1051,8 @@ def erase(
         found = set(d.lower() for d in digests or ())
         if name:
             found |= erasure.class_digests(settings, name)
-        done = erasure.erase(settings, erasure.Target(name, frozenset(found)), reason, dry_run)
+        studio = LabelStudio(label_studio) if label_studio else None
+        done = erasure.erase(settings, erasure.Target(name, frozenset(found)), reason, dry_run, studio=studio)
         if as_json:
             typer.echo(json.dumps(done, ensure_ascii=False))
             return

@@ -7,16 +7,20 @@ REST API with a personal access or legacy token (``$LABEL_STUDIO_API_KEY``). A t
 People pick a class, or type a new one in the text box. :func:`pull_labels` moves each labelled image (and its
 ``.json``) from ``pending/`` to ``labelled/<class>/``; an image nobody labelled yet stays where it is, and so does
 one whose label is refused (no fit class name, or another spelling of a known class), in one line naming the task.
+An erasure (:mod:`pipelines.erasure`) lists a project's tasks, deletes those that show or name what it erases, and
+takes the class out of the project's choices.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import mimetypes
 import os
 import urllib.error
 import urllib.request
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
@@ -54,18 +58,60 @@ class LabelStudio:
             raise ConfigError(f"Label Studio at {self.url} does not answer ({error})") from None
         return json.loads(text) if text else None
 
-    def project(self, title: str, classes: list[str]) -> int:
-        """The id of the project ``title``, created with a single-choice config over ``classes`` if missing."""
+    def find_project(self, title: str) -> int | None:
+        """The id of the project ``title``, or None."""
         projects = self.call("GET", "/api/projects?page_size=1000")
         for project in projects.get("results", projects) if isinstance(projects, dict) else projects:
             if project["title"] == title:
                 return int(project["id"])
+        return None
+
+    def project(self, title: str, classes: list[str]) -> int:
+        """The id of the project ``title``, created with a single-choice config over ``classes`` if missing."""
+        found = self.find_project(title)
+        if found is not None:
+            return found
         choices = "".join(f"<Choice value={quoteattr(name)}/>" for name in classes)
         config = ("<View><Image name='image' value='$image'/><Text name='answer' value='$answer'/>"
                   f"<Choices name='label' toName='image' choice='single' showInline='true'>{choices}</Choices>"
                   "<TextArea name='new_class' toName='image' placeholder='or a class not in the list' "
                   "maxSubmissions='1'/></View>")
         return int(self.call("POST", "/api/projects", {"title": title, "label_config": config})["id"])
+
+    def tasks(self, project: int) -> list[dict]:
+        """Every task of ``project``, with its data, predictions, annotations and drafts."""
+        tasks: list[dict] = []
+        while True:
+            page = self.call("GET", f"/api/tasks?project={project}&fields=all&page_size=100&page={len(tasks) // 100 + 1}")
+            tasks += page["tasks"]
+            if not page["tasks"] or len(tasks) >= page["total"]:
+                return tasks
+
+    def delete_tasks(self, ids: list[int]) -> None:
+        """Delete tasks, with their predictions, annotations and drafts."""
+        for task in ids:
+            self.call("DELETE", f"/api/tasks/{task}/")
+
+    def drop_choice(self, project: int, name: str) -> None:
+        """Take the class ``name`` out of the project's choices (once no task is labelled with it)."""
+        config = ElementTree.fromstring(self.call("GET", f"/api/projects/{project}")["label_config"])
+        found = [(parent, choice) for parent in config.iter() for choice in parent
+                 if choice.tag == "Choice" and choice.get("value") == name]
+        for parent, choice in found:
+            parent.remove(choice)
+        if found:
+            self.call("PATCH", f"/api/projects/{project}", {"label_config": ElementTree.tostring(config, "unicode")})
+
+
+def task_image_digest(task: dict) -> str | None:
+    """The sha256 of the image a task shows when the task holds it (a data URI), else None."""
+    image = (task.get("data") or {}).get("image")
+    if not isinstance(image, str) or not image.startswith("data:") or ";base64," not in image:
+        return None
+    try:
+        return hashlib.sha256(base64.b64decode(image.partition(";base64,")[2], validate=True)).hexdigest()
+    except ValueError:
+        return None
 
 
 def _pending(review_dir: Path) -> tuple[list[tuple[Path, dict]], list[str]]:

@@ -8,54 +8,18 @@ Studio's first start migrates its database (about a minute).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from support.http import HOST, free_port, stop_group
+from support.labelstudio import TOKEN, running_label_studio
 from support.messy import noise, write
-from support.project import REPO
-
-TOKEN = "siamese-review-token-0123456789"
-
-
-def _label_studio() -> str:
-    found = os.environ.get("SIAMESE_LABEL_STUDIO") or str(REPO / ".venv-labelstudio" / "bin" / "label-studio")
-    if not Path(found).is_file():
-        pytest.skip("Label Studio is not installed: python3 -m venv .venv-labelstudio && "
-                    ".venv-labelstudio/bin/pip install label-studio==1.23.2")
-    return found
 
 
 @pytest.fixture
 def label_studio(tmp_path):
     """A Label Studio server on a loopback port, its data in a temporary folder, with a user and an API token."""
-    executable, port = _label_studio(), free_port()
-    env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(tmp_path / "ls-data"), "DJANGO_DB": "sqlite"}
-    with open(tmp_path / "label-studio.log", "wb") as log:
-        server = subprocess.Popen(
-            [executable, "start", "--no-browser", "--host", HOST, "--port", str(port), "--data-dir",
-             str(tmp_path / "ls-data"), "--username", "reviewer@example.com", "--password", "review-pass-123",
-             "--user-token", TOKEN, "--enable-legacy-api-token"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://{HOST}:{port}"
-    deadline = time.monotonic() + 300
-    try:
-        while True:
-            assert server.poll() is None, (tmp_path / "label-studio.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, (tmp_path / "label-studio.log").read_text()[-3000:]
-                time.sleep(2)
+    with running_label_studio(tmp_path) as url:
         yield url
-    finally:
-        stop_group(server)
 
 
 @pytest.mark.slow
