@@ -158,6 +158,19 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
+def report_header(params: PipelineParams, record: dict) -> dict[str, str]:
+    """The HTML report's header: the version and its decision, the run, the data's DVC digests, the commit and
+    the params changed from the defaults (``record`` is the register stage's registration.json)."""
+    changed = ", ".join(f"{key}={value}" for key, (value, _) in sorted(changed_params(params).items()))
+    return {
+        "model version": f"{record['model_name']} version {record['version']} ({record['decision']})",
+        "MLflow run": f"{record['run_name']} ({record['run_id']})",
+        "data version (DVC md5)": ", ".join(f"{split} {digest}" for split, digest in record["data_versions"].items()),
+        "git commit": record["git_commit"],
+        "params changed from the defaults": changed or "none",
+    }
+
+
 SUMMARY_ROWS = (("top-1", "top1"), ("MAP@R", "map_at_r"), ("1-shot", "fewshot.1shot.mean"))
 
 

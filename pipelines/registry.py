@@ -28,11 +28,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from filelock import FileLock
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from siamese_core.data import scan_folder
 from siamese_core.errors import ConfigError
 
 from . import integrity
@@ -40,7 +42,7 @@ from .errors import NoChampionError, RegistryError
 from .gate import CHALLENGER, CHAMPION, ENROLLED, PREVIOUS, Decision, Scores, decide
 from .inference_log import ModelIdentity
 from .params import PipelineParams, RegisterConfig
-from .pyfunc_model import SIGNATURE, input_example, pip_requirements
+from .pyfunc_model import SIGNATURE, encode_image, input_example, pip_requirements
 from .rollout import PLAN_PREFIX, Plan, evidence, live_plan, now, plan_for, pooled, signing_key
 from .tracking import PipelineRun, client, metric_values, tracking_uri
 
@@ -445,8 +447,10 @@ def log_and_register(
     *,
     score_champion: ChampionScorer,
     baselines: dict | None = None,
+    card: Callable[[dict], str] | None = None,
 ) -> dict:
-    """Log the evaluation and artifacts to ``run``, register the bundle and apply the champion gate.
+    """Log the evaluation and artifacts to ``run``, register the bundle, apply the champion gate and describe the
+    version with ``card(result)`` (its model card).
 
     The new version takes ``champion`` only when it beats its baselines (``baselines``, the evaluation's
     ``baseline_check``) and its ``register.metric`` strictly beats the current champion's on the same
@@ -472,9 +476,11 @@ def log_and_register(
     decision, previous, reason = apply_gate(
         run.client, run.run_id, register.model_name, version, register.metric, value, register.greater_is_better,
         score_champion, baselines, plan_for(register, version))
-    return {
+    info = run.info
+    result = {
         "run_id": run.run_id,
-        "run_name": run.info.run_name,
+        "run_name": info.run_name,
+        "experiment_id": info.experiment_id,
         "model_name": register.model_name,
         "version": version,
         "decision": decision,
@@ -483,6 +489,18 @@ def log_and_register(
         "previous_champion_value": previous,
         "reason": reason,
     }
+    if card is not None:
+        describe_version(register.model_name, version, card(result))
+    return result
+
+
+def sample_prediction(params: PipelineParams) -> dict:
+    """The champion's answer for the first test image, loaded and asked as a served model is."""
+    test = scan_folder(params.data.test_dir)
+    champion = load_champion(params.register.model_name)
+    answer = champion.predict(pd.DataFrame({"image": [encode_image(test.paths[0])]})).iloc[0]
+    return {"image": test.paths[0], "true_label": test.label_names[0],
+            "label": answer["label"], "distance": float(answer["distance"])}
 
 
 def describe_version(model_name: str, version: str, text: str) -> None:

@@ -22,6 +22,7 @@ import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,8 +33,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
-from siamese_core.data import scan_folder
-from siamese_core.errors import ConfigError
+from siamese_core.data import colour_share, scan_folder
+from siamese_core.errors import ConfigError, DatasetError
 from siamese_core.metrics import flatten, is_number
 
 from .feedback import feedback_batches
@@ -50,6 +51,7 @@ METRIC_PREFIXES = {"per_class_accuracy": "acc_class"}
 _SAFE_METRIC_KEY = re.compile(r"[\w.\- ]+")
 SYSTEM_METRICS_INTERVAL_S = 5
 UI_ADDRESS = "http://127.0.0.1:5000"  # where `siamese ui` serves a local store's UI
+LINEAGE_TAGS = ("git_commit", "dvc.experiment", "prefect.flow_run_url", "training_run_id")
 
 
 def project_root() -> Path:
@@ -231,8 +233,31 @@ def data_profiles(params: PipelineParams, versions: dict[str, str] | None = None
         images = scan_folder(folder)
         counts = Counter(images.label_names)
         profiles[split] = {"path": str(folder), "md5": digest, "classes": len(images.class_names),
-                           "images": len(images), "images_per_class": dict(sorted(counts.items()))}
+                           "images": len(images), "images_per_class": dict(sorted(counts.items())),
+                           "colour_share": colour_share(list(images.paths))}
     return profiles
+
+
+@dataclass(frozen=True)
+class DataIdentity:
+    """What a run's model was trained and scored on: DVC digests per split, their joint digest (:func:`data_hash`),
+    the folders' profiles, and the git commit of the code."""
+
+    versions: dict[str, str]
+    digest: str
+    profiles: dict[str, dict]
+    commit: str
+
+
+def unchanged_data(params: PipelineParams, run: PipelineRun) -> DataIdentity:
+    """The data's identity now; DatasetError when it is not the data ``run`` started on (its model may mix both)."""
+    versions = data_versions(params)
+    now = data_hash(params, versions)
+    started_on = run.client.get_run(run.run_id).data.tags.get("data_hash")
+    if started_on and started_on != now:
+        raise DatasetError(f"the data changed while this run was in progress (from {started_on} to {now}): "
+                           "its model may mix both versions, so it is not registered; run the pipeline again")
+    return DataIdentity(versions, now, data_profiles(params, versions), git_commit())
 
 
 CONTEXTS = {"train": "training", "test": "evaluation", "heldout": "few-shot"}
@@ -242,10 +267,12 @@ DATASET_SCHEMA = json.dumps({"mlflow_colspec": [{"type": "string", "name": "imag
 
 
 def _dataset_input(split: str, profile: dict, commit: str) -> DatasetInput:
-    """A data folder as an MLflow dataset input: its DVC digest, source (path, digest, git commit) and profile."""
+    """A data folder as an MLflow dataset input: its DVC digest, source (path, digest, git commit) and profile. The
+    profile holds counts, never class names: MLflow has no call to change a dataset row, and a face's class is a
+    person's name (the per-class figures are the run's artifacts, which an erasure can delete)."""
     counts = profile["images_per_class"].values()
     summary = {"classes": profile["classes"], "images": profile["images"],
-               "images_per_class": {"min": min(counts), "max": max(counts)}, "per_class": profile["images_per_class"]}
+               "images_per_class": {"min": min(counts), "max": max(counts)}}
     source = {"path": profile["path"], "dvc_md5": profile["md5"], "git_commit": commit}
     dataset = Dataset(name=f"{Path(profile['path']).parent.name or 'data'}-{split}",
                       digest=profile["md5"].removesuffix(".dir"), source_type="local", source=json.dumps(source),
@@ -255,15 +282,14 @@ def _dataset_input(split: str, profile: dict, commit: str) -> DatasetInput:
 
 
 def _feedback_input(manifest: dict, digest: str) -> DatasetInput:
-    """An imported feedback batch (``siamese feedback import``) as a dataset input: its manifest's digest,
-    who labelled it, when, and the images per class it added."""
-    per_class = Counter(image["label"] for image in manifest["images"])
+    """An imported feedback batch (``siamese feedback import``) as a dataset input: its manifest's digest, who
+    labelled it, when, and how many images and classes it added (counts, never class names, as for a data folder)."""
+    classes = {image["label"] for image in manifest["images"]}
     source = {"manifest": f"feedback/{manifest['batch']}.json", "into": manifest["into"],
               "imported_by": manifest["imported_by"], "imported_at": manifest["imported_at"]}
     dataset = Dataset(name=f"feedback-{manifest['batch']}", digest=digest[:32], source_type="local",
                       source=json.dumps(source), schema=DATASET_SCHEMA,
-                      profile=json.dumps({"images": len(manifest["images"]), "classes": len(per_class),
-                                          "per_class": dict(sorted(per_class.items()))}))
+                      profile=json.dumps({"images": len(manifest["images"]), "classes": len(classes)}))
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "feedback")])
 
 
@@ -318,6 +344,12 @@ class PipelineRun:
     @property
     def is_open(self) -> bool:
         return self.info.status == "RUNNING"
+
+    def lineage(self) -> dict[str, str]:
+        """Where the run's model comes from, for its card: the run's name and id, and its lineage tags."""
+        run = self.client.get_run(self.run_id)
+        return {"MLflow run": f"{run.info.run_name} ({self.run_id})",
+                **{key: value for key, value in run.data.tags.items() if key in LINEAGE_TAGS}}
 
     def _log_points(self, points: list[tuple[str, float, int]]) -> None:
         """``(key, value, step)`` points, in batches MLflow accepts (at most 1000 metrics each)."""

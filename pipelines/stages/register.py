@@ -1,24 +1,22 @@
-"""Stage register: log the evaluation to the run, register the bundle behind the champion gate,
-write the report, and try the champion on one test image."""
+"""Stage register, one job per step: check the data is the run's, register the evaluated bundle behind the champion
+gate (logging the evaluation and writing the model card), write the report, try the champion on one test image, and
+summarise."""
 
 from __future__ import annotations
 
 import logging
 import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
 
-import pandas as pd
-
-from siamese_core.data import colour_share, scan_folder
-from siamese_core.errors import DatasetError
 from siamese_core.evaluation_report import EvaluationReport
 from siamese_core.recognizer import store_threshold
 from siamese_core.reference import REFERENCE_FILE
 from siamese_core.report import report_images, write_html
 
 from .. import registry, scoring, tracking
-from ..card import changed_params, model_card, run_summary, summary_notes
+from ..card import model_card, report_header, run_summary, summary_notes
 from ..files import read_json, write_json
 from ..pipeline import (
     BUNDLE,
@@ -36,11 +34,11 @@ from ..pipeline import (
     VALIDATION_TEXT,
     StageContext,
 )
-from ..pyfunc_model import encode_image
 
 log = logging.getLogger(__name__)
 COUNT_KEYS = ("episodes", "n_way", "k_shot", "n_queries", "n_known", "n_unknown", "size")
-LINEAGE_TAGS = ("git_commit", "dvc.experiment", "prefect.flow_run_url", "training_run_id")
+LOGGED = (TRIPLETS_SUMMARY, VALIDATION, VALIDATION_TEXT, EVALUATION, METRICS, IMAGE_PLOTS, LOSS_PLOT, PER_CLASS_PLOT,
+          CONFUSION_PLOT)
 
 
 def run(ctx: StageContext) -> dict:
@@ -48,68 +46,50 @@ def run(ctx: StageContext) -> dict:
     model card. Writes artifacts/report.html and artifacts/registration.json, all inside the run, which
     ends FAILED if any step fails. Refuses to register when the data changed while the run was in progress.
     """
-    params, run = ctx.params, ctx.tracking.run
-    versions = tracking.data_versions(params)
-    data = tracking.data_hash(params, versions)
-    mlflow_run = run.client.get_run(run.run_id)
-    started_on = mlflow_run.data.tags.get("data_hash")
-    if started_on and started_on != data:
-        raise DatasetError(f"the data changed while this run was in progress (from {started_on} to {data}): "
-                           "its model may mix both versions, so it is not registered; run the pipeline again")
+    params = ctx.params
+    with tempfile.TemporaryDirectory() as tmp:
+        evaluation, metrics, baselines, bundle = _evaluated_bundle(ctx, Path(tmp))
+        logged, report, plots = [ctx.path(name) for name in LOGGED], ctx.path(REPORT), ctx.path(IMAGE_PLOTS)
+        run = ctx.tracking.run
+        data = tracking.unchanged_data(params, run)
+        card = partial(_card, params, metrics, data, run.lineage(), evaluation)
+        scorer = scoring.same_queries_scorer(bundle, params.data.train_dir, params.data.test_dir, params.register.metric)
+        result = registry.log_and_register(
+            run, params, bundle, {key: value for key, value in metrics.items() if not key.endswith(COUNT_KEYS)},
+            logged, {"data_hash": data.digest}, score_champion=scorer, baselines=baselines, card=card)
+    record = {**result, "git_commit": data.commit, "data_hash": data.digest, "data_versions": data.versions}
+    write_html(report, evaluation, report_images(plots), header=report_header(params, record),
+               title=f"{result['model_name']} version {result['version']}: evaluation on {params.data.test_dir}")
+    run.log_artifact(report)  # before the champion is tried: a run that fails there keeps its report
+    record["sample_prediction"] = registry.sample_prediction(params)
+    record["notes"] = summary_notes(params, evaluation, record["sample_prediction"],
+                                    data.profiles["train"]["colour_share"])
+    summary = run_summary(record, metrics, report, record["experiment_id"])
+    write_json(ctx.path(REGISTRATION), record)
+    log.info("%s version %s is %s: %s", result["model_name"], result["version"], result["decision"], result["reason"])
+    log.info("\n%s", summary)
+    return record
+
+
+def _evaluated_bundle(ctx: StageContext, tmp: Path) -> tuple[EvaluationReport, dict, dict, Path]:
+    """The evaluation report, metrics.json's figures, the baseline check for the gate, and a copy of the bundle under
+    ``tmp`` holding the calibrated threshold and the reference profile; the per-class figures are logged to the run
+    as a table."""
     evaluation = EvaluationReport.read(ctx.path(EVALUATION))
-    metrics = {key: value for key, value in read_json(ctx.path(METRICS)).items()
-               if not key.endswith(COUNT_KEYS)}  # counts stay in metrics.json; MLflow charts figures
+    bundle = tmp / BUNDLE.name
+    shutil.copytree(ctx.path(BUNDLE), bundle)
+    if evaluation.calibration is not None:
+        store_threshold(bundle, evaluation.calibration.threshold, evaluation.calibration.to_dict())
+    shutil.copy(ctx.path(REFERENCE), bundle / REFERENCE_FILE)
+    run = ctx.tracking.run
     run.client.log_table(run.run_id, {
         "class": list(evaluation.per_class_accuracy), "accuracy": list(evaluation.per_class_accuracy.values()),
         "precision": list(evaluation.per_class_precision.values()), "recall": list(evaluation.per_class_recall.values())},
         "per_class.json")
-    artifacts = [ctx.path(p) for p in (TRIPLETS_SUMMARY, VALIDATION, VALIDATION_TEXT, EVALUATION, METRICS,
-                                       IMAGE_PLOTS, LOSS_PLOT, PER_CLASS_PLOT, CONFUSION_PLOT)]
-    with tempfile.TemporaryDirectory() as tmp:
-        bundle = Path(tmp) / BUNDLE.name
-        shutil.copytree(ctx.path(BUNDLE), bundle)
-        if evaluation.calibration is not None:
-            store_threshold(bundle, evaluation.calibration.threshold, evaluation.calibration.to_dict())
-        shutil.copy(ctx.path(REFERENCE), bundle / REFERENCE_FILE)
-        result = registry.log_and_register(
-            run, params, bundle, metrics, artifacts, {"data_hash": data},
-            score_champion=scoring.same_queries_scorer(bundle, params.data.train_dir, params.data.test_dir,
-                                                       params.register.metric),
-            baselines=evaluation.baseline_check.to_dict())
-    lineage = {"MLflow run": f"{mlflow_run.info.run_name} ({run.run_id})",
-               **{key: value for key, value in mlflow_run.data.tags.items() if key in LINEAGE_TAGS}}
-    registry.describe_version(result["model_name"], result["version"], model_card(
-        params, metrics, tracking.data_profiles(params, versions), lineage, result["version"], result["decision"],
-        result["previous_champion_value"], result["reason"], evaluation))
-    record = {**result, "git_commit": tracking.git_commit(), "data_hash": data, "data_versions": versions}
-    write_html(ctx.path(REPORT), evaluation, report_images(ctx.path(IMAGE_PLOTS)),
-               title=f"{result['model_name']} version {result['version']}: evaluation on {params.data.test_dir}",
-               header=_report_header(params, record, versions))
-    run.log_artifact(ctx.path(REPORT))
-    record["sample_prediction"] = _try_champion(params)
-    train = scan_folder(params.data.train_dir)
-    record["notes"] = summary_notes(params, evaluation, record["sample_prediction"], colour_share(list(train.paths)))
-    write_json(ctx.path(REGISTRATION), record)
-    log.info("%s version %s is %s: %s", result["model_name"], result["version"], result["decision"], result["reason"])
-    log.info("\n%s", run_summary(record, read_json(ctx.path(METRICS)), ctx.path(REPORT), mlflow_run.info.experiment_id))
-    return record
+    return evaluation, read_json(ctx.path(METRICS)), evaluation.baseline_check.to_dict(), bundle
 
 
-def _try_champion(params) -> dict:
-    """The champion's answer for the first test image, loaded and asked as a served model is."""
-    test = scan_folder(params.data.test_dir)
-    champion = registry.load_champion(params.register.model_name)
-    answer = champion.predict(pd.DataFrame({"image": [encode_image(test.paths[0])]})).iloc[0]
-    return {"image": test.paths[0], "true_label": test.label_names[0],
-            "label": answer["label"], "distance": float(answer["distance"])}
-
-
-def _report_header(params, record: dict, versions: dict[str, str]) -> dict[str, str]:
-    changed = ", ".join(f"{key}={value}" for key, (value, _) in sorted(changed_params(params).items()))
-    return {
-        "model version": f"{record['model_name']} version {record['version']} ({record['decision']})",
-        "MLflow run": f"{record['run_name']} ({record['run_id']})",
-        "data version (DVC md5)": ", ".join(f"{split} {digest}" for split, digest in versions.items()),
-        "git commit": record["git_commit"],
-        "params changed from the defaults": changed or "none",
-    }
+def _card(params, metrics: dict, data: tracking.DataIdentity, lineage: dict[str, str], evaluation: EvaluationReport,
+          result: dict) -> str:
+    return model_card(params, metrics, data.profiles, lineage, result["version"], result["decision"],
+                      result["previous_champion_value"], result["reason"], evaluation)
