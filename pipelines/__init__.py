@@ -9,14 +9,17 @@ Module map, one owner per idea:
 - ``params``: params.yaml, validated into typed sections; presets.
 - ``pipeline``: the stage table (what each stage reads and writes), stage keys, dvc.yaml's text.
 - ``imports``: what a module imports, followed through this project: stage code deps, served-model requirements.
-- ``stages/``: one module per stage (validate, triplets, train, embed, evaluate, register), each ``run(ctx)``.
+- ``stages/``: one module per stage (validate, triplets, train, embed, evaluate, register), each ``run(ctx)``, one
+  job per step (``benchmarks/walk.py`` measures the register stage's walk and a served request's).
 - ``runner``: running a stage, for ``siamese stage`` under ``dvc repro`` and for the flows (with their cache).
 - ``stagecache``: the flows' content-addressed cache of stage outputs.
 - ``flows``: the Prefect flows: training, prediction with the champion, retraining (scheduled or on a drift
   event), monitoring (a thin flow over ``monitoring_run``); their deployments.
-- ``tracking``: MLflow runs: what a run records, and the one place a pipeline's run ends (``pipeline_run``).
-- ``registry``: every read and write of the model registry: versions, aliases (under the gate's lock), the gate's
-  and the rollouts' registry side, promotion, rollback, repair; it calls the pure rules of ``gate`` and ``rollout``.
+- ``tracking``: MLflow runs: what a run records, the data's identity (DVC digests, profiles, commit), and the one
+  place a pipeline's run ends (``pipeline_run``).
+- ``registry``: every read and write of the model registry: versions and their cards, aliases (under the gate's
+  lock), the gate's and the rollouts' registry side, promotion, rollback, repair, the champion's sample answer; it
+  calls the pure rules of ``gate`` and ``rollout``.
 - ``gate``: the alias names and the champion gate's decision, a pure function of the figures (lineage, baselines).
 - ``scoring``: the champion and a new version scored on the queries both serve, before the gate's lock.
 - ``integrity``: what a version is: its files' sha256, its code's identity (checked by ``siamese serve``), its download.

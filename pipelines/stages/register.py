@@ -58,7 +58,8 @@ def run(ctx: StageContext) -> dict:
             run, params, bundle, {key: value for key, value in metrics.items() if not key.endswith(COUNT_KEYS)},
             logged, {"data_hash": data.digest}, score_champion=scorer, baselines=baselines, card=card)
     record = {**result, "git_commit": data.commit, "data_hash": data.digest, "data_versions": data.versions}
-    write_html(report, evaluation, report_images(plots), header=report_header(params, record),
+    header = report_header(params, record)
+    write_html(report, evaluation, report_images(plots), header=header,
                title=f"{result['model_name']} version {result['version']}: evaluation on {params.data.test_dir}")
     run.log_artifact(report)  # before the champion is tried: a run that fails there keeps its report
     record["sample_prediction"] = registry.sample_prediction(params)
