@@ -41,6 +41,9 @@ SCALE_START, SCALE_END = ("<!-- scale-out: generated from benchmarks/results/sca
                           "python -m pipelines.doc_figures -->", "<!-- end of scale-out -->")
 SCALING_PAGE, SERVING_PAGE = ROOT / "docs" / "how-to" / "scaling.md", ROOT / "docs" / "how-to" / "serving.md"
 TUNING_PAGE = ROOT / "docs" / "how-to" / "tuning.md"
+BATCH_START, BATCH_END = ("<!-- batch prediction: generated from benchmarks/results/batch-predict.json by python -m "
+                          "pipelines.doc_figures -->", "<!-- end of batch prediction -->")
+BATCH_PAGE = ROOT / "docs" / "how-to" / "gallery.md"
 TUNING_START, TUNING_END = ("<!-- tuning: generated from benchmarks/results/tuning.json by python -m "
                             "pipelines.doc_figures -->", "<!-- end of tuning -->")
 CONFIG_PAGE = ROOT / "docs" / "reference" / "config.md"
@@ -339,6 +342,22 @@ def render_tuning() -> str:
     return "\n".join([TUNING_START, *lines, TUNING_END])
 
 
+def render_batch_predict() -> str:
+    """The batch benchmark: predict-batch here and on two Dask workers against the library's predict loop."""
+    report = _load("batch-predict.json")
+    loop = report["loop_images_per_s"]
+    rows = [("the library's `recognizer.predict` loop", loop, "-"),
+            ("`siamese predict-batch`, in one process", report["batch_images_per_s"], "-"),
+            ("`siamese predict-batch`, two Dask workers", report["dask_2_workers_images_per_s"],
+             "the same rows" if report["dask_rows_equal"] else "**other rows**")]
+    lines = ["| run | images/s | against the loop | rows |", "|---|---|---|---|"]
+    lines += [f"| {name} | {rate:,.0f} | {rate / loop:.2f}x | {rows} |" for name, rate, rows in rows]
+    lines += ["", f"{report['images']:,} demo images in batches of {report['batch']} and shards of "
+                  f"{report['shard_size']}, all three timed in one run; {report['machine']}. "
+                  "`python benchmarks/batch_predict.py` (after `dvc repro`)."]
+    return "\n".join([BATCH_START, *lines, BATCH_END])
+
+
 def _keys(model: type[BaseModel], prefix: str = "") -> list[tuple[str, typing.Any]]:
     """Every key of a params model, dotted, with its pydantic field; sections are walked, not listed."""
     keys = []
@@ -409,6 +428,7 @@ def update(metrics_file: Path) -> list[Path]:
               (SERVING_PAGE, SERVING_START, SERVING_END, render_serving(with_seed=True)),
               (SCALING_PAGE, SCALE_START, SCALE_END, render_scale_out()),
               (TUNING_PAGE, TUNING_START, TUNING_END, render_tuning()),
+              (BATCH_PAGE, BATCH_START, BATCH_END, render_batch_predict()),
               (CONFIG_PAGE, CONFIG_START, CONFIG_END, render_config_reference())]
     return [page for page, start, end, block in blocks if _replace_block(page, start, end, block)]
 

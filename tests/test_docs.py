@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 from pipelines.doc_figures import (
+    BATCH_END,
+    BATCH_PAGE,
+    BATCH_START,
     CONFIG_END,
     CONFIG_PAGE,
     CONFIG_START,
@@ -21,6 +24,7 @@ from pipelines.doc_figures import (
     TUNING_PAGE,
     TUNING_START,
     generated_block,
+    render_batch_predict,
     render_config_reference,
     render_tuning,
 )
@@ -70,3 +74,10 @@ def test_no_page_of_the_built_site_renders_a_list_as_a_paragraph(tmp_path):
              for page in sorted((tmp_path / "site").rglob("*.html"))
              for match in FLATTENED_LIST.finditer(page.read_text(encoding="utf-8"))]
     assert not found, "lists rendered as text (a blank line is missing before them):\n" + "\n".join(found)
+
+
+def test_the_batch_prediction_table_is_generated_from_its_results():
+    block = generated_block(BATCH_PAGE, BATCH_START, BATCH_END)
+    assert block == render_batch_predict(), "run python -m pipelines.doc_figures"
+    report = json.loads((RESULTS / "batch-predict.json").read_text(encoding="utf-8"))
+    assert f"| {report['batch_over_loop']:.2f}x | - |" in block and "the same rows" in block
