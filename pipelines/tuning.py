@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import optuna
 import yaml
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from siamese_core.config import Config, apply_overrides, validate_config
@@ -579,6 +579,15 @@ def noting_interrupts() -> Iterator[None]:
         sys.unraisablehook = unraisable_hook
 
 
+def _end_open_trials(mlflow: MlflowClient, experiment_id: str, parent_run_id: str, status: str) -> None:
+    """End the study's trial runs still RUNNING with ``status``: a Ctrl-C that lands between a trial's run being
+    created and its own handler taking over leaves it open otherwise."""
+    for run in mlflow.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                  "attributes.status = 'RUNNING'"):
+        mlflow.set_tag(run.info.run_id, "state", "FAIL")
+        mlflow.set_terminated(run.info.run_id, status)
+
+
 class StudyInterrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM) during a study; the message says what was kept and how to resume, in one line."""
 
@@ -655,10 +664,11 @@ def tune(train_dir: str | os.PathLike, out: str | os.PathLike, minutes: float, t
         except (KeyboardInterrupt, Exception) as exc:
             for trial in asked:  # those of the round that had not ended
                 study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            ended = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            _end_open_trials(mlflow, experiment_id, run_id, ended)
+            mlflow.set_terminated(run_id, ended)
             if not isinstance(exc, KeyboardInterrupt):
-                mlflow.set_terminated(run_id, "FAILED")
                 raise
-            mlflow.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
             raise StudyInterrupted(f"interrupted: {len(finished(study))} finished trial(s) kept in {storage} (study "
                                    f"{name}); the same command resumes the study") from None
         finally:
