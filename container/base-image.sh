@@ -47,7 +47,6 @@ find "$root/usr/share/doc" -mindepth 1 -not -name copyright -not -type d -delete
 find "$root/usr/share/doc" -mindepth 1 -type d -empty -delete
 rm -rf "$root"/usr/share/{man,info,locale,lintian}/* "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* \
        "$root"/var/cache/debconf/*-old "$root"/var/log/* "$root"/tmp/* "$root"/root/.cache
-find "$root/usr" -name __pycache__ -prune -exec rm -rf {} +
 rm -f "$root/etc/machine-id" "$root/etc/hostname" "$root/etc/resolv.conf"  # the engine provides these
 
 tar --numeric-owner -C "$root" -c . | "$engine" import \

@@ -19,7 +19,24 @@ if [ "${BASE_IMAGE:-}" = localhost/siamese-base:bookworm ] && ! "$engine" image 
    && ! "$engine" image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     container/base-image.sh "$BASE_IMAGE"
 fi
-"$engine" build "${args[@]}" "${secret[@]}" -t "localhost/siamese-recognizer:$tag" .
-"$engine" build "${args[@]}" -f container/postgres.Dockerfile -t localhost/siamese-postgres:15 container
-"$engine" build "${args[@]}" -f container/nginx.Dockerfile -t localhost/siamese-nginx:bookworm container
+build() {
+    local started=$SECONDS
+    "$engine" build "${args[@]}" "$@"
+    echo "build-images.sh: built ${*: -2:1} in $((SECONDS - started)) s"
+}
+# PostgreSQL and nginx build beside the recognizer (each build waits on downloads much of its time); their output
+# is shown when they end.
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"; kill $(jobs -p) 2>/dev/null || true' EXIT
+build -f container/postgres.Dockerfile -t localhost/siamese-postgres:15 container > "$logs/postgres" 2>&1 &
+postgres=$!
+build -f container/nginx.Dockerfile -t localhost/siamese-nginx:bookworm container > "$logs/nginx" 2>&1 &
+nginx=$!
+build "${secret[@]}" -t "localhost/siamese-recognizer:$tag" .
+failed=0
+wait "$postgres" || failed=1
+cat "$logs/postgres"
+wait "$nginx" || failed=1
+cat "$logs/nginx"
+[ "$failed" = 0 ] || { echo "build-images.sh: a build failed (its output is above)" >&2; exit 1; }
 "$engine" image ls --filter reference='localhost/siamese-*'

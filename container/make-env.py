@@ -29,14 +29,18 @@ def read(path: Path) -> dict[str, str]:
 
 
 def client_exports(env: dict[str, str]) -> str:
-    """What a user on the host exports to run the pipeline against the stack's published (loopback) ports."""
-    ports = {name: os.environ.get(name, default) for name, default in
+    """What a user on the host exports to run the pipeline against the stack's published (loopback) ports: a
+    port set in the environment or in the env file (where compose reads it too), else the default."""
+    ports = {name: os.environ.get(name, env.get(name, default)) for name, default in
              (("SIAMESE_MLFLOW_PORT", "5000"), ("SIAMESE_PREFECT_PORT", "4200"), ("SIAMESE_S3_PORT", "9000"))}
     client = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['SIAMESE_MLFLOW_PORT']}",
               "PREFECT_API_URL": f"http://127.0.0.1:{ports['SIAMESE_PREFECT_PORT']}/api",
               "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{ports['SIAMESE_S3_PORT']}",
               "AWS_ACCESS_KEY_ID": env["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": env["AWS_SECRET_ACCESS_KEY"],
-              "AWS_DEFAULT_REGION": "us-east-1", "SIAMESE_ROLLOUT_KEY": env["SIAMESE_ROLLOUT_KEY"]}
+              "AWS_DEFAULT_REGION": "us-east-1", "SIAMESE_ROLLOUT_KEY": env["SIAMESE_ROLLOUT_KEY"],
+              # MLflow hands a client presigned S3 links for downloads; in the stack they name the compose
+              # network's s3:9000, which the host cannot resolve: stream the artifacts through MLflow instead
+              "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false"}
     return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in client.items())
 
 

@@ -10,4 +10,7 @@ RUN apt-get update \
 COPY nginx.conf /etc/nginx/nginx.conf
 USER www-data
 EXPOSE 8080
+# No HTTP client in this image: bash asks /nginx-health over its /dev/tcp.
+HEALTHCHECK --interval=15s --timeout=5s --retries=3 \
+    CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8080 && printf 'GET /nginx-health HTTP/1.0\\r\\n\\r\\n' >&3 && grep -q ' 200 ' <&3"]
 CMD ["nginx", "-g", "daemon off;"]

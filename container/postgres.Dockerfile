@@ -13,4 +13,6 @@ COPY postgres-entrypoint.sh /usr/local/bin/postgres-entrypoint.sh
 USER postgres
 VOLUME /var/lib/postgresql/data
 EXPOSE 5432
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["/usr/lib/postgresql/15/bin/pg_isready", "-h", "/tmp", "-q"]
 CMD ["/usr/local/bin/postgres-entrypoint.sh"]
