@@ -68,6 +68,7 @@ def _lock_md5(repo: Path, stage: str, path: str) -> str:
     return next(d["md5"] for d in lock["deps"] if d["path"] == path)
 
 
+@pytest.mark.slow  # about 100 s: four dvc repro runs; CI runs it with the slow tests
 def test_dvc_repro_tracks_one_run_and_reruns_only_what_a_param_change_touches(tmp_path, write_params, monkeypatch):
     repo, run, dvc = dvc_project(tmp_path, write_params)
     client = MlflowClient(dvc_env(tmp_path)["MLFLOW_TRACKING_URI"])
