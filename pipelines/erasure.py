@@ -421,32 +421,38 @@ def _entries(root: Path, depth: int, target: Target) -> list[Path]:
             and any(target.holds(path, entry) for path in _files(entry))]
 
 
+@contextmanager
+def _reflected(database: str, names: set[str]) -> Iterator[tuple[sa.Engine, dict[str, sa.Table]]]:
+    """An engine on the tracking database and its tables among ``names`` (those it has)."""
+    engine = sa.create_engine(database)
+    try:
+        tables = sa.MetaData()
+        tables.reflect(engine, only=lambda name, _: name in names)
+        yield engine, dict(tables.tables)
+    finally:
+        engine.dispose()
+
+
 def _tracking_rows(database: str | None, target: Target) -> list[tuple[str, dict]]:
     """The rows of :data:`TRACKING_ROWS` that name the class or hold a digest: a line for the audit record (table,
     column, the row's key) and the row's key."""
     needles = target.texts() + sorted(target.digests)
     if database is None or not needles:
         return []
-    engine = sa.create_engine(database)
     found = []
-    try:
-        tables = sa.MetaData()
-        tables.reflect(engine, only=lambda name, _: name in {table for table, _ in TRACKING_ROWS})
-        with engine.connect() as connection:
-            for (name, column), _ in TRACKING_ROWS.items():
-                if name not in tables.tables:
-                    continue
-                table = tables.tables[name]
-                keys = list(table.primary_key.columns)
-                query = sa.select(*keys, table.c[column]).where(sa.or_(*(table.c[column].contains(n, autoescape=True)
-                                                                         for n in needles)))
-                for row in connection.execute(query):
-                    if row[-1] is not None and target.names(row[-1]):
-                        key = {c.name: row[i] for i, c in enumerate(keys)}
-                        found.append((f"{name}.{column} {json.dumps(key, default=str, ensure_ascii=False)}",
-                                      {"table": name, "column": column, "key": key}))
-    finally:
-        engine.dispose()
+    with _reflected(database, {table for table, _ in TRACKING_ROWS}) as (engine, tables), engine.connect() as connection:
+        for (name, column), _ in TRACKING_ROWS.items():
+            if name not in tables:
+                continue
+            table = tables[name]
+            keys = list(table.primary_key.columns)
+            query = sa.select(*keys, table.c[column]).where(sa.or_(*(table.c[column].contains(n, autoescape=True)
+                                                                     for n in needles)))
+            for row in connection.execute(query):
+                if row[-1] is not None and target.names(row[-1]):
+                    key = {c.name: row[i] for i, c in enumerate(keys)}
+                    found.append((f"{name}.{column} {json.dumps(key, default=str, ensure_ascii=False)}",
+                                  {"table": name, "column": column, "key": key}))
     return found
 
 
@@ -474,21 +480,15 @@ def _rows_erased(database: str | None, target: Target, rows: list[tuple[str, dic
     """Rewrite or delete each row (:data:`TRACKING_ROWS`), in one transaction."""
     if database is None or not rows:
         return
-    engine = sa.create_engine(database)
-    try:
-        tables = sa.MetaData()
-        tables.reflect(engine, only=lambda name, _: name in {row["table"] for _, row in rows})
-        with engine.begin() as connection:
-            for _, row in rows:
-                table, column = tables.tables[row["table"]], row["column"]
-                where = sa.and_(*(table.c[k] == v for k, v in row["key"].items()))
-                if TRACKING_ROWS[(row["table"], column)] == "delete":
-                    connection.execute(sa.delete(table).where(where))
-                    continue
-                value = connection.execute(sa.select(table.c[column]).where(where)).scalar_one()
-                connection.execute(sa.update(table).where(where).values({column: _rewritten(value, target)}))
-    finally:
-        engine.dispose()
+    with _reflected(database, {row["table"] for _, row in rows}) as (engine, tables), engine.begin() as connection:
+        for _, row in rows:
+            table, column = tables[row["table"]], row["column"]
+            where = sa.and_(*(table.c[k] == v for k, v in row["key"].items()))
+            if TRACKING_ROWS[(row["table"], column)] == "delete":
+                connection.execute(sa.delete(table).where(where))
+                continue
+            value = connection.execute(sa.select(table.c[column]).where(where)).scalar_one()
+            connection.execute(sa.update(table).where(where).values({column: _rewritten(value, target)}))
 
 
 def erase(params: PipelineParams, target: Target, reason: str, dry_run: bool = False,

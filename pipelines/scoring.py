@@ -60,4 +60,3 @@ def only(folder: ImageFolder, classes: set[str]) -> ImageFolder:
     keep = [i for i, label in enumerate(folder.label_names) if label in classes]
     return ImageFolder(folder.root, [folder.paths[i] for i in keep],
                        np.array([names.index(folder.label_names[i]) for i in keep], dtype=folder.labels.dtype), names)
-
