@@ -31,7 +31,7 @@ from pipelines.params import DataConfig, PipelineParams, library_config, load_pa
 from pipelines.process import existing, import_tensorflow_quietly, quiet_libraries, showing_progress
 from pipelines.process import fail as _fail
 from pipelines.process import guarded as _run
-from pipelines.supervisor import bind_problem
+from pipelines.supervisor import MLFLOW_SERVER_DEFAULTS, bind_problem
 from pipelines.supervisor import stop as stop_group
 from siamese_core import sharding
 from siamese_core.config import parse_set_options
@@ -578,8 +578,6 @@ def ui(
     """
 
     def body():
-
-
         from pipelines.tracking import ensure_experiment, tracking_uri  # lazy: MLflow loads in seconds
 
         uri = tracking_uri()
@@ -590,9 +588,11 @@ def ui(
         experiment = ensure_experiment(load_params().register.experiment) if Path("params.yaml").is_file() else "0"
         typer.echo(f"MLflow UI: http://127.0.0.1:{port}/#/experiments/{experiment}?workflowType=machine_learning "
                    "(the model-training view; Ctrl-C stops it)", err=True)
-        # its own process group, so that Ctrl-C or SIGTERM here stops MLflow's server and its workers together
+        # its own process group, so that Ctrl-C or SIGTERM here stops MLflow's server and its worker together;
+        # one worker (MLflow's default is 4) serves one person's browser and starts in a quarter of the CPU time
         server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host",
-                                   "127.0.0.1", "--port", str(port)], start_new_session=True)
+                                   "127.0.0.1", "--port", str(port), "--workers", "1"], start_new_session=True,
+                                  env={**MLFLOW_SERVER_DEFAULTS, **os.environ})
         group = {"pid": server.pid, "started": psutil.Process(server.pid).create_time()}
         try:
             server.wait()
@@ -600,7 +600,7 @@ def ui(
             stop_group(group, timeout=10)
             typer.echo("MLflow UI stopped", err=True)
 
-    _run(body, check=lambda: _port_check("127.0.0.1", port))  # MLflow imports Keras: TensorFlow loads quietly
+    _run(body, tensorflow=False, check=lambda: _port_check("127.0.0.1", port))
 
 
 @app.command()

@@ -335,7 +335,8 @@ def _start_mlflow(stack: Stack, env: dict[str, str]) -> None:
     root, ml, pg = Path(stack["root"]), stack["services"]["mlflow"], stack["services"]["postgres"]
     keys = secrets(root)
     backend = f"postgresql+psycopg2://mlflow:{keys['postgres_password']}@{HOST}:{pg['port']}/mlflow"
-    env = {**env, "MLFLOW_BACKEND_STORE_URI": backend}  # in the environment, never on a command line (ps shows those)
+    # the backend in the environment, never on a command line (ps shows those)
+    env = {**supervisor.MLFLOW_SERVER_DEFAULTS, **env, "MLFLOW_BACKEND_STORE_URI": backend}
     command = [sys.executable, "-m", "mlflow", "server",
                "--serve-artifacts", "--artifacts-destination", f"s3://{BUCKET}/mlartifacts",
                "--host", HOST, "--port", str(ml["port"]), "--workers", "2"]

@@ -28,6 +28,9 @@ from pipelines.errors import StackError
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 180
 STOP_TIMEOUT_S = 20
+# MLflow's server also starts a job runner and seven Huey consumers for its GenAI jobs, which this project never
+# queues; the servers it starts leave them off unless the user's environment turns them on.
+MLFLOW_SERVER_DEFAULTS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 Check = Callable[[], str | None]
 

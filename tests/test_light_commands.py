@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pipelines.supervisor import port_free
@@ -63,8 +64,8 @@ def test_registry_review_and_feedback_commands_do_not_import_tensorflow(registry
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_siamese_ui_stops_its_mlflow_server_with_it(registry_of_two, tmp_path, stop_signal):
-    """SIGTERM (a supervisor) or Ctrl-C stops `siamese ui` and the MLflow server and workers it started: the port
-    is free again."""
+    """SIGTERM (a supervisor) or Ctrl-C stops `siamese ui` and the MLflow server and worker it started: the port
+    is free again. The UI loads no TensorFlow and starts none of MLflow's GenAI job consumers."""
     uri, _ = registry_of_two
     port = free_port()
     log = tmp_path / "ui.log"
@@ -76,6 +77,10 @@ def test_siamese_ui_stops_its_mlflow_server_with_it(registry_of_two, tmp_path, s
         while port_free(port):
             assert ui.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
             time.sleep(0.5)
+        started = psutil.Process(ui.pid)
+        assert not any("tensorflow" in mapped.path for mapped in started.memory_maps())
+        commands = [" ".join(child.cmdline()) for child in started.children(recursive=True)]
+        assert not any("huey" in command or "_job_runner" in command for command in commands), commands
         ui.send_signal(stop_signal)
         ui.wait(timeout=60)
         deadline = time.monotonic() + 30
