@@ -129,6 +129,7 @@ def test_dvc_repro_tracks_one_run_and_reruns_only_what_a_param_change_touches(tm
     assert _stages(r"Running stage '(\w+)'", run(*dvc, "repro", "-s", "validate")) == {"validate"}
 
 
+@pytest.mark.slow  # three retraining flows in fresh processes, about 45 s: with the slow tests, which CI runs
 def test_add_data_and_retrain_walkthrough(tmp_path, write_params, prefect_server):
     """The README's walkthrough: add images, `dvc add`, commit; the retraining flow sees the new data version."""
     from prefect.settings import PREFECT_API_URL
