@@ -2,11 +2,12 @@
 compared preset on the same validation objective, and both trained on the whole training folder and scored on the
 test split (top-1) and the held-out classes (1-shot).
 
-    python -m benchmarks.tuning --minutes 3 --sets digits
+    python -m benchmarks.tuning --minutes 20 --sets digits photo-halves
 
-Writes benchmarks/results/tuning.json; ``python -m pipelines.doc_figures`` puts its table in docs/how-to/tuning.md.
-The small-data sets are those of benchmarks/small_data.py (digits: scikit-learn's handwritten digits; classes 0-6
-to train and test, 7-9 held out).
+Merges each set's result into benchmarks/results/tuning.json; ``python -m pipelines.doc_figures`` puts its table in
+docs/how-to/tuning.md. ``digits`` is scikit-learn's handwritten digits with 40 training images a class (0-6 to train
+and test, 7-9 held out); the other sets are those of benchmarks/small_data.py (8 training images a class), where
+the colour-photo sets also compare the preset ``photos-cpu``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipelines.files import write_json
+from benchmarks.small_data import DATASETS
+from pipelines.files import read_json, write_json
 from pipelines.tuning import OBJECTIVE, SEARCH_SPACE, base_params, final_scores, preset_point, trial_params, tune
 from tests.support.images import make_digits_dataset
 
@@ -33,7 +35,18 @@ def digits(root: Path) -> tuple[Path, Path, Path]:
     return train, test, heldout
 
 
-SETS = {"digits": digits}
+def _small_data_set(build):
+    """A set of benchmarks/small_data.py as (train, test, heldout) folders."""
+
+    def folders(root: Path) -> tuple[Path, Path, Path]:
+        out = build(root / "data")
+        return out / "train", out / "test", out / "heldout"
+
+    return folders
+
+
+SETS = {"digits": digits} | {name: _small_data_set(build) for name, (_, build) in DATASETS.items() if name != "digits"}
+PHOTO_SETS = {"objects", "photos", "photo-halves"}  # colour photos: photos-cpu is compared too
 
 
 def best_preset(presets: dict[str, dict | None]) -> str:
@@ -47,11 +60,15 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=20)
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     parser.add_argument("--presets", nargs="+", default=["fast-cpu", "fewshot-cpu"],
-                        help="compared presets (photos-cpu's 224 px network is slow on 2 cores)")
+                        help="compared presets; the colour-photo sets add photos-cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the results file (its sets of the same minutes "
+                        "are kept)")
     args = parser.parse_args()
+    earlier = read_json(args.out) if args.out.is_file() else {}
     results = {"minutes": args.minutes, "cores": os.cpu_count(), "objective": OBJECTIVE,
                "machine": f"{platform.machine()}, {os.cpu_count()} cores shared with other work, Python "
-                          f"{platform.python_version()}", "sets": {}}
+                          f"{platform.python_version()}",
+               "sets": earlier.get("sets", {}) if earlier.get("minutes") == args.minutes else {}}
     for name in args.sets:
         with tempfile.TemporaryDirectory() as folder:
             root = Path(folder)
@@ -59,8 +76,9 @@ def main() -> None:
             os.environ["SIAMESE_TUNING_STORAGE"] = f"sqlite:///{root / 'optuna.db'}"
             train, test, heldout = SETS[name](root)
             start = time.time()
+            presets = tuple(args.presets) + (("photos-cpu",) if name in PHOTO_SETS else ())
             result = tune(train, root / "tuned.yaml", args.minutes, test_dir=test, heldout_dir=heldout,
-                          presets=tuple(args.presets), workdir=root / "work", progress=False)
+                          presets=tuple(dict.fromkeys(presets)), workdir=root / "work", progress=False)
             seconds = round(time.time() - start, 1)
             preset = best_preset(result.presets)
             if result.best["preset"] == preset:  # the winner is that preset's trial: the same training
@@ -73,7 +91,7 @@ def main() -> None:
                                      "presets": result.presets, "best_preset": preset,
                                      "final": {"tuned": result.final, "best_preset": preset_final}}
             print(json.dumps(results["sets"][name], indent=1, default=str))
-    write_json(RESULTS, results)
+            write_json(args.out, results)  # after each set: a long run keeps what it finished
 
 
 if __name__ == "__main__":

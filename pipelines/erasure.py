@@ -59,7 +59,7 @@ from .labelstudio import PROJECT_TITLE, LabelStudio, task_image_digest
 from .params import PipelineParams
 from .pipeline import STAGES
 from .rollout import live_plan
-from .tracking import client, ensure_experiment, tracking_uri
+from .tracking import client, ending, ensure_experiment, tracking_uri
 
 SCAN_MAX_BYTES = 256 * 1024 * 1024
 BACKEND_VARIABLE = "MLFLOW_BACKEND_STORE_URI"  # the tracking server's database, as `mlflow server` reads it
@@ -504,25 +504,25 @@ def erase(params: PipelineParams, target: Target, reason: str, dry_run: bool = F
         raise RegistryError(f"version {live.version} is live as challenger in a {live.mode} rollout, which would keep "
                             "serving what the erasure removes: end it first (`siamese rollout status`, `siamese promote`)")
     audit = _audit_run(params, target, reason)
-    champion = registry.alias_version(params.register.model_name, CHAMPION)
-    new_version = None
-    if champion is not None and f"{champion.name}/{champion.version}" in places["registered versions"]:
-        edit = gallery_ops.Edit(f"erasure (audit run {audit})", (target.name,) if target.name else (),
-                                tuple(sorted(target.digests)), public=f"erasure recorded in audit run {audit}")
-        edited = gallery_ops.edit_registered(champion.name, str(champion.version), _holding(edit, champion))
-        new_version = edited["version"]
-        if edited["alias"] != CHAMPION:  # the same-queries check cannot keep erased images in service
-            registry.set_champion(champion.name, new_version, edit.reason, force=True)
-    for held in places["registered versions"]:
-        name, _, version = held.partition("/")
-        client().set_model_version_tag(name, version, "loadable", "false")
-        client().set_model_version_tag(name, version, "erased", audit)
-        client().update_model_version(name, version, description=f"Erased (audit run {audit}): its files that held "
-                                      "erased images were deleted; it can no longer be loaded.")
-    for clean in planned.clean.values():
-        clean()
-    client().log_dict(audit, {"places": places, "new_version": new_version}, "places.json")
-    client().set_terminated(audit)
+    with ending(client(), audit):  # FAILED with the error when a place cannot be erased
+        champion = registry.alias_version(params.register.model_name, CHAMPION)
+        new_version = None
+        if champion is not None and f"{champion.name}/{champion.version}" in places["registered versions"]:
+            edit = gallery_ops.Edit(f"erasure (audit run {audit})", (target.name,) if target.name else (),
+                                    tuple(sorted(target.digests)), public=f"erasure recorded in audit run {audit}")
+            edited = gallery_ops.edit_registered(champion.name, str(champion.version), _holding(edit, champion))
+            new_version = edited["version"]
+            if edited["alias"] != CHAMPION:  # the same-queries check cannot keep erased images in service
+                registry.set_champion(champion.name, new_version, edit.reason, force=True)
+        for held in places["registered versions"]:
+            name, _, version = held.partition("/")
+            client().set_model_version_tag(name, version, "loadable", "false")
+            client().set_model_version_tag(name, version, "erased", audit)
+            client().update_model_version(name, version, description=f"Erased (audit run {audit}): its files that held "
+                                          "erased images were deleted; it can no longer be loaded.")
+        for clean in planned.clean.values():
+            clean()
+        client().log_dict(audit, {"places": places, "new_version": new_version}, "places.json")
     return {"dry_run": False, "places": places, "audit_run": audit, "new_version": new_version}
 
 

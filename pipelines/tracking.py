@@ -28,7 +28,7 @@ from pathlib import Path
 
 import mlflow
 from filelock import FileLock
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
@@ -413,16 +413,34 @@ class PipelineRun:
         self.log_history(read_json(trained / HISTORY_FILE)["history"])
 
     def end(self, error: BaseException | None = None, stage: str | None = None) -> None:
-        """End the run: FINISHED, or FAILED with the stage and the error as tags and ``error.txt``
-        (KILLED for an interrupt)."""
-        if error is None:
-            self.client.set_terminated(self.run_id, "FINISHED")
-            return
-        killed = isinstance(error, KeyboardInterrupt)
-        message = f"{type(error).__name__}: {error}"
-        self.set_tags({"error": message[:5000], **({"failed_stage": stage} if stage else {})})
-        self.client.log_text(self.run_id, "".join(traceback.format_exception(error)), "error.txt")
-        self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.KILLED if killed else RunStatus.FAILED))
+        """End the run (:func:`end_run`)."""
+        end_run(self.client, self.run_id, error, stage)
+
+
+def end_run(mlflow: MlflowClient, run_id: str, error: BaseException | None = None, stage: str | None = None) -> None:
+    """End a run, the one way every run of the project ends: FINISHED, or FAILED with the error (and the stage) as
+    tags and ``error.txt``, KILLED for an interrupt."""
+    if error is None:
+        mlflow.set_terminated(run_id, "FINISHED")
+        return
+    killed = isinstance(error, KeyboardInterrupt)
+    message = f"{type(error).__name__}: {error}"
+    mlflow.log_batch(run_id, tags=[RunTag(k, v) for k, v in
+                                   {"error": message[:5000], **({"failed_stage": stage} if stage else {})}.items()])
+    mlflow.log_text(run_id, "".join(traceback.format_exception(error)), "error.txt")
+    mlflow.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED if killed else RunStatus.FAILED))
+
+
+@contextmanager
+def ending(mlflow: MlflowClient, run_id: str) -> Iterator[None]:
+    """End the run ``run_id`` (opened outside a pipeline: a tuning study or trial, an erasure's audit) with the
+    block, as :func:`end_run` says for how the block ended."""
+    try:
+        yield
+    except BaseException as exc:
+        end_run(mlflow, run_id, exc)
+        raise
+    end_run(mlflow, run_id)
 
 
 def _trained_by(trained: Path) -> str | None:

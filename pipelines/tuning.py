@@ -44,7 +44,7 @@ from siamese_core.metrics import few_shot_accuracy, flatten
 
 from .files import copy_linked
 from .params import DEFAULT_PARAMS, PipelineParams, load_params, over_params, shipped_keys, with_preset
-from .tracking import client, ensure_experiment, project_root, tracking_uri
+from .tracking import client, end_run, ending, ensure_experiment, project_root, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -348,19 +348,18 @@ def run_trial(spec: TrialSpec) -> TrialOutcome:
         "mlflow.parentRunId": spec.parent_run_id, "optuna.trial": str(spec.number), "preset": spec.preset or "",
         "state": "RUNNING"})
     run_id = run.info.run_id
-    try:  # the trial's run ends KILLED on Ctrl-C, FAILED on an error, from its first moment
-        figures, values, reason = _train_and_score(spec, config, mlflow, run_id)
+    with ending(mlflow, run_id):  # the trial's run ends KILLED on Ctrl-C, FAILED on an error, from its first moment
+        try:
+            figures, values, reason = _train_and_score(spec, config, mlflow, run_id)
+        except BaseException:
+            mlflow.set_tag(run_id, "state", "FAIL")
+            raise
         state = "PRUNED" if figures is None else "COMPLETE"
         if figures is not None:
             mlflow.log_batch(run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in {
                 "objective": figures.value, "objective_ci95": figures.ci, "fewshot_1shot": figures.fewshot,
                 "fewshot_1shot_ci95": figures.fewshot_ci, "top1": figures.top1, "top1_ci95": figures.top1_ci}.items()])
         mlflow.log_batch(run_id, tags=[RunTag("state", state), RunTag("reason", reason)])
-        mlflow.set_terminated(run_id, "FINISHED")
-    except BaseException as exc:
-        mlflow.set_tag(run_id, "state", "FAIL")
-        mlflow.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        raise
     return TrialOutcome(spec.number, state, values, time.time() - start, run_id, figures, reason)
 
 
@@ -579,13 +578,13 @@ def noting_interrupts() -> Iterator[None]:
         sys.unraisablehook = unraisable_hook
 
 
-def _end_open_trials(mlflow: MlflowClient, experiment_id: str, parent_run_id: str, status: str) -> None:
-    """End the study's trial runs still RUNNING with ``status``: a Ctrl-C that lands between a trial's run being
-    created and its own handler taking over leaves it open otherwise."""
+def _end_open_trials(mlflow: MlflowClient, experiment_id: str, parent_run_id: str, error: BaseException) -> None:
+    """End the study's trial runs still RUNNING as ``error`` ended the study: a Ctrl-C that lands between a trial's
+    run being created and its own handler taking over leaves it open otherwise."""
     for run in mlflow.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
                                   "attributes.status = 'RUNNING'"):
         mlflow.set_tag(run.info.run_id, "state", "FAIL")
-        mlflow.set_terminated(run.info.run_id, status)
+        end_run(mlflow, run.info.run_id, error)
 
 
 class StudyInterrupted(KeyboardInterrupt):
@@ -664,9 +663,8 @@ def tune(train_dir: str | os.PathLike, out: str | os.PathLike, minutes: float, t
         except (KeyboardInterrupt, Exception) as exc:
             for trial in asked:  # those of the round that had not ended
                 study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-            ended = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-            _end_open_trials(mlflow, experiment_id, run_id, ended)
-            mlflow.set_terminated(run_id, ended)
+            _end_open_trials(mlflow, experiment_id, run_id, exc)
+            end_run(mlflow, run_id, exc)
             if not isinstance(exc, KeyboardInterrupt):
                 raise
             raise StudyInterrupted(f"interrupted: {len(finished(study))} finished trial(s) kept in {storage} (study "
@@ -713,7 +711,7 @@ def _conclude(study: optuna.Study, run_id: str, base: PipelineParams, pins: dict
         **{f"final.{k}": v for k, v in result.final.items() if isinstance(v, float)}}.items()],
         tags=[RunTag("best_trial", str(best.number)), RunTag("best_run_id", best.user_attrs.get("mlflow_run_id", "")),
               *(RunTag(f"best.{k}", str(v)) for k, v in best.params.items())])
-    mlflow.set_terminated(run_id, "FINISHED")
+    end_run(mlflow, run_id)
     return result
 
 

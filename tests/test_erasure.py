@@ -118,6 +118,7 @@ def test_erase_a_class_everywhere_and_the_champion_serves_the_rest(tmp_path, mon
     audit = mlflow.MlflowClient().download_artifacts(result["audit_run"], "erasure.json", str(tmp_path / "audit"))
     record = json.loads(Path(audit).read_text())
     assert record["class"] == ERASED and set(record["digests"]) >= digests and record["reason"] == "request 17"
+    assert mlflow.get_run(result["audit_run"]).info.status == "FINISHED"  # ended by the one lifecycle
     rewritten = json.loads(Path(mlflow.MlflowClient().download_artifacts(
         result["audit_run"], "places.json", str(tmp_path / "audit"))).read_text())["places"]["tracking database"]
     assert any(row.startswith("datasets.dataset_profile") and "data-train-before" in row for row in rewritten)

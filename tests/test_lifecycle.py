@@ -3,6 +3,7 @@ lifecycle ends the MLflow run FAILED whichever stage fails, under either driver.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from pipelines import imports, pipeline, runner
 from pipelines.files import read_json
 from pipelines.params import load_params
 from pipelines.pipeline import STAGES, StageContext, stage_key
-from pipelines.tracking import pipeline_run
+from pipelines.tracking import ending, pipeline_run
 from siamese_core.errors import BundleError, DatasetError
 
 from support.project import write_tiny_demo_data
@@ -131,3 +132,20 @@ def test_under_dvc_one_run_spans_train_to_register_and_ends_finished(project):
     record = runner.run_alone("register", params)
     assert record["run_id"] == trained_by and client.get_run(trained_by).info.status == "FINISHED"
     assert len(_runs(client)) == 1
+
+
+@pytest.mark.parametrize("raised, status", [(None, "FINISHED"), (DatasetError("a bad folder"), "FAILED"),
+                                            (KeyboardInterrupt(), "KILLED")])
+def test_a_run_opened_outside_a_pipeline_ends_with_its_block_as_a_pipeline_run_does(tmp_path, raised, status):
+    """A tuning study or trial, or an erasure's audit run: FINISHED, FAILED with the error and error.txt, or KILLED."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("outside")).info.run_id
+    with pytest.raises(type(raised)) if raised else contextlib.nullcontext():
+        with ending(client, run_id):
+            if raised:
+                raise raised
+    run = client.get_run(run_id)
+    assert run.info.status == status
+    if isinstance(raised, DatasetError):
+        assert run.data.tags["error"] == "DatasetError: a bad folder"
+        assert "a bad folder" in Path(client.download_artifacts(run_id, "error.txt", str(tmp_path))).read_text()
