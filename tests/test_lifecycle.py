@@ -139,7 +139,7 @@ def test_under_dvc_one_run_spans_train_to_register_and_ends_finished(project):
 def test_a_run_opened_outside_a_pipeline_ends_with_its_block_as_a_pipeline_run_does(tmp_path, raised, status):
     """A tuning study or trial, or an erasure's audit run: FINISHED, FAILED with the error and error.txt, or KILLED."""
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run_id = client.create_run(client.create_experiment("outside")).info.run_id
+    run_id = client.create_run(client.create_experiment("outside", (tmp_path / "artifacts").as_uri())).info.run_id
     with pytest.raises(type(raised)) if raised else contextlib.nullcontext():
         with ending(client, run_id):
             if raised:
