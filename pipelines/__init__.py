@@ -16,7 +16,8 @@ Module map, one owner per idea:
 - ``flows``: the Prefect flows: training, prediction with the champion, retraining (scheduled or on a drift
   event), monitoring (a thin flow over ``monitoring_run``); their deployments.
 - ``tracking``: MLflow runs: what a run records, the data's identity (DVC digests, profiles, commit), and the one
-  place a pipeline's run ends (``pipeline_run``).
+  way a run ends (``end_run``): a pipeline's through ``pipeline_run``, a tuning study's, a trial's or an erasure's
+  audit run through ``ending``.
 - ``registry``: every read and write of the model registry: versions and their cards, aliases (under the gate's
   lock), the gate's and the rollouts' registry side, promotion, rollback, repair, the champion's sample answer; it
   calls the pure rules of ``gate`` and ``rollout``.
