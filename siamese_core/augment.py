@@ -1,4 +1,4 @@
-"""On-the-fly augmentation for training batches; nothing is written to disk."""
+"""Augmentation of training images, on the fly or as views made once; nothing is written to disk."""
 
 from __future__ import annotations
 
@@ -69,6 +69,15 @@ def augmentation_layers(
     if rotation or shift or zoom or shear:
         steps.append(RandomAffine(rotation, shift, zoom, shear, seed=seed + 1))
     return keras.Sequential(steps, name="augment") if steps else None
+
+
+def random_views(images: np.ndarray, transforms: keras.Sequential, batch_size: int = 64) -> np.ndarray:
+    """One random view of every uint8 image through ``transforms``, ``batch_size`` images at a time."""
+    out = np.empty_like(images)
+    for start in range(0, len(images), batch_size):
+        view = transforms(images[start : start + batch_size].astype(np.float32), training=True)
+        out[start : start + batch_size] = np.clip(np.round(keras.ops.convert_to_numpy(view)), 0, 255)
+    return out
 
 
 def add_transformed_classes(

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -93,11 +93,27 @@ class AugmentConfig(Section):
     mirrors_as_classes: bool = Field(
         False, description="Add each class's mirror image (and its rotations) as new classes (online mining only)."
     )
+    cached_views: int = Field(
+        0, ge=0, le=64, description="Instead of transforming every batch: this many random views of each training "
+        "image (the transforms above), made once before training and trained on as more images of its class "
+        "(online mining only). Each view goes through the frozen backbone layers once, so the cached frozen "
+        "trunk (train.cache_frozen_features) stays on. 0: off.")
 
     @property
     def active(self) -> bool:
-        """Whether any per-batch transform is on."""
+        """Whether any transform is on."""
         return bool(self.rotation or self.shift or self.zoom or self.shear or self.flip != "none")
+
+    @property
+    def per_batch(self) -> bool:
+        """Whether the transforms apply to every training batch (not to views made once: cached_views)."""
+        return self.active and not self.cached_views
+
+    @model_validator(mode="after")
+    def _views_need_transforms(self) -> AugmentConfig:
+        if self.cached_views and not self.active:
+            raise ValueError("cached_views needs a transform (rotation, shift, zoom, shear or flip)")
+        return self
 
 
 class TrainConfig(Section):

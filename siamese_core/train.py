@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from .augment import add_transformed_classes, augmentation_layers
+from .augment import add_transformed_classes, augmentation_layers, random_views
 from .batches import (
     pk_batches,
     pk_dataset,
@@ -153,9 +153,9 @@ class _Batches:
 
 
 def _plan(config: Config, embedding: keras.Model) -> _Plan:
-    """The fast paths the config asks for: a cached frozen trunk (not with augmentation,
+    """The fast paths the config asks for: a cached frozen trunk (not with per-batch augmentation,
     which must see images) and distinct-image batches."""
-    cache = config.train.cache_frozen_features and not config.train.augment.active
+    cache = config.train.cache_frozen_features and not config.train.augment.per_batch
     trunk, top = split_frozen_trunk(embedding) if cache else (None, embedding)
 
     def prepare(images: np.ndarray) -> np.ndarray:
@@ -172,7 +172,8 @@ def _plan(config: Config, embedding: keras.Model) -> _Plan:
 
 def _prepare_data(config: Config, plan: _Plan, train_dir, test_dir, heldout_dir,
                   triplets: pd.DataFrame | None) -> _Data:
-    """Decode every image once, add transformed classes, run the frozen trunk, mine the triplet table."""
+    """Decode every image once, add transformed classes, run the frozen trunk (on the images and on their
+    cached views), mine the triplet table."""
     size = config.model.input_size
     folder = scan_folder(train_dir)
     check_memory(config, plan.model.embedding, len(folder))  # before anything is decoded
@@ -183,6 +184,11 @@ def _prepare_data(config: Config, plan: _Plan, train_dir, test_dir, heldout_dir,
                                                     rotations=augment.rotations_as_classes,
                                                     mirrors=augment.mirrors_as_classes)
     inputs = plan.prepare(images)
+    if augment.cached_views:  # one random view of every image at a time, each through the trunk once
+        transforms = _transforms(config)
+        views = [plan.prepare(random_views(images, transforms, config.evaluate.embed_batch_size))
+                 for _ in range(augment.cached_views)]
+        inputs, labels = np.concatenate([inputs, *views]), np.tile(labels, 1 + augment.cached_views)
     del images
     if triplets is None:
         if config.train.mining != "offline":
@@ -240,9 +246,14 @@ def _online_batches(config: Config, data: _Data, done: int) -> _Batches:
     return _Batches(train, pk_dataset(test_inputs, test_folder.labels, lambda: iter(val_rows), len(val_rows)), steps)
 
 
-def _augmenter(config: Config):
+def _transforms(config: Config):
     a = config.train.augment
-    return augmentation_layers(a.rotation, a.shift, a.zoom, a.shear, a.flip, seed=config.train.seed) if a.active else None
+    return augmentation_layers(a.rotation, a.shift, a.zoom, a.shear, a.flip, seed=config.train.seed)
+
+
+def _augmenter(config: Config):
+    """The transforms of every training batch, or None (off, or applied to cached views instead)."""
+    return _transforms(config) if config.train.augment.per_batch else None
 
 
 def activation_bytes(model: keras.Model) -> int:
@@ -268,6 +279,7 @@ def check_memory(config: Config, model: keras.Model, images: int) -> None:
     t, side = config.train, config.model.input_size
     online = t.mining != "offline"
     copies = (1 + 3 * t.augment.rotations_as_classes) * (1 + t.augment.mirrors_as_classes) if online else 1
+    copies *= 1 + t.augment.cached_views
     step_images = t.classes_per_batch * t.images_per_class if online else 3 * t.batch_size
     needed = images * copies * side * side * 3 + 2 * step_images * activation_bytes(model)
     available = psutil.virtual_memory().available
@@ -339,8 +351,9 @@ def train(
     ``batch_hard`` or ``semihard`` sample P classes x K images per batch and mine inside it.
     Offline, the weights of the epoch with the lowest validation loss are kept; online, the last
     epoch's. After every epoch, batch normalisation's statistics are re-estimated on training images
-    (``train.batchnorm_images``), so inference normalises as training did. ``train.augment`` transforms training batches on the fly. With
-    ``train.cache_frozen_features`` the frozen backbone layers run once per image; with
+    (``train.batchnorm_images``), so inference normalises as training did. ``train.augment`` transforms training
+    batches on the fly, or adds ``cached_views`` random views of every image, made once. With
+    ``train.cache_frozen_features`` the frozen backbone layers run once per image (and view); with
     ``train.unique_batch_images`` each distinct image of a triplet batch is embedded once.
 
     Args:
@@ -360,8 +373,10 @@ def train(
         A :class:`TrainResult`; its ``embedding`` is always the full network.
     """
     online = config.train.mining != "offline"
-    if (config.train.augment.rotations_as_classes or config.train.augment.mirrors_as_classes) and not online:
-        raise ConfigError("train.augment.rotations_as_classes and mirrors_as_classes need online mining (train.mining)")
+    augment = config.train.augment
+    if (augment.rotations_as_classes or augment.mirrors_as_classes or augment.cached_views) and not online:
+        raise ConfigError("train.augment.rotations_as_classes, mirrors_as_classes and cached_views need online "
+                          "mining (train.mining)")
     strategy = strategy_for(config.train.distribute)
     distributed = config.train.distribute != "none"
     checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None

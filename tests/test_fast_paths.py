@@ -3,8 +3,12 @@
 import numpy as np
 import pytest
 
+import siamese_core.train as training
+from siamese_core.batches import pk_dataset
 from siamese_core.config import Config, ModelConfig, apply_overrides
+from siamese_core.data import scan_folder
 from siamese_core.embed import embed_images
+from siamese_core.errors import ConfigError
 from siamese_core.gallery import Gallery
 from siamese_core.model import (
     SiameseModel,
@@ -20,6 +24,7 @@ from support.tiny import TINY_NETWORK
 
 # small_cnn with its first two blocks frozen: a trunk with weights, and a trainable top
 FROZEN = dict(TINY_NETWORK, trainable_from="block3_conv")
+VIEWS = {"train.augment.rotation": 10, "train.augment.zoom": 0.2, "train.augment.flip": "horizontal"}
 
 
 def _images(n, seed=0, size=32):
@@ -119,8 +124,6 @@ def test_index_search_widens_when_the_nearest_rows_hold_too_few_classes():
 
 
 def test_hard_mining_inside_training_uses_the_cached_trunk_and_mines_the_same_triplets(digits):
-
-    from siamese_core.data import scan_folder
     from siamese_core.train import mine_triplets
 
     config = apply_overrides(Config(), dict(FROZEN, epochs=1, batch_size=8, seed=3, strategy="hard"))
@@ -128,3 +131,43 @@ def test_hard_mining_inside_training_uses_the_cached_trunk_and_mines_the_same_tr
     standalone = mine_triplets(config, scan_folder(digits[0]), initial_embedding_model(config))
     assert result.triplets.equals(standalone)
 
+
+
+
+def test_cached_views_go_through_the_trunk_once_each_and_train_the_top_as_more_images(digits, monkeypatch):
+    trunk_rows, trained = [], []
+    predict = training.predict_array
+
+    def trunk_counted(model, rows, *args, **kwargs):
+        if model.name == "frozen_trunk":
+            trunk_rows.append(rows.copy())
+        return predict(model, rows, *args, **kwargs)
+
+    def dataset_recorded(inputs, labels, *args, **kwargs):
+        trained.append((inputs, labels))
+        return pk_dataset(inputs, labels, *args, **kwargs)
+
+    monkeypatch.setattr(training, "predict_array", trunk_counted)
+    monkeypatch.setattr(training, "pk_dataset", dataset_recorded)
+    views = 3
+    config = apply_overrides(Config(), {**FROZEN, **VIEWS, "train.augment.cached_views": views, "mining": "batch_all",
+                                        "classes_per_batch": 4, "images_per_class": 4, "learning_rate": 3e-3,
+                                        "epochs": 3, "seed": 3})
+    result = train(config, *digits, verbose=0)
+    train_folder, test_folder = scan_folder(digits[0]), scan_folder(digits[1])
+    n = len(train_folder)
+    # the originals, each view, the test images: the trunk runs once per view, not per batch
+    assert [len(rows) for rows in trunk_rows] == [n] * (1 + views) + [len(test_folder)]
+    assert not np.array_equal(trunk_rows[1], trunk_rows[0]) and not np.array_equal(trunk_rows[2], trunk_rows[1])
+    inputs, labels = trained[0]
+    assert inputs.shape == ((1 + views) * n, 8, 8, 64)  # trunk features, not pixels
+    np.testing.assert_array_equal(labels, np.tile(train_folder.labels, 1 + views))
+    assert result.history["loss"][-1] < result.history["loss"][0]
+
+
+def test_cached_views_need_a_transform_and_online_mining(digits):
+    with pytest.raises(ConfigError, match="cached_views needs a transform"):
+        apply_overrides(Config(), {**FROZEN, "train.augment.cached_views": 2})
+    config = apply_overrides(Config(), {**FROZEN, **VIEWS, "train.augment.cached_views": 2, "mining": "offline"})
+    with pytest.raises(ConfigError, match="need online mining"):
+        train(config, *digits, verbose=0)
