@@ -6,8 +6,9 @@ Usage: python benchmarks/omniglot.py [--data DIR] [--mode closed|fewshot] [--pre
 Prints a JSON report with raw-pixel and untrained-network baselines beside the trained network.
 In fewshot mode, whole alphabets (or, with --split class, random classes; at least 40) are
 held out of training, and every epoch logs its 20-way one-shot accuracy on them. The trained
-network is scored as the product answers: a recogniser with the config's ``evaluate`` settings
-(test-time views, class means) enrols each episode's classes and classifies its queries;
+network, and the untrained one beside it, are scored as the product answers: a recogniser with the
+config's ``evaluate`` settings (test-time views, class means) enrols each episode's classes and
+classifies its queries (raw pixels are plain nearest neighbour);
 ``ms_per_query`` is the time it takes to embed one query image on this machine.
 """
 
@@ -25,7 +26,7 @@ import numpy as np
 from pipelines.params import preset_config
 from siamese_core.config import Config, apply_overrides, parse_set_options
 from siamese_core.data import scan_folder
-from siamese_core.embed import decode_all, embed_images
+from siamese_core.embed import decode_all
 from siamese_core.evaluation import evaluate
 from siamese_core.gallery import Gallery
 from siamese_core.metrics import accuracy_report, few_shot_accuracy, few_shot_report
@@ -121,7 +122,7 @@ def main() -> None:
         test_folder = scan_folder(folders["test"]) if "test" in folders else None
         report: dict = {"mode": args.mode, "split": args.split, "config": config.model_dump(), "train_classes": len(train_folder.class_names)}
 
-        def score(embed) -> dict:
+        def score(embed) -> dict:  # raw pixels: plain nearest neighbour
             if args.mode == "closed":
                 gallery = Gallery(embed(train_folder.paths), train_folder.labels, train_folder.class_names,
                                   train_folder.paths)
@@ -132,30 +133,34 @@ def main() -> None:
             report["heldout_classes"] = len(held.class_names)
             return few_shot_accuracy(embed(held.paths), held.labels, n_way=20, k_shot=1, episodes=args.episodes)
 
+        def answered(network) -> tuple[dict, SiameseRecognizer]:
+            """A network scored as the product answers (this config's test-time views and matching): the trained
+            one, and the untrained one, so that the difference is training's alone."""
+            recognizer = SiameseRecognizer(network, build_gallery(network, train_folder, config.evaluate), config)
+            if args.mode == "closed":
+                scores = evaluate(recognizer, test_folder, top_k=5).to_dict()
+                return {key: scores[key] for key in ("top1", "top5", "class_avg_accuracy")}, recognizer
+            held = scan_folder(folders["heldout"])
+            report["heldout_classes"] = len(held.class_names)
+            return few_shot_report(recognizer.embed(held.paths), held.labels, 20, [1, 5], args.episodes,
+                                   classify=recognizer.classify_among)[0], recognizer
+
         if args.load:  # score a network trained before, on the same split, with this config's evaluate settings
             network = load_embedding(args.load / "model.keras")
             trained_report = json.loads((args.load / "report.json").read_text())
-            report.update({key: trained_report[key] for key in ("config", "train_seconds", "raw_pixels", "untrained")})
+            report.update({key: trained_report[key] for key in ("config", "train_seconds", "raw_pixels")})
             report["loaded_from"] = str(args.load)
+            report["untrained"] = answered(build_embedding_model(config.model))[0]  # with this run's settings
         else:
             report["raw_pixels"] = score(lambda paths: raw_pixels(paths, size))
-            untrained = build_embedding_model(config.model)
-            report["untrained"] = score(lambda paths: embed_images(untrained, paths, 128))
+            report["untrained"] = answered(build_embedding_model(config.model))[0]
             start = time.perf_counter()
             result = train(config, folders["train"], folders.get("test"), verbose=2, heldout_dir=folders.get("heldout"))
             report["train_seconds"] = round(time.perf_counter() - start, 1)
             report.update(history=result.history, best_epoch=result.best_epoch)
             network = result.embedding
         report["evaluate"] = config.evaluate.model_dump()
-        recognizer = SiameseRecognizer(network, build_gallery(network, train_folder, config.evaluate), config)
-        if args.mode == "closed":
-            scores = evaluate(recognizer, test_folder, top_k=5).to_dict()
-            report["trained"] = {key: scores[key] for key in ("top1", "top5", "class_avg_accuracy")}
-        else:
-            held = scan_folder(folders["heldout"])
-            report["heldout_classes"] = len(held.class_names)
-            report["trained"] = few_shot_report(recognizer.embed(held.paths), held.labels, 20, [1, 5], args.episodes,
-                                                classify=recognizer.classify_among)[0]
+        report["trained"], recognizer = answered(network)
         report["ms_per_query"] = ms_per_query(recognizer, train_folder.paths[0])
         if args.save:
             args.save.mkdir(parents=True, exist_ok=True)

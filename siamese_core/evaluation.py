@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,31 +106,38 @@ def baseline_reports(config: Config, train: ImageFolder, test: ImageFolder, top_
     keyed by their report fields (``baseline_raw_pixels``, ``baseline_untrained``), and their per-query values
     (for :func:`baseline_check`).
 
-    Raw pixels are compared at the model's input size (at most ``RAW_PIXELS_MAX_SIZE``).
+    The untrained network answers as the trained one does (``config.evaluate``: its test-time views and its
+    matching, in the test queries and in the few-shot episodes), so that the difference is training's alone.
+    Raw pixels are plain nearest neighbour at the model's input size (at most ``RAW_PIXELS_MAX_SIZE``).
     With ``heldout``, each baseline also gets ``fewshot``: the same episodes (same seed) as the model's.
     """
-    from .embed import decode_all, embed_images
+    from .embed import decode_all  # lazy, as the recogniser's: TensorFlow only once a network runs
     from .model import initial_embedding_model
+    from .recognizer import SiameseRecognizer, build_gallery
 
     size = min(config.model.input_size, RAW_PIXELS_MAX_SIZE)
-    batch = config.evaluate.embed_batch_size
     settings = config.evaluate
 
-    def scores(embed) -> tuple[dict, PerQuery]:
-        gallery = Gallery(embed(train), train.labels, list(train.class_names), list(train.paths))
-        scored, _, per_query = score_queries(embed(test), test.label_names, gallery, top_k, seed)
+    def scores(queries: np.ndarray, gallery: Gallery, embed: Callable[[ImageFolder], np.ndarray],
+               classify: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None
+               ) -> tuple[dict, PerQuery]:
+        scored, _, per_query = score_queries(queries, test.label_names, gallery, top_k, seed)
         figures: dict = {**summary(scored), "top1_ci95": scored.top1_ci95, "map_at_r_ci95": scored.map_at_r_ci95}
         if heldout is not None:
             figures["fewshot"] = few_shot_report(embed(heldout), heldout.labels, settings.fewshot_way,
-                                                 settings.fewshot_shots, settings.fewshot_episodes, seed)[0]
+                                                 settings.fewshot_shots, settings.fewshot_episodes, seed,
+                                                 classify=classify)[0]
         return figures, per_query
 
     def pixels(folder: ImageFolder) -> np.ndarray:
-        return decode_all(folder.paths, size, batch).reshape(len(folder), -1).astype(np.float32)
+        return decode_all(folder.paths, size, settings.embed_batch_size).reshape(len(folder), -1).astype(np.float32)
 
-    untrained = initial_embedding_model(config)
-    raw, raw_queries = scores(pixels)
-    plain, plain_queries = scores(lambda folder: embed_images(untrained, folder.paths, batch))
+    raw, raw_queries = scores(pixels(test), Gallery(pixels(train), train.labels, list(train.class_names),
+                                                    list(train.paths)), pixels)
+    network = initial_embedding_model(config)
+    untrained = SiameseRecognizer(network, build_gallery(network, train, settings), config)
+    plain, plain_queries = scores(untrained.embed(test.paths), untrained.gallery,
+                                  lambda folder: untrained.embed(folder.paths), untrained.classify_among)
     return ({"baseline_raw_pixels": RawPixelsBaseline.model_validate({**raw, "size": size}),
              "baseline_untrained": Baseline.model_validate(plain)},
             {"baseline_raw_pixels": raw_queries, "baseline_untrained": plain_queries})

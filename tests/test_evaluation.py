@@ -326,6 +326,20 @@ def test_assess_scores_baselines_open_set_and_few_shot(untrained):
         assess(recognizer, test, heldout=train)
 
 
+def test_the_untrained_baseline_answers_with_the_models_views_and_matching(tmp_path):
+    """fewshot-cpu's way of answering (test-time views, class means): the untrained network's baseline answers the
+    same way, so an untrained model ties it query by query, in the test split and in the few-shot episodes (with
+    one view and nearest images, the baseline gave it credit that was not training's)."""
+    recognizer, train, test, heldout = untrained_recognizer(
+        tmp_path, fewshot_episodes=20, **{"evaluate.test_time_views": 3, "evaluate.match": "class_mean"})
+    report = assess(recognizer.with_gallery(train), test, train, heldout).report
+    baseline = report.baseline_untrained
+    assert (baseline.top1, baseline.map_at_r) == (report.top1, pytest.approx(report.map_at_r))
+    assert baseline.fewshot["1shot"].mean == report.fewshot["1shot"].mean
+    untrained = [c for c in report.baseline_check.comparisons if c.baseline == "baseline_untrained"]
+    assert [(c.difference_low, c.difference_high) for c in untrained] == [(0.0, 0.0)] * 2
+
+
 def test_the_report_round_trips_through_evaluation_json(untrained, tmp_path):
     recognizer, train, test, heldout = untrained
     report = assess(recognizer, test, train, heldout).report
