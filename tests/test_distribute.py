@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from support.images import make_digits_dataset
 from support.tiny import TINY_NETWORK, tiny_set_options
@@ -67,6 +68,7 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+@pytest.mark.slow  # two training processes on loopback, about 27 s: with the slow tests, which CI runs
 def test_a_two_process_multi_worker_run_trains_and_the_chief_writes_the_bundle(tmp_path):
     train_dir, test_dir = make_digits_dataset(tmp_path / "digits", classes=4, train_per_class=6, test_per_class=2)
     out = tmp_path / "bundle"

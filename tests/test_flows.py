@@ -125,6 +125,7 @@ def test_training_flow_tracks_one_run_and_registers_a_champion_that_predict_flow
     assert len(project.get_metric_history(again["run_id"], "loss")) == 1, "the reused curve is logged on the new run"
 
 
+@pytest.mark.slow  # two whole training flows side by side, about 40 s: with the slow tests, which CI runs
 def test_two_flows_started_together_each_register_their_own_model(project, tmp_path):
     """Two processes on one Prefect server, one MLflow store and one checkout, with different epochs."""
     from prefect.settings import PREFECT_API_URL
@@ -208,6 +209,7 @@ def test_retraining_skips_unchanged_data_and_trains_on_added_data(project):
     assert (some_class / "added.png").is_file(), "no run rewrites the data"
 
 
+@pytest.mark.slow  # two whole training flows, about 25 s: with the slow tests, which CI runs
 def test_from_the_demo_to_your_own_data_your_model_is_the_champion(project, write_params, tmp_path):
     """The README's walk-through: the demo, then params.yaml pointed at your own data. The new model serves at
     models:/siamese-recognizer@champion without a hand promotion, and the gate says why."""

@@ -129,6 +129,7 @@ def test_a_missing_or_silent_scheduler_is_one_line_within_the_timeout():
         silent.close()
 
 
+@pytest.mark.slow  # a scheduler and two dask worker processes, about 40 s: with the slow tests, which CI runs
 def test_evaluate_with_a_relative_bundle_path_on_workers_started_elsewhere(tmp_path):
     """`siamese evaluate --model bundle --dask-address ...` run from the bundle's folder, on a real scheduler and two
     `dask worker` processes started in another directory: the workers get absolute paths, and the figures are the

@@ -368,6 +368,7 @@ def test_stack_status_writes_through_each_service_and_a_service_that_cannot_writ
 
 
 @needs_stack
+@pytest.mark.slow  # the pipeline against the stack (dvc repro, about 70 s, shared by the next three): CI runs it
 def test_dvc_repro_against_the_stack_registers_a_champion_stored_in_the_bucket(shared_stack, pipeline):
     from mlflow import MlflowClient
 
@@ -391,6 +392,7 @@ def test_dvc_repro_against_the_stack_registers_a_champion_stored_in_the_bucket(s
 
 
 @needs_stack
+@pytest.mark.slow
 def test_mlflow_models_serve_pulls_the_champion_from_the_object_store(pipeline):
     from pipelines.pyfunc_model import encode_image
 
@@ -416,6 +418,7 @@ def test_mlflow_models_serve_pulls_the_champion_from_the_object_store(pipeline):
 
 
 @needs_stack
+@pytest.mark.slow
 def test_dvc_push_and_pull_through_the_bucket_into_a_fresh_clone(shared_stack, pipeline):
     repo, run, dvc, env = pipeline
     for command in stack_state.dvc_remote_commands(shared_stack):
@@ -509,6 +512,7 @@ print("STATE", run.state.type.value, run.id)
 
 
 @needs_stack
+@pytest.mark.slow
 def test_the_worker_runs_the_retraining_deployment_and_registers_on_the_tracking_server(pipeline):
     """prefect.yaml deployed to the stack's Prefect server; its worker (pool 'siamese') runs it on new data."""
     from mlflow import MlflowClient

@@ -193,6 +193,7 @@ def _sampled(root, digits, dask_address=None):
     return [t.params for t in storage.get_trials()]
 
 
+@pytest.mark.slow  # a Dask cluster and two studies, about 37 s: with the slow tests, which CI runs
 def test_trials_on_dask_are_the_trials_of_a_serial_run(digits, tmp_path, monkeypatch):
     from distributed import LocalCluster
 
