@@ -314,7 +314,7 @@ class TrialSpec:
 @dataclass
 class TrialOutcome:
     """A trial's end: COMPLETE with its score, PRUNED (``reason``: the pruner, or the budget), or FAIL when the
-    budget ended before it started."""
+    budget ended before it started or this machine cannot train its settings."""
 
     number: int
     state: str
@@ -348,18 +348,23 @@ def run_trial(spec: TrialSpec) -> TrialOutcome:
         "mlflow.parentRunId": spec.parent_run_id, "optuna.trial": str(spec.number), "preset": spec.preset or "",
         "state": "RUNNING"})
     run_id = run.info.run_id
-    with ending(mlflow, run_id):  # the trial's run ends KILLED on Ctrl-C, FAILED on an error, from its first moment
-        try:
-            figures, values, reason = _train_and_score(spec, config, mlflow, run_id)
-        except BaseException:
-            mlflow.set_tag(run_id, "state", "FAIL")
-            raise
-        state = "PRUNED" if figures is None else "COMPLETE"
-        if figures is not None:
-            mlflow.log_batch(run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in {
-                "objective": figures.value, "objective_ci95": figures.ci, "fewshot_1shot": figures.fewshot,
-                "fewshot_1shot_ci95": figures.fewshot_ci, "top1": figures.top1, "top1_ci95": figures.top1_ci}.items()])
-        mlflow.log_batch(run_id, tags=[RunTag("state", state), RunTag("reason", reason)])
+    try:
+        with ending(mlflow, run_id):  # the trial's run ends KILLED on Ctrl-C, FAILED on an error, from its first moment
+            try:
+                figures, values, reason = _train_and_score(spec, config, mlflow, run_id)
+            except BaseException as exc:
+                mlflow.log_batch(run_id, tags=[RunTag("state", "FAIL"), RunTag("reason", str(exc)[:500])])
+                raise
+            state = "PRUNED" if figures is None else "COMPLETE"
+            if figures is not None:
+                mlflow.log_batch(run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in {
+                    "objective": figures.value, "objective_ci95": figures.ci, "fewshot_1shot": figures.fewshot,
+                    "fewshot_1shot_ci95": figures.fewshot_ci, "top1": figures.top1,
+                    "top1_ci95": figures.top1_ci}.items()])
+            mlflow.log_batch(run_id, tags=[RunTag("state", state), RunTag("reason", reason)])
+    except ConfigError as exc:  # settings of the search this machine cannot train (memory): this trial fails alone
+        log.warning("trial %d failed: %s", spec.number, exc)
+        return TrialOutcome(spec.number, "FAIL", {}, time.time() - start, run_id, reason=str(exc))
     return TrialOutcome(spec.number, state, values, time.time() - start, run_id, figures, reason)
 
 

@@ -18,6 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from pipelines import tuning
 from pipelines.cli import app
 from pipelines.flows import tuning_flow
 from pipelines.params import PipelineParams, load_params, preset_keys
@@ -310,3 +311,25 @@ def test_the_flow_runs_the_cli_code_and_writes_the_same_params_file(digits, stor
     assert (store / "cli.yaml").read_text() == (store / "flow.yaml").read_text()
     _, parents, children = _runs(store)
     assert len(parents) == 1 and len(children) == 1 and parents[0].info.status == "FINISHED"
+
+
+def test_a_trial_this_machine_cannot_train_fails_alone_and_the_study_goes_on(digits, store, monkeypatch):
+    """A sampled point whose images do not fit in memory (the training's own check refuses it) is a FAIL trial with
+    the reason, its run FAILED; the other trials run and the study ends with a winner."""
+    real = tuning._train_and_score
+
+    def short_of_memory(spec, config, mlflow, run_id):
+        if spec.number == 0:
+            raise ConfigError("model.input_size 224 needs about 19.4 GiB for 480 decoded images; this machine has "
+                              "11.5 GiB free")
+        return real(spec, config, mlflow, run_id)
+
+    monkeypatch.setattr(tuning, "_train_and_score", short_of_memory)
+    result = CliRunner().invoke(app, ["tune", "--train", str(digits[0]), "--minutes", "10", "--trials", "2",
+                                      "--out", str(store / "tuned.yaml"), *pin_options()])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert "1 interrupted or failed" in result.output and (store / "tuned.yaml").is_file()
+    _, parents, children = _runs(store)
+    failed = {c.data.tags["optuna.trial"]: c for c in children if c.info.status == "FAILED"}
+    assert parents[0].info.status == "FINISHED" and set(failed) == {"0"}
+    assert failed["0"].data.tags["reason"].startswith("model.input_size 224 needs about 19.4 GiB")
