@@ -388,7 +388,7 @@ def _train_and_score(spec: TrialSpec, config: Config, mlflow: MlflowClient, run_
     classes = sorted({c for f in folders.values() for c in f.class_names})
     labels = {part: np.array([classes.index(n) for n in f.label_names]) for part, f in folders.items()}
     images = {part: decode_all(f.paths, config.model.input_size) for part, f in folders.items()}
-    if config.train.cache_frozen_features and not config.train.augment.per_batch:  # training feeds the top features
+    if config.train.caches_frozen_trunk:  # training feeds the top features
         with seeded(config.train.seed):
             trunk, _ = split_frozen_trunk(build_embedding_model(config.model))
         if trunk is not None:

@@ -163,6 +163,12 @@ class TrainConfig(Section):
         True, description="Embed each distinct image of a triplet batch once, however many triplets use it."
     )
 
+    @property
+    def caches_frozen_trunk(self) -> bool:
+        """Whether training runs the frozen backbone layers once per image (and cached view) and trains the rest on
+        their outputs: asked for, and no per-batch augmentation, which must see the images."""
+        return self.cache_frozen_features and not self.augment.per_batch
+
 
 # Gallery search: exact below this many rows, above it an approximate faiss IVF index visiting NPROBE lists.
 EXACT_SEARCH_MAX_ROWS = 100_000

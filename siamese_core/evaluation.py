@@ -111,7 +111,7 @@ def baseline_reports(config: Config, train: ImageFolder, test: ImageFolder, top_
     Raw pixels are plain nearest neighbour at the model's input size (at most ``RAW_PIXELS_MAX_SIZE``).
     With ``heldout``, each baseline also gets ``fewshot``: the same episodes (same seed) as the model's.
     """
-    from .embed import decode_all  # lazy, as the recogniser's: TensorFlow only once a network runs
+    from .embed import decode_all  # lazy: TensorFlow loads when a network is scored, not when this module is imported
     from .model import initial_embedding_model
     from .recognizer import SiameseRecognizer, build_gallery
 

@@ -155,8 +155,7 @@ class _Batches:
 def _plan(config: Config, embedding: keras.Model) -> _Plan:
     """The fast paths the config asks for: a cached frozen trunk (not with per-batch augmentation,
     which must see images) and distinct-image batches."""
-    cache = config.train.cache_frozen_features and not config.train.augment.per_batch
-    trunk, top = split_frozen_trunk(embedding) if cache else (None, embedding)
+    trunk, top = split_frozen_trunk(embedding) if config.train.caches_frozen_trunk else (None, embedding)
 
     def prepare(images: np.ndarray) -> np.ndarray:
         return images if trunk is None else predict_array(trunk, images, config.evaluate.embed_batch_size)
