@@ -1,6 +1,6 @@
 """The review queue through Label Studio, started for real from its own virtual environment, as teams run it.
 
-Set-up (once): ``python3 -m venv .venv-labelstudio && .venv-labelstudio/bin/pip install label-studio==1.23.2``
+Set-up (once): ``python3 -m venv .venv-labelstudio && .venv-labelstudio/bin/pip install -c constraints-labelstudio.txt label-studio==1.23.2``
 (or point ``$SIAMESE_LABEL_STUDIO`` at a ``label-studio`` executable). Without it the test skips. Slow: Label
 Studio's first start migrates its database (about a minute).
 """

@@ -1,6 +1,6 @@
 """A real Label Studio server for tests, started from its own virtual environment as teams run it.
 
-Set-up (once): ``python3 -m venv .venv-labelstudio && .venv-labelstudio/bin/pip install label-studio==1.23.2``
+Set-up (once): ``python3 -m venv .venv-labelstudio && .venv-labelstudio/bin/pip install -c constraints-labelstudio.txt label-studio==1.23.2``
 (or point ``$SIAMESE_LABEL_STUDIO`` at a ``label-studio`` executable). Without it the tests that need it skip. Its
 first start migrates its database (about a minute).
 """
@@ -28,7 +28,7 @@ def label_studio_executable() -> str:
     found = os.environ.get("SIAMESE_LABEL_STUDIO") or str(REPO / ".venv-labelstudio" / "bin" / "label-studio")
     if not Path(found).is_file():
         pytest.skip("Label Studio is not installed: python3 -m venv .venv-labelstudio && "
-                    ".venv-labelstudio/bin/pip install label-studio==1.23.2")
+                    ".venv-labelstudio/bin/pip install -c constraints-labelstudio.txt label-studio==1.23.2")
     return found
 
 
