@@ -50,6 +50,7 @@ REQUIRED = ("time", "request_id", "model_name", "model_version", "label", "dista
 MOMENT = SCHEMA.field("time").type
 READERS = 16  # files read at once: an object store answers each in milliseconds, so reads overlap
 SHADOW, CANARY = "shadow", "canary"  # SHADOW is also the log's source of a shadow challenger's answers
+RATE_FLOOR_HOURS = 1 / 60  # records_per_hour is taken over at least a minute
 
 
 @dataclass
@@ -252,7 +253,8 @@ def assess_traffic(table: pa.Table, reference: ReferenceProfile | None, settings
     times = pc.min_max(table.column("time")).as_py()
     hours = (times["max"] - times["min"]).total_seconds() / 3600
     figures["span_hours"] = hours
-    figures["records_per_hour"] = n / hours if hours > 0 else None  # over the records' span, not the window's
+    # over the records' own span, not the window's, and at least a minute: a burst reads as its minute's rate
+    figures["records_per_hour"] = n / max(hours, RATE_FLOOR_HOURS)
     latency = np.asarray(table.column("latency_ms").to_numpy(zero_copy_only=False), dtype=float)
     figures["latency_p50_ms"], figures["latency_p95_ms"] = (float(v) for v in np.percentile(latency, [50, 95]))
     unknowns = table.column("decision").to_pylist().count(UNKNOWN)

@@ -496,8 +496,9 @@ def test_a_rule_fires_only_on_an_effect_over_its_limit_that_is_significant_with_
 
 
 def test_records_per_hour_are_taken_over_the_records_span_and_older_logs_read(tmp_path):
-    """80 records sent within one minute of a 24-hour window: 4800 an hour, not 3.3. A log file written before
-    ``over_threshold`` existed reads, the column null, and the over-threshold rate is then unknown (None)."""
+    """80 records sent within one minute of a 24-hour window: 4800 an hour, not 3.3; a burst of 60 in 59 ms reads
+    3600 an hour (the rate of its minute), not 3.7 million. A log file written before ``over_threshold`` existed
+    reads, the column null, and the over-threshold rate is then unknown (None)."""
     from pipelines.inference_log import SCHEMA
     from pipelines.monitoring import assess_traffic, read_window
     from pipelines.params import MonitoringConfig
@@ -516,6 +517,9 @@ def test_records_per_hour_are_taken_over_the_records_span_and_older_logs_read(tm
     assert report.figures["span_hours"] == pytest.approx(1 / 60)
     assert report.figures["records_per_hour"] == pytest.approx(4800)
     assert report.figures["over_threshold_rate"] is None and report.figures["unknown_rate"] == 0
+    burst = _rows([0.5] * 60, times=[start + timedelta(milliseconds=n) for n in range(60)])
+    burst_report = assess_traffic(burst, None, MonitoringConfig(), start, start + timedelta(hours=1), MODEL, "1")
+    assert burst_report.figures["records_per_hour"] == pytest.approx(3600)  # 60 in 59 ms: their minute's rate
 
 
 def test_the_champions_answers_are_chosen_and_shadow_and_canary_records_counted_apart():
