@@ -740,10 +740,11 @@ def final_scores(params: PipelineParams, train_dir: Path, test_dir, heldout_dir)
     from siamese_core.train import train
 
     config = params.core()
+    start = time.perf_counter()
     result = train(config, train_dir, verbose=0)
+    scores: dict[str, Any] = {"train_seconds": round(time.perf_counter() - start, 1)}
     recognizer = SiameseRecognizer(result.embedding, build_gallery(result.embedding, result.train_folder,
                                                                    config.evaluate), config)
-    scores: dict[str, Any] = {}
     if test_dir:
         report = evaluate(recognizer, test_dir, top_k=config.evaluate.top_k, seed=config.train.seed)
         scores["test_top1"] = float(report.top1)
@@ -786,6 +787,7 @@ def summary_text(result: TuningResult) -> str:
         parts = ([f"test top-1 {final['test_top1']:.3f}{interval}"] if "test_top1" in final else []) + (
             [f"held-out classes {final['heldout_way']}-way 1-shot {final['heldout_1shot']:.3f} ± "
              f"{final['heldout_1shot_ci95']:.3f}"] if "heldout_1shot" in final else [])
-        lines.append("the winner trained on the whole training folder: " + ", ".join(parts))
+        lines.append(f"the winner trained on the whole training folder in {final['train_seconds'] / 60:.1f} min: "
+                     + ", ".join(parts))
     lines.append(f"wrote {result.out}; train with it: {result.command}")
     return "\n".join(lines)

@@ -160,6 +160,7 @@ def test_every_trial_is_a_nested_run_with_its_epochs(first_session):
     assert {"trials.csv", "search_space.md", "summary.txt", "tuned.yaml"} <= artifacts
     assert "preset fast-cpu: " in output and "preset fewshot-cpu: " in output and "preset photos-cpu: not run" in output
     assert "objective: 0.5 x 1-shot" in output and "test top-1" in output
+    assert re.search(r"the winner trained on the whole training folder in [0-9.]+ min: test top-1", output)
     assert f"--params {root / 'tuned.yaml'} --out model" in output
 
 
