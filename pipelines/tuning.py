@@ -446,6 +446,26 @@ def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=states)
 
 
+def choose_winner(complete: list[optuna.trial.FrozenTrial]) -> tuple[optuna.trial.FrozenTrial, str]:
+    """The trial whose settings are written, and why when it is not the top scorer. The top-scoring trial wins only
+    if it beats the best compared preset beyond both 95 % intervals; otherwise that preset is kept: among many noisy
+    trials the top score is biased upwards, most of all on small validation splits."""
+    top = max(complete, key=lambda t: t.value)
+    presets = [t for t in complete if t.user_attrs.get("preset")]
+    if top.user_attrs.get("preset") or not presets:
+        return top, ""
+    preset = max(presets, key=lambda t: t.value)
+    if top.value - _half_width(top) > preset.value + _half_width(preset):
+        return top, ""
+    return preset, (f"trial {top.number} scored highest ({top.value:.3f} ± {_half_width(top):.3f}) but does not beat "
+                    f"preset {preset.user_attrs['preset']} ({preset.value:.3f} ± {_half_width(preset):.3f}) beyond "
+                    "their 95 % intervals, so the preset's settings are written")
+
+
+def _half_width(trial: optuna.trial.FrozenTrial) -> float:
+    return trial.user_attrs.get("objective_ci95") or 0.0
+
+
 def _enqueue_presets(study: optuna.Study, presets: tuple[str, ...], base: PipelineParams,
                      space: tuple[Dimension, ...]) -> list[str]:
     """Queue the compared presets not yet tried (again after a failure); returns those outside the space."""
@@ -488,6 +508,7 @@ class TuningResult:
     command: str
     split: dict[str, int]
     final: dict[str, Any] = field(default_factory=dict)
+    kept_preset: str = ""  # why the winner is a preset and not the top-scoring trial (:func:`choose_winner`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -688,7 +709,7 @@ def _conclude(study: optuna.Study, run_id: str, base: PipelineParams, pins: dict
     if not complete:
         raise ConfigError(f"no trial finished within {minutes:g} minute(s){_needed(finished(study))}: give "
                           "--minutes more, or pin a smaller network or fewer epochs with --set")
-    best = study.best_trial
+    best, kept_preset = choose_winner(complete)
     winner = trial_params(base, best.params, pins, best.user_attrs.get("preset"))
     data = {**winner.data.model_dump(), "train_dir": str(train_path),
             **({"test_dir": str(test_dir)} if test_dir else {}), **({"heldout_dir": str(heldout_dir)} if heldout_dir else {})}
@@ -705,14 +726,14 @@ def _conclude(study: optuna.Study, run_id: str, base: PipelineParams, pins: dict
     result = TuningResult(
         study.study_name, storage, run_id, rows, _row(best), {name: by_preset.get(name) for name in presets},
         round(time.time() - started, 1), str(out), f"siamese train --train {train_path}{test} --params {out} "
-        "--out model", split_sizes)
+        "--out model", split_sizes, kept_preset=kept_preset)
     if test_dir or heldout_dir:
         result.final = final_scores(written, train_path, test_dir, heldout_dir)
     mlflow.log_text(run_id, _table_csv(rows), "trials.csv")
     mlflow.log_text(run_id, summary_text(result), "summary.txt")
     mlflow.log_artifact(run_id, str(out))
     mlflow.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), len(rows)) for k, v in {
-        "best_objective": study.best_value, "trials_finished": len(finished(study)), "trials_complete": len(complete),
+        "best_objective": best.value, "trials_finished": len(finished(study)), "trials_complete": len(complete),
         **{f"final.{k}": v for k, v in result.final.items() if isinstance(v, float)}}.items()],
         tags=[RunTag("best_trial", str(best.number)), RunTag("best_run_id", best.user_attrs.get("mlflow_run_id", "")),
               *(RunTag(f"best.{k}", str(v)) for k, v in best.params.items())])
@@ -778,7 +799,7 @@ def summary_text(result: TuningResult) -> str:
              f"objective: {OBJECTIVE}; validated on {sizes['unseen']} images of unseen classes and {sizes['known']} "
              f"held-out images, trained on {sizes['train']}",
              f"  winner, trial {result.best['trial']}{' (preset ' + result.best['preset'] + ')' if result.best['preset'] else ''}: "
-             f"{_figure(result.best)}"]
+             f"{_figure(result.best)}"] + ([f"  ({result.kept_preset})"] if result.kept_preset else [])
     lines += [f"  preset {name}: {_figure(row)}" for name, row in result.presets.items()]
     final = result.final
     if final:
