@@ -450,16 +450,22 @@ def choose_winner(complete: list[optuna.trial.FrozenTrial]) -> tuple[optuna.tria
     """The trial whose settings are written, and why when it is not the top scorer. The top-scoring trial wins only
     if it beats the best compared preset beyond both 95 % intervals; otherwise that preset is kept: among many noisy
     trials the top score is biased upwards, most of all on small validation splits."""
-    top = max(complete, key=lambda t: t.value)
+    top = max(complete, key=_value)
     presets = [t for t in complete if t.user_attrs.get("preset")]
     if top.user_attrs.get("preset") or not presets:
         return top, ""
-    preset = max(presets, key=lambda t: t.value)
-    if top.value - _half_width(top) > preset.value + _half_width(preset):
+    preset = max(presets, key=_value)
+    if _value(top) - _half_width(top) > _value(preset) + _half_width(preset):
         return top, ""
-    return preset, (f"trial {top.number} scored highest ({top.value:.3f} ± {_half_width(top):.3f}) but does not beat "
-                    f"preset {preset.user_attrs['preset']} ({preset.value:.3f} ± {_half_width(preset):.3f}) beyond "
+    return preset, (f"trial {top.number} scored highest ({_value(top):.3f} ± {_half_width(top):.3f}) but does not beat "
+                    f"preset {preset.user_attrs['preset']} ({_value(preset):.3f} ± {_half_width(preset):.3f}) beyond "
                     "their 95 % intervals, so the preset's settings are written")
+
+
+def _value(trial: optuna.trial.FrozenTrial) -> float:
+    """A complete trial's objective."""
+    assert trial.value is not None
+    return trial.value
 
 
 def _half_width(trial: optuna.trial.FrozenTrial) -> float:
@@ -733,7 +739,7 @@ def _conclude(study: optuna.Study, run_id: str, base: PipelineParams, pins: dict
     mlflow.log_text(run_id, summary_text(result), "summary.txt")
     mlflow.log_artifact(run_id, str(out))
     mlflow.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), len(rows)) for k, v in {
-        "best_objective": best.value, "trials_finished": len(finished(study)), "trials_complete": len(complete),
+        "best_objective": _value(best), "trials_finished": len(finished(study)), "trials_complete": len(complete),
         **{f"final.{k}": v for k, v in result.final.items() if isinstance(v, float)}}.items()],
         tags=[RunTag("best_trial", str(best.number)), RunTag("best_run_id", best.user_attrs.get("mlflow_run_id", "")),
               *(RunTag(f"best.{k}", str(v)) for k, v in best.params.items())])
