@@ -104,7 +104,7 @@ def main() -> None:
                 params = trial_params(base, preset_point(preset, base, SEARCH_SPACE) or {}, {}, preset)
                 preset_final = final_scores(params, train, test, heldout)
             results["sets"][name] = {"seconds": seconds, "trials": len(result.trials), "winner": result.best,
-                                     "presets": result.presets, "best_preset": preset,
+                                     "kept_preset": result.kept_preset, "presets": result.presets, "best_preset": preset,
                                      "final": {"tuned": result.final, "best_preset": preset_final}}
             print(json.dumps(results["sets"][name], indent=1, default=str))
             write_json(args.out, results)  # after each set: a long run keeps what it finished

@@ -334,11 +334,12 @@ def render_tuning() -> str:
             lines.append(f"| {name} | {title} | {_cell(row, 'objective')} | {_cell(scores, 'test_top1')} | "
                          f"{scores['heldout_way']}-way {_cell(scores, 'heldout_1shot')} | {search} |")
             name = ""
+    kept = [f"{name}: {data['kept_preset']}." for name, data in report["sets"].items() if data.get("kept_preset")]
     lines += ["", "In %, with 95 % intervals: the objective's combines those of its two parts, the held-out 1-shot's is "
                   "over its episodes, test top-1's a bootstrap over the test queries. "
                   f"{report['minutes']:g} minutes of tuning per set on {report['cores']} cores ({report['machine']}); "
                   "the search time includes training the winner on the whole training folder. "
-                  f"`python -m benchmarks.tuning --minutes {report['minutes']:g}`."]
+                  f"`python -m benchmarks.tuning --minutes {report['minutes']:g}`.", *(["", *kept] if kept else [])]
     return "\n".join([TUNING_START, *lines, TUNING_END])
 
 
