@@ -355,6 +355,8 @@ def run_trial(spec: TrialSpec) -> TrialOutcome:
             except BaseException as exc:
                 mlflow.log_batch(run_id, tags=[RunTag("state", "FAIL"), RunTag("reason", str(exc)[:500])])
                 raise
+            finally:
+                _release_models()
             state = "PRUNED" if figures is None else "COMPLETE"
             if figures is not None:
                 mlflow.log_batch(run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in {
@@ -366,6 +368,14 @@ def run_trial(spec: TrialSpec) -> TrialOutcome:
         log.warning("trial %d failed: %s", spec.number, exc)
         return TrialOutcome(spec.number, "FAIL", {}, time.time() - start, run_id, reason=str(exc))
     return TrialOutcome(spec.number, state, values, time.time() - start, run_id, figures, reason)
+
+
+def _release_models() -> None:
+    """Free what a trial's models hold in Keras' global state: one process runs trial after trial for hours, and
+    without this its memory grows with every trial until the memory check refuses the larger networks."""
+    import keras  # loaded already: the trial trained with it
+
+    keras.backend.clear_session(free_memory=True)
 
 
 def _train_and_score(spec: TrialSpec, config: Config, mlflow: MlflowClient, run_id: str
