@@ -40,7 +40,7 @@ from mlflow.tracking import MlflowClient
 from siamese_core.config import Config, apply_overrides, validate_config
 from siamese_core.data import ImageFolder, scan_folder
 from siamese_core.errors import ConfigError, DatasetError
-from siamese_core.metrics import few_shot_accuracy, flatten
+from siamese_core.metrics import few_shot_accuracy, flatten, proportion_half_width
 
 from .files import copy_linked
 from .params import DEFAULT_PARAMS, PipelineParams, load_params, over_params, shipped_keys, with_preset
@@ -276,9 +276,12 @@ def score(embeddings: dict[str, np.ndarray], labels: dict[str, np.ndarray],
     and the known images' top-1 among the trained images, both classified by ``classify`` (enrolment's path)."""
     n_way = min(FEWSHOT_WAY, len(np.unique(labels["unseen"])))
     shots = few_shot_accuracy(embeddings["unseen"], labels["unseen"], n_way, 1, EPISODES, seed=seed, classify=classify)
+    # The episodes draw again and again on the validation classes' few images, so their spread understates the
+    # uncertainty: the interval is at least that of a proportion over the distinct images.
+    fewshot_ci = max(shots["ci95"], proportion_half_width(shots["mean"], len(labels["unseen"])))
     hits = classify(embeddings["train"], labels["train"], embeddings["known"]) == labels["known"]
     top1 = float(hits.mean())
-    return Score(shots["mean"], shots["ci95"], top1, 1.96 * math.sqrt(top1 * (1 - top1) / len(hits)))
+    return Score(shots["mean"], fewshot_ci, top1, proportion_half_width(top1, len(hits)))
 
 
 def pruned(earlier: list[dict[int, float]], values: dict[int, float]) -> bool:

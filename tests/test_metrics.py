@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from siamese_core.gallery import Match
-from siamese_core.metrics import accuracy_report, few_shot_accuracy, validation_warning
+from scipy.stats import binomtest
+
+from siamese_core.metrics import accuracy_report, few_shot_accuracy, proportion_half_width, validation_warning
 
 
 def test_accuracy_report_counts_top1_top_k_and_per_class():
@@ -46,3 +48,14 @@ def test_validation_warning_names_the_epoch_of_the_minimum():
     assert validation_warning({"val_loss": [0.1, 0.3, 0.5]}) is None  # too few epochs to say
     assert validation_warning({"loss": [0.1, 0.3, 0.5, 0.7]}) is None  # no validation batches
     assert validation_warning({"val_loss": [0.1, float("nan"), 0.5, 0.7]}) is None
+
+
+@pytest.mark.parametrize(("right", "trials"), [(20, 20), (0, 10), (7, 9), (200, 400), (1, 3)])
+def test_a_proportion_gets_the_wilson_interval(right, trials):
+    """Checked against SciPy's Wilson interval; 20 right of 20 is not certainty (the normal approximation says +-0)."""
+    interval = binomtest(right, trials).proportion_ci(0.95, method="wilson")
+    proportion = right / trials
+    expected = max(proportion - interval.low, interval.high - proportion)
+    assert proportion_half_width(proportion, trials) == pytest.approx(expected, rel=1e-9)
+    assert proportion_half_width(proportion, trials) > 0.02
+    assert proportion_half_width(0.5, 0) == 1.0

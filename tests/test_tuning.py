@@ -13,6 +13,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
@@ -32,6 +33,7 @@ from pipelines.tuning import (
     preset_point,
     pruned,
     raise_if_interrupted,
+    score,
     space_table,
     split_folder,
     trial_params,
@@ -119,6 +121,23 @@ def test_a_trial_wins_only_beyond_both_intervals_else_the_best_preset_is_kept():
     assert choose_winner([*presets, clear]) == (clear, "")
     assert choose_winner([trial(0.5, 0.1), trial(0.7, 0.3)])[0].value == 0.7  # no preset to keep: the top score
     assert choose_winner([*presets])[0] is presets[1]
+
+
+def test_a_perfect_score_on_a_small_validation_split_keeps_a_wide_interval():
+    """2 unseen classes of 10 images and 10 known images, all right: the interval still spans what a handful of images
+    can tell (on digits a trial scoring 1.0 on such a split then lost to fewshot-cpu on the test split)."""
+    rng = np.random.default_rng(0)
+    centres = np.eye(4) * 10
+    labels = {"train": np.repeat([0, 1], 8), "known": np.repeat([0, 1], 5), "unseen": np.repeat([2, 3], 10)}
+    embeddings = {part: centres[y] + rng.normal(0, 0.1, (len(y), 4)) for part, y in labels.items()}
+
+    def nearest(gallery, gallery_labels, queries):
+        return gallery_labels[((queries[:, None] - gallery[None]) ** 2).sum(-1).argmin(1)]
+
+    figures = score(embeddings, labels, nearest, seed=0)
+    assert figures.value == 1.0
+    assert figures.fewshot_ci > 0.1 and figures.top1_ci > 0.2  # Wilson over 20 and 10 images, not +-0
+    assert figures.value - figures.ci < 0.964 + 0.012  # so it cannot beat fewshot-cpu's digits figure beyond both
 
 
 def test_no_trial_within_the_budget_is_one_line(digits, store):
