@@ -56,7 +56,7 @@ UNSEEN_SHARE = 0.25  # of the training classes, held out as the validation class
 IMAGE_SHARE = 0.2  # of each trained class's images (of those with 3 or more), held out as its validation images
 FEWSHOT_WAY, EPISODES = 20, 200  # the 1-shot episodes (fewer ways when fewer validation classes)
 PRUNER = {"n_startup_trials": 2, "n_warmup_steps": 1}  # optuna.pruners.MedianPruner's settings
-STUDY_SCHEMA = 1  # part of the study's name: a change to the split or the objective starts a new study
+STUDY_SCHEMA = 2  # part of the study's name: a change to the split, the objective or its intervals starts a new study
 
 
 # Set by Ctrl-C or SIGTERM during a study in this process (see noting_interrupts)

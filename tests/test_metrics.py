@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
-
-from siamese_core.gallery import Match
 from scipy.stats import binomtest
 
+from siamese_core.gallery import Match
 from siamese_core.metrics import accuracy_report, few_shot_accuracy, proportion_half_width, validation_warning
 
 
