@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
+from siamese_core.metrics import wilson_interval
+
 ROOT = Path(__file__).resolve().parents[1]
 OMNIGLOT = ROOT.parent / "shared/datasets/omniglot-background-small"
 RESULTS = ROOT / "benchmarks/results/small-data.json"
@@ -199,18 +201,11 @@ DATASETS: dict[str, tuple[str, Callable[[Path], Path]]] = {
 SUMMARY = ("top1", "map_at_r")
 
 
-def wilson_interval(share: float, trials: int, z: float = 1.96) -> list[float]:
-    """The 95 % Wilson score interval of a share of ``trials`` (top-1 over test queries)."""
-    centre = (share + z * z / (2 * trials)) / (1 + z * z / trials)
-    half = z / (1 + z * z / trials) * np.sqrt(share * (1 - share) / trials + z * z / (4 * trials * trials))
-    return [round(float(centre - half), 4), round(float(centre + half), 4)]
-
-
 def _figures(report: dict, queries: int) -> dict:
     """The compared figures of a report (or of one baseline's section) on ``queries`` test images: top-1 with its
     interval, MAP@R, and each few-shot mean with its 95 % half-width over episodes."""
     figures = {key: report[key] for key in SUMMARY}
-    figures["top1_interval"] = wilson_interval(report["top1"], queries)
+    figures["top1_interval"] = [round(bound, 4) for bound in wilson_interval(report["top1"], queries)]
     for shots, result in report.get("fewshot", {}).items():
         figures[f"fewshot_{shots}"] = result["mean"]
         figures[f"fewshot_{shots}_ci95"] = result["ci95"]

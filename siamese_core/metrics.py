@@ -137,16 +137,21 @@ def bootstrap_interval(values, confidence: float = 0.95, resamples: int = BOOTST
     return float(low), float(high)
 
 
-def proportion_half_width(proportion: float, trials: int, confidence: float = 0.95) -> float:
-    """The larger distance from ``proportion`` (of ``trials`` independent trials) to the ends of its Wilson score
-    interval; 1.0 without a trial."""
+def wilson_interval(proportion: float, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of ``proportion`` of ``trials`` independent trials; (0, 1) without a trial."""
     if trials < 1:
-        return 1.0
+        return 0.0, 1.0
     z = NormalDist().inv_cdf((1 + confidence) / 2)
     shrink = 1 + z * z / trials
     centre = (proportion + z * z / (2 * trials)) / shrink
     spread = z / shrink * np.sqrt(proportion * (1 - proportion) / trials + z * z / (4 * trials * trials))
-    return float(max(proportion - (centre - spread), centre + spread - proportion))
+    return float(centre - spread), float(centre + spread)
+
+
+def proportion_half_width(proportion: float, trials: int, confidence: float = 0.95) -> float:
+    """The larger distance from ``proportion`` to the ends of its :func:`wilson_interval`."""
+    low, high = wilson_interval(proportion, trials, confidence)
+    return max(proportion - low, high - proportion)
 
 
 def validation_warning(history: dict[str, list[float]]) -> str | None:

@@ -1,11 +1,17 @@
-"""Accuracy report, few-shot episodes and the validation-loss warning on hand-built cases."""
+"""Accuracy report, few-shot episodes, proportion intervals and the validation-loss warning on hand-built cases."""
 
 import numpy as np
 import pytest
 from scipy.stats import binomtest
 
 from siamese_core.gallery import Match
-from siamese_core.metrics import accuracy_report, few_shot_accuracy, proportion_half_width, validation_warning
+from siamese_core.metrics import (
+    accuracy_report,
+    few_shot_accuracy,
+    proportion_half_width,
+    validation_warning,
+    wilson_interval,
+)
 
 
 def test_accuracy_report_counts_top1_top_k_and_per_class():
@@ -57,4 +63,5 @@ def test_a_proportion_gets_the_wilson_interval(right, trials):
     expected = max(proportion - interval.low, interval.high - proportion)
     assert proportion_half_width(proportion, trials) == pytest.approx(expected, rel=1e-9)
     assert proportion_half_width(proportion, trials) > 0.02
-    assert proportion_half_width(0.5, 0) == 1.0
+    assert wilson_interval(proportion, trials) == pytest.approx((interval.low, interval.high), rel=1e-9)
+    assert wilson_interval(0.5, 0) == (0.0, 1.0)  # no trial: anything
