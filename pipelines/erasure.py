@@ -177,12 +177,13 @@ def plan(params: PipelineParams, target: Target, repo: Path = Path("."), studio:
 
     data = [p for folder in (params.data.train_dir, params.data.test_dir)
             for p in _files(Path(folder)) if target.holds(p, Path(folder))]
+    local, _ = filesystem(str(repo))
     outputs = sorted({p for stage in STAGES.values() for out in stage.writes for p in _files(repo / out)
                       if target.holds(p, repo)})
     with _dvc(repo) as dvc:
         pushed = "dvc remote" in dvc
         place("training data", data, lambda: _data_erased(params, data, repo, pushed))
-        place("pipeline outputs", outputs, lambda: _unlink(outputs))
+        place("pipeline outputs", outputs, lambda: _files_deleted(local, [str(p) for p in outputs]))
         cache: Any = dvc.get("dvc cache")
         remote: Any = dvc.get("dvc remote")
         md5s = {content_hash(path) for path in data}
@@ -193,7 +194,7 @@ def plan(params: PipelineParams, target: Target, repo: Path = Path("."), studio:
         stored = _dvc_paths(remote, _dvc_objects(remote, target, md5s, _oids(cache)))
         place("dvc remote", stored, lambda: _dvc_removed(remote, stored), lambda path: remote.fs.unstrip_protocol(path))
         state = [p for folder in dvc.get("state", []) for p in _files(folder) if target.holds(p, folder)]
-        place("dvc state", state, lambda: _unlink(state))
+        place("dvc state", state, lambda: _files_deleted(local, [str(p) for p in state]))
     place("registered versions", _held_versions(params, target), lambda: None)
     artifacts = _artifacts(params, target)
     place("tracking artifacts", artifacts, lambda: _artifacts_deleted(artifacts),
@@ -204,7 +205,7 @@ def plan(params: PipelineParams, target: Target, repo: Path = Path("."), studio:
     shown = {task["data"]["sha256"] for task in tasks if isinstance(task.get("data", {}).get("sha256"), str)}
     fs, review = filesystem(params.monitoring.review_dir)
     items = _review_items(fs, review, Target(target.name, target.digests | shown))
-    place("review queue", items, lambda: _review_deleted(fs, items))
+    place("review queue", items, lambda: _files_deleted(fs, items))
     place("label studio tasks", tasks, lambda: _studio_erased(studio, [task["id"] for task in tasks], target),
           lambda task: f"{studio.url if studio else ''}/api/tasks/{task['id']}")
     entries = _entries(repo / ".siamese-cache" / "stages", 2, target) + _entries(repo / "runs", 1, target)
@@ -212,17 +213,6 @@ def plan(params: PipelineParams, target: Target, repo: Path = Path("."), studio:
     rows = _tracking_rows(database, target)
     place("tracking database", rows, lambda: _rows_erased(database, target, rows), lambda row: row[0])
     return Plan(places, clean)
-
-
-def _unlink(paths: list[Path]) -> None:
-    """Delete the files, then each folder they leave empty (a class's folder is named after it)."""
-    for path in paths:
-        path.unlink(missing_ok=True)
-    for folder in sorted({path.parent for path in paths}, key=lambda p: len(p.parts), reverse=True):
-        try:
-            folder.rmdir()
-        except OSError:  # not empty, or gone
-            pass
 
 
 def _trees_deleted(entries: list[Path]) -> None:
@@ -382,10 +372,11 @@ def _review_items(fs, root: str, target: Target) -> list[str]:
     return [path for path in files if path in held or str(PurePosixPath(path).with_suffix("")) in sidecars]
 
 
-def _review_deleted(fs, items: list[str]) -> None:
-    """Delete the items, then each folder they leave empty (``labelled/<class>/``)."""
+def _files_deleted(fs, items: list[str]) -> None:
+    """Delete the files, then each folder they leave empty (a class's folder is named after it)."""
     for item in items:
-        fs.rm_file(item)
+        if fs.exists(item):
+            fs.rm_file(item)
     for folder in sorted({posixpath.dirname(item) for item in items}, key=len, reverse=True):
         if fs.isdir(folder) and not fs.ls(folder):
             fs.rmdir(folder)
@@ -537,7 +528,7 @@ def _holding(edit: gallery_ops.Edit, version) -> gallery_ops.Edit:
 def _data_erased(params: PipelineParams, data: list[Path], repo: Path, pushed: bool) -> None:
     """Delete the data files, then ``dvc add`` again each DVC-tracked folder that holds the data (and, with a default
     remote, ``dvc push`` it there), so the data version follows the erasure."""
-    _unlink(data)
+    _files_deleted(filesystem(str(repo))[0], [str(p) for p in data])
     folders = {Path(d).resolve() for d in (params.data.train_dir, params.data.test_dir)}
     for tracked in sorted(repo.glob("*.dvc")) + sorted(repo.glob("data/*.dvc")):
         folder = tracked.with_suffix("")
