@@ -44,7 +44,7 @@ TUNING_PAGE = ROOT / "docs" / "how-to" / "tuning.md"
 BATCH_START, BATCH_END = ("<!-- batch prediction: generated from benchmarks/results/batch-predict.json by python -m "
                           "pipelines.doc_figures -->", "<!-- end of batch prediction -->")
 BATCH_PAGE = ROOT / "docs" / "how-to" / "gallery.md"
-TUNING_START, TUNING_END = ("<!-- tuning: generated from benchmarks/results/tuning.json by python -m "
+TUNING_START, TUNING_END = ("<!-- tuning: generated from benchmarks/results/tuning*.json by python -m "
                             "pipelines.doc_figures -->", "<!-- end of tuning -->")
 CONFIG_PAGE = ROOT / "docs" / "reference" / "config.md"
 CONFIG_START, CONFIG_END = ("<!-- params reference: generated from pipelines/params.py by python -m pipelines.doc_figures -->",
@@ -320,11 +320,17 @@ def render_scale_out() -> str:
 
 
 def render_tuning() -> str:
-    """The tuning benchmark: on each set, the tuned settings against the best compared preset, on the validation
-    objective and, both trained on the whole training folder, on the test split and the held-out classes."""
-    report = _load("tuning.json")
-    lines = ["| data set | settings | validation objective | test top-1 | held-out classes, 1-shot | search |",
-             "|---|---|---|---|---|---|"]
+    """The tuning benchmarks (``tuning*.json``): on each set, the tuned settings against the best compared preset, on
+    the validation objective and, both trained on the whole training folder, on the test split and the held-out
+    classes."""
+    tables = [_tuning_table(path.name) for path in sorted(RESULTS.glob("tuning*.json"), key=lambda p: p.name != "tuning.json")]
+    return "\n".join([TUNING_START, *"\n\n".join(tables).splitlines(), TUNING_END])
+
+
+def _tuning_table(file: str) -> str:
+    report = _load(file)
+    lines = ["| data set | settings | validation objective | test top-1 | held-out classes, 1-shot | training | search |",
+             "|---|---|---|---|---|---|---|"]
     for name, data in report["sets"].items():
         winner, preset, final = data["winner"], data["best_preset"], data["final"]
         tuned = f"tuned: trial {winner['trial']}" + (f" (the preset `{winner['preset']}`)" if winner["preset"] else "")
@@ -332,15 +338,20 @@ def render_tuning() -> str:
                 (f"best preset: `{preset}`", data["presets"][preset], final["best_preset"], "-")]
         for title, row, scores, search in rows:
             lines.append(f"| {name} | {title} | {_cell(row, 'objective')} | {_cell(scores, 'test_top1')} | "
-                         f"{scores['heldout_way']}-way {_cell(scores, 'heldout_1shot')} | {search} |")
+                         f"{scores['heldout_way']}-way {_cell(scores, 'heldout_1shot')} | "
+                         f"{_minutes(scores.get('train_seconds'))} | {search} |")
             name = ""
     kept = [f"{name}: {data['kept_preset']}." for name, data in report["sets"].items() if data.get("kept_preset")]
+    command = f"python -m benchmarks.tuning --minutes {report['minutes']:g}"
+    if file != "tuning.json":
+        presets = sorted({p for data in report["sets"].values() for p in data["presets"]})
+        command += f" --sets {' '.join(report['sets'])} --presets {' '.join(presets)} --out benchmarks/results/{file}"
     lines += ["", "In %, with 95 % intervals: the objective's combines those of its two parts, the held-out 1-shot's is "
-                  "over its episodes, test top-1's a bootstrap over the test queries. "
-                  f"{report['minutes']:g} minutes of tuning per set on {report['cores']} cores ({report['machine']}); "
-                  "the search time includes training the winner on the whole training folder. "
-                  f"`python -m benchmarks.tuning --minutes {report['minutes']:g}`.", *(["", *kept] if kept else [])]
-    return "\n".join([TUNING_START, *lines, TUNING_END])
+                  "over its episodes, test top-1's a bootstrap over the test queries. Training: each trained on the "
+                  f"whole training folder. {report['minutes']:g} minutes of tuning per set on {report['cores']} cores "
+                  f"({report['machine']}); the search time includes training the winner. `{command}`.",
+              *(["", *kept] if kept else [])]
+    return "\n".join(lines)
 
 
 def render_batch_predict() -> str:
