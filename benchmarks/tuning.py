@@ -28,7 +28,16 @@ from benchmarks.omniglot import DEFAULT_DATA as OMNIGLOT
 from benchmarks.omniglot import split
 from benchmarks.small_data import DATASETS
 from pipelines.files import read_json, write_json
-from pipelines.tuning import OBJECTIVE, SEARCH_SPACE, base_params, final_scores, preset_point, trial_params, tune
+from pipelines.tuning import (
+    OBJECTIVE,
+    SEARCH_SPACE,
+    STUDY_SCHEMA,
+    base_params,
+    final_scores,
+    preset_point,
+    trial_params,
+    tune,
+)
 from tests.support.images import make_digits_dataset
 
 RESULTS = Path(__file__).parent / "results" / "tuning.json"
@@ -103,7 +112,8 @@ def main() -> None:
                 base = base_params(None)
                 params = trial_params(base, preset_point(preset, base, SEARCH_SPACE) or {}, {}, preset)
                 preset_final = final_scores(params, train, test, heldout)
-            results["sets"][name] = {"seconds": seconds, "trials": len(result.trials), "winner": result.best,
+            results["sets"][name] = {"seconds": seconds, "trials": len(result.trials), "study_schema": STUDY_SCHEMA,
+                                     "winner": result.best,
                                      "kept_preset": result.kept_preset, "presets": result.presets, "best_preset": preset,
                                      "final": {"tuned": result.final, "best_preset": preset_final}}
             print(json.dumps(results["sets"][name], indent=1, default=str))

@@ -342,6 +342,11 @@ def _tuning_table(file: str) -> str:
                          f"{_minutes(scores.get('train_seconds'))} | {search} |")
             name = ""
     kept = [f"{name}: {data['kept_preset']}." for name, data in report["sets"].items() if data.get("kept_preset")]
+    earlier = [name for name, data in report["sets"].items() if data.get("study_schema", 1) < 2]
+    if earlier:
+        kept.append(f"{', '.join(earlier)}: measured before the Wilson intervals (study schema 1), so the objective's "
+                    "± is the normal approximation's, narrower near 100 %; the same study under the Wilson intervals "
+                    "keeps the preset too.")
     command = f"python -m benchmarks.tuning --minutes {report['minutes']:g}"
     if file != "tuning.json":
         presets = sorted({p for data in report["sets"].values() for p in data["presets"]})
