@@ -374,8 +374,9 @@ def run_trial(spec: TrialSpec) -> TrialOutcome:
 
 
 def _release_models() -> None:
-    """Free what a trial's models hold in Keras' global state: one process runs trial after trial for hours, and
-    without this its memory grows with every trial until the memory check refuses the larger networks."""
+    """Free what a trial's models hold in Keras' global state (its graph, layer names, Python references). It does
+    not return TensorFlow's native memory, which still grows trial after trial (docs/how-to/tuning.md, "Memory over
+    a long study")."""
     import keras  # loaded already: the trial trained with it
 
     keras.backend.clear_session(free_memory=True)
