@@ -5,9 +5,9 @@ An Optuna study (seeded TPE sampler, median pruning on each epoch's validation o
 against them on the same split. Trials are validated on a split of the training folder alone
 (:func:`split_folder`); ``--test`` and ``--heldout`` score only the winner, at the end. The study lives in
 Optuna's RDB storage (a SQLite file beside MLflow's), so a stopped study resumes; it is one MLflow run with
-each trial a nested run. Trials are asked in rounds of ``parallel`` and told in order, serially or on a Dask
-cluster, and a trial is pruned against the trials of earlier rounds only: the same seed gives the same trials
-either way.
+each trial a nested run. Trials are asked in rounds of ``parallel`` and told in order, serially (in a child
+process, :mod:`pipelines.trial_process`, replaced as TensorFlow's memory grows) or on a Dask cluster, and a trial
+is pruned against the trials of earlier rounds only: the same seed gives the same trials either way.
 """
 
 from __future__ import annotations
@@ -20,12 +20,9 @@ import logging
 import math
 import os
 import shutil
-import signal
-import sys
-import threading
+import socket
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +42,7 @@ from siamese_core.metrics import few_shot_accuracy, flatten, proportion_half_wid
 from .files import copy_linked
 from .params import DEFAULT_PARAMS, PipelineParams, load_params, over_params, shipped_keys, with_preset
 from .tracking import client, end_run, ending, ensure_experiment, project_root, tracking_uri
+from .trial_process import TrialProcess, TrialProcessDied, noting_interrupts, raise_if_interrupted
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +54,8 @@ UNSEEN_SHARE = 0.25  # of the training classes, held out as the validation class
 IMAGE_SHARE = 0.2  # of each trained class's images (of those with 3 or more), held out as its validation images
 FEWSHOT_WAY, EPISODES = 20, 200  # the 1-shot episodes (fewer ways when fewer validation classes)
 PRUNER = {"n_startup_trials": 2, "n_warmup_steps": 1}  # optuna.pruners.MedianPruner's settings
+RECYCLE_GROWTH = 2**30  # bytes a trial process may grow by over its first trial before a fresh one takes over
 STUDY_SCHEMA = 2  # part of the study's name: a change to the split, the objective or its intervals starts a new study
-
-
-# Set by Ctrl-C or SIGTERM during a study in this process (see noting_interrupts)
-INTERRUPTED = threading.Event()
 
 
 @dataclass(frozen=True)
@@ -346,10 +341,11 @@ def run_trial(spec: TrialSpec) -> TrialOutcome:
     if start >= spec.deadline:  # asked in a round that the budget ended before it started
         return TrialOutcome(spec.number, "FAIL", {}, 0.0, "", reason="not started: the time budget had run out")
     config = Config.model_validate(spec.config)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the pruning check makes a study of its own every epoch
     mlflow = MlflowClient(spec.tracking_uri)
     run = mlflow.create_run(spec.experiment_id, run_name=f"trial {spec.number}", tags={
         "mlflow.parentRunId": spec.parent_run_id, "optuna.trial": str(spec.number), "preset": spec.preset or "",
-        "state": "RUNNING"})
+        "state": "RUNNING", "process": f"{socket.gethostname()} pid {os.getpid()}"})
     run_id = run.info.run_id
     try:
         with ending(mlflow, run_id):  # the trial's run ends KILLED on Ctrl-C, FAILED on an error, from its first moment
@@ -375,8 +371,8 @@ def run_trial(spec: TrialSpec) -> TrialOutcome:
 
 def _release_models() -> None:
     """Free what a trial's models hold in Keras' global state (its graph, layer names, Python references). It does
-    not return TensorFlow's native memory, which still grows trial after trial (docs/how-to/tuning.md, "Memory over
-    a long study")."""
+    not return TensorFlow's native memory, which grows trial after trial: the trial process is replaced for that
+    (:data:`RECYCLE_GROWTH`)."""
     import keras  # loaded already: the trial trained with it
 
     keras.backend.clear_session(free_memory=True)
@@ -552,11 +548,11 @@ def _table_csv(rows: list[dict[str, Any]]) -> str:
     return text.getvalue()
 
 
-def _run_round(specs: list[TrialSpec], dask_client) -> Iterator[TrialOutcome]:
-    """The round's trials, each yielded as it ends (so an interrupt keeps those that ended): one after another,
-    or side by side on Dask (those still running are cancelled when the round stops early)."""
+def _run_round(specs: list[TrialSpec], trials: TrialProcess, dask_client) -> Iterator[TrialOutcome]:
+    """The round's trials, each yielded as it ends (so an interrupt keeps those that ended): one after another in
+    the trial process, or side by side on Dask (those still running are cancelled when the round stops early)."""
     if dask_client is None:
-        yield from (run_trial(spec) for spec in specs)
+        yield from (_in_trial_process(spec, trials) for spec in specs)
         return
     from distributed import as_completed  # Dask loads only when trials run on a cluster
 
@@ -566,6 +562,19 @@ def _run_round(specs: list[TrialSpec], dask_client) -> Iterator[TrialOutcome]:
             yield future.result()
     finally:
         dask_client.cancel(futures)
+
+
+def _in_trial_process(spec: TrialSpec, trials: TrialProcess) -> TrialOutcome:
+    """Run the trial in the trial process; one whose process dies (killed when memory ran out) fails alone, its
+    run ended FAILED with the reason."""
+    start = time.time()
+    try:
+        return trials.call(run_trial, spec)
+    except TrialProcessDied as died:
+        log.warning("trial %d failed: %s", spec.number, died)
+        mlflow = MlflowClient(spec.tracking_uri)
+        ended = _end_open_trials(mlflow, spec.experiment_id, spec.parent_run_id, died, trial=spec.number)
+        return TrialOutcome(spec.number, "FAIL", {}, time.time() - start, ended[0] if ended else "", reason=str(died))
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome) -> None:
@@ -586,51 +595,19 @@ def _tell(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome) -> No
     study.tell(trial, figures.value)
 
 
-def raise_if_interrupted() -> None:
-    """Raise the Ctrl-C that Python swallowed (see :func:`noting_interrupts`), at a point where it propagates."""
-    if INTERRUPTED.is_set():
-        raise KeyboardInterrupt
-
-
-@contextmanager
-def noting_interrupts() -> Iterator[None]:
-    """Inside the block, Ctrl-C and SIGTERM still raise KeyboardInterrupt, and are also noted in
-    :data:`INTERRUPTED`: one that lands in a garbage-collection callback, which Python swallows (printing a
-    traceback, here left out), is raised again at the next epoch or trial. Only the main thread handles signals."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    INTERRUPTED.clear()
-    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-    handlers = {number: handler for number, handler in handlers.items() if callable(handler)}
-    unraisable_hook = sys.unraisablehook
-
-    def note(number, frame):
-        INTERRUPTED.set()
-        handlers[number](number, frame)
-
-    def unless_interrupt(unraisable):
-        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
-            unraisable_hook(unraisable)
-
-    for number in handlers:
-        signal.signal(number, note)
-    sys.unraisablehook = unless_interrupt
-    try:
-        yield
-    finally:
-        for number, handler in handlers.items():
-            signal.signal(number, handler)
-        sys.unraisablehook = unraisable_hook
-
-
-def _end_open_trials(mlflow: MlflowClient, experiment_id: str, parent_run_id: str, error: BaseException) -> None:
-    """End the study's trial runs still RUNNING as ``error`` ended the study: a Ctrl-C that lands between a trial's
-    run being created and its own handler taking over leaves it open otherwise."""
+def _end_open_trials(mlflow: MlflowClient, experiment_id: str, parent_run_id: str, error: BaseException,
+                     trial: int | None = None) -> list[str]:
+    """End the study's trial runs still RUNNING (or trial ``trial``'s) as ``error`` ended them, returning their
+    ids: a Ctrl-C that lands between a trial's run being created and its own handler taking over, or a trial
+    process that died, leaves one open otherwise."""
+    which = f" and tags.`optuna.trial` = '{trial}'" if trial is not None else ""
+    ended = []
     for run in mlflow.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
-                                  "attributes.status = 'RUNNING'"):
-        mlflow.set_tag(run.info.run_id, "state", "FAIL")
+                                  f"attributes.status = 'RUNNING'{which}"):
+        mlflow.log_batch(run.info.run_id, tags=[RunTag("state", "FAIL"), RunTag("reason", str(error)[:500])])
         end_run(mlflow, run.info.run_id, error)
+        ended.append(run.info.run_id)
+    return ended
 
 
 class StudyInterrupted(KeyboardInterrupt):
@@ -687,23 +664,24 @@ def tune(train_dir: str | os.PathLike, out: str | os.PathLike, minutes: float, t
     asked: list[optuna.Trial] = []
     with noting_interrupts():
         try:
-            while len(finished(study)) < target and time.time() < deadline:
-                earlier = [dict(t.intermediate_values) for t in study.get_trials(
-                    deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
-                asked = [study.ask() for _ in range(int(min(parallel, target - len(finished(study)))))]
-                specs = []
-                for trial in asked:
-                    point = {d.name: d.suggest(trial) for d in space}
-                    preset = trial.user_attrs.get("preset")
-                    config = trial_params(base, point, pins, preset).core().model_dump(mode="json")
-                    trial.set_user_attr("epochs", config["train"]["epochs"])
-                    specs.append(TrialSpec(trial.number, point, preset, config, split_paths, earlier, deadline,
-                                           tracking_uri(), experiment_id, run_id, progress))
-                by_number = {trial.number: trial for trial in asked}
-                for outcome in _run_round(specs, dask_client):
-                    _tell(study, by_number[outcome.number], outcome)
-                    raise_if_interrupted()
-                asked = []
+            with TrialProcess(RECYCLE_GROWTH) as trials_process:  # serial trials run there, Dask's on its workers
+                while len(finished(study)) < target and time.time() < deadline:
+                    earlier = [dict(t.intermediate_values) for t in study.get_trials(
+                        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+                    asked = [study.ask() for _ in range(int(min(parallel, target - len(finished(study)))))]
+                    specs = []
+                    for trial in asked:
+                        point = {d.name: d.suggest(trial) for d in space}
+                        preset = trial.user_attrs.get("preset")
+                        config = trial_params(base, point, pins, preset).core().model_dump(mode="json")
+                        trial.set_user_attr("epochs", config["train"]["epochs"])
+                        specs.append(TrialSpec(trial.number, point, preset, config, split_paths, earlier, deadline,
+                                               tracking_uri(), experiment_id, run_id, progress))
+                    by_number = {trial.number: trial for trial in asked}
+                    for outcome in _run_round(specs, trials_process, dask_client):
+                        _tell(study, by_number[outcome.number], outcome)
+                        raise_if_interrupted()
+                    asked = []
             return _conclude(study, run_id, base, pins, train_path, out_path, test_dir, heldout_dir, presets, started,
                              minutes, storage, split_sizes)
         except (KeyboardInterrupt, Exception) as exc:
