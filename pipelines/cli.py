@@ -230,7 +230,7 @@ def tune(
         typer.echo(summary_text(result))
 
     settings: dict = {}
-    _run(body, check=check)
+    _run(body, tensorflow=False, check=check)  # trials load TensorFlow in their own process
 
 
 @app.command()

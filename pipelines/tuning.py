@@ -41,6 +41,7 @@ from siamese_core.metrics import few_shot_accuracy, flatten, proportion_half_wid
 
 from .files import copy_linked
 from .params import DEFAULT_PARAMS, PipelineParams, load_params, over_params, shipped_keys, with_preset
+from .process import import_tensorflow_quietly
 from .tracking import client, end_run, ending, ensure_experiment, project_root, tracking_uri
 from .trial_process import TrialProcess, TrialProcessDied, noting_interrupts, raise_if_interrupted
 
@@ -385,6 +386,7 @@ def _train_and_score(spec: TrialSpec, config: Config, mlflow: MlflowClient, run_
     why it stopped."""
     # TensorFlow and the library's training load here, in the process that trains (a Dask worker too), so
     # `siamese tune --help`, the flows module and the study's driver stay light
+    import_tensorflow_quietly()
     import keras
     from tqdm import tqdm
 
@@ -754,6 +756,7 @@ def final_scores(params: PipelineParams, train_dir: Path, test_dir, heldout_dir)
     """The winner trained on the whole training folder, scored on ``test_dir`` (top-1) and ``heldout_dir`` (1-shot,
     enrolled as enrolment does): the first time the study sees those folders."""
     # TensorFlow loads only for this last training
+    import_tensorflow_quietly()
     from siamese_core.evaluation import evaluate
     from siamese_core.recognizer import SiameseRecognizer, build_gallery
     from siamese_core.train import train
