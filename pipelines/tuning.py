@@ -384,9 +384,9 @@ def _train_and_score(spec: TrialSpec, config: Config, mlflow: MlflowClient, run_
     """Train the trial, logging each epoch's validation objective to its run and stopping where the pruner or the
     budget says; returns its score as the product searches (None when stopped early), the per-epoch values and
     why it stopped."""
+    import_tensorflow_quietly()  # its C++ start-up lines hidden
     # TensorFlow and the library's training load here, in the process that trains (a Dask worker too), so
     # `siamese tune --help`, the flows module and the study's driver stay light
-    import_tensorflow_quietly()
     import keras
     from tqdm import tqdm
 
@@ -755,8 +755,8 @@ def _needed(stopped: list[optuna.trial.FrozenTrial]) -> str:
 def final_scores(params: PipelineParams, train_dir: Path, test_dir, heldout_dir) -> dict[str, Any]:
     """The winner trained on the whole training folder, scored on ``test_dir`` (top-1) and ``heldout_dir`` (1-shot,
     enrolled as enrolment does): the first time the study sees those folders."""
-    # TensorFlow loads only for this last training
-    import_tensorflow_quietly()
+    import_tensorflow_quietly()  # its C++ start-up lines hidden
+    # TensorFlow loads in the study's process only for this last training
     from siamese_core.evaluation import evaluate
     from siamese_core.recognizer import SiameseRecognizer, build_gallery
     from siamese_core.train import train
