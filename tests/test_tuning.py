@@ -409,12 +409,3 @@ def test_a_trial_whose_process_dies_fails_alone_and_the_study_goes_on(digits, st
                                                  "when memory runs out)")
     assert by_trial["1"].info.status == "FINISHED" and by_trial["1"].data.tags["process"] != killed[0]
     assert not by_trial["1"].data.tags["process"].endswith(f" pid {os.getpid()}")
-
-
-def test_the_trial_process_is_replaced_once_it_has_grown(digits, store, monkeypatch):
-    """Any growth over the first trial past RECYCLE_GROWTH (here: none allowed) ends the trial process after its
-    trial; with the default, the study's trials share one process (first_session)."""
-    monkeypatch.setattr(tuning, "RECYCLE_GROWTH", -1)
-    tune(digits[0], store / "tuned.yaml", minutes=10, trials=2, pins=PINS, progress=False)
-    processes = [c.data.tags["process"] for c in _runs(store)[2]]
-    assert len(processes) == 2 and len(set(processes)) == 2
