@@ -177,8 +177,9 @@ def _serve(connection: Connection, recycle_growth: int) -> None:
                 except BaseException as exc:
                     connection.send(("error", _picklable(exc), False))
                     return
-                first = first or memory.memory_info().rss
-                keeps_going = memory.memory_info().rss - first <= recycle_growth
+                rss = memory.memory_info().rss
+                first = first or rss
+                keeps_going = rss - first <= recycle_growth
                 connection.send(("result", result, keeps_going))
                 if not keeps_going:
                     return
