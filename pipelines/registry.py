@@ -193,15 +193,14 @@ def gate_lock(model_name: str):
         # the same lazy Prefect, for the server's concurrency limit
         from prefect.client.orchestration import get_client
         from prefect.concurrency.sync import concurrency
-        from prefect.exceptions import PrefectHTTPStatusError
+        from prefect.exceptions import ObjectAlreadyExists
 
         name = f"siamese-gate-{hashlib.sha256(model_name.encode()).hexdigest()[:16]}"
         with get_client(sync_client=True) as prefect:
-            try:
+            try:  # Prefect's upsert reads, then creates: two gates at once can both find no limit
                 prefect.upsert_global_concurrency_limit_by_name(name, limit=1)
-            except PrefectHTTPStatusError as exc:  # created by another machine a moment ago
-                if exc.response.status_code != 409:
-                    raise
+            except ObjectAlreadyExists:  # the other one created it a moment ago: the same limit of 1
+                pass
         with concurrency(name, occupy=1, timeout_seconds=GATE_TIMEOUT_S, strict=True):
             yield
         return

@@ -111,6 +111,32 @@ def test_two_machines_both_beating_the_champion_leave_the_better_one(tmp_path, m
         assert champion == made[0.8][1]
 
 
+def test_two_gates_that_both_find_no_concurrency_limit_both_take_the_lock(prefect_server, monkeypatch):
+    """Prefect's upsert reads, then creates: the second of two gates started together finds no limit, and its create
+    then meets the first one's. That gate goes on under the limit the other made (the race the two-flows test hit)."""
+    from prefect.client.orchestration import SyncPrefectClient, get_client
+    from prefect.exceptions import ObjectNotFound
+
+    def limits() -> list[tuple[str, int]]:
+        with get_client(sync_client=True) as prefect:
+            return sorted((limit.name, limit.limit) for limit in prefect.read_global_concurrency_limits(limit=200))
+
+    before = limits()
+    with registry.gate_lock("raced model"):  # the first gate: it creates the limit
+        pass
+    made = sorted(set(limits()) - set(before))
+    assert len(made) == 1 and made[0][1] == 1
+
+    def not_yet_seen(self, name):
+        raise ObjectNotFound(http_exc=RuntimeError(f"{name} read before the other gate created it"))
+
+    monkeypatch.setattr(SyncPrefectClient, "read_global_concurrency_limit_by_name", not_yet_seen)
+    with registry.gate_lock("raced model"):  # the second: its create answers 409
+        pass
+    monkeypatch.undo()
+    assert sorted(set(limits()) - set(before)) == made
+
+
 def test_the_gate_decides_from_the_figures_alone():
     """The decision is a pure function: no registry, no model."""
     passed = {"passed": True}
