@@ -65,7 +65,12 @@ def showing_progress(*loggers: str) -> Iterator[None]:
 
 
 def import_tensorflow_quietly() -> None:
-    """Import TensorFlow with the C++ start-up lines (written before logging starts) hidden."""
+    """Import TensorFlow with the C++ start-up lines (written before logging starts) hidden.
+
+    Once it is imported this does nothing: standard error is not redirected again (a Dask worker's other threads
+    write there while a trial starts)."""
+    if "tensorflow" in sys.modules:
+        return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     saved = os.dup(2)
     try:
